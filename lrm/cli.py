@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(mod_name)
         except ModuleNotFoundError as e:
-            if e.name == mod_name:
+            if e.name == mod_name or mod_name.startswith(f"{e.name}."):
                 continue
             raise
         mod.register(sub)
