@@ -143,9 +143,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for k, v in data.items():
         if k not in names:
             close = difflib.get_close_matches(k, names, n=1)
-            hint = f" Did you mean {prefix}{close[0]!r}?" if close else ""
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
             raise ConfigError(
-                f"unknown config key {prefix}{k!r} for {cls.__name__}.{hint} Valid keys: {', '.join(names)}."
+                f"unknown config key '{prefix}{k}' for {cls.__name__}.{hint} Valid keys: {', '.join(names)}."
             )
         kwargs[k] = _coerce(v, hints[k], prefix + k)
     try:

@@ -1,0 +1,91 @@
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from lrm.config import ConfigError, load_config, opt, parse_overrides
+
+
+@dataclass
+class Inner:
+    lr: float = opt(1e-3, "learning rate")
+    betas: tuple[float, float] = opt((0.9, 0.99), "Adam betas")
+
+
+@dataclass
+class Cfg:
+    steps: int = opt(10, "steps")
+    name: str = opt("x", "name")
+    flag: bool = opt(False, "a flag")
+    mode: Literal["a", "b"] = opt("a", "mode")
+    rewards: list[str] = opt(["r1"], "rewards")
+    maybe: int | None = opt(None, "optional")
+    optim: Inner = field(default_factory=Inner, metadata={"help": "optimizer"})
+
+    def __post_init__(self):
+        if self.steps <= 0:
+            raise ValueError(f"steps must be positive, got {self.steps}")
+
+
+def test_yaml_plus_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("steps: 5\noptim:\n  lr: 0.01\nrewards: [a, b]\n")
+    cfg = load_config(Cfg, p, ["--steps", "7", "--optim.betas", "[0.5, 0.6]", "--flag", "--mode=b", "--maybe", "3"])
+    assert cfg.steps == 7 and cfg.optim.lr == 0.01 and cfg.optim.betas == (0.5, 0.6)
+    assert cfg.flag is True and cfg.mode == "b" and cfg.rewards == ["a", "b"] and cfg.maybe == 3
+    assert load_config(Cfg, None, ["--maybe", "none"]).maybe is None
+    # Mutable defaults are not shared between instances.
+    a, b = Cfg(), Cfg()
+    a.rewards.append("z")
+    assert b.rewards == ["r1"]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--stepz", "3"], "unknown config key 'stepz'.*Did you mean 'steps'"),
+    (["--optim.lrr", "1"], "unknown config key 'optim.lrr'"),
+    (["--steps", "abc"], "steps: 'abc' is not an integer"),
+    (["--steps", "1.5"], "not an integer"),
+    (["--flag", "maybe"], "not a boolean"),
+    (["--mode", "c"], r"not one of \['a', 'b'\]"),
+    (["--optim.betas", "[1, 2, 3]"], "expected 2 items"),
+    (["--optim.lr", "fast"], "not a number"),
+    (["steps", "3"], "expected an option"),
+])
+def test_bad_overrides(args, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(Cfg, None, args)
+
+
+def test_bad_files_and_validation(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Cfg, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(Cfg, bad)
+    typed = tmp_path / "typed.yaml"
+    typed.write_text("steps: 'ten'\n")
+    with pytest.raises(ConfigError, match="steps"):
+        load_config(Cfg, typed)
+    with pytest.raises(ValueError, match="steps must be positive"):
+        load_config(Cfg, None, ["--steps", "0"])
+
+
+def test_parse_overrides_nesting():
+    assert parse_overrides(["--a.b", "1", "--c=x", "--d"]) == {"a": {"b": "1"}, "c": "x", "d": "true"}
+
+
+def test_cli_unknown_key_exit_code(capsys):
+    from lrm.cli import main
+
+    assert main(["shapes", "sample", "--nmu", "3"]) == 2
+    assert "Did you mean 'num'" in capsys.readouterr().err
+
+
+def test_cli_sample_writes_grid(tmp_path, capsys):
+    from lrm.cli import main
+
+    out = tmp_path / "g.png"
+    assert main(["shapes", "sample", "--num", "4", "--out", str(out)]) == 0
+    assert out.exists() and out.stat().st_size > 200
+    assert "wrote" in capsys.readouterr().out
