@@ -1,0 +1,76 @@
+"""Generators that need no trained diffusion model: the Shapes data distribution as a reference generator.
+
+``ShapesDataGenerator`` renders a real Shapes sample for each prompt (the attributes the caption names, the
+rest drawn from the sample's seed), optionally perturbs it, and encodes it with the VAE. It follows the
+generator protocol of ``eval.evaluate`` and is the "perfect model" reference point for every metric, and
+(with ``pixel_noise`` > 0) a controllable sequence of degraded generators for testing studies end to end.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from shapes.world import BACKGROUNDS, COLORS, DIRECTIONS, POSITIONS, SHAPES, SPEEDS, ShapesWorld, parse_caption
+
+
+class ShapesDataGenerator:
+    """``gen(noise, text_tokens, text_mask, prompts=..., seeds=...) -> latents`` from rendered Shapes samples.
+
+    Args:
+        vae: the latent space's VAE (``VAE.shapes()``); its ``encode`` maps pixels to latents.
+        num_frames: None for images, else frames per video.
+        image_size: 32 or 64.
+        pixel_noise: std of Gaussian noise added to the pixels before encoding (then clamped to [0, 1]);
+            0 = the data distribution itself.
+        max_count: largest number of shapes when a prompt does not name a count.
+    """
+
+    nfe = None  # no network evaluations: rendering + VAE encoding only
+
+    def __init__(self, vae, num_frames: int | None = None, image_size: int = 32, pixel_noise: float = 0.0,
+                 max_count: int = 3):
+        if pixel_noise < 0:
+            raise ValueError(f"pixel_noise must be >= 0, got {pixel_noise}")
+        self.vae = vae
+        self.world = ShapesWorld(image_size=image_size, num_frames=num_frames, max_count=max_count)
+        self.pixel_noise = float(pixel_noise)
+        self.max_count = max_count
+
+    def render(self, prompt: str, seed: int) -> np.ndarray:
+        """Pixels ``(3, H, W)`` / ``(T, 3, H, W)`` of a sample that matches ``prompt``'s named attributes."""
+        rng = np.random.default_rng([int(seed), 2027])
+        a = parse_caption(prompt)
+        shape = a["shape"] or str(rng.choice(SHAPES))
+        color = a["color"] or str(rng.choice(list(COLORS)))
+        background = a["background"] or str(rng.choice(list(BACKGROUNDS)))
+        count = a["count"] or int(rng.integers(1, self.max_count + 1))
+        position = (a["position"] or str(rng.choice(POSITIONS))) if count == 1 else None
+        video = self.world.is_video
+        direction = (a["direction"] or str(rng.choice(DIRECTIONS))) if video else None
+        speed = (a["speed"] or str(rng.choice(SPEEDS))) if video else None
+        size = float(rng.uniform(0.13, 0.17) if count == 1 else rng.uniform(0.09, 0.11))
+        centers = self.world._place(rng, count, position, size, direction, speed)  # same placement rules as the world
+        pixels = self.world.render(shape, color, background, centers, size, direction, speed)
+        if self.pixel_noise > 0:
+            pixels = np.clip(pixels + self.pixel_noise * rng.standard_normal(pixels.shape).astype(np.float32), 0, 1)
+        return pixels
+
+    @torch.no_grad()
+    def __call__(self, noise: torch.Tensor, text_tokens=None, text_mask=None, prompts: list[str] | None = None,
+                 seeds: list[int] | None = None) -> torch.Tensor:
+        if prompts is None or seeds is None:
+            raise ValueError("ShapesDataGenerator needs prompts= and seeds= (eval.evaluate passes them)")
+        if len(prompts) != noise.shape[0] or len(seeds) != noise.shape[0]:
+            raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds for a batch of {noise.shape[0]}")
+        pixels = torch.from_numpy(np.stack([self.render(p, s) for p, s in zip(prompts, seeds)]))
+        return self.vae.encode(pixels.to(self.vae.device)).to(noise.device)  # (B, C, h, w) / (B, T, C, h, w)
+
+    def __repr__(self) -> str:
+        return f"ShapesDataGenerator(video={self.world.is_video}, pixel_noise={self.pixel_noise})"
+
+
+def shapes_prompts(n: int, num_frames: int | None = None, seed: int = 0, start: int = 0) -> list[str]:
+    """``n`` captions of the Shapes world (held-out seeds give a held-out prompt set)."""
+    world = ShapesWorld(num_frames=num_frames, seed=seed)
+    return [world.sample(i).caption for i in range(start, start + n)]
