@@ -1,0 +1,66 @@
+"""Tiny diffusers UNets for the Shapes world's teachers, and the loader for the shipped teachers.
+
+Sizes are set by the shipping budget (image + video teacher <= 12 MB as fp16 safetensors):
+image ``UNet2DConditionModel`` (48, 96) channels ~2.7M parameters, video ``UNet3DConditionModel``
+(40, 80) channels ~3.1M parameters, both with cross-attention on MiniLM tokens (384-d) at both levels.
+Latents are the Shapes VAE's ``(4, 8, 8)`` per image/frame; videos are 16 frames.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def shapes_image_unet(latent_channels: int = 4, sample_size: int = 8, text_dim: int = 384, width: int = 48,
+                      layers_per_block: int = 1, heads: int = 4, norm_num_groups: int = 16):
+    """A tiny ``UNet2DConditionModel``: 2 levels (width, 2*width), cross-attention at both."""
+    from diffusers import UNet2DConditionModel
+
+    if width % norm_num_groups or width % heads:
+        raise ValueError(f"width {width} must be divisible by norm_num_groups {norm_num_groups} and heads {heads}")
+    # ``attention_head_dim`` is the number of heads in diffusers' UNets (legacy naming).
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
+        block_out_channels=(width, 2 * width), layers_per_block=layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_dim, attention_head_dim=heads, norm_num_groups=norm_num_groups,
+    )
+
+
+def shapes_video_unet(latent_channels: int = 4, sample_size: int = 8, text_dim: int = 384, width: int = 40,
+                      layers_per_block: int = 1, heads: int = 8, norm_num_groups: int = 8):
+    """A tiny ``UNet3DConditionModel`` (spatial + temporal attention/convs) for ``16 x (4, 8, 8)`` videos."""
+    from diffusers import UNet3DConditionModel
+
+    if width % norm_num_groups or width % heads:
+        raise ValueError(f"width {width} must be divisible by norm_num_groups {norm_num_groups} and heads {heads}")
+    return UNet3DConditionModel(
+        sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
+        block_out_channels=(width, 2 * width), layers_per_block=layers_per_block,
+        down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
+        up_block_types=("CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=text_dim, attention_head_dim=heads, norm_num_groups=norm_num_groups,
+    )
+
+
+def load_shapes_teacher(kind: str = "image", device: str | torch.device = "cpu"):
+    """The shipped Shapes teacher (``Denoiser``, conjugate-v, scaled-linear DDPM, T = 1000)."""
+    from distill.denoiser import Denoiser
+
+    if kind not in ("image", "video"):
+        raise ValueError(f"kind must be 'image' or 'video', got {kind!r}")
+    path = WEIGHTS_DIR / f"teacher-{kind}"
+    needed = ("config.json", "diffusion_pytorch_model.safetensors", "denoiser.json")
+    missing = [n for n in needed if not (path / n).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"The Shapes {kind} teacher is missing {missing} in {path}. Train it with "
+            f"`lrm shapes train-teacher --kind {kind} --out_dir runs/teacher-{kind}` (GPU, a few minutes) and copy "
+            f"runs/teacher-{kind}/teacher to {path}."
+        )
+    return Denoiser.from_pretrained(path, device=device)

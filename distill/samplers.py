@@ -1,0 +1,188 @@
+"""Samplers: DDIM (teacher), the k-step student sampler, and the stochastic posterior sampler with
+per-step log-probabilities for DDPO.
+
+Timestep spacing: the teacher's 50-step DDIM uses DOLLAR's ``t_n in [19, 39, ..., 999]``, i.e. diffusers'
+``timestep_spacing="trailing"`` (``round(arange(T, 0, -T/N)) - 1``). Each step goes to the next timestep
+of the list; the last one goes to ``t = -1`` (clean: ``abar = 1``, diffusers' ``set_alpha_to_one=True``),
+so the final output is the last x0 prediction. Steps are written for a generic ``x_t = a_t x0 + b_t eps``
+schedule (DDPM or flow):
+
+    sigma^2 = eta^2 * (b_s^2 / b_t^2) * (b_t^2 - (a_t / a_s)^2 b_s^2)        (s = previous timestep)
+    x_s     = a_s x0 + sqrt(b_s^2 - sigma^2) eps + sigma z                     (DDIM, DOLLAR Eq. 14 / 25)
+
+For DDPM this is DDIM's sigma with ``sigma^2 = eta^2 (1 - abar_s)/(1 - abar_t) (1 - abar_t/abar_s)``; at
+``eta = 1`` it is the DDPM posterior variance ``(1 - alpha_t)(1 - abar_{t-1})/(1 - abar_t)`` (Eq. 26's sigma).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from distill.schedules import broadcast
+
+STUDENT_TIMESTEPS = {1: [999], 2: [499, 999], 4: [249, 499, 749, 999]}
+
+
+def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """Trailing spacing, descending: 50 steps on T = 1000 -> [999, 979, ..., 19] (diffusers "trailing")."""
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
+    ts = [int(round(v)) - 1 for v in _arange_desc(num_train_timesteps, num_steps)]
+    return ts
+
+
+def _arange_desc(T: int, n: int) -> list[float]:
+    import numpy as np
+
+    return list(np.round(np.arange(T, 0, -T / n)))[:n]
+
+
+def _descending(timesteps, num_train_timesteps: int) -> list[int]:
+    ts = [int(t) for t in timesteps]
+    if not ts:
+        raise ValueError("timesteps must not be empty")
+    if len(set(ts)) != len(ts):
+        raise ValueError(f"timesteps must be distinct, got {ts}")
+    if min(ts) < 0 or max(ts) >= num_train_timesteps:
+        raise ValueError(f"timesteps must lie in [0, {num_train_timesteps - 1}], got {ts}")
+    return sorted(ts, reverse=True)
+
+
+def step_sigma(schedule, t: int, t_prev: int, eta: float) -> float:
+    """Std of the DDIM(eta) transition ``t -> t_prev`` (``t_prev = -1`` is clean)."""
+    a_t, b_t = float(schedule.a(t)), float(schedule.b(t))
+    a_s, b_s = float(schedule.a(t_prev)), float(schedule.b(t_prev))
+    if b_t <= 0:
+        return 0.0
+    var = (b_s ** 2 / b_t ** 2) * max(b_t ** 2 - (a_t / a_s) ** 2 * b_s ** 2, 0.0)
+    return eta * math.sqrt(var)
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    if generator is None:
+        return torch.randn_like(x)
+    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+
+
+def step_mean(denoiser, x_t: torch.Tensor, t: int, t_prev: int, text_tokens, text_mask, eta: float = 0.0,
+              guidance_scale: float | None = None) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """Mean ``mu`` (Eq. 25) and std of ``p(x_{t_prev} | x_t)``, and the x0 prediction."""
+    schedule = denoiser.schedule
+    x0, eps = denoiser.x0_eps(x_t, t, text_tokens, text_mask, guidance_scale)
+    sigma = step_sigma(schedule, t, t_prev, eta)
+    a_s, b_s = float(schedule.a(t_prev)), float(schedule.b(t_prev))
+    mu = a_s * x0 + math.sqrt(max(b_s ** 2 - sigma ** 2, 0.0)) * eps
+    return mu, sigma, x0
+
+
+def ddim_step(denoiser, x_t: torch.Tensor, t: int, t_prev: int, text_tokens, text_mask=None, eta: float = 0.0,
+              guidance_scale: float | None = None, generator: torch.Generator | None = None,
+              noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One DDIM(eta) step ``x_t -> x_{t_prev}`` (``t_prev = -1``: return the x0 prediction)."""
+    mu, sigma, _ = step_mean(denoiser, x_t, t, t_prev, text_tokens, text_mask, eta, guidance_scale)
+    if sigma > 0:
+        mu = mu + sigma * (noise if noise is not None else _randn_like(mu, generator))
+    return mu
+
+
+def ddim_sample(denoiser, noise: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor | None = None,
+                num_steps: int = 50, eta: float = 0.0, guidance_scale: float | None = None,
+                generator: torch.Generator | None = None, timesteps=None, progress: bool = False,
+                enable_grad: bool = False) -> torch.Tensor:
+    """DDIM from pure noise ``x_T = noise`` to x0 latents. ``timesteps`` (any order, descending used)
+    overrides ``num_steps``'s trailing spacing. Runs without autograd unless ``enable_grad``."""
+    T = denoiser.schedule.num_train_timesteps
+    ts = _descending(timesteps, T) if timesteps is not None else ddim_timesteps(num_steps, T)
+    prevs = ts[1:] + [-1]
+    x = noise
+    ctx = contextlib.nullcontext() if enable_grad else torch.no_grad()
+    with ctx:
+        for t, s in tqdm(list(zip(ts, prevs)), desc="ddim", disable=not progress, leave=False):
+            x = ddim_step(denoiser, x, t, s, text_tokens, text_mask, eta, guidance_scale, generator)
+    return x
+
+
+def student_sample(denoiser, noise: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor | None = None,
+                   timesteps=(999, 749, 499, 249), generator: torch.Generator | None = None,
+                   guidance_scale: float | None = None) -> torch.Tensor:
+    """k-step consistency-style sampler: predict x0 at ``t_k``, re-noise it with fresh noise to
+    ``t_{k+1}``, repeat; return the last x0 prediction. Keeps autograd (wrap in ``torch.no_grad()`` to sample)."""
+    ts = _descending(timesteps, denoiser.schedule.num_train_timesteps)
+    x = noise
+    x0 = noise
+    for k, t in enumerate(ts):
+        x0 = denoiser.x0(x, t, text_tokens, text_mask, guidance_scale)
+        if k + 1 < len(ts):
+            x = denoiser.schedule.add_noise(x0, _randn_like(x0, generator), ts[k + 1])
+    return x0
+
+
+# ---- stochastic posterior sampler with log-probs (DDPO) ---------------------------------------------------
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
+    """Eq. 26: ``sum_elements -1/2 ((x - mu)^2 / sigma^2 + log(2 pi sigma^2))`` -> ``(B,)`` (float32)."""
+    if std <= 0:
+        raise ValueError("the transition has zero variance (deterministic step); use eta > 0 and a final "
+                         "timestep with noise (final_timestep >= 0 on a DDPM schedule)")
+    var = std ** 2
+    d = (x.float() - mean.float()) ** 2
+    return (-0.5 * (d / var + math.log(2 * math.pi * var))).flatten(1).sum(1)
+
+
+def step_log_prob(denoiser, x_t: torch.Tensor, x_prev: torch.Tensor, t: int, t_prev: int, text_tokens,
+                  text_mask=None, eta: float = 1.0, guidance_scale: float | None = None) -> torch.Tensor:
+    """``log p_theta(x_prev | x_t)`` of a given transition, ``(B,)``; differentiable in the model (PPO / REINFORCE)."""
+    mu, sigma, _ = step_mean(denoiser, x_t, t, t_prev, text_tokens, text_mask, eta, guidance_scale)
+    return gaussian_log_prob(x_prev.detach(), mu, sigma)
+
+
+@dataclass
+class SampleTrajectory:
+    x0: torch.Tensor  # final sample (the latent at ``prev_timesteps[-1]``)
+    latents: list[torch.Tensor]  # K + 1 latents x_{t_0} (noise) ... x_{final}
+    timesteps: torch.Tensor  # (K,) long, the timestep each transition starts from
+    prev_timesteps: torch.Tensor  # (K,) long, where it ends
+    log_probs: torch.Tensor  # (B, K) float32, log p(x_{k+1} | x_k)
+    means: list[torch.Tensor] = field(default_factory=list)  # K posterior means (Eq. 25)
+    stds: torch.Tensor | None = None  # (K,) float32 transition stds
+
+
+def stochastic_sample(denoiser, noise: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor | None,
+                      timesteps, eta: float = 1.0, guidance_scale: float | None = None,
+                      generator: torch.Generator | None = None, grad_steps: int | None = None,
+                      final_timestep: int = 0) -> SampleTrajectory:
+    """Sample with the DDIM(eta) posterior along ``timesteps`` and record per-step log-probs (DOLLAR Eq. 25-26).
+
+    The chain ends at ``final_timestep`` (default 0: ``abar_0`` is just below 1 for DDPM schedules, so the last
+    transition has a proper Gaussian, as in ddpo-pytorch with ``set_alpha_to_one=False``). Truncation:
+    only the last ``grad_steps`` transitions run with autograd (``None`` = all, ``0`` = none); the earlier
+    ones run under ``torch.no_grad()``. Latents are detached between steps, so gradients reach the model
+    only through each step's mean (the score-function form DDPO needs).
+    """
+    ts = _descending(timesteps, denoiser.schedule.num_train_timesteps)
+    if final_timestep >= ts[-1]:
+        raise ValueError(f"final_timestep {final_timestep} must be below the last timestep {ts[-1]}")
+    prevs = ts[1:] + [final_timestep]
+    K = len(ts)
+    g = K if grad_steps is None else int(grad_steps)
+    if not 0 <= g <= K:
+        raise ValueError(f"grad_steps must be in [0, {K}] (number of steps), got {grad_steps}")
+    x = noise
+    latents, means, logps, stds = [noise], [], [], []
+    for k, (t, s) in enumerate(zip(ts, prevs)):
+        ctx = torch.no_grad() if k < K - g else contextlib.nullcontext()
+        with ctx:
+            mu, sigma, _ = step_mean(denoiser, x.detach(), t, s, text_tokens, text_mask, eta, guidance_scale)
+            x_prev = (mu + sigma * _randn_like(mu, generator)).detach()
+            logps.append(gaussian_log_prob(x_prev, mu, sigma))
+        means.append(mu)
+        stds.append(sigma)
+        latents.append(x_prev)
+        x = x_prev
+    return SampleTrajectory(
+        x0=x, latents=latents, timesteps=torch.tensor(ts), prev_timesteps=torch.tensor(prevs),
+        log_probs=torch.stack(logps, 1), means=means, stds=torch.tensor(stds, dtype=torch.float32))
