@@ -1,0 +1,188 @@
+"""``LatentReward``: a trained head + what it imitates, in the original reward's units; save/load as a directory.
+
+A directory holds ``config.json`` (the architecture: ``create_lrm`` name + kwargs), ``model.safetensors`` and
+``metadata.json`` (reward name/version/modality, latent space, text encoder, target normalisation, training
+data summary, metrics, noise schedule for noise-aware heads).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from latent_rewards.heads.base import EnsembleLRM, member_outputs
+from latent_rewards.registry import create_lrm_from_config
+from lrm.io import load_tensors, read_json, save_tensors, write_json
+from lrm.latent_space import LatentSpace, LatentSpaceMismatchError
+
+FORMAT_VERSION = 1
+
+
+class TextEncoderMismatchError(ValueError):
+    """Text embeddings come from another text encoder than the one an LRM was trained with."""
+
+
+def _check_text_encoder(expected: dict | None, given: dict | None, what: str = "these text embeddings") -> None:
+    if expected is None or given is None:
+        return
+    keys = [k for k in ("name", "dim", "max_length", "pooling") if k in expected and k in given]
+    diffs = [f"{k}: {given[k]!r} != {expected[k]!r}" for k in keys if given[k] != expected[k]]
+    if diffs:
+        raise TextEncoderMismatchError(
+            f"{what} come from text encoder {given.get('name')!r}, but this LRM was trained on "
+            f"{expected.get('name')!r} ({'; '.join(diffs)}). Encode the prompts with "
+            f"lrm.text.TextEncoder({expected.get('name')!r}, max_length={expected.get('max_length')}), "
+            "or use an LRM trained for this encoder.")
+
+
+class LatentReward(nn.Module):
+    """Differentiable latent-space reward: ``lrm(latents, text_tokens=None, text_mask=None, t=None) -> (B,)`` in
+    the original reward's units. Video heads run all frames of the batch through their trunk at once.
+
+    ``text_tokens`` may also be an ``lrm.text.TextEmbedding`` (its ``.tokens`` / ``.mask`` are used).
+    ``t`` (noise-aware heads only): diffusion timesteps of noisy latents x_t; ``None`` = clean latents.
+    Ensembles return ``reduce`` of their members: "mean", "std" or "lcb" (mean - lam * std), in reward units.
+    """
+
+    def __init__(self, model: nn.Module, metadata: dict[str, Any]):
+        super().__init__()
+        self.model = model
+        self.metadata = dict(metadata)
+        target = self.metadata.get("target_normalization", {"mean": 0.0, "std": 1.0})
+        self.register_buffer("target_mean", torch.tensor(float(target["mean"])), persistent=False)
+        self.register_buffer("target_std", torch.tensor(float(target["std"])), persistent=False)
+        ls = self.metadata.get("latent_space")
+        self._latent_space = LatentSpace.from_dict(ls) if ls else None
+
+    # ---- identity --------------------------------------------------------------------------------------
+    @property
+    def reward_name(self) -> str:
+        return self.metadata.get("reward", {}).get("name", "reward")
+
+    @property
+    def reward_version(self) -> str | None:
+        return self.metadata.get("reward", {}).get("version")
+
+    @property
+    def modality(self) -> str:
+        return self.metadata.get("reward", {}).get("modality") or getattr(self.model, "modality", "image")
+
+    @property
+    def latent_space(self) -> LatentSpace | None:
+        return self._latent_space
+
+    @property
+    def text_encoder(self) -> dict | None:
+        return self.metadata.get("text_encoder")
+
+    @property
+    def needs_text(self) -> bool:
+        return getattr(self.model, "text_dim", None) is not None
+
+    @property
+    def timestep_cond(self) -> bool:
+        return bool(getattr(self.model, "timestep_cond", False))
+
+    def check_inputs(self, latent_space: LatentSpace | dict | None = None, text_encoder: Any = None) -> None:
+        """Refuse latents from another latent space / embeddings from another text encoder (clear error).
+
+        ``text_encoder``: a ``TextEncoder`` or its ``identity()`` dict.
+        """
+        if latent_space is not None and self._latent_space is not None:
+            if isinstance(latent_space, dict):
+                latent_space = LatentSpace.from_dict(latent_space)
+            self._latent_space.check_compatible(latent_space, what="the latents given to this LRM")
+        if text_encoder is not None:
+            if hasattr(text_encoder, "identity"):
+                text_encoder = text_encoder.identity()
+            if not self.needs_text:
+                raise TextEncoderMismatchError(f"LRM for {self.reward_name!r} takes no text, but a text encoder "
+                                               "was given")
+            _check_text_encoder(self.text_encoder, text_encoder)
+
+    # ---- inference -------------------------------------------------------------------------------------
+    def _check_call(self, latents: torch.Tensor, text_tokens) -> None:
+        if self._latent_space is not None:
+            try:
+                self._latent_space.check_latents(latents)
+            except LatentSpaceMismatchError as e:
+                raise LatentSpaceMismatchError(f"LRM for {self.reward_name!r}: {e}") from None
+        if self.needs_text and text_tokens is None:
+            raise ValueError(f"LRM for {self.reward_name!r} is text-conditioned ({self.modality}); pass text_tokens "
+                             f"(B, L, {self.model.text_dim}) and text_mask from {self.text_encoder}")
+        if not self.needs_text and text_tokens is not None:
+            raise ValueError(f"LRM for {self.reward_name!r} ({self.modality}) takes no text; drop text_tokens")
+        if text_tokens is not None and text_tokens.shape[-1] != self.model.text_dim:
+            raise TextEncoderMismatchError(
+                f"text embeddings have width {text_tokens.shape[-1]}, but this LRM expects {self.model.text_dim} "
+                f"from text encoder {self.text_encoder}. Encode prompts with that encoder.")
+
+    def members(self, latents: torch.Tensor, text_tokens=None, text_mask=None, t=None) -> torch.Tensor:
+        """(K, B) member rewards in original units (K = 1 without an ensemble)."""
+        if text_tokens is not None and hasattr(text_tokens, "tokens"):
+            text_tokens, text_mask = text_tokens.tokens, text_tokens.mask
+        self._check_call(latents, text_tokens)
+        if t is not None and not self.timestep_cond:
+            raise ValueError(f"LRM for {self.reward_name!r} is not noise-aware (timestep_cond=False); do not pass t")
+        dev = self.target_mean.device
+        latents = latents.to(dev)
+        if text_tokens is not None:
+            text_tokens = text_tokens.to(dev, latents.dtype)
+            text_mask = None if text_mask is None else text_mask.to(dev)
+        out = member_outputs(self.model, latents, text_tokens, text_mask, t)  # (K, B) standardised
+        return out.float() * self.target_std + self.target_mean
+
+    def forward(self, latents: torch.Tensor, text_tokens=None, text_mask=None, t=None) -> torch.Tensor:
+        m = self.members(latents, text_tokens, text_mask, t)
+        if isinstance(self.model, EnsembleLRM):
+            return EnsembleLRM.aggregate(m, self.model.reduce, self.model.lam)
+        return m[0]
+
+    @torch.no_grad()
+    def predict(self, latents: torch.Tensor, text_tokens=None, text_mask=None, batch_size: int = 1024,
+                t=None) -> torch.Tensor:
+        """No-grad batched prediction (B,) on CPU, in eval mode."""
+        was = self.training
+        self.eval()
+        outs = []
+        for i in range(0, latents.shape[0], batch_size):
+            sl = slice(i, i + batch_size)
+            outs.append(self(latents[sl], None if text_tokens is None else text_tokens[sl],
+                             None if text_mask is None else text_mask[sl], t).float().cpu())
+        self.train(was)
+        return torch.cat(outs)
+
+    # ---- persistence ------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        cfg = getattr(self.model, "lrm_config", None)
+        if cfg is None:
+            raise ValueError("this model was not built by create_lrm (no lrm_config); build it with create_lrm")
+        write_json(directory / "config.json", {"format_version": FORMAT_VERSION, **cfg})
+        sd = self.model.state_dict()
+        save_tensors(directory / "model.safetensors", {k: v.float() if v.is_floating_point() else v
+                                                       for k, v in sd.items()},
+                     metadata={"reward": self.reward_name})
+        write_json(directory / "metadata.json", self.metadata)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "LatentReward":
+        directory = Path(directory)
+        for f in ("config.json", "model.safetensors", "metadata.json"):
+            if not (directory / f).exists():
+                raise FileNotFoundError(f"{directory / f} is missing: an LRM directory holds config.json, "
+                                        "model.safetensors and metadata.json (written by save_pretrained / lrm train)")
+        cfg = read_json(directory / "config.json")
+        if cfg.get("format_version", 1) > FORMAT_VERSION:
+            raise ValueError(f"{directory} was written by a newer toolkit (format {cfg['format_version']}); upgrade")
+        model = create_lrm_from_config(cfg)
+        missing, unexpected = model.load_state_dict(load_tensors(directory / "model.safetensors"), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{directory / 'model.safetensors'} does not fit config.json "
+                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        lrm = cls(model.eval(), read_json(directory / "metadata.json"))
+        return lrm.to(device)
