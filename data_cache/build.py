@@ -1,0 +1,696 @@
+"""Building a latent cache: load -> (GPU) encode + score -> write, as three overlapped stages.
+
+1. Loader thread (with a pool of ``num_workers`` threads) reads/decodes records ahead of the GPU.
+2. The calling thread runs the VAE, the text encoder and the rewards on batches (GPU-batched); its
+   outputs are copied to pinned host memory asynchronously.
+3. A writer thread waits for the copies, assembles one shard per unit of ``shard_size`` source indices
+   and commits it (see ``data_cache.storage`` for the crash-safe protocol).
+
+Several GPUs: launch with ``accelerate launch -m lrm.cli cache build ...``; the uncommitted units are dealt
+out round-robin to ranks, each rank writes its own shards and journal, rank 0 merges the manifest.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import shutil
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import lrm
+from lrm.config import config_to_dict
+from lrm.latent_space import VAE, LatentSpace
+from lrm.run import get_logger, resolve_device
+from lrm.text import TextEncoder
+
+from data_cache import storage as st
+from data_cache.config import BuildCacheConfig, SourceConfig
+from data_cache.sources import (
+    DatasetSource,
+    FolderSource,
+    GeneratorSource,
+    Item,
+    PixelSource,
+    Reject,
+    ShapesSource,
+    import_callable,
+)
+
+log = get_logger("lrm.data_cache")
+
+
+# ---- objects from config ------------------------------------------------------------------------------
+def make_source(cfg: SourceConfig, generator: Callable | None = None) -> PixelSource | GeneratorSource:
+    resize = tuple(cfg.resize) if cfg.resize else None
+    frames = cfg.num_frames or None
+    if cfg.type == "shapes":
+        return ShapesSource(cfg.image_size, frames, cfg.seed)
+    if cfg.type == "dataset":
+        return DatasetSource(cfg.path, cfg.image_column, cfg.caption_column, cfg.split, cfg.video, resize, frames,
+                             cfg.convert_rgb)
+    if cfg.type == "folder":
+        return FolderSource(cfg.path, cfg.captions_file, cfg.file_column, cfg.caption_column, cfg.video, resize,
+                            frames, cfg.convert_rgb)
+    if generator is None:
+        if not cfg.generator:
+            raise ValueError("a generator source needs source.generator='package.module:function' (CLI) or a "
+                             "callable passed as build_cache(cfg, source=fn)")
+        return GeneratorSource(import_callable(cfg.generator), cfg.seed, name=cfg.generator)
+    return GeneratorSource(generator, cfg.seed)
+
+
+def load_vae(name: str, subfolder: str = "", device: torch.device | str = "cpu", bf16: bool = False) -> VAE:
+    if name in ("shapes", "shapes-vae"):
+        return VAE.shapes(device=device, autocast_bf16=bf16)
+    return VAE.from_pretrained(name, subfolder=subfolder or None, device=device, autocast_bf16=bf16)
+
+
+def resolve_rewards(names: list[str], device: torch.device) -> list[Any]:
+    if not names:
+        return []
+    try:
+        from reward_adapters import create_reward
+    except ImportError:
+        raise ImportError(
+            f"rewards {names} are named by string but the reward_adapters package is not importable; pass reward "
+            "objects with build_cache(cfg, rewards=[...]) instead"
+        ) from None
+    out = []
+    for n in names:
+        try:
+            out.append(create_reward(n, device=str(device)))
+        except TypeError:
+            out.append(create_reward(n))
+    return out
+
+
+def reward_info(reward: Any) -> dict[str, Any]:
+    for attr in ("name", "version", "modality"):
+        if not hasattr(reward, attr):
+            raise TypeError(f"reward {reward!r} has no .{attr}; a reward needs name, version and modality")
+    return {"version": str(reward.version), "modality": str(reward.modality)}
+
+
+def check_reward_modality(reward: Any, is_video: bool) -> None:
+    mod = str(reward.modality)
+    if is_video and mod in ("image", "text-image"):
+        raise ValueError(f"reward {reward.name!r} scores images (modality {mod!r}) but the source yields videos; "
+                         "pick a video reward or an image source")
+    if not is_video and mod in ("video", "text-video"):
+        raise ValueError(f"reward {reward.name!r} scores videos (modality {mod!r}) but the source yields images")
+
+
+# ---- GPU kernels ------------------------------------------------------------------------------------
+def encode_pixels(vae: VAE, pixels: torch.Tensor, sample: bool = False) -> torch.Tensor:
+    """``VAE.encode`` without its range check, which would synchronise the GPU every batch; the loader has
+    already validated the pixels on CPU. (B, 3, H, W) / (B, T, 3, H, W) in [0, 1] -> scaled latents."""
+    video = pixels.dim() == 5
+    B = pixels.shape[0]
+    x = pixels.flatten(0, 1) if video else pixels  # (N, 3, H, W)
+    dtype = next(vae.vae.parameters()).dtype
+    outs = []
+    for chunk in x.split(vae.chunk_size):
+        chunk = chunk.to(vae.device, dtype, non_blocking=True) * 2 - 1
+        with vae._autocast():
+            dist = vae.vae.encode(chunk).latent_dist
+        z = dist.sample() if sample else dist.mean
+        outs.append((z.float() - vae.shift_factor) * vae.scaling_factor)
+    z = torch.cat(outs)  # (N, C, h, w)
+    return z.unflatten(0, (B, -1)) if video else z
+
+
+def score_reward(reward: Any, pixels: torch.Tensor, prompts: list[str]) -> tuple[Any, list[tuple[int, str, str]]]:
+    """Scores (B,) float32 (a tensor, maybe still on the GPU) and the records whose call raised, as
+    (row, reason, message); those rows are NaN. A batch that raises is retried record by record so one bad
+    record does not blank the batch. NaN outputs are found later by ``finish_scores``."""
+    B = pixels.shape[0]
+    try:
+        return _call_reward(reward, pixels, prompts), []
+    except Exception as e:
+        if B == 1:
+            return torch.full((1,), float("nan")), [(0, f"reward_error:{reward.name}", f"{type(e).__name__}: {e}")]
+    out = torch.full((B,), float("nan"))
+    fails: list[tuple[int, str, str]] = []
+    for i in range(B):
+        v, f = score_reward(reward, pixels[i:i + 1], prompts[i:i + 1])
+        out[i] = v.detach().float().cpu()[0]
+        fails += [(i, r, m) for _, r, m in f]
+    return out, fails
+
+
+def finish_scores(name: str, scores: Any, fails: list[tuple[int, str, str]]) -> tuple[np.ndarray, list]:
+    """(B,) float32 numpy with NaN for every failed record, and all failures (raised or non-finite)."""
+    s = scores.numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
+    s = s.astype(np.float32, copy=True)
+    failed = {row for row, _, _ in fails}
+    fails = list(fails)
+    for i in np.flatnonzero(~np.isfinite(s)):
+        if int(i) not in failed:
+            fails.append((int(i), f"reward_nan:{name}", f"reward returned {s[i]}"))
+        s[i] = np.nan
+    return s, fails
+
+
+def _call_reward(reward: Any, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    with torch.no_grad():
+        out = reward(pixels, prompts)
+    out = torch.as_tensor(out).detach().float().reshape(-1)
+    if out.shape != (pixels.shape[0],):
+        raise ValueError(f"reward {reward.name!r} returned shape {tuple(out.shape)} for a batch of {pixels.shape[0]}")
+    return out
+
+
+def _cpu_score(reward: Any, pixels: torch.Tensor, prompts: list[str]) -> tuple[np.ndarray, list]:
+    s, f = score_reward(reward, pixels, prompts)
+    return finish_scores(reward.name, s.cpu(), f)
+
+
+def _reward_device(reward: Any, default: torch.device) -> torch.device:
+    dev = getattr(reward, "device", None)
+    return torch.device(dev) if dev is not None else default
+
+
+# ---- pipeline records -------------------------------------------------------------------------------
+@dataclass
+class LoadedBatch:
+    unit: tuple[int, int]
+    last: bool  # last batch of its unit
+    indices: list[int] = field(default_factory=list)
+    pixels: torch.Tensor | None = None  # (B, ...) pixels (pixel sources)
+    latents: torch.Tensor | None = None  # (B, ...) latents (generator sources)
+    prompts: list[str] = field(default_factory=list)
+    source_ids: list[str] = field(default_factory=list)
+    hashes: list[str] = field(default_factory=list)
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class EncodedBatch:
+    loaded: LoadedBatch
+    event: Any = None  # CUDA event marking the end of the device->host copies
+    latents: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    rewards: dict[str, Any] = field(default_factory=dict)  # name -> (scores, fails) or Future of it
+
+
+class _Stop:
+    pass
+
+
+def _aligned_batches(start: int, end: int, batch_size: int) -> list[tuple[int, int]]:
+    """Batches aligned to global multiples of ``batch_size`` so a resumed build batches identically."""
+    out = []
+    i = start
+    while i < end:
+        j = min(end, (i // batch_size + 1) * batch_size)
+        out.append((i, j))
+        i = j
+    return out
+
+
+class _Loader(threading.Thread):
+    def __init__(self, source, units, batch_size, num_workers, prefetch, pixel_shape, pin):
+        super().__init__(daemon=True, name="lrm-cache-loader")
+        self.source, self.units, self.batch_size = source, units, batch_size
+        self.q: queue.Queue = queue.Queue(maxsize=prefetch)
+        self.pool = ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="lrm-cache-load")
+        self.pixel_shape = tuple(pixel_shape) if pixel_shape else None
+        self.pin = pin
+        self.error: BaseException | None = None
+        self.stop_flag = threading.Event()
+
+    def _put(self, obj):
+        while not self.stop_flag.is_set():
+            try:
+                self.q.put(obj, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def run(self):
+        try:
+            for unit in self.units:
+                batches = _aligned_batches(unit[0], unit[1], self.batch_size)
+                for k, (a, b) in enumerate(batches):
+                    if self.stop_flag.is_set():
+                        return
+                    lb = LoadedBatch(unit=unit, last=k == len(batches) - 1)
+                    if isinstance(self.source, GeneratorSource):
+                        self._generate(lb, a, b)
+                    else:
+                        self._load(lb, list(self.pool.map(self.source.load, range(a, b))))
+                    self._put(lb)
+            self._put(_Stop())
+        except BaseException as e:  # surfaced in the main thread
+            self.error = e
+            self._put(_Stop())
+        finally:
+            self.pool.shutdown(wait=False)
+
+    def _generate(self, lb: LoadedBatch, a: int, b: int) -> None:
+        latents, prompts = self.source.generate(a, b - a)
+        lb.indices = list(range(a, b))
+        lb.latents = latents
+        lb.prompts = prompts
+        lb.source_ids = [self.source.source_id(i) for i in lb.indices]
+        z = latents.detach().to("cpu", torch.float16).numpy()
+        lb.hashes = [st.content_hash(z[i], text=p) for i, p in enumerate(prompts)]
+
+    def _load(self, lb: LoadedBatch, results: list[Item | Reject]) -> None:
+        pix = []
+        for r in results:
+            if isinstance(r, Reject):
+                lb.rejects.append(r.to_dict())
+                continue
+            if self.pixel_shape is None:
+                self.pixel_shape = tuple(r.pixels.shape)
+            if tuple(r.pixels.shape) != self.pixel_shape:
+                lb.rejects.append(Reject(r.index, r.source_id, "wrong_size",
+                                         f"pixels of shape {tuple(r.pixels.shape)}, the cache holds "
+                                         f"{self.pixel_shape}; set source.resize").to_dict())
+                continue
+            lb.indices.append(r.index)
+            lb.prompts.append(r.prompt)
+            lb.source_ids.append(r.source_id)
+            q = np.round(r.pixels * 255).astype(np.uint8)
+            lb.hashes.append(st.content_hash(q, text=r.prompt))
+            pix.append(r.pixels)
+        if pix:
+            t = torch.from_numpy(np.stack(pix))
+            lb.pixels = t.pin_memory() if self.pin else t
+
+
+# ---- the build ------------------------------------------------------------------------------------------
+def _dist_info(rank: int | None, world_size: int | None):
+    """(rank, world_size, device or None, barrier); accelerate only when launched with several processes."""
+    if rank is not None:
+        return rank, world_size or 1, None, lambda: None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState()
+        return state.process_index, state.num_processes, state.device, state.wait_for_everyone
+    return 0, 1, None, lambda: None
+
+
+def _header(cfg: BuildCacheConfig, source, space: LatentSpace, te_identity: dict, rewards: list[Any],
+            text_shape: tuple[int, int]) -> dict[str, Any]:
+    return {
+        "format": st.FORMAT, "format_version": st.FORMAT_VERSION, "toolkit_version": lrm.__version__,
+        "latent_space": space.to_dict(), "text_encoder": te_identity,
+        "rewards": {r.name: {**reward_info(r), "column": st.reward_column(r.name), "storage": "shard",
+                             "pixels_from": "decoded" if isinstance(source, GeneratorSource) else "source"}
+                    for r in rewards},
+        "source": source.describe(), "source_config": config_to_dict(cfg.source),
+        "is_video": bool(source.is_video) if source.is_video is not None else None,
+        "latent_shape": None, "pixel_shape": None, "latent_dtype": cfg.latent_dtype, "text_dtype": cfg.text_dtype,
+        "text_shape": list(text_shape), "shard_size": cfg.shard_size, "batch_size": cfg.batch_size,
+        "sample_latents": cfg.sample_latents, "num_records_planned": None, "shards": [], "sidecars": {},
+        "complete": False, "counts": {},
+    }
+
+
+def check_resume_compatible(manifest: dict[str, Any], header: dict[str, Any], root: Path) -> None:
+    """Refuse to mix latent spaces, text encoders, sources or settings in one cache."""
+    LatentSpace.from_dict(manifest["latent_space"]).check_compatible(
+        LatentSpace.from_dict(header["latent_space"]), what=f"the VAE's latents for {root}")
+    if manifest["text_encoder"] != header["text_encoder"]:
+        raise st.TextEncoderMismatchError(
+            f"cache {root} was built with text encoder {manifest['text_encoder']}, not {header['text_encoder']}; "
+            "use the same text encoder or build a new cache")
+    old = {k: v["version"] for k, v in manifest["rewards"].items() if v.get("storage") == "shard"}
+    new = {k: v["version"] for k, v in header["rewards"].items()}
+    if old != new:
+        raise st.CacheError(f"cache {root} scores rewards {old} during the build, this build asks for {new}; "
+                            "resume with the same rewards and add others with `lrm cache add-reward`")
+    for k in ("source", "latent_dtype", "text_dtype", "text_shape", "shard_size", "batch_size", "sample_latents"):
+        if manifest.get(k) != header.get(k):
+            raise st.CacheError(f"cache {root} has {k}={manifest.get(k)!r} but this build has {header.get(k)!r}; "
+                                "resume with the original settings (only source.num_samples may grow)")
+
+
+def recover(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Fold journals into the manifest, adopt sound orphan shards, delete torn/temp files."""
+    entries = st.merge_shard_entries(manifest.get("shards", []), st.read_journals(root))
+    known = {e["file"] for e in entries}
+    shard_dir = root / st.SHARD_DIR
+    if shard_dir.exists():
+        for p in sorted(shard_dir.iterdir()):
+            if p.name.startswith(".") and p.name.endswith(".tmp"):
+                p.unlink()
+                continue
+            if p.name in known or st.parse_shard_name(p.name) is None:
+                continue
+            problems = st.verify_shard_file(p, None, deep=True)
+            entry = None
+            if not problems:
+                meta = st.shard_metadata(st.open_table(p, memory_map=False))
+                entry = {**meta, "file": p.name, "bytes": p.stat().st_size, "sha256": st.file_sha256(p)}
+                try:
+                    entries = st.merge_shard_entries(entries, [entry])
+                    log.info("adopted shard %s (committed before the crash, not yet in the manifest)", p.name)
+                    continue
+                except st.CacheError:
+                    problems = ["overlaps a committed shard"]
+            log.warning("deleting orphan shard %s: %s", p.name, "; ".join(problems))
+            p.unlink()
+    manifest["shards"] = entries
+    _fill_shapes(manifest)
+    manifest["counts"] = st.summarize_counts(manifest)
+    st.write_manifest(root, manifest)
+    jd = root / st.JOURNAL_DIR
+    if jd.exists():
+        for p in jd.glob("rank-*.json"):
+            p.unlink()
+    return manifest
+
+
+def _fill_shapes(manifest: dict[str, Any]) -> None:
+    for key in ("latent_shape", "pixel_shape"):
+        for e in manifest["shards"]:
+            if e.get(key) is not None:
+                if manifest.get(key) is None:
+                    manifest[key] = e[key]
+                elif list(manifest[key]) != list(e[key]):
+                    raise st.CacheError(f"shard {e['file']} has {key} {e[key]} but the cache holds {manifest[key]}")
+
+
+def finalize_cache(root: str | Path) -> dict[str, Any]:
+    """Merge every rank's journal into ``manifest.json``, recount, rebuild ``rejects.jsonl`` (rank 0, at the end)."""
+    root = Path(root)
+    manifest = recover(root, st.read_manifest(root))
+    n = manifest.get("num_records_planned") or 0
+    manifest["complete"] = not st.missing_units(manifest["shards"], n, manifest["shard_size"])
+    st.write_manifest(root, manifest)
+    st.rebuild_rejects_log(root, manifest)
+    return manifest
+
+
+class _Writer(threading.Thread):
+    def __init__(self, root: Path, rank: int, header: dict[str, Any], reward_names: list[str],
+                 on_reward_error: str, progress_total: int, progress: bool, is_rank0: bool, world_size: int):
+        super().__init__(daemon=True, name="lrm-cache-writer")
+        self.root, self.rank, self.header = root, rank, header
+        self.reward_names = reward_names
+        self.on_reward_error = on_reward_error
+        self.q: queue.Queue = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.committed: list[dict[str, Any]] = []
+        self.records = 0
+        self.is_rank0 = is_rank0
+        self.world_size = world_size
+        self.latent_shape = header.get("latent_shape")
+        self.pixel_shape = header.get("pixel_shape")
+        self.wait_s = 0.0
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=progress_total, desc=f"cache build r{rank}", unit="rec", disable=not progress,
+                        mininterval=1.0)
+
+    def run(self):
+        pending: list[EncodedBatch] = []
+        try:
+            while True:
+                eb = self.q.get()
+                if isinstance(eb, _Stop):
+                    return
+                pending.append(eb)
+                if eb.loaded.last:
+                    self._commit(pending)
+                    pending = []
+        except BaseException as e:
+            self.error = e
+            while True:  # drain so the producer never blocks
+                try:
+                    if isinstance(self.q.get(timeout=1.0), _Stop):
+                        return
+                except queue.Empty:
+                    return
+        finally:
+            self.bar.close()
+
+    def _commit(self, batches: list[EncodedBatch]) -> None:
+        unit = batches[0].loaded.unit
+        cols: dict[str, list] = {k: [] for k in ("index", "source_id", "prompt", "content_hash", "latent",
+                                                 "text_tokens", "text_mask", "text_pooled")}
+        for name in self.reward_names:
+            cols[st.reward_column(name)] = []
+        reject_log: list[dict[str, Any]] = []
+        for eb in batches:
+            lb = eb.loaded
+            reject_log += lb.rejects
+            if not lb.indices:
+                continue
+            t0 = time.perf_counter()
+            if eb.event is not None:
+                eb.event.synchronize()
+            scores = {}
+            keep = np.ones(len(lb.indices), dtype=bool)
+            for name in self.reward_names:
+                res = eb.rewards[name]
+                s, fails = res.result() if isinstance(res, Future) else finish_scores(name, *res)
+                scores[name] = s
+                for row, reason, msg in fails:
+                    reject_log.append({"index": lb.indices[row], "source_id": lb.source_ids[row], "reason": reason,
+                                       "message": msg, "action": "skipped" if self.on_reward_error == "skip"
+                                       else "stored_nan"})
+                    if self.on_reward_error == "skip":
+                        keep[row] = False
+            self.wait_s += time.perf_counter() - t0
+            rows = np.flatnonzero(keep)
+            cols["index"] += [lb.indices[i] for i in rows]
+            cols["source_id"] += [lb.source_ids[i] for i in rows]
+            cols["prompt"] += [lb.prompts[i] for i in rows]
+            cols["content_hash"] += [lb.hashes[i] for i in rows]
+            cols["latent"].append(eb.latents.numpy()[rows])
+            cols["text_tokens"].append(eb.tokens.numpy()[rows])
+            cols["text_mask"].append(eb.mask.numpy()[rows])
+            cols["text_pooled"].append(eb.pooled.numpy()[rows])
+            for name in self.reward_names:
+                cols[st.reward_column(name)].append(scores[name][rows])
+            if self.latent_shape is None:
+                self.latent_shape = list(eb.latents.shape[1:])
+            if self.pixel_shape is None and lb.pixels is not None:
+                self.pixel_shape = list(lb.pixels.shape[1:])
+        n = len(cols["index"])
+        h = self.header
+        L, D = h["text_shape"]
+        latent_shape = tuple(self.latent_shape) if self.latent_shape else (1,)
+        for k, shape, dt in (("latent", latent_shape, st.NP_DTYPES[h["latent_dtype"]]),
+                             ("text_tokens", (L, D), st.NP_DTYPES[h["text_dtype"]]),
+                             ("text_mask", (L,), np.uint8), ("text_pooled", (D,), st.NP_DTYPES[h["text_dtype"]])):
+            cols[k] = np.concatenate(cols[k]) if cols[k] else np.zeros((0,) + shape, dt)
+        for name in self.reward_names:
+            c = st.reward_column(name)
+            cols[c] = np.concatenate(cols[c]) if cols[c] else np.zeros(0, np.float32)
+        schema = st.make_schema(latent_shape, h["latent_dtype"], (L, D), h["text_dtype"], self.reward_names)
+        table = st.records_to_table(cols, schema)
+        rejects: dict[str, int] = {}
+        missing: dict[str, int] = {}
+        for r in reject_log:
+            rejects[r["reason"]] = rejects.get(r["reason"], 0) + 1
+        for name in self.reward_names:
+            missing[name] = int(np.isnan(cols[st.reward_column(name)]).sum())
+        name = st.shard_name(unit[0], unit[1], self.rank)
+        meta = {"start": unit[0], "end": unit[1], "rank": self.rank, "num_records": n, "rejects": rejects,
+                "reject_log": reject_log, "missing_rewards": missing, "latent_shape": self.latent_shape,
+                "pixel_shape": self.pixel_shape}
+        # 1. shard: temp + fsync + rename
+        info = st.write_shard_file(self.root / st.SHARD_DIR / name, table, meta)
+        entry = {**meta, "file": name, **info}
+        self.committed.append(entry)
+        # 2. this rank's journal; 3. rank 0 folds every journal into the manifest
+        from lrm.io import write_json
+
+        write_json(st.journal_path(self.root, self.rank), {"rank": self.rank, "shards": self.committed})
+        if self.is_rank0:
+            m = st.read_manifest(self.root)
+            m["shards"] = st.merge_shard_entries(m["shards"], st.read_journals(self.root))
+            _fill_shapes(m)
+            m["counts"] = st.summarize_counts(m)
+            st.write_manifest(self.root, m)
+        self.records += n
+        self.bar.update(unit[1] - unit[0])
+
+
+def build_cache(cfg: BuildCacheConfig, *, source: Callable | PixelSource | GeneratorSource | None = None,
+                rewards: list[Any] | None = None, vae: VAE | None = None, text_encoder: TextEncoder | None = None,
+                rank: int | None = None, world_size: int | None = None, finalize: bool = True) -> dict[str, Any]:
+    """Build (or resume / extend) the cache in ``cfg.out_dir``; returns a summary with the manifest and speed.
+
+    ``source``: a source object or a generator callable ``fn(n, seed) -> (latents, prompts)`` (overrides
+    ``cfg.source``'s object, not its settings). ``rewards``: reward objects (default: ``cfg.rewards`` through
+    ``reward_adapters.create_reward``). ``rank``/``world_size`` simulate one rank of a multi-process build
+    (call ``finalize_cache`` after the last one); by default they come from ``accelerate`` when launched so.
+    """
+    t_start = time.perf_counter()
+    root = Path(cfg.out_dir)
+    rank, world, dist_device, barrier = _dist_info(rank, world_size)
+    device = dist_device if dist_device is not None else resolve_device(cfg.device)
+
+    # 1. objects
+    if isinstance(source, (PixelSource, GeneratorSource)):
+        src = source
+    else:
+        src = make_source(cfg.source, generator=source)
+    if isinstance(src, GeneratorSource) and src.is_video is None:
+        pass  # learnt from the first batch's latent rank
+    vae = vae if vae is not None else load_vae(cfg.vae, cfg.vae_subfolder, device, cfg.vae_bf16)
+    te = text_encoder if text_encoder is not None else TextEncoder(cfg.text_encoder, cfg.text_max_length,
+                                                                   device=device)
+    reward_objs = list(rewards) if rewards is not None else resolve_rewards(cfg.rewards, device)
+    names = [r.name for r in reward_objs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two rewards share a name: {names}")
+    if src.is_video is not None:
+        for r in reward_objs:
+            check_reward_modality(r, src.is_video)
+    num_records = cfg.source.num_samples or (src.num_records or 0)
+    if src.num_records is not None:
+        if cfg.source.num_samples > src.num_records:
+            raise ValueError(f"source.num_samples={cfg.source.num_samples} but the source holds only "
+                             f"{src.num_records} records")
+        num_records = num_records or src.num_records
+    header = _header(cfg, src, vae.latent_space, te.identity(), reward_objs, (te.max_length, te.dim))
+
+    # 2. create / check / recover the directory (rank 0), then everyone reads the manifest
+    if rank == 0:
+        if st.manifest_path(root).exists() or (root / st.SHARD_DIR).exists():
+            if cfg.overwrite:
+                for sub in (st.SHARD_DIR, st.JOURNAL_DIR, st.REWARD_DIR):
+                    shutil.rmtree(root / sub, ignore_errors=True)
+                for f in (st.MANIFEST, st.REJECTS):
+                    (root / f).unlink(missing_ok=True)
+            elif not cfg.resume:
+                raise st.CacheError(f"{root} already holds a cache; pass --resume true to continue or extend it, "
+                                    "or --overwrite true to delete it, or choose another out_dir")
+        if st.manifest_path(root).exists():
+            manifest = st.read_manifest(root)
+            check_resume_compatible(manifest, header, root)
+            manifest = recover(root, manifest)
+        else:
+            manifest = header
+        manifest["num_records_planned"] = max(num_records, manifest.get("num_records_planned") or 0)
+        manifest["toolkit_version"] = lrm.__version__
+        manifest["complete"] = False
+        (root / st.SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        st.write_manifest(root, manifest)
+    barrier()
+    manifest = st.read_manifest(root)
+    if rank != 0:
+        check_resume_compatible(manifest, header, root)
+    header.update({k: manifest.get(k) for k in ("latent_shape", "pixel_shape")})
+    units = st.missing_units(manifest["shards"], num_records, cfg.shard_size)[rank::world]
+    todo = sum(b - a for a, b in units)
+    log.info("cache %s: %d records planned, %d committed, rank %d/%d builds %d in %d shards (batch %d, %s)",
+             root, num_records, manifest["counts"].get("records", 0) if manifest.get("counts") else 0, rank, world,
+             todo, len(units), cfg.batch_size, device)
+
+    # 3. the three stages
+    cuda = device.type == "cuda"
+    loader = _Loader(src, units, cfg.batch_size, cfg.num_workers, cfg.prefetch_batches, manifest.get("pixel_shape"),
+                     pin=cuda)
+    writer = _Writer(root, rank, header, names, cfg.on_reward_error, todo, cfg.progress, rank == 0, world)
+    cpu_pool = ThreadPoolExecutor(2, thread_name_prefix="lrm-cache-cpu-reward")
+    copy_stream = torch.cuda.Stream(device) if cuda else None
+    ldt = st.NP_DTYPES[cfg.latent_dtype]
+    tdt = st.NP_DTYPES[cfg.text_dtype]
+    gpu_s = wait_s = 0.0
+    loader.start()
+    writer.start()
+    try:
+        while True:
+            t0 = time.perf_counter()
+            lb = loader.q.get()
+            wait_s += time.perf_counter() - t0
+            if isinstance(lb, _Stop):
+                break
+            if writer.error is not None:
+                raise writer.error
+            t0 = time.perf_counter()
+            eb = EncodedBatch(loaded=lb)
+            if lb.indices:
+                _gpu_stage(eb, vae, te, reward_objs, device, cfg, ldt, tdt, cpu_pool, copy_stream)
+            gpu_s += time.perf_counter() - t0
+            writer.q.put(eb)
+        if loader.error is not None:
+            raise loader.error
+    finally:
+        loader.stop_flag.set()
+        writer.q.put(_Stop())
+        writer.join()
+        cpu_pool.shutdown(wait=True)
+    if writer.error is not None:
+        raise writer.error
+    barrier()
+    if rank == 0 and finalize:
+        manifest = finalize_cache(root)
+    else:
+        manifest = st.read_manifest(root)
+    elapsed = time.perf_counter() - t_start
+    return {"manifest": manifest, "records_written": writer.records, "indices_processed": todo,
+            "seconds": elapsed, "records_per_s": writer.records / max(elapsed, 1e-9), "gpu_stage_s": gpu_s,
+            "loader_wait_s": wait_s, "writer_wait_s": writer.wait_s, "rank": rank, "world_size": world}
+
+
+def _gpu_stage(eb: EncodedBatch, vae: VAE, te: TextEncoder, rewards: list[Any], device: torch.device,
+               cfg: BuildCacheConfig, ldt, tdt, cpu_pool: ThreadPoolExecutor, copy_stream) -> None:
+    lb = eb.loaded
+    with torch.no_grad():
+        if lb.latents is not None:  # generator: latents given, pixels decoded
+            z = lb.latents.to(device, torch.float32)  # (B, C, h, w) / (B, T, C, h, w)
+            vae.latent_space.check_latents(z, "generator latents")
+            pixels = vae.decode(z, clamp=True)
+        else:
+            pixels = lb.pixels.to(device, non_blocking=True)
+            z = encode_pixels(vae, pixels, cfg.sample_latents)
+        emb = te(lb.prompts)
+        cpu_pixels = None
+        for r in rewards:
+            rdev = _reward_device(r, device)
+            if rdev.type == "cpu" and device.type != "cpu":
+                if cpu_pixels is None:
+                    cpu_pixels = lb.pixels if lb.pixels is not None else pixels.cpu()
+                eb.rewards[r.name] = cpu_pool.submit(_cpu_score, r, cpu_pixels, lb.prompts)
+            else:
+                eb.rewards[r.name] = score_reward(r, pixels if rdev == pixels.device else pixels.to(rdev), lb.prompts)
+        gpu_scores = {k: v[0] for k, v in eb.rewards.items() if not isinstance(v, Future)}
+        outs = {"latents": z.to(_torch_dtype(ldt)), "tokens": emb.tokens.to(_torch_dtype(tdt)),
+                "mask": emb.mask.to(torch.uint8), "pooled": emb.pooled.to(_torch_dtype(tdt))}
+        if copy_stream is not None:
+            copy_stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(copy_stream):
+                for k, v in outs.items():
+                    v.record_stream(copy_stream)
+                    setattr(eb, k, v.to("cpu", non_blocking=True))
+                for k, v in gpu_scores.items():
+                    if v.device.type == "cuda":
+                        v.record_stream(copy_stream)
+                    eb.rewards[k] = (v.to("cpu", non_blocking=True), eb.rewards[k][1])
+                ev = torch.cuda.Event()
+                ev.record(copy_stream)
+            eb.event = ev
+        else:
+            for k, v in outs.items():
+                setattr(eb, k, v.cpu())
+            for k, v in gpu_scores.items():
+                eb.rewards[k] = (v.cpu(), eb.rewards[k][1])
+
+
+def _torch_dtype(np_dtype) -> torch.dtype:
+    return {np.float16: torch.float16, np.float32: torch.float32}[np_dtype]
+
+
+def planned_shards(num_records: int, shard_size: int) -> int:
+    return math.ceil(num_records / shard_size)

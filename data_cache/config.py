@@ -1,0 +1,106 @@
+"""Dataclass configs of the cache commands (``lrm cache build / add-reward / verify / stats``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lrm.config import ConfigError, opt
+
+SOURCE_TYPES = ("shapes", "dataset", "folder", "generator")
+
+
+@dataclass
+class SourceConfig:
+    type: Literal["shapes", "dataset", "folder", "generator"] = opt("shapes", "where records come from")
+    num_samples: int = opt(1024, "records to build (source indices 0..N-1); 0 = the whole dataset/folder")
+    seed: int = opt(0, "shapes world seed / generator base seed")
+    image_size: int = opt(32, "shapes: image size in pixels (32 or 64)")
+    num_frames: int = opt(0, "shapes: 0 for images, else frames per video; dataset/folder videos: frames kept "
+                             "(evenly spaced), 0 = all")
+    path: str = opt("", "dataset: save_to_disk directory or hub name; folder: the folder")
+    split: str = opt("train", "dataset split")
+    image_column: str = opt("image", "dataset column with the image or video")
+    caption_column: str = opt("caption", "dataset / captions-file column with the caption")
+    captions_file: str = opt("captions.csv", "folder: CSV or JSONL captions file (relative to the folder)")
+    file_column: str = opt("file", "folder: captions-file column with the file name")
+    video: bool = opt(False, "dataset/folder: records are videos")
+    resize: list[int] = opt([], "dataset/folder: resize every frame to [H, W] (empty = keep; then sizes must match)")
+    convert_rgb: bool = opt(False, "dataset/folder: convert grayscale/RGBA to RGB instead of rejecting the record")
+    generator: str = opt("", "generator: 'package.module:function' with fn(n, seed) -> (latents, prompts)")
+
+    def __post_init__(self):
+        if self.num_samples < 0:
+            raise ConfigError(f"source.num_samples must be >= 0, got {self.num_samples}")
+        if self.type in ("shapes", "generator") and self.num_samples == 0:
+            raise ConfigError(f"source.num_samples must be > 0 for a {self.type} source (it is unbounded)")
+        if self.type in ("dataset", "folder") and not self.path:
+            raise ConfigError(f"source.path is required for a {self.type} source")
+        if self.resize and len(self.resize) != 2:
+            raise ConfigError(f"source.resize must be [H, W], got {self.resize}")
+        if self.num_frames < 0:
+            raise ConfigError(f"source.num_frames must be >= 0, got {self.num_frames}")
+
+
+@dataclass
+class BuildCacheConfig:
+    out_dir: str = opt("runs/cache", "cache directory")
+    source: SourceConfig = field(default_factory=SourceConfig, metadata={"help": "record source"})
+    vae: str = opt("shapes", "VAE: 'shapes' (built-in), a local AutoencoderKL directory or a hub id")
+    vae_subfolder: str = opt("", "subfolder of the VAE in its repo (e.g. 'vae' for a pipeline repo)")
+    text_encoder: str = opt("all-MiniLM-L6-v2", "text encoder name or path (lrm.text.TextEncoder)")
+    text_max_length: int = opt(32, "text tokens per prompt (padded/truncated)")
+    rewards: list[str] = opt([], "reward names (reward_adapters registry) scored on every record")
+    latent_dtype: Literal["float16", "float32"] = opt("float16", "storage dtype of latents")
+    text_dtype: Literal["float16", "float32"] = opt("float16", "storage dtype of text embeddings")
+    sample_latents: bool = opt(False, "store a posterior sample instead of the posterior mean")
+    batch_size: int = opt(64, "records per GPU batch (per process)")
+    shard_size: int = opt(1024, "source indices per shard (the unit of commit and resume)")
+    num_workers: int = opt(4, "loader threads decoding/reading records")
+    prefetch_batches: int = opt(4, "batches loaded ahead of the GPU")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N (multi-GPU: each accelerate process uses its own)")
+    vae_bf16: bool = opt(False, "run the VAE under bf16 autocast on CUDA (faster; latents differ slightly)")
+    on_reward_error: Literal["nan", "skip"] = opt("nan", "a reward that fails or returns NaN for a record: store "
+                                                         "NaN (missing) or skip the record")
+    resume: bool = opt(False, "continue an interrupted (or extend a finished) build in out_dir")
+    overwrite: bool = opt(False, "delete an existing cache in out_dir first")
+    progress: bool = opt(True, "show a progress bar")
+
+    def __post_init__(self):
+        for k in ("batch_size", "shard_size", "num_workers", "prefetch_batches", "text_max_length"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume and overwrite exclude each other: pick one")
+        if len(set(self.rewards)) != len(self.rewards):
+            raise ConfigError(f"rewards lists a name twice: {self.rewards}")
+
+
+@dataclass
+class AddRewardConfig:
+    cache_dir: str = opt("runs/cache", "cache directory")
+    reward: str = opt("", "reward name (reward_adapters registry)")
+    pixels_from: Literal["auto", "decode", "source"] = opt(
+        "auto", "pixels to score: decode the cached latents with the VAE, re-read the source, or auto (source when "
+                "it is still available and unchanged, else decode)")
+    vae: str = opt("", "VAE for decoding (default: the cache's VAE id; 'shapes' for the built-in one)")
+    vae_subfolder: str = opt("", "subfolder of the VAE in its repo")
+    batch_size: int = opt(64, "records per batch")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    progress: bool = opt(True, "show a progress bar")
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class VerifyConfig:
+    cache_dir: str = opt("runs/cache", "cache directory")
+    deep: bool = opt(True, "also parse every shard and check its rows against the manifest")
+
+
+@dataclass
+class StatsConfig:
+    cache_dir: str = opt("runs/cache", "cache directory")
+    out: str = opt("", "also write the statistics to this JSON file")

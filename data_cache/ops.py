@@ -1,0 +1,208 @@
+"""Operations on an existing cache: verify it, add a reward column, print statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from lrm.latent_space import VAE
+from lrm.run import get_logger, resolve_device
+
+from data_cache import storage as st
+from data_cache.build import _cpu_score, load_vae, reward_info, resolve_rewards
+from data_cache.config import AddRewardConfig, SourceConfig
+from data_cache.sources import Item
+
+log = get_logger("lrm.data_cache")
+
+
+# ---- verify ----------------------------------------------------------------------------------------------
+def verify_cache(root: str | Path, deep: bool = True) -> dict[str, Any]:
+    """Check every shard and reward file against the manifest (size, sha256, rows, index ranges, counts).
+
+    Returns ``{"ok", "problems", "warnings", "records", "shards"}``; ``ok`` is False when any problem was found.
+    """
+    root = Path(root)
+    manifest = st.read_manifest(root)
+    problems: list[str] = []
+    warnings: list[str] = []
+    for e in manifest["shards"]:
+        problems += st.verify_shard_file(root / st.SHARD_DIR / e["file"], e, deep=deep)
+    try:
+        st.merge_shard_entries(manifest["shards"])
+    except st.CacheError as ex:
+        problems.append(str(ex))
+    shard_rows = {e["file"]: e["num_records"] for e in manifest["shards"]}
+    for name, entries in manifest.get("sidecars", {}).items():
+        for e in entries:
+            p = root / e["file"]
+            if not p.exists():
+                problems.append(f"reward file {e['file']} ({name}) is missing")
+                continue
+            digest = st.file_sha256(p)
+            if digest != e["sha256"]:
+                problems.append(f"reward file {e['file']} ({name}): sha256 {digest[:16]}... != {e['sha256'][:16]}... "
+                                "in the manifest (damaged or changed)")
+                continue
+            if e["num_records"] != shard_rows.get(e["shard"]):
+                problems.append(f"reward file {e['file']} has {e['num_records']} rows, shard {e['shard']} has "
+                                f"{shard_rows.get(e['shard'])}")
+    counts = st.summarize_counts(manifest)
+    if manifest.get("counts") and manifest["counts"].get("records") != counts["records"]:
+        problems.append(f"manifest counts {manifest['counts'].get('records')} records, its shards hold "
+                        f"{counts['records']}")
+    listed = {e["file"] for e in manifest["shards"]}
+    sd = root / st.SHARD_DIR
+    for p in sorted(sd.iterdir()) if sd.exists() else []:
+        if p.name not in listed:
+            warnings.append(f"{p.name} is not in the manifest (left by an interrupted build; `lrm cache build "
+                            "--resume true` adopts or deletes it)")
+    if not manifest.get("complete"):
+        warnings.append("the build is not complete (interrupted, or still running)")
+    return {"ok": not problems, "problems": problems, "warnings": warnings, "records": counts["records"],
+            "shards": len(manifest["shards"]), "rejects": counts["rejects"]}
+
+
+# ---- add a reward ------------------------------------------------------------------------------------------
+def _source_for(manifest: dict[str, Any]):
+    from data_cache.build import make_source
+
+    sc = manifest.get("source_config") or {}
+    if sc.get("type") == "generator":
+        raise ValueError("a generator source cannot be re-read; its pixels are decoded from the latents")
+    fields = {f.name for f in dataclasses.fields(SourceConfig)}
+    return make_source(SourceConfig(**{k: v for k, v in sc.items() if k in fields}))
+
+
+def add_reward(cfg: AddRewardConfig, reward: Any | None = None, vae: VAE | None = None) -> dict[str, Any]:
+    """Score every record of the cache in ``cfg.cache_dir`` with one more reward, without re-encoding.
+
+    Scores go to ``rewards/<name>/<shard>.arrow`` files beside the shards (append-only; the shards are
+    never rewritten). Resumable: an interrupted run continues with the shards not scored yet.
+    """
+    t0 = time.perf_counter()
+    root = Path(cfg.cache_dir)
+    manifest = st.read_manifest(root)
+    device = resolve_device(cfg.device)
+    if reward is None:
+        if not cfg.reward:
+            raise ValueError("name the reward to add: --reward NAME")
+        reward = resolve_rewards([cfg.reward], device)[0]
+    info = reward_info(reward)
+    name = reward.name
+    existing = manifest["rewards"].get(name)
+    if existing is not None and (existing.get("storage") != "sidecar" or existing["version"] != info["version"]):
+        raise st.CacheError(f"cache {root} already has reward {name!r} (version {existing['version']}); caches are "
+                            "append-only: register the new scorer under another name")
+    is_video = len(manifest["latent_shape"] or []) == 4
+    from data_cache.build import check_reward_modality
+
+    check_reward_modality(reward, is_video)
+
+    # 1. where pixels come from
+    source = None
+    mode = cfg.pixels_from
+    if mode in ("source", "auto"):
+        try:
+            source = _source_for(manifest)
+        except Exception as e:
+            if mode == "source":
+                raise ValueError(f"pixels_from=source but the source cannot be re-read ({e}); use "
+                                 "--pixels_from decode") from None
+            log.info("source not available (%s); decoding latents instead", e)
+            mode = "decode"
+        else:
+            mode = "source" if mode == "source" else "auto"
+    need_vae = mode in ("decode", "auto")
+    if need_vae and vae is None:
+        space = manifest["latent_space"]
+        vae = load_vae(cfg.vae or space["vae_id"], cfg.vae_subfolder, device)
+    if vae is not None:
+        from lrm.latent_space import LatentSpace
+
+        LatentSpace.from_dict(manifest["latent_space"]).check_compatible(vae.latent_space, what="the decoding VAE")
+    manifest["rewards"][name] = {**info, "column": st.reward_column(name), "storage": "sidecar",
+                                 "pixels_from": mode}
+    manifest.setdefault("sidecars", {}).setdefault(name, [])
+    st.write_manifest(root, manifest)
+
+    done = {e["shard"] for e in manifest["sidecars"][name]}
+    todo = [e for e in manifest["shards"] if e["file"] not in done]
+    L, D = manifest["text_shape"]
+    latent_shape = tuple(manifest["latent_shape"] or (1,))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(e["num_records"] for e in todo), desc=f"add-reward {name}", unit="rec",
+               disable=not cfg.progress, mininterval=1.0)
+    counts = {"source": 0, "decoded": 0}
+    for e in todo:
+        t = st.open_table(root / st.SHARD_DIR / e["file"])
+        idx = t.column("index").to_numpy()
+        prompts = t.column("prompt").to_pylist()
+        hashes = t.column("content_hash").to_pylist()
+        lat = st.fixed_list_numpy(t.column("latent"), latent_shape) if len(idx) else None
+        scores = np.full(len(idx), np.nan, np.float32)
+        reject_log: list[dict[str, Any]] = []
+        for a in range(0, len(idx), cfg.batch_size):
+            b = min(len(idx), a + cfg.batch_size)
+            pix = [None] * (b - a)
+            if source is not None:
+                for k in range(a, b):
+                    it = source.load(int(idx[k]))
+                    if isinstance(it, Item) and st.content_hash(np.round(it.pixels * 255).astype(np.uint8),
+                                                                text=it.prompt) == hashes[k]:
+                        pix[k - a] = torch.from_numpy(it.pixels)
+            missing = [k for k in range(b - a) if pix[k] is None]
+            if missing and mode == "source":
+                for k in missing:
+                    reject_log.append({"index": int(idx[a + k]), "reason": f"source_changed:{name}",
+                                       "message": "record unreadable or changed in the source", "action":
+                                       "stored_nan"})
+            elif missing:
+                z = torch.from_numpy(np.asarray(lat[a:b][missing], dtype=np.float32))
+                with torch.no_grad():
+                    dec = vae.decode(z.to(vae.device), clamp=True).cpu()
+                for j, k in enumerate(missing):
+                    pix[k] = dec[j]
+                counts["decoded"] += len(missing)
+            rows = [k for k in range(b - a) if pix[k] is not None]
+            counts["source"] += len(rows) - (len(missing) if mode != "source" else 0)
+            if not rows:
+                continue
+            batch = torch.stack([pix[k] for k in rows]).to(getattr(reward, "device", None) or device)
+            s, fails = _cpu_score(reward, batch, [prompts[a + k] for k in rows])
+            scores[[a + k for k in rows]] = s
+            for row, reason, msg in fails:
+                reject_log.append({"index": int(idx[a + rows[row]]), "reason": reason, "message": msg,
+                                   "action": "stored_nan"})
+            bar.update(b - a)
+        rel = f"{st.REWARD_DIR}/{st.safe_name(name)}/{Path(e['file']).stem}.arrow"
+        table = pa.table({"index": pa.array(idx, pa.int64()), st.reward_column(name): pa.array(scores, pa.float32())})
+        meta = {"shard": e["file"], "reward": name, "num_records": len(idx)}
+        info_f = st.write_shard_file(root / rel, table, meta)
+        manifest = st.read_manifest(root)
+        manifest["sidecars"][name].append({**meta, "file": rel, **info_f, "missing": int(np.isnan(scores).sum()),
+                                           "reject_log": reject_log})
+        manifest["counts"] = st.summarize_counts(manifest)
+        st.write_manifest(root, manifest)
+    bar.close()
+    st.rebuild_rejects_log(root, manifest)
+    return {"reward": name, "shards_scored": len(todo), "seconds": time.perf_counter() - t0,
+            "pixels": counts, "missing": manifest["counts"]["missing_rewards"].get(name, 0)}
+
+
+def cache_stats(root: str | Path) -> dict[str, Any]:
+    from data_cache.reader import LatentCache
+
+    cache = LatentCache.open(root)
+    m = cache.manifest
+    return {"records": len(cache), "complete": m.get("complete"), "latent_shape": m.get("latent_shape"),
+            "latent_dtype": m.get("latent_dtype"), "latent_space": cache.latent_space.short(),
+            "text_encoder": m["text_encoder"], "rejects": m["counts"].get("rejects", {}),
+            "distinct_prompts": len(set(cache.prompts)), "rewards": cache.stats()}
