@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "data_cache.cli",
     "latent_rewards.cli",
     "distill.cli",
+    "distill.finetune_cli",
     "eval.cli",
 ]
 
