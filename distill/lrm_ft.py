@@ -1,0 +1,85 @@
+"""Latent reward fine-tuning (DOLLAR Eq. 10-11, Alg. 1 lines 15-18).
+
+L_FT(theta) = -mean R^l(x_hat_theta, c), with x_hat_theta the student's one-step x0 prediction: no decoder and
+no pixel reward in the graph. The LRM is either frozen (a pretrained ``latent_rewards.LatentReward`` or any
+callable ``lrm(latents, text_tokens, text_mask) -> (B,)``) or trained concurrently (``ConcurrentLRM``) on the
+union of data latents and generated latents, regressing the pixel reward of their decodings (Eq. 10).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LatentRewardFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
+
+
+def lrm_ft_loss(lrm: LatentRewardFn, x_hat: torch.Tensor, text_tokens: torch.Tensor | None,
+                text_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 11: ``(-mean R^l(x_hat, c), rewards (B,) detached)``; the gradient flows through the LRM into x_hat."""
+    r = lrm(x_hat, text_tokens, text_mask)
+    if r.dim() != 1 or r.shape[0] != x_hat.shape[0]:
+        raise ValueError(f"the latent reward must return shape (B,) = ({x_hat.shape[0]},), got {tuple(r.shape)}")
+    r = r.float()
+    return -r.mean(), r.detach()
+
+
+class ConcurrentLRM:
+    """An LRM head trained alongside the student (Alg. 1 lines 15-17).
+
+    Args:
+        head: ``nn.Module`` called as ``head(latents, text_emb, text_mask)`` (text heads) or ``head(latents)``
+            (``text_conditioned=False``), returning ``(B,)`` (e.g. ``latent_rewards.create_lrm(...)``).
+        optimizer: optimizer over ``head``'s parameters.
+        pixel_reward: ``reward(pixels, prompts) -> (B,)``, pixels in [0, 1] (a ``reward_adapters`` reward).
+        vae: ``lrm.latent_space.VAE`` (``.decode(latents) -> pixels``) for the pixel reward targets.
+        text_conditioned: pass text to the head; default: ``head.needs_text`` if present, else True.
+    """
+
+    def __init__(self, head: nn.Module, optimizer: torch.optim.Optimizer, pixel_reward: Callable[..., torch.Tensor],
+                 vae: Any, text_conditioned: bool | None = None, max_grad_norm: float | None = 1.0):
+        self.head = head
+        self.optimizer = optimizer
+        self.pixel_reward = pixel_reward
+        self.vae = vae
+        self.text_conditioned = bool(getattr(head, "needs_text", True)) if text_conditioned is None \
+            else text_conditioned
+        self.max_grad_norm = max_grad_norm
+
+    def __call__(self, latents: torch.Tensor, text_tokens: torch.Tensor | None = None,
+                 text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.text_conditioned:
+            return self.head(latents, text_tokens, text_mask)
+        return self.head(latents)
+
+    @torch.no_grad()
+    def pixel_targets(self, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """R(Dec(x), c) for latents ``(B, ...)``: float32 ``(B,)`` on the latents' device."""
+        pixels = self.vae.decode(latents.float(), clamp=True)
+        r = self.pixel_reward(pixels, prompts)
+        return torch.as_tensor(r, dtype=torch.float32).to(latents.device).reshape(-1)
+
+    def loss(self, latents: torch.Tensor, text_tokens: torch.Tensor | None, text_mask: torch.Tensor | None,
+             prompts: list[str], targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Eq. 10: ``mean (R^l(x) - R(Dec(x), c))^2`` on detached latents."""
+        x = latents.detach().float()
+        if targets is None:
+            targets = self.pixel_targets(x, prompts)
+        pred = self(x, text_tokens, text_mask).float()
+        return F.mse_loss(pred, targets)
+
+    def step(self, latents: torch.Tensor, text_tokens: torch.Tensor | None, text_mask: torch.Tensor | None,
+             prompts: list[str]) -> float:
+        """One optimizer step on Eq. 10; clears gradients the FT loss may have left on the head first."""
+        self.head.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(latents, text_tokens, text_mask, prompts)
+        loss.backward()
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss)

@@ -1,0 +1,631 @@
+"""DOLLAR Alg. 1: distil a multi-step teacher into a k-step student with VSD + CD, plus latent reward fine-tuning.
+
+One training iteration (``DistillTrainer.train``):
+  1. ``generator_step()``  L_G = beta_VSD L_VSD + beta_CD L_CD + beta_FT L_FT, one optimizer step on theta
+     (the FT term uses the current LRM; Alg. 1 takes it as a separate step after the LRM update, which
+     costs a second student forward for the same gradient direction).
+  2. ``fake_score_step()`` x ``fake_updates`` (5): the fake score learns the student's distribution with the
+     teacher's objective; the first update reuses the generator step's samples, the others draw new ones.
+  3. ``lrm_step()`` (concurrent LRM only): Eq. 10 on data latents + generated latents (Alg. 1 lines 15-16).
+  4. EMA update of the CD target network theta^-; logs, checkpoints, sample grids.
+The student's x0 map is the consistency function f(x, t) = c_skip x + c_out x0_theta(x, t) (``distill.cd``);
+at the student's timesteps (>= 249) c_skip < 1e-6, so ``distill.samplers.student_sample`` gives the same samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from distill.cd import cd_distance, cd_inputs_and_target, consistency_output, ddim_grid
+from distill.denoiser import Denoiser
+from distill.ema import EMA
+from distill.lrm_ft import ConcurrentLRM, lrm_ft_loss
+from distill.samplers import STUDENT_TIMESTEPS
+from distill.vsd import backward_simulation, fake_score_loss, vsd_loss
+from lrm.checkpoint import find_checkpoint, load_training_state, save_training_state
+from lrm.config import ConfigError, opt
+from lrm.run import get_logger, prepare_run_dir, seed_everything
+
+LOG_COLUMNS = ["step", "loss_g", "loss_vsd", "loss_cd", "loss_ft", "lrm_reward", "loss_fake", "loss_lrm",
+               "grad_norm_g", "vsd_grad_norm", "lr", "sec_per_step"]
+
+
+@dataclass
+class DistillConfig:
+    # ---- run -------------------------------------------------------------------------------------------
+    run_dir: str = opt("runs/distill", "output directory: config.yaml, log.txt, log.csv, checkpoint/, samples/, "
+                                      "student/")
+    seed: int = opt(0, "random seed (per process: seed + process index)")
+    device: str = opt("auto", "'auto' (cuda if available), 'cuda', 'cuda:N' or 'cpu' (single process only)")
+    # ---- models and data (used by `lrm distill`; the Python API takes objects) ---------------------------
+    teacher: str = opt("shapes-image", "'shapes-image' / 'shapes-video' (the built-in world's teachers) or a "
+                                       "Denoiser directory written by Denoiser.save_pretrained")
+    vae: str = opt("shapes", "'shapes' (built-in VAE) or a diffusers AutoencoderKL path / hub id")
+    vae_subfolder: str | None = opt(None, "subfolder of the VAE inside a pipeline repo (e.g. 'vae')")
+    text_encoder: str = opt("all-MiniLM-L6-v2", "text encoder name or path (lrm.text.TextEncoder)")
+    data_cache: str | None = opt(None, "LatentCache directory with data latents + text; None: encode samples of the "
+                                       "Shapes world")
+    num_data: int = opt(2048, "Shapes world samples encoded as data latents (when data_cache is None)")
+    data_seed: int = opt(0, "ShapesWorld seed for the data latents")
+    num_frames: int = opt(16, "frames per video for the Shapes video world (teacher 'shapes-video')")
+    # ---- student ---------------------------------------------------------------------------------------
+    student_steps: int = opt(4, "student sampling steps k (1, 2 or 4 use DOLLAR's timesteps)")
+    student_timesteps: list[int] | None = opt(None, "custom student timesteps (overrides student_steps), e.g. "
+                                                    "[249, 499, 749, 999]")
+    parameterization: Literal["homogeneous", "heterogeneous"] = opt(
+        "homogeneous", "homogeneous: student predicts the teacher's quantity (conjugate v) and starts from it; "
+                       "heterogeneous: student predicts x0 directly (weights still copied from the teacher)")
+    # ---- which losses ------------------------------------------------------------------------------------
+    use_vsd: bool = opt(True, "variational score distillation (DMD2) in the generator loss")
+    use_cd: bool = opt(True, "consistency distillation (LCM, multi-step teacher) in the generator loss")
+    use_lrm_ft: bool = opt(False, "latent reward fine-tuning L_FT = -R^l(x_hat, c) (needs an LRM)")
+    beta_vsd: float = opt(1.0, "weight of L_VSD")
+    beta_cd: float = opt(0.5, "weight of L_CD (DOLLAR beta_CD)")
+    beta_ft: float = opt(1.0, "weight of L_FT (DOLLAR beta_FT), in 1 / reward units")
+    # ---- VSD -------------------------------------------------------------------------------------------
+    real_guidance: float = opt(3.5, "CFG scale of the real score (teacher), Imagen form uncond + s (cond - uncond)")
+    vsd_t_min: float = opt(0.02, "VSD/fake-score timesteps t ~ U[t_min T, t_max T]: lower end, fraction of T")
+    vsd_t_max: float = opt(0.98, "upper end of the VSD/fake-score timestep range, fraction of T")
+    fake_updates: int = opt(5, "fake-score optimizer steps per generator step (DMD2: 5)")
+    vsd_grad_dtype: Literal["float32", "float64"] = opt("float32", "precision of the normalised VSD gradient")
+    # ---- CD --------------------------------------------------------------------------------------------
+    cd_ddim_steps: int = opt(50, "N of the DDIM skip grid (step T / N = 20 timesteps)")
+    cd_teacher_steps: int = opt(5, "m teacher DDIM steps per CD target (1 = CD1, 5 = CD5)")
+    cd_guidance: float = opt(7.5, "CFG scale of the CD teacher, Imagen form")
+    cd_ema_decay: float = opt(0.95, "EMA decay of the CD target network theta^- (per generator step)")
+    cd_distance: Literal["huber", "l2"] = opt("huber", "CD distance: pseudo-Huber or L2")
+    huber_c: float = opt(1e-3, "pseudo-Huber constant c, latent units")
+    sigma_data: float = opt(0.5, "sigma_d of the boundary scalings")
+    timestep_scaling: float = opt(10.0, "LCM timestep scaling inside the boundary scalings")
+    # ---- LRM -------------------------------------------------------------------------------------------
+    lrm_mode: Literal["frozen", "concurrent"] = opt("frozen", "frozen: a pretrained LatentReward; concurrent: "
+                                                             "train a head on data + generated latents (Eq. 10)")
+    lrm_path: str | None = opt(None, "LatentReward directory (lrm_mode=frozen)")
+    lrm_head: str = opt("text-image-cnn", "latent_rewards head name (lrm_mode=concurrent)")
+    lrm_head_kwargs: dict = opt({}, "constructor overrides of the head, e.g. {patch: 2, width: 64}")
+    pixel_reward: str = opt("colorfulness", "reward_adapters name of the gold pixel reward (lrm_mode=concurrent)")
+    lr_lrm: float = opt(1e-4, "learning rate of the concurrent LRM head")
+    # ---- optimisation ----------------------------------------------------------------------------------
+    steps: int = opt(1000, "generator optimizer steps (iterations of Alg. 1)")
+    batch_size: int = opt(32, "samples per micro-batch, per process")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (DOLLAR: 7)")
+    lr_student: float = opt(5e-5, "generator learning rate (AdamW)")
+    lr_fake: float = opt(5e-5, "fake-score learning rate (AdamW)")
+    adam_beta1: float = opt(0.9, "AdamW beta1 (student and fake score)")
+    adam_beta2: float = opt(0.999, "AdamW beta2 (student and fake score)")
+    weight_decay: float = opt(0.0, "AdamW weight decay (student and fake score)")
+    max_grad_norm: float = opt(10.0, "gradient clipping (L2 norm) for student and fake score; 0 = off")
+    warmup_steps: int = opt(0, "linear learning-rate warm-up, in generator steps")
+    bf16: bool = opt(False, "bf16 autocast for network calls (CUDA only; losses and VSD gradient stay fp32)")
+    gradient_checkpointing: bool = opt(False, "activation checkpointing in the student and fake score")
+    # ---- logging ---------------------------------------------------------------------------------------
+    log_every: int = opt(10, "log to log.txt every N steps (log.csv gets every step)")
+    ckpt_every: int = opt(500, "save a resumable checkpoint every N steps (0 = only at the end)")
+    sample_every: int = opt(500, "save a sample grid every N steps (0 = only at the end)")
+    num_sample_prompts: int = opt(8, "prompts in the sample grid (the first data captions)")
+    samples_per_prompt: int = opt(4, "samples per prompt in the grid")
+    resume: bool = opt(True, "continue from run_dir/checkpoint when it exists")
+    tensorboard: bool = opt(True, "also log to TensorBoard (run_dir/tb) when tensorboard is installed")
+    progress: bool = opt(True, "tqdm progress bar")
+
+    def __post_init__(self) -> None:
+        if not (self.use_vsd or self.use_cd or self.use_lrm_ft):
+            raise ConfigError("all losses are off: set use_vsd, use_cd and/or use_lrm_ft to true")
+        if self.student_timesteps is None and self.student_steps not in STUDENT_TIMESTEPS:
+            raise ConfigError(f"student_steps={self.student_steps} has no default timesteps "
+                              f"({sorted(STUDENT_TIMESTEPS)}); pass student_timesteps explicitly")
+        for name in ("steps", "batch_size", "grad_accum", "cd_ddim_steps", "cd_teacher_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.fake_updates < 1 and self.use_vsd:
+            raise ConfigError(f"fake_updates must be >= 1 with use_vsd, got {self.fake_updates}")
+        if not 0.0 <= self.vsd_t_min < self.vsd_t_max <= 1.0:
+            raise ConfigError(f"need 0 <= vsd_t_min < vsd_t_max <= 1, got {self.vsd_t_min}, {self.vsd_t_max}")
+        if not 0.0 <= self.cd_ema_decay <= 1.0:
+            raise ConfigError(f"cd_ema_decay must be in [0, 1], got {self.cd_ema_decay}")
+
+    @property
+    def timesteps(self) -> list[int]:
+        """Student timesteps in sampling order (descending)."""
+        ts = self.student_timesteps if self.student_timesteps is not None else STUDENT_TIMESTEPS[self.student_steps]
+        return sorted((int(t) for t in ts), reverse=True)
+
+
+@dataclass
+class DistillData:
+    """Data latents + their captions: ``latents`` (N, C, h, w) or (N, T, C, h, w), ``text_tokens`` (N, L, D),
+    ``text_mask`` (N, L) bool, ``prompts`` (N strings)."""
+
+    latents: torch.Tensor
+    text_tokens: torch.Tensor
+    text_mask: torch.Tensor
+    prompts: list[str]
+
+    def __post_init__(self) -> None:
+        n = self.latents.shape[0]
+        if not (self.text_tokens.shape[0] == self.text_mask.shape[0] == len(self.prompts) == n):
+            raise ValueError(f"DistillData sizes differ: latents {n}, text_tokens {self.text_tokens.shape[0]}, "
+                             f"text_mask {self.text_mask.shape[0]}, prompts {len(self.prompts)}")
+        if self.latents.dim() not in (4, 5):
+            raise ValueError(f"latents must be (N, C, h, w) or (N, T, C, h, w), got {tuple(self.latents.shape)}")
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def to(self, device) -> "DistillData":
+        return DistillData(self.latents.to(device), self.text_tokens.to(device), self.text_mask.to(device).bool(),
+                           list(self.prompts))
+
+    def batch(self, idx: torch.Tensor) -> "DistillData":
+        idx_l = idx.tolist()
+        dev = self.latents.device
+        idx = idx.to(dev)
+        return DistillData(self.latents[idx], self.text_tokens[idx], self.text_mask[idx],
+                           [self.prompts[i] for i in idx_l])
+
+    @classmethod
+    def from_cache(cls, directory: str | Path, device: str | torch.device = "cpu") -> "DistillData":
+        """Data latents and text of a ``data_cache.LatentCache``."""
+        from data_cache import LatentCache
+
+        cache = LatentCache.open(directory)
+        t = cache.tensors(device=device)
+        return cls(t["latents"].float(), t["text_tokens"].float(), t["text_mask"].bool(), list(cache.prompts))
+
+    @classmethod
+    @torch.no_grad()
+    def from_shapes(cls, n: int, vae: Any, text_encoder: Any, num_frames: int | None = None, seed: int = 0,
+                    batch_size: int = 256, progress: bool = True) -> "DistillData":
+        """Encode ``n`` Shapes world samples (images, or videos with ``num_frames``) with the VAE."""
+        from tqdm.auto import tqdm
+
+        from shapes import ShapesWorld
+
+        world = ShapesWorld(num_frames=num_frames, seed=seed)
+        lat, toks, masks, prompts = [], [], [], []
+        for s in tqdm(range(0, n, batch_size), desc="encode data", disable=not progress):
+            pixels, captions, _ = world.batch(list(range(s, min(n, s + batch_size))))
+            lat.append(vae.encode(pixels.to(vae.device)).float().cpu())
+            emb = text_encoder(list(captions))
+            toks.append(emb.tokens.cpu())
+            masks.append(emb.mask.cpu())
+            prompts += list(captions)
+        return cls(torch.cat(lat), torch.cat(toks), torch.cat(masks), prompts)
+
+
+def _student_from_teacher(teacher: Denoiser, parameterization: str) -> Denoiser:
+    null = (teacher.null_tokens.detach().cpu(), teacher.null_mask.detach().cpu())
+    kind = teacher.parameterization if parameterization == "homogeneous" else "x0"
+    student = Denoiser(copy.deepcopy(teacher.model), teacher.schedule, kind, cfg_null=null)
+    return student.to(teacher.device).requires_grad_(True).train()
+
+
+class DistillTrainer:
+    """DOLLAR Alg. 1 on a ``Denoiser`` teacher.
+
+    Args:
+        config: ``DistillConfig``.
+        teacher: the frozen teacher ``Denoiser`` (its params get ``requires_grad=False``).
+        data: ``DistillData`` (data latents for CD and the concurrent LRM; captions for every loss).
+        lrm: for L_FT, a frozen latent reward callable ``lrm(latents, text_tokens, text_mask) -> (B,)``
+            (e.g. ``latent_rewards.LatentReward``) or a ``ConcurrentLRM`` (trained by ``lrm_step``).
+        vae: ``lrm.latent_space.VAE`` used to decode sample grids (optional).
+        accelerator: an ``accelerate.Accelerator``; one is made if None (single process, or DDP under
+            ``accelerate launch``).
+    """
+
+    def __init__(self, config: DistillConfig, teacher: Denoiser, data: DistillData, lrm: Any = None,
+                 vae: Any = None, accelerator: Any = None):
+        from accelerate import Accelerator
+
+        self.config = cfg = config
+        if accelerator is None:
+            accelerator = Accelerator(cpu=(cfg.device == "cpu"))
+        self.accelerator = acc = accelerator
+        self.device = acc.device if cfg.device in ("auto", "cpu") else torch.device(cfg.device)
+        if cfg.bf16 and self.device.type != "cuda":
+            raise ConfigError(f"bf16=true needs a CUDA device (got {self.device}); set bf16: false on CPU")
+        if cfg.use_lrm_ft and lrm is None:
+            raise ConfigError("use_lrm_ft=true needs an LRM: pass lrm= (a LatentReward or ConcurrentLRM), or set "
+                              "lrm_path / lrm_mode=concurrent for `lrm distill`")
+        self.logger = get_logger("lrm.distill")
+        seed_everything(cfg.seed + acc.process_index)
+
+        # Teacher (frozen), student and fake score (both initialised from the teacher), CD target (EMA).
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self.student = _student_from_teacher(self.teacher, cfg.parameterization)
+        self.fake = copy.deepcopy(self.teacher).requires_grad_(True).train() if cfg.use_vsd else None
+        self.target = EMA(self.student, cfg.cd_ema_decay) if cfg.use_cd else None
+        if cfg.gradient_checkpointing:
+            for m in (self.student, self.fake):
+                if m is None:
+                    continue
+                if not hasattr(m.model, "enable_gradient_checkpointing"):
+                    raise ConfigError(f"{type(m.model).__name__} has no enable_gradient_checkpointing(); "
+                                      "set gradient_checkpointing: false")
+                m.model.enable_gradient_checkpointing()
+        self.data = data.to(self.device)
+        self.latent_shape = tuple(self.data.latents.shape[1:])
+        self.lrm = lrm
+        self.concurrent = isinstance(lrm, ConcurrentLRM)
+        if self.lrm is not None and isinstance(self.lrm, nn.Module) and not self.concurrent:
+            self.lrm.to(self.device).eval().requires_grad_(False)
+        if self.concurrent:
+            self.lrm.head.to(self.device)
+        self.vae = vae
+        self.grid = ddim_grid(self.teacher.schedule.num_train_timesteps, cfg.cd_ddim_steps, device=self.device)
+        self.timesteps = cfg.timesteps
+
+        betas = (cfg.adam_beta1, cfg.adam_beta2)
+        self.opt_g = torch.optim.AdamW(self.student.model.parameters(), lr=cfg.lr_student, betas=betas,
+                                       weight_decay=cfg.weight_decay)
+        self.opt_f = torch.optim.AdamW(self.fake.model.parameters(), lr=cfg.lr_fake, betas=betas,
+                                       weight_decay=cfg.weight_decay) if self.fake is not None else None
+        if acc.num_processes > 1:  # DDP: gradients of the trained networks are all-reduced
+            self.student.model = acc.prepare_model(self.student.model)
+            if self.fake is not None:
+                self.fake.model = acc.prepare_model(self.fake.model)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self._last: list[tuple[DistillData, torch.Tensor]] = []  # (batch, x_hat) of the last generator step
+        self._csv_path = Path(cfg.run_dir) / "log.csv"
+        self._tb = None
+
+    # ---- small helpers ---------------------------------------------------------------------------------
+    def autocast(self):
+        if self.config.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _unwrap(self, m: nn.Module) -> nn.Module:
+        return self.accelerator.unwrap_model(m)
+
+    def _set_lr(self) -> float:
+        cfg = self.config
+        scale = min(1.0, (self.step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+        for g in self.opt_g.param_groups:
+            g["lr"] = cfg.lr_student * scale
+        if self.opt_f is not None:
+            for g in self.opt_f.param_groups:
+                g["lr"] = cfg.lr_fake * scale
+        return cfg.lr_student * scale
+
+    def sample_batch(self) -> DistillData:
+        idx = torch.randint(len(self.data), (self.config.batch_size,))
+        return self.data.batch(idx)
+
+    def student_x0(self, x_t: torch.Tensor, t: torch.Tensor, text_tokens: torch.Tensor,
+                   text_mask: torch.Tensor | None) -> torch.Tensor:
+        """The student's consistency function f_theta(x_t, t) (fp32 output)."""
+        with self.autocast():
+            x0 = self.student.x0(x_t, t, text_tokens, text_mask)
+        return consistency_output(x_t, x0.float(), t, self.config.sigma_data, self.config.timestep_scaling)
+
+    def _graded_input(self, batch: DistillData) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward simulation: noise -> the input of the graded student step (a random step of k)."""
+        B = batch.latents.shape[0]
+        noise = torch.randn((B, *self.latent_shape), device=self.device)
+        k = int(torch.randint(len(self.timesteps), (1,))) if len(self.timesteps) > 1 else 0
+        return backward_simulation(lambda x, t: self.student_x0(x, t, batch.text_tokens, batch.text_mask),
+                                   noise, self.timesteps, self.teacher.schedule, k)
+
+    @torch.no_grad()
+    def generate(self, batch: DistillData) -> torch.Tensor:
+        """Student samples for ``batch``'s captions as the fake score sees them (backward simulation)."""
+        x, t = self._graded_input(batch)
+        return self.student_x0(x, t, batch.text_tokens, batch.text_mask)
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor | None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """k-step student sampling from ``noise`` (x0 latents)."""
+        was = self.student.training
+        self.student.eval()
+        x = noise
+        x0 = noise
+        for i, t in enumerate(self.timesteps):
+            tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            x0 = self.student_x0(x, tt, text_tokens, text_mask)
+            if i + 1 < len(self.timesteps):
+                eps = torch.randn(x0.shape, device=x0.device) if generator is None else \
+                    torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+                x = self.teacher.schedule.add_noise(x0, eps, self.timesteps[i + 1])
+        self.student.train(was)
+        return x0
+
+    # ---- Alg. 1 steps ----------------------------------------------------------------------------------
+    def generator_step(self) -> dict[str, float]:
+        """Lines 8-10 (+18): one optimizer step of the student on beta_VSD L_VSD + beta_CD L_CD + beta_FT L_FT."""
+        cfg, acc = self.config, self.accelerator
+        self._set_lr()
+        self.student.train()
+        self.opt_g.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        self._last = []
+        need_x_hat = cfg.use_vsd or cfg.use_lrm_ft or self.concurrent
+        grad_dtype = torch.float64 if cfg.vsd_grad_dtype == "float64" else torch.float32
+        for micro in range(cfg.grad_accum):
+            batch = self.sample_batch()
+            tok, mask = batch.text_tokens, batch.text_mask
+            B, L = tok.shape[:2]
+            null_t, null_m = self.teacher.null_text(B, L)
+            xs, ts = [], []
+            if need_x_hat:
+                x_k, t_k = self._graded_input(batch)
+                xs.append(x_k)
+                ts.append(t_k)
+            if cfg.use_cd:
+                target_net = self.target.shadow
+                x_s, t_s, cd_target = cd_inputs_and_target(
+                    batch.latents, self.teacher, lambda x, t: target_net.x0(x, t, tok, mask), tok, mask, null_t,
+                    null_m, self.grid, cfg.cd_teacher_steps, cfg.cd_guidance, cfg.sigma_data, cfg.timestep_scaling,
+                    autocast=self.autocast)
+                xs.append(x_s)
+                ts.append(t_s)
+            n = len(xs)
+            # One graded student call for the VSD/FT sample and the CD prediction.
+            sync = nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(self.student.model)
+            with sync:
+                f = self.student_x0(torch.cat(xs), torch.cat(ts), tok.repeat(n, *[1] * (tok.dim() - 1)),
+                                    mask.repeat(n, 1))
+                parts = f.split(B)
+                loss = torch.zeros((), device=self.device)
+                logs: dict[str, float] = {}
+                if need_x_hat:
+                    x_hat = parts[0]
+                    self._last.append((batch, x_hat.detach()))
+                if cfg.use_vsd:
+                    l_vsd, info = vsd_loss(x_hat, self.teacher, self.fake, tok, mask, null_t, null_m,
+                                           cfg.real_guidance, min_frac=cfg.vsd_t_min, max_frac=cfg.vsd_t_max,
+                                           grad_dtype=grad_dtype, autocast=self.autocast)
+                    loss = loss + cfg.beta_vsd * l_vsd
+                    logs["loss_vsd"] = float(l_vsd.detach())
+                    logs["vsd_grad_norm"] = info["vsd_grad_norm"]
+                if cfg.use_cd:
+                    l_cd = cd_distance(parts[-1], cd_target, cfg.cd_distance, cfg.huber_c)
+                    loss = loss + cfg.beta_cd * l_cd
+                    logs["loss_cd"] = float(l_cd.detach())
+                if cfg.use_lrm_ft:
+                    l_ft, r = lrm_ft_loss(self.lrm, x_hat, tok, mask)
+                    loss = loss + cfg.beta_ft * l_ft
+                    logs["loss_ft"] = float(l_ft.detach())
+                    logs["lrm_reward"] = float(r.mean())
+                logs["loss_g"] = float(loss.detach())
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"generator loss is {float(loss)} at step {self.step} ({logs}); lower "
+                                             "lr_student, or use vsd_grad_dtype=float64 / bf16=false")
+                acc.backward(loss / cfg.grad_accum)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+        params = self.student.model.parameters()
+        gn = acc.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else \
+            torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        self.opt_g.step()
+        self.opt_g.zero_grad(set_to_none=True)
+        if self.target is not None:
+            self.target.update(self._unwrap_denoiser(self.student))
+        sums["grad_norm_g"] = float(gn)
+        return sums
+
+    def _unwrap_denoiser(self, d: Denoiser) -> Denoiser:
+        if self.accelerator.num_processes == 1:
+            return d
+        view = copy.copy(d)  # shallow: same parameters, plain module (matches the EMA copy's names)
+        view._modules = dict(d._modules)
+        view._modules["model"] = self._unwrap(d.model)
+        return view
+
+    def fake_score_step(self, reuse_last: bool = True) -> float:
+        """Lines 12-13: one optimizer step of the fake score on the teacher objective at sg(x_hat)."""
+        cfg, acc = self.config, self.accelerator
+        if self.fake is None:
+            raise RuntimeError("fake_score_step needs use_vsd=true")
+        self.fake.train()
+        self.opt_f.zero_grad(set_to_none=True)
+        pairs = list(self._last) if (reuse_last and self._last) else []
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            if micro < len(pairs):
+                batch, x_hat = pairs[micro]
+            else:
+                batch = self.sample_batch()
+                x_hat = self.generate(batch)
+            sync = nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(self.fake.model)
+            with sync:
+                loss = fake_score_loss(self.fake, x_hat, batch.text_tokens, batch.text_mask, min_frac=cfg.vsd_t_min,
+                                       max_frac=cfg.vsd_t_max, autocast=self.autocast)
+                acc.backward(loss / cfg.grad_accum)
+            total += float(loss.detach()) / cfg.grad_accum
+        if cfg.max_grad_norm > 0:
+            acc.clip_grad_norm_(self.fake.model.parameters(), cfg.max_grad_norm)
+        self.opt_f.step()
+        self.opt_f.zero_grad(set_to_none=True)
+        return total
+
+    def lrm_step(self) -> float:
+        """Lines 15-16: one step of the concurrent LRM on data latents | generated latents (Eq. 10)."""
+        if not self.concurrent:
+            raise RuntimeError("lrm_step needs a ConcurrentLRM (lrm_mode=concurrent)")
+        if not self._last:
+            self._last = [(b, self.generate(b)) for b in [self.sample_batch()]]
+        lat = torch.cat([torch.cat([b.latents, x]) for b, x in self._last])
+        tok = torch.cat([torch.cat([b.text_tokens, b.text_tokens]) for b, _ in self._last])
+        mask = torch.cat([torch.cat([b.text_mask, b.text_mask]) for b, _ in self._last])
+        prompts = [p for b, _ in self._last for p in (b.prompts + b.prompts)]
+        return self.lrm.step(lat, tok, mask, prompts)
+
+    def train_step(self) -> dict[str, float]:
+        """One iteration of Alg. 1 (generator, fake score x fake_updates, concurrent LRM)."""
+        t0 = time.perf_counter()
+        row = self.generator_step()
+        if self.config.use_vsd:
+            fl = [self.fake_score_step(reuse_last=(i == 0)) for i in range(self.config.fake_updates)]
+            row["loss_fake"] = sum(fl) / len(fl)
+        if self.concurrent:
+            row["loss_lrm"] = self.lrm_step()
+        self.step += 1
+        row["step"] = self.step
+        row["lr"] = self.opt_g.param_groups[0]["lr"]
+        row["sec_per_step"] = time.perf_counter() - t0
+        self.history.append(row)
+        return row
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    def _state(self) -> tuple[dict[str, nn.Module], dict[str, torch.optim.Optimizer]]:
+        modules: dict[str, nn.Module] = {"student": self._unwrap(self.student.model)}
+        optims: dict[str, torch.optim.Optimizer] = {"student": self.opt_g}
+        if self.fake is not None:
+            modules["fake"] = self._unwrap(self.fake.model)
+            optims["fake"] = self.opt_f
+        if self.target is not None:
+            modules["target"] = self.target.shadow.model
+        if self.concurrent:
+            modules["lrm_head"] = self.lrm.head
+            optims["lrm"] = self.lrm.optimizer
+        return modules, optims
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.config.run_dir) / "checkpoint"
+
+    def save_checkpoint(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        modules, optims = self._state()
+        return save_training_state(self.checkpoint_dir, self.step, modules=modules, optimizers=optims,
+                                   extra={"config": dataclasses.asdict(self.config)})
+
+    def load_checkpoint(self, directory: str | Path | None = None) -> int:
+        """Restore models, optimizers, step and RNG; returns the step."""
+        modules, optims = self._state()
+        st = load_training_state(directory or self.checkpoint_dir, modules=modules, optimizers=optims,
+                                 map_location=self.device)
+        if self.accelerator.num_processes > 1:  # each process continues its own stream
+            seed_everything(self.config.seed + self.accelerator.process_index + 1000003 * st["step"])
+        self.step = int(st["step"])
+        return self.step
+
+    # ---- logging and samples ----------------------------------------------------------------------------
+    def _open_logs(self, resumed: bool) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        rows = []
+        if resumed and self._csv_path.exists():
+            with open(self._csv_path) as fh:
+                rows = [r for r in csv.DictReader(fh) if r.get("step") and int(r["step"]) <= self.step]
+        with open(self._csv_path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=LOG_COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+        if self.config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(self.config.run_dir) / "tb"))
+            except ImportError:
+                self._tb = None
+
+    def _log_row(self, row: dict[str, float]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self._csv_path, "a", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=LOG_COLUMNS).writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self._tb.add_scalar(f"distill/{k}", v, row["step"])
+
+    @torch.no_grad()
+    def save_samples(self, tag: str | None = None) -> Path | None:
+        """Grid of student samples (decoded with the VAE) for the first prompts; fixed noise per run."""
+        cfg = self.config
+        if self.vae is None or not self.accelerator.is_main_process:
+            return None
+        from shapes.grid import save_gif, save_grid, save_video_strip
+
+        P, S = min(cfg.num_sample_prompts, len(self.data)), cfg.samples_per_prompt
+        idx = torch.arange(P).repeat_interleave(S)
+        batch = self.data.batch(idx)
+        g = torch.Generator().manual_seed(cfg.seed)
+        noise = torch.randn((len(idx), *self.latent_shape), generator=g).to(self.device)
+        x0 = self.sample(noise, batch.text_tokens, batch.text_mask, generator=g)
+        pixels = self.vae.decode(x0.float()).cpu()
+        out = Path(cfg.run_dir) / "samples"
+        name = tag or f"step_{self.step:06d}"
+        if pixels.dim() == 5:
+            save_gif(pixels, out / f"{name}.gif", nrow=S)
+            return save_video_strip(pixels, out / f"{name}.png")
+        return save_grid(pixels, out / f"{name}.png", nrow=S, scale=2)
+
+    def save_student(self, directory: str | Path | None = None) -> Path:
+        """The student as a Denoiser directory + ``student.json`` (timesteps, boundary scalings)."""
+        from lrm.io import write_json
+
+        directory = Path(directory or Path(self.config.run_dir) / "student")
+        if self.accelerator.is_main_process:
+            self._unwrap_denoiser(self.student).save_pretrained(directory)
+            write_json(directory / "student.json", {
+                "timesteps": self.timesteps, "parameterization": self.student.parameterization,
+                "consistency_function": {"sigma_data": self.config.sigma_data,
+                                         "timestep_scaling": self.config.timestep_scaling},
+                "step": self.step, "losses": {"vsd": self.config.use_vsd, "cd": self.config.use_cd,
+                                              "lrm_ft": self.config.use_lrm_ft}})
+        return directory
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    def train(self, steps: int | None = None) -> list[dict[str, float]]:
+        """Run (or resume) until ``steps`` (default ``config.steps``) generator steps; returns the history."""
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.config, self.accelerator
+        total = steps if steps is not None else cfg.steps
+        if acc.is_main_process:
+            prepare_run_dir(cfg.run_dir, cfg, logger_name="lrm.distill")
+        resumed = False
+        if cfg.resume and find_checkpoint(self.checkpoint_dir) is not None:
+            self.load_checkpoint()
+            resumed = True
+            self.logger.info("resumed from %s at step %d", self.checkpoint_dir, self.step)
+        self._open_logs(resumed)
+        eff = cfg.batch_size * cfg.grad_accum * acc.num_processes
+        self.logger.info(
+            "distill: %d generator steps x effective batch %d (%d per process x %d accum x %d processes); "
+            "student %d-step %s (%s); losses VSD=%s CD=%s (m=%d teacher steps, %d CFG calls each) FT=%s; %d fake "
+            "updates per generator step; run dir %s", total, eff, cfg.batch_size, cfg.grad_accum, acc.num_processes,
+            len(self.timesteps), self.timesteps, cfg.parameterization, cfg.use_vsd, cfg.use_cd, cfg.cd_teacher_steps,
+            2, cfg.use_lrm_ft, cfg.fake_updates if cfg.use_vsd else 0, cfg.run_dir)
+        bar = tqdm(total=total, initial=self.step, desc="distill", disable=not (cfg.progress and acc.is_main_process))
+        while self.step < total:
+            row = self.train_step()
+            self._log_row(row)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("loss")})
+            if self.step % max(cfg.log_every, 1) == 0:
+                self.logger.info("step %d: %s", self.step,
+                                 ", ".join(f"{k}={v:.5g}" for k, v in row.items() if k != "step"))
+            if cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0:
+                self.save_checkpoint()
+            if cfg.sample_every > 0 and self.step % cfg.sample_every == 0:
+                self.save_samples()
+        bar.close()
+        if cfg.ckpt_every == 0 or self.step % cfg.ckpt_every != 0:
+            self.save_checkpoint()
+        if cfg.sample_every == 0 or self.step % cfg.sample_every != 0:
+            self.save_samples()
+        if self._tb is not None:
+            self._tb.flush()
+        return self.history
+
+
+__all__ = ["DistillConfig", "DistillData", "DistillTrainer", "LOG_COLUMNS"]
