@@ -27,6 +27,19 @@ from eval.kl import smoothed_output_kl
 from eval.vendi import keyframe_diversity, keyframe_indices
 
 ATTRIBUTES = ("shape", "color", "count", "background", "position", "direction", "speed")
+# Score >= threshold counts as correct for reward_adapters' graded shapes-* scores: count scores 1/(1+|err|),
+# so only an exact count passes 0.75; direction scores 0.5 + 0.5 cos(angle), 0.75 = within 60 degrees.
+SHAPES_ACCURACY_THRESHOLDS = {"color": 0.5, "shape": 0.5, "count": 0.75, "position": 0.5, "direction": 0.75}
+
+
+def shapes_accuracy_rewards(video: bool = False, **options) -> dict[str, Callable]:
+    """Per-attribute Shapes rewards from reward_adapters ("shapes-color", ...) keyed by attribute name."""
+    try:
+        from reward_adapters import create_reward
+    except ImportError as e:
+        raise ImportError(f"Shapes attribute accuracy needs the reward_adapters package ({e})") from None
+    attrs = ["color", "shape", "count", "position"] + (["direction"] if video else [])
+    return {a: create_reward(f"shapes-{a}", **options) for a in attrs}
 
 
 # ---- generator protocol ------------------------------------------------------------------------------
@@ -172,7 +185,7 @@ def evaluate(
     text_encoder: Any = None,
     latent_shape: Sequence[int] = (4, 8, 8),
     accuracy_rewards: dict[str, Callable] | None = None,
-    accuracy_threshold: float = 0.5,
+    accuracy_threshold: float | dict[str, float] | None = None,
     diversity_features: Callable | None = None,
     keyframe_stride: int = 20,
     reference: Callable | None = None,
@@ -199,8 +212,10 @@ def evaluate(
         text_encoder: ``TextEncoder`` or callable prompts -> (tokens, mask); None for unconditional generators.
         latent_shape: per-sample noise shape, ``(C, h, w)`` or ``(T, C, h, w)``.
         accuracy_rewards: attribute (one of shapes.parse_caption's keys) -> reward scoring that attribute in
-            [0, 1]; a sample counts as correct when the score >= ``accuracy_threshold``. Only attributes the
-            prompt names are scored (others are NaN); ``acc/all`` = every named attribute correct.
+            [0, 1] (``shapes_accuracy_rewards()``); a sample counts as correct when the score >= the
+            attribute's threshold (``accuracy_threshold``: one float, a dict per attribute, or None for
+            ``SHAPES_ACCURACY_THRESHOLDS`` / 0.5). Only attributes the prompt names are scored (others are
+            NaN); ``acc/all`` = every named attribute correct.
         diversity_features: None = Vendi on raw pixels, else an embedding ``(n, 3, H, W) -> (n, D)``.
         keyframe_stride: DOLLAR Eq. 27 keyframe spacing for videos (every 20th frame).
         reference: optional reference generator; with it the per-sample smoothed-output KL (shared noise,
@@ -229,6 +244,12 @@ def evaluate(
     if decode is None:  # diversity is always measured on pixels (or on an embedding of them)
         raise ValueError("decode (a VAE or latents -> pixels callable) is required for gold rewards, accuracy and "
                          "diversity; pass decode=VAE.shapes() for the Shapes world")
+    if isinstance(accuracy_threshold, dict):
+        thresholds = {a: float(accuracy_threshold.get(a, 0.5)) for a in accuracy_rewards}
+    elif accuracy_threshold is None:
+        thresholds = {a: SHAPES_ACCURACY_THRESHOLDS.get(a, 0.5) for a in accuracy_rewards}
+    else:
+        thresholds = {a: float(accuracy_threshold) for a in accuracy_rewards}
     decode_fn = decode.decode if hasattr(decode, "decode") else decode
     device = torch.device(device)
 
@@ -294,7 +315,7 @@ def evaluate(
                     if named.get(a) is None:
                         row[f"acc/{a}"] = float("nan")
                     else:
-                        ok = float(sc[k] >= accuracy_threshold)
+                        ok = float(sc[k] >= thresholds[a])
                         row[f"acc/{a}"] = ok
                         correct.append(ok)
                 row["acc/all"] = float(all(correct)) if correct else float("nan")
@@ -348,7 +369,7 @@ def evaluate(
     meta = {"name": name, "n_prompts": len(prompts), "n_per_prompt": n_per_prompt, "seeds": seed_list,
             "latent_shape": list(latent_shape), "batch_size": batch_size, "device": str(device),
             "nfe": nfe_val, "generation_time_s": gen_time, "kl_sigma": kl_sigma if reference is not None else None,
-            "keyframe_stride": keyframe_stride, "accuracy_threshold": accuracy_threshold if accuracy_rewards else None,
+            "keyframe_stride": keyframe_stride, "accuracy_thresholds": thresholds,
             "bootstrap": {"n": n_bootstrap, "ci": ci, "unit": "prompt"},
             "gold_rewards": sorted(gold_rewards), "proxy_rewards": sorted(proxy_rewards),
             "accuracy_attributes": sorted(accuracy_rewards)}

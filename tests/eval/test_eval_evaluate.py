@@ -135,3 +135,29 @@ def test_shapes_data_generator(shapes_vae):
         bg = parse_caption(p)["background"]
         assert torch.allclose(x[:, 0, 0], torch.tensor(BACKGROUNDS[bg], dtype=torch.float32), atol=0.08)
     assert (res.per_prompt["diversity"] > 1.0).all()
+
+
+def test_shapes_accuracy_on_real_data(shapes_vae):
+    from eval.evaluate import shapes_accuracy_rewards
+    from eval.generators import ShapesDataGenerator, shapes_prompts
+    from shapes.world import parse_caption
+
+    prompts = shapes_prompts(4, seed=3)
+    acc = shapes_accuracy_rewards()
+    res = evaluate(ShapesDataGenerator(shapes_vae), prompts, n_per_prompt=2, seeds=0, decode=shapes_vae,
+                   accuracy_rewards=acc, n_bootstrap=20, progress=False)
+    s = res.samples
+    assert s["acc/color"].eq(1.0).all()  # real data has the asked color
+    named_pos = [parse_caption(p)["position"] is not None for p in prompts]
+    assert s["acc/position"].notna().sum() == 2 * sum(named_pos)  # only prompts naming a position are scored
+    # a generator that draws every prompt in the wrong color fails color accuracy
+    data = ShapesDataGenerator(shapes_vae)
+
+    def wrong_color(noise, tokens, mask, prompts, seeds):
+        swap = [p.replace(parse_caption(p)["color"], "green" if parse_caption(p)["color"] != "green" else "red")
+                for p in prompts]
+        return data(noise, tokens, mask, prompts=swap, seeds=seeds)
+
+    bad = evaluate(wrong_color, prompts, n_per_prompt=1, seeds=0, decode=shapes_vae,
+                   accuracy_rewards={"color": acc["color"]}, n_bootstrap=20, progress=False)
+    assert bad.samples["acc/color"].eq(0.0).all() and bad.samples["acc/all"].eq(0.0).all()
