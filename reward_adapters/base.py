@@ -52,7 +52,7 @@ def describe_reward(name: str) -> str:
 
 
 # Modules whose @register_reward decorators fill the registry; heavy imports stay inside factories.
-BUILTIN_MODULES = ["weight_free", "video_metrics"]
+BUILTIN_MODULES = ["weight_free", "video_metrics", "shapes_adherence"]
 
 
 def _import_builtin_rewards() -> None:
