@@ -1,0 +1,163 @@
+"""fit / evaluate / save-load / LatentReward on small synthetic data (CPU, seconds)."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from latent_rewards import LatentData, LatentReward, TextEncoderMismatchError, evaluate, fit, split_by_prompt
+from latent_rewards.metrics import pairwise_accuracy, regression_metrics
+from lrm.latent_space import LatentSpace, LatentSpaceMismatchError
+
+SPACE = LatentSpace(vae_id="toy-vae", vae_hash="a" * 64, latent_channels=4, downsample=4)
+TEXT_ENC = {"name": "toy-text", "dim": 8, "max_length": 6, "pooling": "mean"}
+SMALL = {"width": 32, "patch": 2}
+
+
+def _image_data(n=600, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, 8, 8, generator=g)
+    w = torch.tensor([1.0, -0.5, 0.3, 0.8])
+    y = 5.0 + 3.0 * (x.mean((2, 3)) * w).sum(1) + 0.5 * x[:, 0].std((1, 2))  # reward units: mean 5
+    prompts = [f"prompt {i % 60}" for i in range(n)]
+    return LatentData(x, y, prompts=prompts, reward_name="toy-linear", reward_info={"version": "1", "modality": "image"},
+                      latent_space=SPACE.to_dict())
+
+
+def _text_data(n=800, seed=0):
+    """Reward = +channel-0 mean if the prompt says 'a', -channel-0 mean if it says 'b' (needs image AND text)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, 8, 8, generator=g)
+    which = torch.randint(0, 2, (n,), generator=g)
+    words = torch.randn(2, 8, generator=g)
+    tok = torch.randn(n, 6, 8, generator=g) * 0.1
+    tok[:, 0] = words[which]
+    mask = torch.ones(n, 6, dtype=torch.bool)
+    mask[:, 4:] = False
+    y = torch.where(which == 0, 1.0, -1.0) * x[:, 0].mean((1, 2)) * 8
+    prompts = [f"{'ab'[w]} {i % 40}" for i, w in enumerate(which.tolist())]
+    return LatentData(x, y, text_tokens=tok, text_mask=mask, prompts=prompts, reward_name="toy-text",
+                      reward_info={"version": "1", "modality": "text-image"}, latent_space=SPACE.to_dict(),
+                      text_encoder=TEXT_ENC)
+
+
+def test_split_by_prompt_has_no_shared_prompt():
+    prompts = [f"p{i % 37}" for i in range(500)]
+    tr, va = split_by_prompt(prompts, 500, 0.2, seed=1)
+    assert len(tr) + len(va) == 500 and 0.15 * 500 < len(va) < 0.3 * 500
+    assert not ({prompts[i] for i in tr} & {prompts[i] for i in va})
+
+
+def test_metrics_values():
+    y = np.array([1.0, 2.0, 3.0, 4.0])
+    m = regression_metrics(y * 2, y)
+    assert m["spearman"] == pytest.approx(1.0) and m["kendall_tau"] == pytest.approx(1.0)
+    assert m["mse"] == pytest.approx(np.mean(y ** 2))
+    assert pairwise_accuracy([4, 3, 2, 1], y) == 0.0
+    assert pairwise_accuracy([1, 1, 2, 3], y) == pytest.approx(5.5 / 6)
+
+
+def test_fit_learns_synthetic_target_and_beats_nothing(tmp_path):
+    data = _image_data()
+    res = fit(data, head="image-cnn", head_kwargs=SMALL, steps=300, batch_size=64, eval_every=50,
+              progress=False, out_dir=tmp_path / "lrm")
+    assert res.metrics["spearman"] > 0.9
+    assert res.baseline_metrics["spearman"] > 0.9  # the target is nearly linear in pooled latents
+    for f in ("config.json", "model.safetensors", "metadata.json", "metrics.json", "calibration.png", "train_log.csv"):
+        assert (tmp_path / "lrm" / f).exists(), f
+    # predictions are in reward units (target mean 5), not standardised
+    lrm = LatentReward.from_pretrained(tmp_path / "lrm")
+    pred = lrm.predict(data.latents[res.val_idx])
+    assert abs(float(pred.mean()) - float(data.target[res.val_idx].mean())) < 1.0
+    assert np.allclose(pred.numpy(), res.val_pred, atol=1e-4)
+    assert lrm.metadata["target_normalization"]["mean"] == pytest.approx(float(data.target[res.train_idx].mean()))
+    assert lrm.metadata["training_data"]["num_val"] == len(res.val_idx)
+    ev = evaluate(lrm, data, out_dir=tmp_path / "eval", indices=res.val_idx)
+    assert ev["metrics"]["spearman"] == pytest.approx(res.metrics["spearman"], abs=1e-4)
+    assert (tmp_path / "eval" / "eval_calibration.png").exists()
+
+
+def test_fit_text_reward_needs_both_inputs():
+    data = _text_data()
+    res = fit(data, head="text-image-cnn", head_kwargs=SMALL, steps=400, batch_size=64, eval_every=100,
+              lr=2e-3, progress=False)
+    assert res.metrics["spearman"] > 0.8
+    # ridge on pooled latents + pooled text cannot express the product
+    assert abs(res.baseline_metrics["spearman"]) < 0.3
+
+
+def test_rank_loss_and_ensemble_noise_aware_train():
+    data = _image_data(n=400)
+    res = fit(data, head="image-cnn", head_kwargs={**SMALL, "timestep_cond": True}, ensemble=2, loss="mse+rank",
+              steps=150, batch_size=64, eval_every=50, progress=False, noise_max_t=300)
+    assert res.metrics["spearman"] > 0.8
+    lrm = res.lrm
+    x = data.latents[:4]
+    members = lrm.members(x)
+    assert members.shape == (2, 4)
+    assert torch.allclose(lrm(x), members.mean(0), atol=1e-5)
+    assert not torch.allclose(lrm(x, t=torch.full((4,), 250)), lrm(x), atol=1e-4)  # t is used after training
+    assert lrm.metadata["noise_schedule"]["num_train_timesteps"] == 1000
+
+
+def test_resume_gives_the_same_model(tmp_path):
+    data = _image_data(n=300)
+    kw = dict(head="image-cnn", head_kwargs={"width": 16, "patch": 2}, steps=60, batch_size=32, eval_every=20,
+              checkpoint_every=30, progress=False, patience=0)
+    a = fit(data, out_dir=tmp_path / "a", **kw)
+    assert (tmp_path / "a" / "checkpoint" / "state.json").exists()  # left at step 30
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "b" / "model.safetensors").unlink()
+    b = fit(data, out_dir=tmp_path / "b", **kw)  # resumes at step 30 and replays 30..60
+    assert [r["step"] for r in b.history] == [20, 40, 60]
+    for (k, va), (_, vb) in zip(a.lrm.model.state_dict().items(), b.lrm.model.state_dict().items()):
+        assert torch.allclose(va, vb, atol=1e-6), k
+
+
+def test_save_load_round_trip_and_mismatch_refusal(tmp_path):
+    from latent_rewards import create_lrm
+
+    torch.manual_seed(0)
+    for name, kw in [("text-video-3d-cnn", {"text_dim": 8}), ("image-cnn", {"ensemble": 3, "ensemble_reduce": "lcb"})]:
+        model = create_lrm(name, in_channels=4, width=16, patch=2, **kw)
+        meta = {"reward": {"name": "r", "version": "2", "modality": model.modality},
+                "latent_space": SPACE.to_dict(), "text_encoder": TEXT_ENC if "text" in name else None,
+                "target_normalization": {"mean": 3.0, "std": 2.0}}
+        lrm = LatentReward(model, meta)
+        lrm.save_pretrained(tmp_path / name)
+        back = LatentReward.from_pretrained(tmp_path / name)
+        x = torch.randn(2, 5, 4, 8, 8) if "video" in name else torch.randn(2, 4, 8, 8)
+        tok = torch.randn(2, 6, 8) if "text" in name else None
+        assert torch.equal(lrm.eval()(x, tok), back(x, tok))
+        assert back.reward_name == "r" and back.reward_version == "2" and back.latent_space == SPACE
+        # differentiable in the latents
+        x.requires_grad_(True)
+        back(x, tok).sum().backward()
+        assert x.grad.abs().sum() > 0
+    # wrong channel count / other VAE / other text encoder are refused with clear messages
+    with pytest.raises(LatentSpaceMismatchError, match="3 channels"):
+        back(torch.randn(2, 3, 8, 8))
+    other = LatentSpace(vae_id="other-vae", vae_hash="b" * 64, latent_channels=4, downsample=4)
+    with pytest.raises(LatentSpaceMismatchError, match="other-vae"):
+        back.check_inputs(latent_space=other)
+    back.check_inputs(latent_space=SPACE.to_dict())  # same space passes
+    tv = LatentReward.from_pretrained(tmp_path / "text-video-3d-cnn")
+    with pytest.raises(TextEncoderMismatchError, match="toy-text"):
+        tv.check_inputs(text_encoder={**TEXT_ENC, "name": "clip-l"})
+    with pytest.raises(TextEncoderMismatchError, match="width 16"):
+        tv(torch.randn(1, 5, 4, 8, 8), torch.randn(1, 6, 16))
+    with pytest.raises(ValueError, match="text-conditioned"):
+        tv(torch.randn(1, 5, 4, 8, 8))
+    with pytest.raises(FileNotFoundError, match="metadata.json"):
+        (tmp_path / "image-cnn" / "metadata.json").unlink()
+        LatentReward.from_pretrained(tmp_path / "image-cnn")
+
+
+def test_evaluate_refuses_other_latent_space():
+    data = _image_data(n=200)
+    res = fit(data, head="image-cnn", head_kwargs={"width": 16, "patch": 2}, steps=20, batch_size=32, eval_every=10,
+              progress=False)
+    other = LatentData(data.latents, data.target, latent_space={**SPACE.to_dict(), "vae_hash": "c" * 64})
+    with pytest.raises(LatentSpaceMismatchError, match="vae_hash"):
+        evaluate(res.lrm, other)
