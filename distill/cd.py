@@ -17,7 +17,6 @@ from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from distill.schedules import broadcast
 
