@@ -591,7 +591,9 @@ def build_cache(cfg: BuildCacheConfig, *, source: Callable | PixelSource | Gener
     if rank != 0:
         check_resume_compatible(manifest, header, root)
     header.update({k: manifest.get(k) for k in ("latent_shape", "pixel_shape")})
-    units = st.missing_units(manifest["shards"], num_records, cfg.shard_size)[rank::world]
+    # A unit goes to rank (slot % world): fixed by its position, not by what other ranks already committed.
+    units = [u for u in st.missing_units(manifest["shards"], num_records, cfg.shard_size)
+             if (u[0] // cfg.shard_size) % world == rank]
     todo = sum(b - a for a, b in units)
     log.info("cache %s: %d records planned, %d committed, rank %d/%d builds %d in %d shards (batch %d, %s)",
              root, num_records, manifest["counts"].get("records", 0) if manifest.get("counts") else 0, rank, world,
