@@ -82,4 +82,4 @@ class ConcurrentLRM:
             torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())

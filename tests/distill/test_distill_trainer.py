@@ -1,0 +1,135 @@
+"""DistillTrainer on tiny random UNets (CPU): the student learns, the teacher stays frozen, resume is exact."""
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from distill.denoiser import Denoiser
+from distill.lrm_ft import ConcurrentLRM
+from distill.schedules import DDPMSchedule
+from distill.trainer import DistillConfig, DistillData, DistillTrainer
+from lrm.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny_teacher(seed=0):
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=4, norm_num_groups=8)
+    return Denoiser(unet, DDPMSchedule(), "conjugate_v")
+
+
+def tiny_data(n=16):
+    g = torch.Generator().manual_seed(1)
+    return DistillData(torch.randn(n, 4, 8, 8, generator=g), torch.randn(n, 5, 8, generator=g),
+                       torch.ones(n, 5, dtype=torch.bool), [f"prompt {i}" for i in range(n)])
+
+
+def mean_lrm(latents, tokens, mask):
+    return latents.mean(dim=(1, 2, 3))
+
+
+def cfg(tmp_path, **kw):
+    base = dict(run_dir=str(tmp_path / "run"), device="cpu", steps=2, batch_size=4, fake_updates=2,
+                cd_teacher_steps=2, ckpt_every=0, sample_every=0, progress=False, tensorboard=False, lr_student=1e-3,
+                lr_fake=1e-3)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def params(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def test_steps_change_student_and_keep_teacher_frozen(tmp_path):
+    teacher = tiny_teacher()
+    before = params(teacher.model)
+    tr = DistillTrainer(cfg(tmp_path, use_lrm_ft=True), teacher, tiny_data(), lrm=mean_lrm)
+    s0, f0 = params(tr.student.model), params(tr.fake.model)
+    hist = tr.train()
+    assert len(hist) == 2 and all(math.isfinite(h["loss_g"]) for h in hist)
+    assert {"loss_vsd", "loss_cd", "loss_ft", "loss_fake"} <= set(hist[0])
+    after = params(teacher.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+    s1, f1 = params(tr.student.model), params(tr.fake.model)
+    assert any(not torch.equal(s0[k], s1[k]) for k in s0)
+    assert any(not torch.equal(f0[k], f1[k]) for k in f0)
+    # the CD target is an EMA(0.95) of the student: moved, but not equal to it
+    t1 = params(tr.target.shadow.model)
+    assert any(not torch.equal(s0[k], t1[k]) for k in s0) and any(not torch.equal(s1[k], t1[k]) for k in s1)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    assert (tmp_path / "run" / "checkpoint" / "state.safetensors").exists()
+
+
+def test_lrm_ft_raises_reward(tmp_path):
+    """FT only, 4 steps with a large lr: the mean latent (the 'reward') goes up."""
+    tr = DistillTrainer(cfg(tmp_path, use_vsd=False, use_cd=False, use_lrm_ft=True, steps=4, beta_ft=1.0,
+                            lr_student=3e-3, student_steps=1), tiny_teacher(), tiny_data(), lrm=mean_lrm)
+    batch = tr.data.batch(torch.arange(8))
+    noise = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    r0 = float(mean_lrm(tr.sample(noise, batch.text_tokens, batch.text_mask), None, None).mean())
+    tr.train()
+    r1 = float(mean_lrm(tr.sample(noise, batch.text_tokens, batch.text_mask), None, None).mean())
+    assert r1 > r0 + 0.05
+
+
+def test_resume_gives_the_same_loss_curve(tmp_path):
+    kw = dict(use_lrm_ft=True, ckpt_every=3, grad_accum=2, batch_size=2)
+    full = DistillTrainer(cfg(tmp_path / "a", steps=6, **kw), tiny_teacher(), tiny_data(), lrm=mean_lrm).train()
+    DistillTrainer(cfg(tmp_path / "b", steps=3, **kw), tiny_teacher(), tiny_data(), lrm=mean_lrm).train()  # "killed"
+    resumed_tr = DistillTrainer(cfg(tmp_path / "b", steps=6, **kw), tiny_teacher(), tiny_data(), lrm=mean_lrm)
+    resumed = resumed_tr.train()
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    for a, b in zip(full[3:], resumed):
+        for k in ("loss_g", "loss_vsd", "loss_cd", "loss_ft", "loss_fake"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (k, a["step"])
+    rows = list(csv.DictReader(open(tmp_path / "b" / "run" / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_heterogeneous_student_predicts_x0(tmp_path):
+    tr = DistillTrainer(cfg(tmp_path, parameterization="heterogeneous", use_vsd=False, steps=1, student_steps=2),
+                        tiny_teacher(), tiny_data())
+    assert tr.student.parameterization == "x0" and tr.teacher.parameterization == "conjugate_v"
+    assert tr.fake is None and tr.timesteps == [999, 499]
+    assert math.isfinite(tr.train()[0]["loss_cd"])
+
+
+def test_concurrent_lrm_and_sample_grid(tmp_path):
+    from lrm.latent_space import VAE
+
+    vae = VAE.shapes()
+    head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 1), torch.nn.Flatten(0))
+    brightness = lambda pixels, prompts: pixels.mean(dim=(1, 2, 3))
+    lrm = ConcurrentLRM(head, torch.optim.Adam(head.parameters(), lr=1e-3), brightness, vae, text_conditioned=False)
+    w0 = head[1].weight.detach().clone()
+    tr = DistillTrainer(cfg(tmp_path, use_lrm_ft=True, steps=1, num_sample_prompts=2, samples_per_prompt=2),
+                        tiny_teacher(), tiny_data(), lrm=lrm, vae=vae)
+    row = tr.train()[0]
+    assert math.isfinite(row["loss_lrm"]) and not torch.equal(w0, head[1].weight)
+    assert (tmp_path / "run" / "samples" / "step_000001.png").exists()
+    out = tr.save_student()
+    assert (out / "denoiser.json").exists() and (out / "student.json").exists()
+
+
+def test_config_errors_and_shipped_configs(tmp_path):
+    with pytest.raises(ConfigError, match="all losses are off"):
+        DistillConfig(use_vsd=False, use_cd=False)
+    with pytest.raises(ConfigError, match="student_steps"):
+        DistillConfig(student_steps=3)
+    with pytest.raises(ConfigError, match="needs an LRM"):
+        DistillTrainer(cfg(tmp_path, use_lrm_ft=True), tiny_teacher(), tiny_data())
+    files = sorted((ROOT / "configs").glob("distill_*.yaml"))
+    assert len(files) >= 8
+    for f in files:
+        c = load_config(DistillConfig, f)
+        assert c.use_vsd or c.use_cd
