@@ -97,6 +97,16 @@ class FitResult:
     baseline_pred: np.ndarray
 
 
+def train_val_split(data: LatentData, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The split ``fit`` uses: the cache's own ``split_by_prompt`` when ``data`` is a whole cache, else ours."""
+    cache = getattr(data, "_cache", None)
+    if cache is not None and len(data) == len(cache):
+        tr, va = cache.split_by_prompt(val_fraction=val_fraction, seed=seed)
+    else:
+        tr, va = split_by_prompt(data.prompts, len(data), val_fraction, seed)
+    return np.asarray(tr, dtype=np.int64), np.asarray(va, dtype=np.int64)
+
+
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up to 1 then cosine decay to ``min_ratio`` at ``total``."""
     if step < warmup:
@@ -162,12 +172,7 @@ def fit(data: LatentData | Any, config: FitConfig | None = None, reward_name: st
     out_dir = Path(out_dir) if out_dir is not None else None
 
     # 1. split by prompt and standardise
-    cache = getattr(data, "_cache", None)
-    if cache is not None and len(data) == len(cache):
-        tr, va = cache.split_by_prompt(val_fraction=config.val_fraction, seed=config.seed)
-    else:
-        tr, va = split_by_prompt(data.prompts, len(data), config.val_fraction, config.seed)
-    tr, va = np.asarray(tr, dtype=np.int64), np.asarray(va, dtype=np.int64)
+    tr, va = train_val_split(data, config.val_fraction, config.seed)
     if len(tr) < 2 or len(va) < 3:
         raise ValueError(f"split gave {len(tr)} train / {len(va)} val samples; need more data or another "
                          "val_fraction")

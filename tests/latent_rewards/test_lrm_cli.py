@@ -1,0 +1,54 @@
+"""`lrm train` / `lrm evaluate` / `lrm lrms list` on a small real Shapes cache built with data_cache."""
+
+import json
+
+import pytest
+
+from lrm.cli import main
+
+
+@pytest.fixture(scope="module")
+def shapes_cache(tmp_path_factory):
+    from data_cache import BuildCacheConfig, SourceConfig, build_cache
+
+    root = tmp_path_factory.mktemp("lrm_cli") / "cache"
+    build_cache(BuildCacheConfig(out_dir=str(root), source=SourceConfig(type="shapes", num_samples=128),
+                                 rewards=["jpeg-compressibility"], batch_size=64, shard_size=128, num_workers=1,
+                                 device="cpu", progress=False))
+    return root
+
+
+def test_lrms_list(capsys):
+    assert main(["lrms", "list", "text-*"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == ["text-image-cnn", "text-image-cnn-paper", "text-video-3d-cnn", "text-video-frame-avg"]
+
+
+def test_train_and_evaluate_on_a_cache(shapes_cache, tmp_path, capsys):
+    out = tmp_path / "lrm"
+    rc = main(["train", "--cache_dir", str(shapes_cache), "--reward", "jpeg-compressibility", "--head", "image-cnn",
+               "--head_kwargs", "{width: 16, patch: 2}", "--steps", "40", "--eval_every", "20", "--batch_size", "32",
+               "--progress", "false", "--out_dir", str(out)])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) == {"out_dir", "val", "ridge_baseline"}
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["reward"] == {"name": "jpeg-compressibility", "version": "ddpo-q95-v1", "modality": "image"}
+    assert meta["latent_space"]["vae_id"] == "shapes-vae" and meta["latent_space"]["latent_channels"] == 4
+    assert meta["training_data"]["num_samples"] == 128
+    assert (out / "config.yaml").exists() and (out / "train_log.csv").exists()
+
+    rc = main(["evaluate", "--lrm_dir", str(out), "--cache_dir", str(shapes_cache), "--split", "val",
+               "--out_dir", str(tmp_path / "ev")])
+    assert rc == 0
+    ev = json.loads((tmp_path / "ev" / "eval_metrics.json").read_text())
+    assert ev["num_samples"] == meta["training_data"]["num_val"]
+    assert ev["metrics"]["spearman"] == pytest.approx(meta["metrics"]["val"]["spearman"], abs=1e-3)
+    assert (tmp_path / "ev" / "eval_calibration.png").exists()
+
+
+def test_train_config_errors(capsys):
+    assert main(["train", "--reward", "x"]) == 2
+    assert "cache_dir is required" in capsys.readouterr().err
+    assert main(["train", "--cache_dir", "c", "--reward", "x", "--hed", "image-cnn"]) == 2
+    assert "Did you mean 'head'" in capsys.readouterr().err
