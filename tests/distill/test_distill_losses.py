@@ -6,13 +6,25 @@ import pytest
 import torch
 import torch.nn as nn
 
-from distill.cd import (boundary_scalings, cd_distance, cd_inputs_and_target, consistency_output, ddim_grid,
-                        teacher_multistep)
+from distill.cd import (
+    boundary_scalings,
+    cd_distance,
+    cd_inputs_and_target,
+    consistency_output,
+    ddim_grid,
+    teacher_multistep,
+)
 from distill.ema import EMA, ema_update
 from distill.lrm_ft import ConcurrentLRM, lrm_ft_loss
 from distill.schedules import DDPMSchedule
-from distill.vsd import (backward_simulation, fake_score_loss, normalized_vsd_grad, sample_timesteps,
-                         vsd_loss, vsd_loss_from_grad)
+from distill.vsd import (
+    backward_simulation,
+    fake_score_loss,
+    normalized_vsd_grad,
+    sample_timesteps,
+    vsd_loss,
+    vsd_loss_from_grad,
+)
 
 
 class ConstDenoiser:
