@@ -1,0 +1,175 @@
+"""DDPO_SF baseline (DOLLAR supp. §8.6, Alg. 2) with the ddpo-pytorch options.
+
+Policy-gradient fine-tuning of the student on a black-box pixel reward:
+
+1. sample with the stochastic posterior along the student's timesteps ([999, 749, 499, 249] -> 0, DDIM eta = 1,
+   DOLLAR Eq. 25), recording every transition (x_t, x_{t_prev}) and its log-prob (Eq. 26), without autograd;
+2. decode x0 and score it with the pixel reward (detached; optionally in a worker thread while the next sample
+   batch is drawn);
+3. advantages: rewards normalised per prompt (buffer of the last ``buffer_size`` rewards of that prompt once it
+   holds ``min_count``; batch-global statistics before that) or globally, clipped to +-``adv_clip``;
+4. for each inner epoch and train batch, re-evaluate log p_theta(x_{t_prev} | x_t) on the last ``grad_steps``
+   transitions only (truncation: earlier steps carry no gradient) and take the PPO clipped objective
+   ``max(-A r, -A clip(r, 1 - eps, 1 + eps))``, r = exp(logp - logp_old). With one inner epoch fully on-policy
+   r = 1 and its gradient is REINFORCE's ``-A grad logp`` (DDPO_SF, Eq. in Alg. 2).
+
+Formulas follow ddpo-pytorch (Black et al. 2023, ``ddpo_pytorch/stat_tracking.py`` and ``train.py``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from distill.samplers import step_log_prob, stochastic_sample
+
+
+class PerPromptStatTracker:
+    """Per-prompt reward normalisation (ddpo-pytorch ``PerPromptStatTracker``).
+
+    ``update(prompts, rewards)`` appends each reward to its prompt's buffer (the last ``buffer_size``) and returns
+    ``(r - mean) / (std + 1e-6)`` with the prompt's buffer statistics once it holds ``min_count`` rewards, and the
+    statistics of the whole batch before that.
+    """
+
+    def __init__(self, buffer_size: int = 16, min_count: int = 16):
+        if buffer_size < 1 or min_count < 1:
+            raise ValueError(f"buffer_size and min_count must be >= 1, got {buffer_size}, {min_count}")
+        if min_count > buffer_size:
+            raise ValueError(f"min_count ({min_count}) > buffer_size ({buffer_size}): a prompt's buffer could never "
+                             "reach min_count; raise buffer_size or lower min_count")
+        self.buffer_size, self.min_count = int(buffer_size), int(min_count)
+        self.stats: dict[str, deque] = {}
+
+    def update(self, prompts: Sequence[str], rewards) -> np.ndarray:
+        prompts = list(prompts)
+        r = np.asarray(rewards, dtype=np.float64).reshape(-1)
+        if len(prompts) != r.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {r.shape[0]} rewards")
+        adv = np.empty_like(r)
+        g_mean, g_std = r.mean(), r.std()
+        for p in dict.fromkeys(prompts):
+            idx = np.array([i for i, q in enumerate(prompts) if q == p])
+            buf = self.stats.setdefault(p, deque(maxlen=self.buffer_size))
+            buf.extend(r[idx].tolist())
+            if len(buf) < self.min_count:
+                mean, std = g_mean, g_std
+            else:
+                mean, std = float(np.mean(buf)), float(np.std(buf))
+            adv[idx] = (r[idx] - mean) / (std + 1e-6)
+        return adv
+
+    def get_stats(self) -> dict[str, float]:
+        lens = [len(v) for v in self.stats.values()]
+        return {"num_prompts": len(lens), "mean_count": float(np.mean(lens)) if lens else 0.0}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state (for exact resume)."""
+        return {"buffer_size": self.buffer_size, "min_count": self.min_count,
+                "stats": {k: list(v) for k, v in self.stats.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.buffer_size, self.min_count = int(state["buffer_size"]), int(state["min_count"])
+        self.stats = {k: deque(v, maxlen=self.buffer_size) for k, v in state["stats"].items()}
+
+
+def global_advantages(rewards) -> np.ndarray:
+    r = np.asarray(rewards, dtype=np.float64).reshape(-1)
+    return (r - r.mean()) / (r.std() + 1e-6)
+
+
+def ppo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float = 1e-4,
+             adv_clip: float = 5.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO clipped surrogate for one transition, all ``(B,)``; returns ``(loss, info)``.
+
+    ``loss = mean(max(-A r, -A clip(r, 1 - eps, 1 + eps)))``, ``r = exp(logp - logp_old)``, ``A`` clipped to
+    ``+-adv_clip``. info: ``approx_kl = 0.5 mean((logp - logp_old)^2)``, ``clipfrac``, ``ratio`` (mean).
+    """
+    adv = advantages.float().clamp(-adv_clip, adv_clip)
+    ratio = torch.exp(log_prob.float() - old_log_prob.detach().float())
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    d = (log_prob.detach().float() - old_log_prob.detach().float())
+    info = {"approx_kl": float(0.5 * (d ** 2).mean()), "clipfrac": float(((ratio.detach() - 1).abs() > clip_range)
+                                                                        .float().mean()),
+            "ratio": float(ratio.detach().mean())}
+    return loss, info
+
+
+def reinforce_loss(log_prob: torch.Tensor, advantages: torch.Tensor, adv_clip: float = 5.0) -> torch.Tensor:
+    """DDPO_SF's score-function surrogate ``-mean(A logp)`` (gradient ``-E[A grad logp]``)."""
+    return -(advantages.float().clamp(-adv_clip, adv_clip) * log_prob.float()).mean()
+
+
+@dataclass
+class DDPOSamples:
+    """One sample batch of the stochastic chain. ``latents`` (B, K + 1, ...) = x_{t_0} ... x_{final};
+    ``log_probs`` (B, K) under the sampling policy; ``timesteps`` / ``prev_timesteps`` (K,) long."""
+
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    timesteps: torch.Tensor
+    prev_timesteps: torch.Tensor
+    text_tokens: torch.Tensor
+    text_mask: torch.Tensor | None
+    prompts: list[str]
+    rewards: torch.Tensor | Future | None = None  # (B,) float32 CPU, or a Future of it
+
+    @property
+    def x0(self) -> torch.Tensor:
+        return self.latents[:, -1]
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def resolve_rewards(self) -> torch.Tensor:
+        if isinstance(self.rewards, Future):
+            self.rewards = self.rewards.result()
+        if self.rewards is None:
+            raise RuntimeError("this sample batch has no rewards yet")
+        return torch.as_tensor(self.rewards, dtype=torch.float32).reshape(-1)
+
+    def subset(self, idx: torch.Tensor) -> "DDPOSamples":
+        dev = self.latents.device
+        i = idx.to(dev)
+        return DDPOSamples(self.latents[i], self.log_probs[i], self.timesteps, self.prev_timesteps,
+                           self.text_tokens[i], None if self.text_mask is None else self.text_mask[i],
+                           [self.prompts[j] for j in idx.tolist()], None)
+
+
+@torch.no_grad()
+def sample_chain(denoiser, noise: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor | None,
+                 prompts: list[str], timesteps: Sequence[int], eta: float = 1.0, final_timestep: int = 0,
+                 guidance_scale: float | None = None, generator: torch.Generator | None = None) -> DDPOSamples:
+    """Step 1: the stochastic posterior chain (Eq. 25-26) without autograd, stacked for re-evaluation."""
+    traj = stochastic_sample(denoiser, noise, text_tokens, text_mask, list(timesteps), eta=eta,
+                             guidance_scale=guidance_scale, generator=generator, grad_steps=0,
+                             final_timestep=final_timestep)
+    return DDPOSamples(torch.stack(traj.latents, 1), traj.log_probs.detach(), traj.timesteps, traj.prev_timesteps,
+                       text_tokens, text_mask, list(prompts))
+
+
+def trained_step_indices(num_steps: int, grad_steps: int) -> list[int]:
+    """Truncation: the indices of the last ``grad_steps`` transitions (DOLLAR: 2 of 4 -> t = 499, 249)."""
+    if not 1 <= grad_steps <= num_steps:
+        raise ValueError(f"grad_steps must be in [1, {num_steps}] (the chain has {num_steps} transitions), "
+                         f"got {grad_steps}")
+    return list(range(num_steps - grad_steps, num_steps))
+
+
+def transition_log_prob(denoiser, samples: DDPOSamples, k: int, eta: float = 1.0,
+                        guidance_scale: float | None = None) -> torch.Tensor:
+    """log p_theta(x_{k+1} | x_k) of transition ``k`` of ``samples`` under the current weights, ``(B,)``."""
+    t, s = int(samples.timesteps[k]), int(samples.prev_timesteps[k])
+    return step_log_prob(denoiser, samples.latents[:, k], samples.latents[:, k + 1], t, s, samples.text_tokens,
+                         samples.text_mask, eta=eta, guidance_scale=guidance_scale)
+
+
+__all__ = ["PerPromptStatTracker", "global_advantages", "ppo_loss", "reinforce_loss", "DDPOSamples",
+           "sample_chain", "trained_step_indices", "transition_log_prob"]

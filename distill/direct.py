@@ -1,0 +1,121 @@
+"""Direct reward-gradient fine-tuning (ReFL / DRaFT-K): backpropagate a differentiable pixel reward through the
+VAE decoder into the student, on the last K sampling steps.
+
+1. run the student's k-step sampler (predict x0, re-noise to the next timestep); the first k - K steps run
+   without autograd, the last K with it (DRaFT-K; K = 1 is DRaFT-1 / ReFL-like);
+2. (video) keep only some frames before decoding: ``"first"``, ``"middle"``, ``"last"``, ``"first-middle-last"``,
+   ``"random"`` (``num_frames`` random frames) or ``"all"``; this is what makes video fit at all;
+3. decode with ``VAE.decode(z, clamp=False)`` (optionally under activation checkpointing), bring pixels into
+   [0, 1] (``pixel_clamp``), score with the differentiable reward, loss = -mean R.
+
+Gradient checkpointing (``torch.utils.checkpoint``) re-computes each student call and the decoder in the backward
+pass instead of storing activations: memory for compute, the standard DRaFT setting.
+Follows DRaFT (Clark et al. 2024) and ReFL (Xu et al. 2023, ImageReward).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+FRAME_SUBSAMPLING = ("all", "first", "middle", "last", "first-middle-last", "random")
+PIXEL_CLAMPS = ("clamp", "straight-through")
+
+
+def subsample_frames(num_frames: int, mode: str = "all", k: int = 1,
+                     generator: torch.Generator | None = None) -> list[int]:
+    """Frame indices to decode and score for a video of ``num_frames`` frames (sorted, distinct)."""
+    T = int(num_frames)
+    if mode not in FRAME_SUBSAMPLING:
+        raise ValueError(f"frame subsampling {mode!r} is not one of {FRAME_SUBSAMPLING}")
+    mid = (T - 1) // 2
+    if mode == "all":
+        return list(range(T))
+    if mode == "first":
+        return [0]
+    if mode == "middle":
+        return [mid]
+    if mode == "last":
+        return [T - 1]
+    if mode == "first-middle-last":
+        return sorted({0, mid, T - 1})
+    if not 1 <= k <= T:
+        raise ValueError(f"random frame subsampling asks for {k} frames of a {T}-frame video; use 1..{T}")
+    return sorted(torch.randperm(T, generator=generator)[:k].tolist())
+
+
+def to_unit_range(x: torch.Tensor, mode: str = "straight-through") -> torch.Tensor:
+    """Decoder output -> [0, 1]. ``clamp``: plain clamp (zero gradient on saturated pixels, DRaFT's choice);
+    ``straight-through``: clamped values, identity gradient everywhere."""
+    if mode == "clamp":
+        return x.clamp(0, 1)
+    if mode == "straight-through":
+        return x + (x.clamp(0, 1) - x).detach()
+    raise ValueError(f"pixel_clamp {mode!r} is not one of {PIXEL_CLAMPS}")
+
+
+def decode_for_reward(vae: Any, latents: torch.Tensor, checkpointing: bool = False,
+                      pixel_clamp: str = "straight-through") -> torch.Tensor:
+    """``VAE.decode(z, clamp=False)`` with gradients (optionally checkpointed), mapped into [0, 1]."""
+    fn = lambda z: vae.decode(z, clamp=False)  # noqa: E731
+    x = checkpoint(fn, latents, use_reentrant=False) if checkpointing else fn(latents)
+    return to_unit_range(x, pixel_clamp)
+
+
+def direct_reward_loss(x0: torch.Tensor, vae: Any, reward: Callable[..., torch.Tensor], prompts: Sequence[str] | None,
+                       frames: str = "all", num_frames: int = 1, checkpointing: bool = False,
+                       pixel_clamp: str = "straight-through", generator: torch.Generator | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 2-3: ``(-mean R(Dec(x0), c), rewards (B,) detached)``; the gradient reaches ``x0`` through the decoder."""
+    if not getattr(reward, "differentiable", True):
+        raise ValueError(f"reward {getattr(reward, 'name', reward)!r} is not differentiable; the direct method needs "
+                         "one (e.g. colorfulness, sharpness, brightness, hpsv2) - use method=ddpo for black-box rewards")
+    z = x0
+    if x0.dim() == 5:  # (B, T, C, h, w)
+        idx = subsample_frames(x0.shape[1], frames, num_frames, generator)
+        z = x0[:, idx]
+    pixels = decode_for_reward(vae, z, checkpointing, pixel_clamp)  # (B, 3, H, W) or (B, T', 3, H, W)
+    r = reward(pixels, None if prompts is None else list(prompts))
+    if r.dim() != 1 or r.shape[0] != x0.shape[0]:
+        raise ValueError(f"the reward must return shape ({x0.shape[0]},), got {tuple(r.shape)}")
+    if not r.requires_grad and torch.is_grad_enabled() and x0.requires_grad:
+        raise RuntimeError(f"reward {getattr(reward, 'name', reward)!r} returned no gradient; it must be "
+                           "differentiable in the pixels")
+    return -r.float().mean(), r.detach().float()
+
+
+def sample_with_grad(student_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
+                     timesteps: Sequence[int], schedule: Any, grad_steps: int = 1, checkpointing: bool = False,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Step 1: the student's k-step sampler with autograd on the last ``grad_steps`` steps only.
+
+    ``student_x0(x_t, t (B,))`` is the student's x0 map; ``timesteps`` descending (e.g. [999, 749, 499, 249]).
+    Returns the final x0 prediction (with a graph through the last ``grad_steps`` student calls).
+    """
+    ts = [int(t) for t in timesteps]
+    K = len(ts)
+    if not 1 <= grad_steps <= K:
+        raise ValueError(f"grad_steps must be in [1, {K}] for a {K}-step student, got {grad_steps}")
+    B = noise.shape[0]
+    x = noise
+    x0 = noise
+    for i, t in enumerate(ts):
+        tt = torch.full((B,), t, device=noise.device, dtype=torch.long)
+        graded = i >= K - grad_steps
+        with (nullcontext() if graded else torch.no_grad()):
+            if graded and checkpointing:
+                x0 = checkpoint(student_x0, x, tt, use_reentrant=False)
+            else:
+                x0 = student_x0(x, tt)
+            if i + 1 < K:
+                eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device) \
+                    if generator is not None else torch.randn_like(x0)
+                x = schedule.add_noise(x0, eps, ts[i + 1])
+    return x0
+
+
+__all__ = ["FRAME_SUBSAMPLING", "PIXEL_CLAMPS", "subsample_frames", "to_unit_range", "decode_for_reward",
+           "direct_reward_loss", "sample_with_grad"]

@@ -1,0 +1,770 @@
+"""Reward fine-tuning of a k-step student: LRM (DOLLAR Eq. 11), DDPO_SF (Alg. 2) or direct reward gradient
+(ReFL / DRaFT-K), behind one config and one trainer, optionally combined with the distillation losses.
+
+One trainer step (``FinetuneTrainer.train_step``):
+  method=lrm     x_hat = student x0 prediction at a backward-simulated step; L = beta_ft * -R^l(x_hat, c)
+                 (+ distillation losses on the same x_hat); one optimizer step.
+  method=direct  k-step sample with autograd on the last K steps; L = -R(Dec(x0), c) through the decoder
+                 (+ distillation losses on a backward-simulated x_hat); one optimizer step.
+  method=ddpo    ``num_sample_batches`` stochastic chains (rewards computed in a worker thread while the next batch
+                 samples), advantages, then ``inner_epochs`` x (samples / train_batch_size) PPO optimizer steps on
+                 the last ``ddpo_grad_steps`` transitions (+ distillation losses per optimizer step).
+  then, with ``distill_losses: [vsd]``, ``fake_updates`` fake-score steps (DMD2).
+Logged per step (log.csv): gold reward (pixel reward of decoded samples), proxy reward (LRM, method=lrm), step
+time, peak GPU memory of the step, cumulative device-seconds; every ``eval_every`` steps the gold reward of the
+k-step sampler on a fixed evaluation set (same noise, same prompts, for every method).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from distill.cd import cd_loss, consistency_output, ddim_grid
+from distill.ddpo import (PerPromptStatTracker, global_advantages, ppo_loss, sample_chain, trained_step_indices,
+                          transition_log_prob)
+from distill.denoiser import Denoiser
+from distill.direct import FRAME_SUBSAMPLING, PIXEL_CLAMPS, direct_reward_loss, sample_with_grad
+from distill.ema import EMA
+from distill.lrm_ft import lrm_ft_loss
+from distill.samplers import STUDENT_TIMESTEPS
+from distill.vsd import backward_simulation, fake_score_loss, vsd_loss
+from lrm.checkpoint import find_checkpoint, load_training_state, save_training_state
+from lrm.config import ConfigError, opt
+from lrm.run import get_logger, prepare_run_dir, resolve_device, seed_everything
+
+METHODS = ("lrm", "ddpo", "direct")
+DISTILL_LOSSES = ("vsd", "cd")
+LOG_COLUMNS = ["step", "method", "gold_reward", "proxy_reward", "eval_gold_reward", "loss", "loss_ft", "loss_vsd",
+               "loss_cd", "loss_fake", "approx_kl", "clipfrac", "adv_std", "grad_norm", "optimizer_steps",
+               "samples", "step_time_s", "gpu_seconds", "peak_mem_mb", "lr"]
+
+
+@dataclass
+class FinetuneConfig:
+    # ---- run -------------------------------------------------------------------------------------------
+    method: Literal["lrm", "ddpo", "direct"] = opt("lrm", "lrm: latent reward gradient (DOLLAR Eq. 11); ddpo: "
+                                                          "DDPO_SF / PPO on the pixel reward (Alg. 2); direct: "
+                                                          "pixel reward gradient through the decoder (DRaFT-K)")
+    run_dir: str = opt("runs/finetune", "output directory: config.yaml, log.txt, log.csv, checkpoint/, samples/, "
+                                        "student/")
+    seed: int = opt(0, "random seed")
+    device: str = opt("auto", "'auto' (cuda if available), 'cuda', 'cuda:N' or 'cpu'")
+    # ---- models and data (used by build_finetune / `lrm finetune`; the Python API takes objects) ---------
+    teacher: str = opt("shapes-image", "student initialisation: 'shapes-image' / 'shapes-video' (shipped Shapes "
+                                       "teachers) or a Denoiser directory (a distilled student or a teacher)")
+    vae: str = opt("shapes", "'shapes' (built-in VAE) or a diffusers AutoencoderKL path / hub id")
+    vae_subfolder: str | None = opt(None, "subfolder of the VAE inside a pipeline repo (e.g. 'vae')")
+    text_encoder: str = opt("all-MiniLM-L6-v2", "text encoder name or path (lrm.text.TextEncoder)")
+    gold_reward: str = opt("colorfulness", "reward_adapters name of the gold pixel reward (the DDPO / direct "
+                                           "training signal; logged for every method)")
+    gold_reward_kwargs: dict = opt({}, "constructor options of the gold reward, e.g. {frames: first-middle-last}")
+    lrm_path: str | None = opt(None, "LatentReward directory (method=lrm), e.g. from `lrm train`")
+    num_prompts: int = opt(64, "Shapes world captions used as the prompt pool (data latents for CD too)")
+    data_seed: int = opt(0, "ShapesWorld seed of the prompt pool")
+    num_frames: int = opt(16, "frames per video for the Shapes video world (teacher 'shapes-video')")
+    # ---- student ---------------------------------------------------------------------------------------
+    student_steps: int = opt(4, "student sampling steps k (1, 2 or 4 use DOLLAR's timesteps)")
+    student_timesteps: list[int] | None = opt(None, "custom student timesteps (overrides student_steps)")
+    sigma_data: float = opt(0.5, "sigma_d of the consistency boundary scalings (as in distillation)")
+    timestep_scaling: float = opt(10.0, "timestep scaling of the boundary scalings")
+    # ---- optimisation ----------------------------------------------------------------------------------
+    steps: int = opt(200, "trainer steps (ddpo: one step = sampling + inner epochs of PPO updates)")
+    max_gpu_seconds: float | None = opt(None, "stop once the cumulative step time (device-seconds) exceeds this; "
+                                              "None = run all steps")
+    batch_size: int = opt(16, "samples per optimizer step for lrm / direct, per process")
+    lr: float = opt(1e-5, "student learning rate (AdamW)")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping (L2 norm) of the student; 0 = off")
+    bf16: bool = opt(False, "bf16 autocast for network calls (CUDA only)")
+    gradient_checkpointing: bool = opt(False, "activation checkpointing: student UNet blocks and (direct) each "
+                                              "student call and the decoder")
+    # ---- LRM -------------------------------------------------------------------------------------------
+    beta_ft: float = opt(1.0, "weight of L_FT = -R^l(x_hat, c) (DOLLAR beta_FT), in 1 / reward units")
+    # ---- DDPO ------------------------------------------------------------------------------------------
+    sample_batch_size: int = opt(16, "ddpo: chains per sample batch")
+    num_sample_batches: int = opt(2, "ddpo: sample batches per trainer step (rewards of batch i are computed "
+                                     "while batch i + 1 samples)")
+    train_batch_size: int = opt(16, "ddpo: samples per PPO optimizer step; must divide sample_batch_size * "
+                                    "num_sample_batches")
+    inner_epochs: int = opt(1, "ddpo: passes over the samples per trainer step (PPO inner epochs)")
+    ddpo_grad_steps: int = opt(2, "ddpo: truncation, gradients only on the last N transitions (DOLLAR: 2)")
+    eta: float = opt(1.0, "ddpo: DDIM eta of the stochastic posterior (1 = DDPM posterior sigma)")
+    final_timestep: int = opt(0, "ddpo: where the chain ends (0: a proper Gaussian last step; -1 is deterministic)")
+    per_prompt_stats: bool = opt(True, "ddpo: normalise advantages per prompt (else over the whole batch)")
+    stat_buffer_size: int = opt(16, "ddpo: per-prompt reward buffer length")
+    stat_min_count: int = opt(16, "ddpo: rewards a prompt needs before its own statistics are used")
+    adv_clip: float = opt(5.0, "ddpo: advantages clipped to [-adv_clip, adv_clip]")
+    clip_range: float = opt(1e-4, "ddpo: PPO ratio clip range")
+    async_reward: bool = opt(True, "ddpo: compute rewards in a worker thread, overlapping the next sample batch")
+    # ---- direct ----------------------------------------------------------------------------------------
+    direct_grad_steps: int = opt(1, "direct: backprop through the last K student steps (DRaFT-K)")
+    frames: str = opt("first-middle-last", f"direct, video: frames decoded and scored, one of {FRAME_SUBSAMPLING}")
+    num_random_frames: int = opt(2, "direct, video: frames drawn with frames=random")
+    pixel_clamp: str = opt("straight-through", f"direct: decoder output to [0, 1], one of {PIXEL_CLAMPS}")
+    # ---- distillation losses combined with fine-tuning (DOLLAR Tab. 17/18: VSD + DDPO) ------------------
+    distill_losses: list[str] = opt([], f"distillation losses added to each optimizer step, subset of "
+                                        f"{list(DISTILL_LOSSES)} (needs the teacher; cd also data latents)")
+    beta_vsd: float = opt(1.0, "weight of L_VSD")
+    beta_cd: float = opt(0.5, "weight of L_CD")
+    real_guidance: float = opt(3.5, "CFG scale of VSD's real score (Imagen form)")
+    fake_updates: int = opt(5, "fake-score optimizer steps per trainer step (vsd)")
+    lr_fake: float = opt(5e-5, "fake-score learning rate")
+    cd_teacher_steps: int = opt(5, "m teacher DDIM steps per CD target")
+    cd_guidance: float = opt(7.5, "CFG scale of the CD teacher (Imagen form)")
+    cd_ema_decay: float = opt(0.95, "EMA decay of the CD target network")
+    # ---- logging ---------------------------------------------------------------------------------------
+    log_every: int = opt(10, "log to log.txt every N steps (log.csv gets every step)")
+    eval_every: int = opt(10, "gold reward of the k-step sampler on the fixed evaluation set every N steps "
+                              "(0 = only at start and end); not counted in step time")
+    num_eval: int = opt(64, "evaluation samples (prompts cycle through the pool)")
+    log_gold_train: bool = opt(True, "method=lrm: also score the training samples with the gold reward (not "
+                                     "counted in step time)")
+    ckpt_every: int = opt(100, "save a resumable checkpoint every N steps (0 = only at the end)")
+    sample_every: int = opt(100, "save a sample grid every N steps (0 = only at the end)")
+    num_sample_prompts: int = opt(8, "prompts in the sample grid")
+    samples_per_prompt: int = opt(4, "samples per prompt in the grid")
+    resume: bool = opt(True, "continue from run_dir/checkpoint when it exists")
+    progress: bool = opt(True, "tqdm progress bar")
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method {self.method!r} is not one of {METHODS}")
+        if self.student_timesteps is None and self.student_steps not in STUDENT_TIMESTEPS:
+            raise ConfigError(f"student_steps={self.student_steps} has no default timesteps "
+                              f"({sorted(STUDENT_TIMESTEPS)}); pass student_timesteps explicitly")
+        for name in ("steps", "batch_size", "sample_batch_size", "num_sample_batches", "train_batch_size",
+                     "inner_epochs", "num_prompts", "num_eval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        total = self.sample_batch_size * self.num_sample_batches
+        if total % self.train_batch_size != 0:
+            raise ConfigError(
+                f"sample_batch_size * num_sample_batches = {self.sample_batch_size} * {self.num_sample_batches} = "
+                f"{total} samples per step is not divisible by train_batch_size = {self.train_batch_size}; pick "
+                f"a train_batch_size that divides {total} (e.g. {math.gcd(total, self.train_batch_size)})")
+        k = len(self.timesteps)
+        if not 1 <= self.ddpo_grad_steps <= k:
+            raise ConfigError(f"ddpo_grad_steps must be in [1, {k}] for a {k}-step student, got {self.ddpo_grad_steps}")
+        if not 1 <= self.direct_grad_steps <= k:
+            raise ConfigError(f"direct_grad_steps must be in [1, {k}] for a {k}-step student, got "
+                              f"{self.direct_grad_steps}")
+        if self.final_timestep >= min(self.timesteps):
+            raise ConfigError(f"final_timestep {self.final_timestep} must be below the last student timestep "
+                              f"{min(self.timesteps)}")
+        if self.method == "ddpo" and (self.eta <= 0 or self.final_timestep < 0):
+            raise ConfigError("ddpo needs a stochastic chain: eta > 0 and final_timestep >= 0 (got eta="
+                              f"{self.eta}, final_timestep={self.final_timestep})")
+        if self.stat_min_count > self.stat_buffer_size:
+            raise ConfigError(f"stat_min_count {self.stat_min_count} > stat_buffer_size {self.stat_buffer_size}: "
+                              "a prompt could never use its own statistics")
+        if self.frames not in FRAME_SUBSAMPLING:
+            raise ConfigError(f"frames {self.frames!r} is not one of {FRAME_SUBSAMPLING}")
+        if self.pixel_clamp not in PIXEL_CLAMPS:
+            raise ConfigError(f"pixel_clamp {self.pixel_clamp!r} is not one of {PIXEL_CLAMPS}")
+        bad = [x for x in self.distill_losses if x not in DISTILL_LOSSES]
+        if bad:
+            raise ConfigError(f"distill_losses {bad} unknown; valid: {list(DISTILL_LOSSES)}")
+        if "vsd" in self.distill_losses and self.fake_updates < 1:
+            raise ConfigError(f"fake_updates must be >= 1 with vsd, got {self.fake_updates}")
+        if self.adv_clip <= 0 or self.clip_range <= 0:
+            raise ConfigError(f"adv_clip and clip_range must be > 0, got {self.adv_clip}, {self.clip_range}")
+
+    @property
+    def timesteps(self) -> list[int]:
+        ts = self.student_timesteps if self.student_timesteps is not None else STUDENT_TIMESTEPS[self.student_steps]
+        return sorted((int(t) for t in ts), reverse=True)
+
+
+@dataclass
+class PromptPool:
+    """Captions with their text embeddings (and optional data latents for CD): ``text_tokens`` (N, L, D),
+    ``text_mask`` (N, L) bool, ``prompts`` N strings, ``latents`` (N, ...) or None."""
+
+    text_tokens: torch.Tensor
+    text_mask: torch.Tensor
+    prompts: list[str]
+    latents: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.prompts)
+        if self.text_tokens.shape[0] != n or self.text_mask.shape[0] != n:
+            raise ValueError(f"PromptPool sizes differ: {n} prompts, text_tokens {self.text_tokens.shape[0]}, "
+                             f"text_mask {self.text_mask.shape[0]}")
+        if self.latents is not None and self.latents.shape[0] != n:
+            raise ValueError(f"PromptPool has {n} prompts but {self.latents.shape[0]} latents")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def to(self, device) -> "PromptPool":
+        return PromptPool(self.text_tokens.to(device), self.text_mask.to(device).bool(), list(self.prompts),
+                          None if self.latents is None else self.latents.to(device))
+
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor | None]:
+        i = idx.to(self.text_tokens.device)
+        lat = None if self.latents is None else self.latents[i]
+        return self.text_tokens[i], self.text_mask[i], [self.prompts[j] for j in idx.tolist()], lat
+
+    @classmethod
+    def from_distill_data(cls, data: Any) -> "PromptPool":
+        return cls(data.text_tokens, data.text_mask.bool(), list(data.prompts), data.latents)
+
+
+class _LRMAdapter:
+    """Calls a LatentReward with text only if it takes text (image LRMs refuse text tokens)."""
+
+    def __init__(self, lrm: Any):
+        self.lrm = lrm
+        self.needs_text = bool(getattr(lrm, "needs_text", True))
+
+    def __call__(self, latents, text_tokens=None, text_mask=None):
+        if self.needs_text:
+            return self.lrm(latents, text_tokens, text_mask)
+        return self.lrm(latents)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class FinetuneTrainer:
+    """Reward fine-tuning of a student (one of ``METHODS``), logging the same quantities for each.
+
+    Args:
+        config: ``FinetuneConfig``.
+        init: the ``Denoiser`` the student starts from (the shipped teacher, or a distilled student); not modified.
+        pool: ``PromptPool`` (captions + text embeddings; data latents for CD).
+        gold_reward: pixel reward ``reward(pixels [0, 1], prompts) -> (B,)`` (a ``reward_adapters`` reward).
+        vae: ``lrm.latent_space.VAE`` (decoding for the gold reward, the direct gradient and the grids).
+        lrm: latent reward for method=lrm (``latent_rewards.LatentReward`` or ``lrm(latents, tokens, mask)``).
+        teacher: frozen teacher ``Denoiser`` for the distillation losses (default: a frozen copy of ``init``).
+    """
+
+    def __init__(self, config: FinetuneConfig, init: Denoiser, pool: PromptPool, gold_reward: Any, vae: Any,
+                 lrm: Any = None, teacher: Denoiser | None = None):
+        self.config = cfg = config
+        self.device = resolve_device(cfg.device)
+        if cfg.bf16 and self.device.type != "cuda":
+            raise ConfigError(f"bf16=true needs a CUDA device (got {self.device}); set bf16: false on CPU")
+        if cfg.method == "lrm" and lrm is None:
+            raise ConfigError("method=lrm needs a latent reward: pass lrm= (a LatentReward) or set lrm_path")
+        if cfg.method == "direct" and not getattr(gold_reward, "differentiable", False):
+            raise ConfigError(f"method=direct needs a differentiable gold reward; {getattr(gold_reward, 'name', '?')!r}"
+                              " is not (try colorfulness, sharpness or brightness, or use method=ddpo)")
+        self.logger = get_logger("lrm.finetune")
+        seed_everything(cfg.seed)
+        self.timesteps = cfg.timesteps
+        init = init.to(self.device)
+        null = (init.null_tokens.detach().cpu(), init.null_mask.detach().cpu())
+        self.student = Denoiser(copy.deepcopy(init.model), init.schedule, init.parameterization, cfg_null=null)
+        self.student = self.student.to(self.device).requires_grad_(True).train()
+        self.schedule = self.student.schedule
+        if cfg.gradient_checkpointing and hasattr(self.student.model, "enable_gradient_checkpointing"):
+            self.student.model.enable_gradient_checkpointing()
+        self.pool = pool.to(self.device)
+        self.gold_reward = gold_reward
+        self.vae = vae
+        self.lrm = None
+        if lrm is not None:
+            if isinstance(lrm, nn.Module):
+                lrm.to(self.device).eval().requires_grad_(False)
+            self.lrm = _LRMAdapter(lrm)
+        # distillation losses
+        self.teacher = self.fake = self.target = self.opt_f = None
+        if cfg.distill_losses:
+            base = teacher if teacher is not None else init
+            self.teacher = copy.deepcopy(base).to(self.device).eval().requires_grad_(False)
+            if "vsd" in cfg.distill_losses:
+                self.fake = copy.deepcopy(self.teacher).requires_grad_(True).train()
+                self.opt_f = torch.optim.AdamW(self.fake.model.parameters(), lr=cfg.lr_fake,
+                                               betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+            if "cd" in cfg.distill_losses:
+                if self.pool.latents is None:
+                    raise ConfigError("distill_losses [cd] needs data latents in the prompt pool (PromptPool.latents)")
+                self.target = EMA(self.student, cfg.cd_ema_decay)
+                self.grid = ddim_grid(self.schedule.num_train_timesteps, 50, device=self.device)
+        self.opt = torch.optim.AdamW(self.student.model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                     weight_decay=cfg.weight_decay)
+        self.tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
+        self._pool_exec = ThreadPoolExecutor(max_workers=1) if cfg.async_reward else None
+        self.step = 0
+        self.optimizer_steps = 0
+        self.gpu_seconds = 0.0
+        self.peak_mem_mb = 0.0
+        self.history: list[dict[str, Any]] = []
+        self._csv_path = Path(cfg.run_dir) / "log.csv"
+        # fixed evaluation set: noise + prompts (same for every method with the same seed)
+        g = torch.Generator().manual_seed(cfg.seed + 12345)
+        self.latent_shape = self._latent_shape()
+        self._eval_idx = torch.arange(cfg.num_eval) % len(self.pool)
+        self._eval_noise = torch.randn((cfg.num_eval, *self.latent_shape), generator=g)
+
+    # ---- helpers -----------------------------------------------------------------------------------------
+    def _latent_shape(self) -> tuple[int, ...]:
+        if self.pool.latents is not None:
+            return tuple(self.pool.latents.shape[1:])
+        m = self.student.model.config
+        C, s = int(m.in_channels), int(m.sample_size)
+        return (self.config.num_frames, C, s, s) if self.student.is_video else (C, s, s)
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.config.bf16 else nullcontext()
+
+    def student_x0(self, x_t: torch.Tensor, t: torch.Tensor, tok: torch.Tensor, mask: torch.Tensor | None):
+        """The student's x0 map (consistency function; equals the raw x0 prediction at t >= 249 up to 1e-6)."""
+        with self.autocast():
+            x0 = self.student.x0(x_t, t, tok, mask)
+        return consistency_output(x_t, x0.float(), t, self.config.sigma_data, self.config.timestep_scaling)
+
+    def _batch(self, n: int):
+        idx = torch.randint(len(self.pool), (n,))
+        return self.pool.take(idx)
+
+    def _noise(self, n: int) -> torch.Tensor:
+        return torch.randn((n, *self.latent_shape), device=self.device)
+
+    @torch.no_grad()
+    def gold(self, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Gold reward of latents: pixel reward of the clamped decoding, float32 (B,) on CPU."""
+        pixels = self.vae.decode(latents.float(), clamp=True)
+        return self.gold_reward(pixels, prompts).float().cpu()
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, tok: torch.Tensor, mask: torch.Tensor | None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """k-step student sampling (x0 latents), as deployed."""
+        was = self.student.training
+        self.student.eval()
+        x0 = sample_with_grad(lambda x, t: self.student_x0(x, t, tok, mask), noise.to(self.device), self.timesteps,
+                              self.schedule, grad_steps=1, generator=generator)
+        self.student.train(was)
+        return x0
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean gold reward of the k-step sampler on the fixed evaluation set."""
+        out = []
+        g = torch.Generator().manual_seed(self.config.seed + 777)
+        for s in range(0, self.config.num_eval, 64):
+            idx = self._eval_idx[s:s + 64]
+            tok, mask, prompts, _ = self.pool.take(idx)
+            x0 = self.sample(self._eval_noise[s:s + 64], tok, mask, generator=g)
+            out.append(self.gold(x0, prompts))
+        return float(torch.cat(out).mean())
+
+    def _distill_terms(self, x_hat: torch.Tensor | None, tok, mask, lat) -> tuple[torch.Tensor, dict[str, float],
+                                                                                 torch.Tensor | None]:
+        """beta_vsd L_VSD (on x_hat, drawn by backward simulation when None) + beta_cd L_CD."""
+        cfg = self.config
+        loss = torch.zeros((), device=self.device)
+        logs: dict[str, float] = {}
+        if not cfg.distill_losses:
+            return loss, logs, x_hat
+        B, L = tok.shape[:2]
+        null_t, null_m = self.teacher.null_text(B, L)
+        if "vsd" in cfg.distill_losses:
+            if x_hat is None:
+                x_hat = self._graded_x_hat(tok, mask)
+            l_vsd, _ = vsd_loss(x_hat, self.teacher, self.fake, tok, mask, null_t, null_m, cfg.real_guidance,
+                                autocast=self.autocast)
+            loss = loss + cfg.beta_vsd * l_vsd
+            logs["loss_vsd"] = float(l_vsd.detach())
+        if "cd" in cfg.distill_losses:
+            tgt = self.target.shadow
+            l_cd = cd_loss(lambda x, t: self.student.x0(x, t, tok, mask), lat, self.teacher,
+                           lambda x, t: tgt.x0(x, t, tok, mask), tok, mask, null_t, null_m, self.grid,
+                           cfg.cd_teacher_steps, cfg.cd_guidance, sigma_data=cfg.sigma_data,
+                           timestep_scaling=cfg.timestep_scaling, autocast=self.autocast)
+            loss = loss + cfg.beta_cd * l_cd
+            logs["loss_cd"] = float(l_cd.detach())
+        return loss, logs, x_hat
+
+    def _graded_x_hat(self, tok, mask) -> torch.Tensor:
+        """DMD2 backward simulation: the student's x0 at a random one of its k steps, with a graph."""
+        B = tok.shape[0]
+        k = int(torch.randint(len(self.timesteps), (1,))) if len(self.timesteps) > 1 else 0
+        x, t = backward_simulation(lambda x, t: self.student_x0(x, t, tok, mask), self._noise(B), self.timesteps,
+                                   self.schedule, k)
+        return self.student_x0(x, t, tok, mask)
+
+    def _optimizer_step(self) -> float:
+        cfg = self.config
+        params = self.student.model.parameters()
+        gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.target is not None:
+            self.target.update(self.student)
+        self.optimizer_steps += 1
+        return float(gn)
+
+    # ---- the three methods --------------------------------------------------------------------------------
+    def lrm_step(self) -> dict[str, Any]:
+        """L = beta_ft * -R^l(x_hat, c) (+ distillation losses on the same x_hat); one optimizer step."""
+        cfg = self.config
+        tok, mask, prompts, lat = self._batch(cfg.batch_size)
+        x_hat = self._graded_x_hat(tok, mask)
+        l_ft, r = lrm_ft_loss(self.lrm, x_hat, tok, mask)
+        l_d, logs, _ = self._distill_terms(x_hat, tok, mask, lat)
+        loss = cfg.beta_ft * l_ft + l_d
+        loss.backward()
+        logs.update(loss=float(loss.detach()), loss_ft=float(l_ft.detach()), proxy_reward=float(r.mean()),
+                    grad_norm=self._optimizer_step(), samples=cfg.batch_size)
+        self._last = (x_hat.detach(), prompts, tok, mask)
+        return logs
+
+    def direct_step(self) -> dict[str, Any]:
+        """L = -R(Dec(x0), c) with x0 from the k-step sampler, graph on the last K steps; one optimizer step."""
+        cfg = self.config
+        tok, mask, prompts, lat = self._batch(cfg.batch_size)
+        x0 = sample_with_grad(lambda x, t: self.student_x0(x, t, tok, mask), self._noise(cfg.batch_size),
+                              self.timesteps, self.schedule, cfg.direct_grad_steps, cfg.gradient_checkpointing)
+        l_r, r = direct_reward_loss(x0, self.vae, self.gold_reward, prompts, cfg.frames, cfg.num_random_frames,
+                                    cfg.gradient_checkpointing, cfg.pixel_clamp)
+        l_d, logs, _ = self._distill_terms(None, tok, mask, lat)
+        loss = l_r + l_d
+        loss.backward()
+        logs.update(loss=float(loss.detach()), gold_reward=float(r.mean()), grad_norm=self._optimizer_step(),
+                    samples=cfg.batch_size)
+        self._last = (x0.detach(), prompts, tok, mask)
+        return logs
+
+    def _reward_job(self, latents: torch.Tensor, prompts: list[str]):
+        pixels = self.vae.decode(latents.float(), clamp=True)  # decode on the main thread (GPU stream order)
+
+        def job():
+            with torch.no_grad():
+                return self.gold_reward(pixels, prompts).float().cpu()
+
+        if self._pool_exec is not None:
+            return self._pool_exec.submit(job)
+        return job()
+
+    def ddpo_step(self) -> dict[str, Any]:
+        """DOLLAR Alg. 2 with ddpo-pytorch's options: sample, reward, advantages, PPO inner epochs."""
+        cfg = self.config
+        # 1-2. sample batches; each batch's reward runs in the worker while the next one samples
+        self.student.eval()
+        batches = []
+        for _ in range(cfg.num_sample_batches):
+            tok, mask, prompts, _ = self._batch(cfg.sample_batch_size)
+            with self.autocast():
+                s = sample_chain(self.student, self._noise(cfg.sample_batch_size), tok, mask, prompts,
+                                 self.timesteps, cfg.eta, cfg.final_timestep)
+            s.latents, s.log_probs = s.latents.float(), s.log_probs.float()
+            with torch.no_grad():
+                s.rewards = self._reward_job(s.x0, prompts)
+            batches.append(s)
+        self.student.train()
+        rewards = torch.cat([b.resolve_rewards() for b in batches])  # (N,)
+        prompts_all = [p for b in batches for p in b.prompts]
+        # 3. advantages
+        if cfg.per_prompt_stats:
+            adv = self.tracker.update(prompts_all, rewards.numpy())
+        else:
+            adv = global_advantages(rewards.numpy())
+        adv = torch.as_tensor(adv, dtype=torch.float32, device=self.device)
+        samples = _concat_samples(batches)
+        N = len(samples)
+        # 4. inner epochs of PPO on the last ddpo_grad_steps transitions
+        steps_idx = trained_step_indices(len(self.timesteps), cfg.ddpo_grad_steps)
+        infos: dict[str, list[float]] = {"approx_kl": [], "clipfrac": [], "loss": [], "grad_norm": []}
+        logs: dict[str, float] = {}
+        for _ in range(cfg.inner_epochs):
+            perm = torch.randperm(N)
+            for s0 in range(0, N, cfg.train_batch_size):
+                idx = perm[s0:s0 + cfg.train_batch_size]
+                sub = samples.subset(idx)
+                a = adv[idx.to(self.device)]
+                total = 0.0
+                for k in steps_idx:
+                    with self.autocast():
+                        lp = transition_log_prob(self.student, sub, k, cfg.eta)
+                    loss, info = ppo_loss(lp, sub.log_probs[:, k], a, cfg.clip_range, cfg.adv_clip)
+                    (loss / len(steps_idx)).backward()
+                    total += float(loss.detach()) / len(steps_idx)
+                    infos["approx_kl"].append(info["approx_kl"])
+                    infos["clipfrac"].append(info["clipfrac"])
+                l_d, dlogs, _ = self._distill_terms(None, sub.text_tokens, sub.text_mask,
+                                                    None if self.pool.latents is None else
+                                                    self.pool.latents[torch.randint(len(self.pool), (len(idx),))])
+                if cfg.distill_losses:
+                    l_d.backward()
+                    total += float(l_d.detach())
+                    for kk, v in dlogs.items():
+                        logs[kk] = v
+                infos["loss"].append(total)
+                infos["grad_norm"].append(self._optimizer_step())
+        self._last = (samples.x0, samples.prompts, samples.text_tokens, samples.text_mask)
+        logs.update({k: float(np.mean(v)) for k, v in infos.items() if v})
+        logs.update(gold_reward=float(rewards.mean()), adv_std=float(adv.std()), samples=N)
+        return logs
+
+    def fake_score_step(self) -> float:
+        """DMD2: the fake score learns the current student's samples with the teacher objective."""
+        tok, mask, _, _ = self._batch(self.config.batch_size)
+        with torch.no_grad():
+            x_hat = self._graded_x_hat(tok, mask)
+        self.fake.train()
+        loss = fake_score_loss(self.fake, x_hat, tok, mask, autocast=self.autocast)
+        loss.backward()
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.fake.model.parameters(), self.config.max_grad_norm)
+        self.opt_f.step()
+        self.opt_f.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def train_step(self) -> dict[str, Any]:
+        """One trainer step of the configured method, timed (device-seconds) and with its peak memory."""
+        cfg = self.config
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        row = {"lrm": self.lrm_step, "direct": self.direct_step, "ddpo": self.ddpo_step}[cfg.method]()
+        if self.fake is not None:
+            row["loss_fake"] = float(np.mean([self.fake_score_step() for _ in range(cfg.fake_updates)]))
+        _sync(self.device)
+        dt = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 20 if self.device.type == "cuda" else 0.0
+        self.gpu_seconds += dt
+        self.peak_mem_mb = max(self.peak_mem_mb, peak)
+        if cfg.method == "lrm" and cfg.log_gold_train:  # monitoring only, outside the timed region
+            x, prompts, _, _ = self._last
+            row["gold_reward"] = float(self.gold(x, prompts).mean())
+        self.step += 1
+        row.update(step=self.step, method=cfg.method, step_time_s=dt, gpu_seconds=self.gpu_seconds,
+                   peak_mem_mb=peak, optimizer_steps=self.optimizer_steps, lr=self.opt.param_groups[0]["lr"])
+        if cfg.eval_every > 0 and self.step % cfg.eval_every == 0:
+            row["eval_gold_reward"] = self.evaluate()
+        self.history.append(row)
+        return row
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    def _state(self) -> tuple[dict[str, nn.Module], dict[str, torch.optim.Optimizer]]:
+        modules: dict[str, nn.Module] = {"student": self.student.model}
+        optims: dict[str, torch.optim.Optimizer] = {"student": self.opt}
+        if self.fake is not None:
+            modules["fake"] = self.fake.model
+            optims["fake"] = self.opt_f
+        if self.target is not None:
+            modules["target"] = self.target.shadow.model
+        return modules, optims
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.config.run_dir) / "checkpoint"
+
+    def save_checkpoint(self) -> Path:
+        modules, optims = self._state()
+        extra = {"config": dataclasses.asdict(self.config), "tracker": self.tracker.state_dict(),
+                 "gpu_seconds": self.gpu_seconds, "optimizer_steps": self.optimizer_steps,
+                 "peak_mem_mb": self.peak_mem_mb}
+        return save_training_state(self.checkpoint_dir, self.step, modules=modules, optimizers=optims, extra=extra)
+
+    def load_checkpoint(self, directory: str | Path | None = None) -> int:
+        modules, optims = self._state()
+        st = load_training_state(directory or self.checkpoint_dir, modules=modules, optimizers=optims,
+                                 map_location=self.device)
+        ex = st["extra"]
+        self.tracker.load_state_dict(ex["tracker"])
+        self.gpu_seconds = float(ex["gpu_seconds"])
+        self.optimizer_steps = int(ex["optimizer_steps"])
+        self.peak_mem_mb = float(ex["peak_mem_mb"])
+        self.step = int(st["step"])
+        return self.step
+
+    # ---- logs and samples ---------------------------------------------------------------------------------
+    def _open_logs(self, resumed: bool) -> None:
+        rows = []
+        if resumed and self._csv_path.exists():
+            with open(self._csv_path) as fh:
+                rows = [r for r in csv.DictReader(fh) if r.get("step") and int(r["step"]) <= self.step]
+        self._csv_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._csv_path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=LOG_COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+
+    def _log_row(self, row: dict[str, Any]) -> None:
+        with open(self._csv_path, "a", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=LOG_COLUMNS).writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+
+    @torch.no_grad()
+    def save_samples(self, tag: str | None = None) -> Path | None:
+        from shapes.grid import save_gif, save_grid, save_video_strip
+
+        cfg = self.config
+        P, S = min(cfg.num_sample_prompts, len(self.pool)), cfg.samples_per_prompt
+        idx = torch.arange(P).repeat_interleave(S)
+        tok, mask, _, _ = self.pool.take(idx)
+        g = torch.Generator().manual_seed(cfg.seed)
+        noise = torch.randn((len(idx), *self.latent_shape), generator=g)
+        pixels = self.vae.decode(self.sample(noise, tok, mask, generator=g).float()).cpu()
+        out = Path(cfg.run_dir) / "samples"
+        name = tag or f"step_{self.step:06d}"
+        if pixels.dim() == 5:
+            save_gif(pixels, out / f"{name}.gif", nrow=S)
+            return save_video_strip(pixels, out / f"{name}.png")
+        return save_grid(pixels, out / f"{name}.png", nrow=S, scale=2)
+
+    def save_student(self, directory: str | Path | None = None) -> Path:
+        from lrm.io import write_json
+
+        directory = Path(directory or Path(self.config.run_dir) / "student")
+        self.student.save_pretrained(directory)
+        write_json(directory / "student.json", {
+            "timesteps": self.timesteps, "parameterization": self.student.parameterization, "step": self.step,
+            "finetune_method": self.config.method, "gold_reward": self.config.gold_reward,
+            "consistency_function": {"sigma_data": self.config.sigma_data,
+                                     "timestep_scaling": self.config.timestep_scaling}})
+        return directory
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    def train(self, steps: int | None = None) -> list[dict[str, Any]]:
+        """Run (or resume) until ``steps`` trainer steps or ``max_gpu_seconds``; returns the history."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        total = steps if steps is not None else cfg.steps
+        prepare_run_dir(cfg.run_dir, cfg, logger_name="lrm.finetune")
+        resumed = False
+        if cfg.resume and find_checkpoint(self.checkpoint_dir) is not None:
+            self.load_checkpoint()
+            resumed = True
+            self.logger.info("resumed from %s at step %d", self.checkpoint_dir, self.step)
+        self._open_logs(resumed)
+        per_step = (cfg.sample_batch_size * cfg.num_sample_batches if cfg.method == "ddpo" else cfg.batch_size)
+        opt_per_step = (per_step // cfg.train_batch_size * cfg.inner_epochs if cfg.method == "ddpo" else 1)
+        self.logger.info(
+            "finetune method=%s: %d steps x %d samples (%d optimizer steps each); student %d-step %s; gold reward "
+            "%s; distill losses %s; device %s; run dir %s", cfg.method, total, per_step, opt_per_step,
+            len(self.timesteps), self.timesteps, cfg.gold_reward, cfg.distill_losses or "none", self.device,
+            cfg.run_dir)
+        if not resumed:
+            r0 = self.evaluate()
+            self._log_row({"step": 0, "method": cfg.method, "eval_gold_reward": r0, "gpu_seconds": 0.0,
+                           "optimizer_steps": 0})
+            self.history.append({"step": 0, "eval_gold_reward": r0, "gpu_seconds": 0.0})
+        bar = tqdm(total=total, initial=self.step, desc=f"finetune[{cfg.method}]", disable=not cfg.progress)
+        while self.step < total:
+            if cfg.max_gpu_seconds is not None and self.gpu_seconds >= cfg.max_gpu_seconds:
+                self.logger.info("stopping at step %d: %.1f device-seconds >= max_gpu_seconds %.1f", self.step,
+                                 self.gpu_seconds, cfg.max_gpu_seconds)
+                break
+            row = self.train_step()
+            self._log_row(row)
+            bar.update(1)
+            bar.set_postfix({k: f"{row[k]:.4g}" for k in ("gold_reward", "proxy_reward", "loss") if k in row})
+            if self.step % max(cfg.log_every, 1) == 0:
+                self.logger.info("step %d: %s", self.step, ", ".join(
+                    f"{k}={v:.5g}" for k, v in row.items() if isinstance(v, float)))
+            if cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0:
+                self.save_checkpoint()
+            if cfg.sample_every > 0 and self.step % cfg.sample_every == 0:
+                self.save_samples()
+        bar.close()
+        if not self.history or "eval_gold_reward" not in self.history[-1]:
+            r = self.evaluate()
+            row = {"step": self.step, "method": cfg.method, "eval_gold_reward": r, "gpu_seconds": self.gpu_seconds,
+                   "optimizer_steps": self.optimizer_steps}
+            self._log_row(row)
+            self.history.append(row)
+        self.save_checkpoint()
+        self.save_samples()
+        return self.history
+
+    def close(self) -> None:
+        if self._pool_exec is not None:
+            self._pool_exec.shutdown(wait=True)
+
+
+def _concat_samples(batches: list) -> Any:
+    from distill.ddpo import DDPOSamples
+
+    b0 = batches[0]
+    L = max(b.text_tokens.shape[1] for b in batches)
+
+    def pad(t, L):
+        if t.shape[1] == L:
+            return t
+        return torch.cat([t, t.new_zeros(t.shape[0], L - t.shape[1], *t.shape[2:])], 1)
+
+    return DDPOSamples(torch.cat([b.latents for b in batches]), torch.cat([b.log_probs for b in batches]),
+                       b0.timesteps, b0.prev_timesteps, torch.cat([pad(b.text_tokens, L) for b in batches]),
+                       None if b0.text_mask is None else torch.cat([pad(b.text_mask, L) for b in batches]),
+                       [p for b in batches for p in b.prompts], torch.cat([b.resolve_rewards() for b in batches]))
+
+
+# ---- building everything from a config (CLI, benchmarks) ----------------------------------------------------
+def build_finetune(cfg: FinetuneConfig, lrm: Any = None, progress: bool = True) -> FinetuneTrainer:
+    """Load the student init, VAE, text encoder, prompt pool, gold reward and LRM named in ``cfg``."""
+    from distill.models import load_shapes_teacher
+    from distill.trainer import DistillData
+    from lrm.latent_space import VAE
+    from lrm.text import TextEncoder
+    from reward_adapters import create_reward
+
+    device = resolve_device(cfg.device)
+    if cfg.teacher in ("shapes-image", "shapes-video"):
+        init = load_shapes_teacher(cfg.teacher.split("-")[1], device=device)
+    else:
+        init = Denoiser.from_pretrained(cfg.teacher, device=device)
+    vae = VAE.shapes(device=device) if cfg.vae == "shapes" else \
+        VAE.from_pretrained(cfg.vae, subfolder=cfg.vae_subfolder).to(device)
+    text = TextEncoder()
+    nf = cfg.num_frames if init.is_video else None
+    data = DistillData.from_shapes(cfg.num_prompts, vae, text, num_frames=nf, seed=cfg.data_seed, progress=progress)
+    pool = PromptPool.from_distill_data(data)
+    gold = create_reward(cfg.gold_reward, **cfg.gold_reward_kwargs)
+    if hasattr(gold, "to"):
+        gold = gold.to(device)
+    if lrm is None and cfg.method == "lrm":
+        if cfg.lrm_path is None:
+            raise ConfigError("method=lrm needs lrm_path: a LatentReward directory (train one with `lrm train`)")
+        from latent_rewards import LatentReward
+
+        lrm = LatentReward.from_pretrained(cfg.lrm_path, device=device)
+        if lrm.latent_space is not None:
+            lrm.latent_space.check_compatible(vae.latent_space)
+    return FinetuneTrainer(cfg, init, pool, gold, vae, lrm=lrm)
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """``lrm finetune``: build, train, save the student; returns a summary (also run_dir/summary.json)."""
+    from lrm.io import write_json
+
+    trainer = build_finetune(cfg, progress=cfg.progress)
+    try:
+        hist = trainer.train()
+    finally:
+        trainer.close()
+    trainer.save_student()
+    evals = [(r["gpu_seconds"], r["eval_gold_reward"]) for r in hist if "eval_gold_reward" in r]
+    summary = {"method": cfg.method, "steps": trainer.step, "optimizer_steps": trainer.optimizer_steps,
+               "gpu_seconds": trainer.gpu_seconds, "peak_mem_mb": trainer.peak_mem_mb,
+               "gold_reward": cfg.gold_reward, "eval_gold_start": evals[0][1] if evals else None,
+               "eval_gold_final": evals[-1][1] if evals else None, "eval_curve": evals}
+    write_json(Path(cfg.run_dir) / "summary.json", summary)
+    trainer.logger.info("done: %s", {k: v for k, v in summary.items() if k != "eval_curve"})
+    return summary
+
+
+__all__ = ["FinetuneConfig", "FinetuneTrainer", "PromptPool", "build_finetune", "run_finetune", "LOG_COLUMNS",
+           "METHODS", "DISTILL_LOSSES"]
