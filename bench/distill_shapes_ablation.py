@@ -1,0 +1,171 @@
+"""DOLLAR-style ablation on the Shapes world (GPU, ~8 min): CD only, VSD only, VSD+CD, VSD+CD+LRM (4 steps), and
+VSD+CD at 1 and 2 steps, each a short run from configs/distill_shapes_ablation_*.yaml.
+
+Per row, on held-out prompts (Shapes world seed 1), against the 50-step CFG teacher measured in the same run:
+  speedup   wall-clock of the teacher (50 DDIM steps x CFG = 100 network calls) / the student (k calls), same batch
+  adherence mean ``shapes-adherence`` reward (reward_adapters, classical vision on pixels), and its ratio to the teacher
+  vendi     Vendi score (cosine kernel on raw pixels) over the samples of one prompt, averaged over prompts
+  gold      the pixel reward the LRM targets (the configs' ``pixel_reward``, default colorfulness)
+Writes ``OUT/ablation.json`` and ``OUT/ablation.md``, sample grids in ``OUT/<row>/``.
+
+    PYTHONPATH=. python3 bench/distill_shapes_ablation.py --out runs/distill_ablation [--steps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ROWS = [  # (row name, config file suffix)
+    ("CD only (4 steps)", "cd_only"),
+    ("VSD only (4 steps)", "vsd_only"),
+    ("VSD+CD (4 steps)", "vsd_cd"),
+    ("VSD+CD+LRM (4 steps)", "vsd_cd_lrm"),
+    ("VSD+CD (2 steps)", "vsd_cd_2step"),
+    ("VSD+CD (1 step)", "vsd_cd_1step"),
+]
+
+
+def timed(fn, repeats: int = 3) -> tuple[torch.Tensor, float]:
+    """Median wall-clock seconds of ``fn()`` (after one warm-up call), CUDA-synchronised."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return out, sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/distill_ablation")
+    ap.add_argument("--steps", type=int, default=None, help="override the configs' generator steps")
+    ap.add_argument("--batch_size", type=int, default=None, help="override the configs' batch size")
+    ap.add_argument("--rows", default="all", help="comma list of config suffixes (cd_only,vsd_only,...) or 'all'")
+    ap.add_argument("--prompts", type=int, default=16, help="held-out prompts")
+    ap.add_argument("--per_prompt", type=int, default=8, help="samples per prompt (Vendi is over these)")
+    ap.add_argument("--teacher_cfg", type=float, default=7.5, help="CFG scale of the 50-step teacher (Imagen form)")
+    ap.add_argument("--teacher", default="shapes-image", help="override the teacher (a Denoiser dir for tests)")
+    ap.add_argument("--num_data", type=int, default=None, help="override the configs' number of data latents")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+
+    from distill.cli import build_data, build_lrm, build_teacher, build_vae
+    from distill.samplers import ddim_sample
+    from distill.trainer import DistillConfig, DistillData, DistillTrainer
+    from eval.vendi import vendi_score
+    from lrm.config import load_config
+    from lrm.io import write_json
+    from lrm.run import resolve_device
+    from lrm.text import TextEncoder
+    from reward_adapters import create_reward
+    from shapes import ShapesWorld
+    from shapes.grid import save_grid
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    rows = ROWS if args.rows == "all" else [r for r in ROWS if r[1] in args.rows.split(",")]
+    t_start = time.perf_counter()
+
+    base = load_config(DistillConfig, ROOT / f"configs/distill_shapes_ablation_{rows[0][1]}.yaml",
+                       {"teacher": args.teacher, **({"num_data": args.num_data} if args.num_data else {})})
+    teacher = build_teacher(base, device)
+    vae = build_vae(base, device)
+    data = build_data(base, vae, device, video=teacher.is_video)
+    text_encoder = TextEncoder(base.text_encoder, device=device)
+
+    # Held-out prompts, each repeated per_prompt times with fixed noise shared by every generator.
+    world = ShapesWorld(seed=1)
+    prompts: list[str] = []
+    i = 0
+    while len(prompts) < args.prompts:
+        c = world.sample(i).caption
+        if c not in prompts:
+            prompts.append(c)
+        i += 1
+    all_prompts = [p for p in prompts for _ in range(args.per_prompt)]
+    emb = text_encoder(all_prompts)
+    tok, mask = emb.tokens.to(device), emb.mask.to(device)
+    g = torch.Generator().manual_seed(1234)
+    noise = torch.randn((len(all_prompts), *data.latents.shape[1:]), generator=g).to(device)
+    adherence = create_reward("shapes-adherence", device=str(device))
+    gold = create_reward(base.pixel_reward, device=str(device))
+
+    def score(latents: torch.Tensor, name: str) -> dict:
+        pixels = vae.decode(latents.float())  # (N, 3, H, W)
+        save_grid(pixels[: 8 * args.per_prompt].cpu(), out / f"{name}.png", nrow=args.per_prompt, scale=2)
+        groups = pixels.view(args.prompts, args.per_prompt, *pixels.shape[1:])
+        return {"adherence": float(adherence(pixels, all_prompts).mean()),
+                "gold": float(gold(pixels, all_prompts).mean()),
+                "vendi": float(sum(vendi_score(gp.cpu()) for gp in groups) / len(groups))}
+
+    with torch.no_grad():
+        t_lat, t_time = timed(lambda: ddim_sample(teacher, noise, tok, mask, num_steps=50,
+                                                  guidance_scale=args.teacher_cfg), repeats=2)
+    results = {"teacher": {"name": f"teacher (50 DDIM x CFG {args.teacher_cfg})", "seconds": t_time,
+                           "network_calls": 100, **score(t_lat, "teacher")}}
+    print(f"teacher: {results['teacher']}", flush=True)
+
+    for name, suffix in rows:
+        over = {"teacher": args.teacher, "device": str(device), "progress": False, "tensorboard": False,
+                "run_dir": str(out / suffix), "resume": False}
+        if args.steps is not None:
+            over["steps"] = args.steps
+        if args.batch_size is not None:
+            over["batch_size"] = args.batch_size
+        cfg = load_config(DistillConfig, ROOT / f"configs/distill_shapes_ablation_{suffix}.yaml", over)
+        lrm = build_lrm(cfg, data, vae, device)
+        tr = DistillTrainer(cfg, teacher, DistillData(data.latents, data.text_tokens, data.text_mask, data.prompts),
+                            lrm=lrm, vae=vae)
+        t0 = time.perf_counter()
+        hist = tr.train()
+        train_s = time.perf_counter() - t0
+        s_lat, s_time = timed(lambda: tr.sample(noise, tok, mask))
+        r = {"name": name, "config": f"configs/distill_shapes_ablation_{suffix}.yaml", "steps": cfg.steps,
+             "train_seconds": train_s, "seconds": s_time, "network_calls": len(tr.timesteps),
+             "speedup": t_time / s_time, **score(s_lat, suffix),
+             "final_losses": {k: v for k, v in hist[-1].items() if k.startswith("loss")}}
+        r["adherence_vs_teacher"] = r["adherence"] / max(results["teacher"]["adherence"], 1e-12)
+        results[suffix] = r
+        print(f"{name}: {json.dumps({k: v for k, v in r.items() if k != 'final_losses'})}", flush=True)
+        tr = lrm = None  # free the networks before the next row
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    total = time.perf_counter() - t_start
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    write_json(out / "ablation.json", {"device": device_name, "total_seconds": total, "prompts": args.prompts,
+                                       "per_prompt": args.per_prompt, "gold_reward": base.pixel_reward,
+                                       "results": results})
+    t = results["teacher"]
+    lines = [f"Shapes image ablation on {device_name} ({args.prompts} held-out prompts x {args.per_prompt} samples; "
+             f"gold = {base.pixel_reward}; total {total:.0f} s)", "",
+             "| generator | NFE | sample s | speedup | adherence | vs teacher | Vendi | gold | train s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+             f"| {t['name']} | 100 | {t['seconds']:.3f} | 1.0x | {t['adherence']:.3f} | 100% | {t['vendi']:.2f} | "
+             f"{t['gold']:.2f} | - |"]
+    for _, suffix in rows:
+        r = results[suffix]
+        lines.append(f"| {r['name']} | {r['network_calls']} | {r['seconds']:.3f} | {r['speedup']:.1f}x | "
+                     f"{r['adherence']:.3f} | {100 * r['adherence_vs_teacher']:.0f}% | {r['vendi']:.2f} | "
+                     f"{r['gold']:.2f} | {r['train_seconds']:.0f} |")
+    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
