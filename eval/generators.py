@@ -74,3 +74,78 @@ def shapes_prompts(n: int, num_frames: int | None = None, seed: int = 0, start: 
     """``n`` captions of the Shapes world (held-out seeds give a held-out prompt set)."""
     world = ShapesWorld(num_frames=num_frames, seed=seed)
     return [world.sample(i).caption for i in range(start, start + n)]
+
+
+# ---- diffusion samplers over a distill.Denoiser ---------------------------------------------------------
+
+SAMPLERS = ("ddim", "student", "stochastic")
+
+
+class DenoiserGenerator:
+    """A sampler closure over a ``distill`` ``Denoiser`` (teacher or student), in the generator protocol.
+
+    Args:
+        denoiser: the model to sample from.
+        sampler: "ddim" (deterministic DDIM, ``steps`` trailing steps), "student" (k-step consistency sampler
+            at ``timesteps``, e.g. DOLLAR's [999, 749, 499, 249]) or "stochastic" (DDIM(eta) posterior chain,
+            the DDPO sampler; with a ``reference`` it reports the exact chain KL per sample).
+        steps: DDIM steps ("ddim" / "stochastic" without ``timesteps``).
+        timesteps: explicit timesteps (any order; used descending). Default for "student": 999, 749, 499, 249.
+        guidance_scale: Imagen-form CFG scale s (None = conditional only); s != 1 costs 2 evaluations per step.
+        eta: DDIM eta of the stochastic sampler (1 = DDPM posterior).
+        reference: reference ``Denoiser`` for the stochastic chain KL: sum_t ||mu - mu_ref||^2 / (2 sigma_t^2) with
+            both means at the sampled states (``eval.kl.gaussian_chain_kl``), final step at t = 0.
+    Noise for the student's re-noising and the stochastic chain comes from a generator seeded by the batch's
+    sample seeds, so a run is reproducible for a fixed batch size.
+    """
+
+    def __init__(self, denoiser, sampler: str = "ddim", steps: int = 50, timesteps: list[int] | None = None,
+                 guidance_scale: float | None = None, eta: float = 1.0, reference=None):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if reference is not None and sampler != "stochastic":
+            raise ValueError("a reference denoiser gives a chain KL only for sampler='stochastic'; for deterministic "
+                             "samplers pass the reference as a generator to evaluate(reference=...) instead")
+        from distill.samplers import ddim_timesteps
+
+        self.denoiser, self.sampler, self.reference = denoiser, sampler, reference
+        self.guidance_scale, self.eta = guidance_scale, eta
+        T = denoiser.schedule.num_train_timesteps
+        if timesteps is not None:
+            self.timesteps = sorted((int(t) for t in timesteps), reverse=True)
+        elif sampler == "student":
+            self.timesteps = [999, 749, 499, 249]
+        else:
+            self.timesteps = ddim_timesteps(steps, T)
+        cfg = guidance_scale is not None and guidance_scale != 1
+        self.nfe = len(self.timesteps) * (2 if cfg else 1)
+
+    def _generator(self, seeds, device) -> torch.Generator:
+        s = int(np.random.SeedSequence([int(x) for x in (seeds or [0])]).generate_state(1)[0])
+        return torch.Generator(device=device).manual_seed(s)
+
+    @torch.no_grad()
+    def __call__(self, noise: torch.Tensor, text_tokens=None, text_mask=None, seeds: list[int] | None = None):
+        from distill.samplers import ddim_sample, stochastic_sample, student_sample, step_mean
+
+        g = self._generator(seeds, noise.device)
+        if self.sampler == "ddim":
+            return ddim_sample(self.denoiser, noise, text_tokens, text_mask, eta=0.0, timesteps=self.timesteps,
+                               guidance_scale=self.guidance_scale)
+        if self.sampler == "student":
+            return student_sample(self.denoiser, noise, text_tokens, text_mask, timesteps=self.timesteps,
+                                  generator=g, guidance_scale=self.guidance_scale)
+        traj = stochastic_sample(self.denoiser, noise, text_tokens, text_mask, self.timesteps, eta=self.eta,
+                                 guidance_scale=self.guidance_scale, generator=g, grad_steps=0)
+        out = {"latents": traj.x0, "nfe": self.nfe}
+        if self.reference is not None:
+            from eval.kl import gaussian_chain_kl
+
+            ref_means = [step_mean(self.reference, x, int(t), int(s), text_tokens, text_mask, self.eta,
+                                   self.guidance_scale)[0]
+                         for x, t, s in zip(traj.latents[:-1], traj.timesteps, traj.prev_timesteps)]
+            out["kl"] = gaussian_chain_kl(traj.means, ref_means, traj.stds)
+        return out
+
+    def __repr__(self) -> str:
+        return f"DenoiserGenerator(sampler={self.sampler!r}, timesteps={self.timesteps}, nfe={self.nfe})"
