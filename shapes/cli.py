@@ -36,6 +36,12 @@ def _train_vae(cfg) -> None:
     train_vae(cfg)
 
 
+def _train_teacher(cfg) -> None:
+    from distill.train_teacher import train_teacher
+
+    train_teacher(cfg)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from shapes.train_vae import TrainVAEConfig
 
@@ -43,4 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = p.add_subparsers(dest="shapes_command", metavar="SUBCOMMAND")
     add_config_command(s, "sample", SampleConfig, _sample, "write a grid of Shapes samples with their captions")
     add_config_command(s, "train-vae", TrainVAEConfig, _train_vae, "train the tiny Shapes VAE (GPU recommended)")
+    try:
+        from distill.train_teacher import TrainTeacherConfig
+    except ImportError:  # the distill package is optional for the Shapes world
+        TrainTeacherConfig = None
+    if TrainTeacherConfig is not None:
+        add_config_command(s, "train-teacher", TrainTeacherConfig, _train_teacher,
+                           "train the Shapes image or video teacher (conjugate v, CFG-ready; GPU recommended)")
     p.set_defaults(_handler=lambda ns, o: p.print_help(), _takes_overrides=False)

@@ -1,0 +1,79 @@
+"""The Shapes teacher recipe: objective, a few CPU steps end to end, loadable shipped weights."""
+
+import pytest
+import torch
+
+from distill.denoiser import Denoiser
+from distill.models import load_shapes_teacher, shapes_image_unet, shapes_video_unet
+from distill.parameterization import to_x0
+from distill.schedules import DDPMSchedule
+from distill.train_teacher import TrainTeacherConfig, teacher_loss, train_teacher
+
+
+def test_teacher_loss_is_conjugate_v_mse_and_decreases_on_fixed_batch():
+    torch.manual_seed(0)
+    d = Denoiser(shapes_image_unet(width=16, heads=4, norm_num_groups=16, text_dim=24), DDPMSchedule(),
+                 "conjugate_v")
+    x0 = torch.randn(8, 4, 8, 8)
+    tok, mask = torch.randn(8, 5, 24), torch.ones(8, 5, dtype=torch.bool)
+    # hand-computed: same generator draws t then eps
+    g = torch.Generator().manual_seed(7)
+    t = torch.randint(0, 1000, (8,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    a, b = d.schedule.a(t).view(-1, 1, 1, 1), d.schedule.b(t).view(-1, 1, 1, 1)
+    x_t = a * x0 + b * eps
+    with torch.no_grad():
+        ref = ((d(x_t, t, tok, mask) - (x0 - eps)) ** 2).mean()
+        got = teacher_loss(d, x0, tok, mask, torch.Generator().manual_seed(7))
+    assert torch.allclose(got, ref, rtol=1e-5)
+    # a perfect prediction has zero loss and recovers x0 exactly (Eq. 15)
+    assert torch.allclose(to_x0(x0 - eps, x_t, t, d.schedule, "conjugate_v"), x0, atol=1e-5)
+    opt = torch.optim.Adam(d.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(8):
+        loss = teacher_loss(d, x0, tok, mask, torch.Generator().manual_seed(7))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_teacher_unets_fit_the_shipping_budget():
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    total_fp16_mb = 2 * (n(shapes_image_unet()) + n(shapes_video_unet())) / 1e6
+    assert total_fp16_mb <= 12.0, total_fp16_mb
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_train_teacher_recipe_tiny_cpu(tmp_path, monkeypatch, kind):
+    import distill.models
+
+    cfg = TrainTeacherConfig(kind=kind, out_dir=str(tmp_path / "run"), width=8 if kind == "video" else 16,
+                             num_samples=8, num_frames=4, steps=3, batch_size=4, eval_samples=2, eval_steps=2,
+                             guidance_scales=[3.5], workers=1, device="cpu", save_every=2)
+    out = train_teacher(cfg)
+    run = tmp_path / "run"
+    for f in ("config.json", "diffusion_pytorch_model.safetensors", "denoiser.json", "null_text.safetensors"):
+        assert (out / f).exists(), f
+    assert (run / "samples.png").exists() and (run / "checkpoint" / "state.json").exists()
+    from lrm.io import read_json
+
+    m = read_json(run / "metrics.json")
+    assert m["steps"] == 3 and m["kind"] == kind and len(m["loss_curve_every_50"]) >= 1
+    assert 0 <= m["cfg_3.5"]["shapes-adherence"] <= 1 and m["real_data"]["shapes-adherence"] > 0.7
+    if kind == "video":
+        assert "shapes-direction" in m["cfg_3.5"]
+    # the shipped weights load through load_shapes_teacher (fp16 on disk, fp32 in memory)
+    monkeypatch.setattr(distill.models, "WEIGHTS_DIR", tmp_path / "weights")
+    with pytest.raises(FileNotFoundError, match="train-teacher"):
+        load_shapes_teacher(kind)
+    (tmp_path / "weights").mkdir()
+    out.rename(tmp_path / "weights" / f"teacher-{kind}")
+    d = load_shapes_teacher(kind)
+    assert d.parameterization == "conjugate_v" and d.is_video == (kind == "video") and d.dtype == torch.float32
+    assert d.null_mask.sum() == 2  # MiniLM's "" = [CLS] [SEP]
+    x = torch.randn((1, 4, 4, 8, 8) if kind == "video" else (1, 4, 8, 8))
+    with torch.no_grad():
+        assert torch.isfinite(d.x0(x, 500, torch.randn(1, 32, 384), guidance_scale=3.5)).all()
