@@ -12,6 +12,7 @@ out round-robin to ranks, each rank writes its own shards and journal, rank 0 me
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import queue
@@ -219,12 +220,44 @@ def _aligned_batches(start: int, end: int, batch_size: int) -> list[tuple[int, i
     return out
 
 
+_WORKER_SOURCE = None
+
+
+def _init_worker(source) -> None:
+    global _WORKER_SOURCE
+    torch.set_num_threads(1)
+    _WORKER_SOURCE = source
+
+
+def _load_hashed(source, index: int):
+    """Load record ``index`` and hash its content, in the worker (hashing is a real cost at high rates)."""
+    r = source.load(index)
+    if isinstance(r, Item):
+        r.hash = st.content_hash(np.round(r.pixels * 255).astype(np.uint8), text=r.prompt)
+    return r
+
+
+def _load_in_worker(index: int):
+    return _load_hashed(_WORKER_SOURCE, index)
+
+
 class _Loader(threading.Thread):
-    def __init__(self, source, units, batch_size, num_workers, prefetch, pixel_shape, pin):
+    def __init__(self, source, units, batch_size, num_workers, prefetch, pixel_shape, pin, worker_type="thread"):
         super().__init__(daemon=True, name="lrm-cache-loader")
         self.source, self.units, self.batch_size = source, units, batch_size
         self.q: queue.Queue = queue.Queue(maxsize=prefetch)
-        self.pool = ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="lrm-cache-load")
+        if worker_type == "process" and not isinstance(source, GeneratorSource):
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(max(1, num_workers), mp_context=mp.get_context("spawn"),
+                                            initializer=_init_worker, initargs=(source,))
+            self.load_fn = _load_in_worker
+            self.chunksize = max(1, batch_size // max(1, num_workers))
+        else:
+            self.pool = ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="lrm-cache-load")
+            self.load_fn = None if isinstance(source, GeneratorSource) else functools.partial(_load_hashed, source)
+            self.chunksize = 1
         self.pixel_shape = tuple(pixel_shape) if pixel_shape else None
         self.pin = pin
         self.error: BaseException | None = None
@@ -249,14 +282,14 @@ class _Loader(threading.Thread):
                     if isinstance(self.source, GeneratorSource):
                         self._generate(lb, a, b)
                     else:
-                        self._load(lb, list(self.pool.map(self.source.load, range(a, b))))
+                        self._load(lb, list(self.pool.map(self.load_fn, range(a, b), chunksize=self.chunksize)))
                     self._put(lb)
             self._put(_Stop())
         except BaseException as e:  # surfaced in the main thread
             self.error = e
             self._put(_Stop())
         finally:
-            self.pool.shutdown(wait=False)
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _generate(self, lb: LoadedBatch, a: int, b: int) -> None:
         latents, prompts = self.source.generate(a, b - a)
@@ -268,7 +301,7 @@ class _Loader(threading.Thread):
         lb.hashes = [st.content_hash(z[i], text=p) for i, p in enumerate(prompts)]
 
     def _load(self, lb: LoadedBatch, results: list[Item | Reject]) -> None:
-        pix = []
+        good = []
         for r in results:
             if isinstance(r, Reject):
                 lb.rejects.append(r.to_dict())
@@ -283,12 +316,14 @@ class _Loader(threading.Thread):
             lb.indices.append(r.index)
             lb.prompts.append(r.prompt)
             lb.source_ids.append(r.source_id)
-            q = np.round(r.pixels * 255).astype(np.uint8)
-            lb.hashes.append(st.content_hash(q, text=r.prompt))
-            pix.append(r.pixels)
-        if pix:
-            t = torch.from_numpy(np.stack(pix))
-            lb.pixels = t.pin_memory() if self.pin else t
+            lb.hashes.append(r.hash or st.content_hash(np.round(r.pixels * 255).astype(np.uint8), text=r.prompt))
+            good.append(r.pixels)
+        if good:
+            # one copy, straight into (pinned) batch memory
+            t = torch.empty((len(good),) + self.pixel_shape, dtype=torch.float32, pin_memory=self.pin)
+            for k, px in enumerate(good):
+                t[k] = torch.from_numpy(px)
+            lb.pixels = t
 
 
 # ---- the build ------------------------------------------------------------------------------------------
@@ -602,7 +637,7 @@ def build_cache(cfg: BuildCacheConfig, *, source: Callable | PixelSource | Gener
     # 3. the three stages
     cuda = device.type == "cuda"
     loader = _Loader(src, units, cfg.batch_size, cfg.num_workers, cfg.prefetch_batches, manifest.get("pixel_shape"),
-                     pin=cuda)
+                     pin=cuda, worker_type=cfg.worker_type)
     writer = _Writer(root, rank, header, names, cfg.on_reward_error, todo, cfg.progress, rank == 0, world)
     cpu_pool = ThreadPoolExecutor(2, thread_name_prefix="lrm-cache-cpu-reward")
     copy_stream = torch.cuda.Stream(device) if cuda else None

@@ -56,7 +56,10 @@ class BuildCacheConfig:
     sample_latents: bool = opt(False, "store a posterior sample instead of the posterior mean")
     batch_size: int = opt(64, "records per GPU batch (per process)")
     shard_size: int = opt(1024, "source indices per shard (the unit of commit and resume)")
-    num_workers: int = opt(4, "loader threads decoding/reading records")
+    num_workers: int = opt(4, "loader workers decoding/reading records")
+    worker_type: Literal["thread", "process"] = opt(
+        "thread", "loader workers: threads (no start-up cost) or spawned processes (for Python-heavy sources such "
+                  "as Shapes rendering, which hold the GIL; the source must be picklable)")
     prefetch_batches: int = opt(4, "batches loaded ahead of the GPU")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N (multi-GPU: each accelerate process uses its own)")
     vae_bf16: bool = opt(False, "run the VAE under bf16 autocast on CUDA (faster; latents differ slightly)")

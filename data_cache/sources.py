@@ -27,6 +27,7 @@ class Item:
     pixels: np.ndarray
     prompt: str
     source_id: str
+    hash: str = ""  # content hash, filled by the loader worker
 
 
 @dataclass
