@@ -52,7 +52,8 @@ def describe_reward(name: str) -> str:
 
 
 # Modules whose @register_reward decorators fill the registry; heavy imports stay inside factories.
-BUILTIN_MODULES = ["weight_free", "video_metrics", "shapes_adherence"]
+BUILTIN_MODULES = ["weight_free", "video_metrics", "shapes_adherence", "hpsv2", "imagereward", "pickscore", "aesthetic",
+                   "clip_score"]
 
 
 def _import_builtin_rewards() -> None:
