@@ -128,7 +128,10 @@ class LatentReward(nn.Module):
         if t is not None and not self.timestep_cond:
             raise ValueError(f"LRM for {self.reward_name!r} is not noise-aware (timestep_cond=False); do not pass t")
         dev = self.target_mean.device
-        latents = latents.to(dev)
+        dtype = latents.dtype
+        if not torch.is_autocast_enabled(dev.type):  # fp32 head + bf16 latents (or the reverse) outside autocast
+            dtype = next(self.model.parameters()).dtype
+        latents = latents.to(dev, dtype)  # differentiable cast
         if text_tokens is not None:
             text_tokens = text_tokens.to(dev, latents.dtype)
             text_mask = None if text_mask is None else text_mask.to(dev)

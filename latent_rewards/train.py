@@ -307,6 +307,9 @@ def fit(data: LatentData | Any, config: FitConfig | None = None, reward_name: st
                     log.info("early stop at step %d: no better val Spearman for %d evals (best %.4f at %d)", step,
                              config.patience, best["spearman"], best["step"])
                     stopped = True
+            if accelerator is not None:  # every rank must stop at the same step
+                flag = accelerator.reduce(torch.tensor([float(stopped)], device=device), reduction="sum")
+                stopped = bool(flag.item() > 0)
             if out_dir is not None and is_main:
                 _write_log(out_dir / "train_log.csv", log_rows)
         if (ckpt_dir is not None and is_main and config.checkpoint_every and step % config.checkpoint_every == 0

@@ -176,12 +176,16 @@ class EnsembleLRM(nn.Module):
         std = members.std(0, unbiased=False)
         return std if reduce == "std" else mean - lam * std
 
-    def forward(self, latents, text_emb=None, text_mask=None, t=None) -> torch.Tensor:
-        return self.aggregate(self.forward_members(latents, text_emb, text_mask, t), self.reduce, self.lam)
+    def forward(self, latents, text_emb=None, text_mask=None, t=None, return_members: bool = False) -> torch.Tensor:
+        members = self.forward_members(latents, text_emb, text_mask, t)
+        return members if return_members else self.aggregate(members, self.reduce, self.lam)
 
 
 def member_outputs(model: nn.Module, latents, text_emb=None, text_mask=None, t=None) -> torch.Tensor:
-    """(K, B) outputs of every member (K = 1 for a single head): what the trainer regresses."""
-    if isinstance(model, EnsembleLRM):
-        return model.forward_members(latents, text_emb, text_mask, t)
+    """(K, B) outputs of every member (K = 1 for a single head): what the trainer regresses.
+
+    Goes through ``model.__call__`` so a DDP-wrapped model (``model.module``) keeps its gradient hooks.
+    """
+    if isinstance(getattr(model, "module", model), EnsembleLRM):
+        return model(latents, text_emb, text_mask, t=t, return_members=True)
     return model(latents, text_emb, text_mask, t=t).unsqueeze(0)

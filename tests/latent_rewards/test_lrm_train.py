@@ -130,6 +130,7 @@ def test_save_load_round_trip_and_mismatch_refusal(tmp_path):
         x = torch.randn(2, 5, 4, 8, 8) if "video" in name else torch.randn(2, 4, 8, 8)
         tok = torch.randn(2, 6, 8) if "text" in name else None
         assert torch.equal(lrm.eval()(x, tok), back(x, tok))
+        assert torch.allclose(back(x.bfloat16(), tok), back(x, tok), atol=0.05)  # dtype cast outside autocast
         assert back.reward_name == "r" and back.reward_version == "2" and back.latent_space == SPACE
         # differentiable in the latents
         x.requires_grad_(True)
