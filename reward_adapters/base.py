@@ -35,10 +35,15 @@ def register_reward(name: str, *, help: str | None = None):
     return REWARDS.register(name, help=help)
 
 
-def create_reward(name: str, **options: Any) -> "Reward":
-    """Build a registered reward by name; unknown names raise with the list of available ones."""
+def create_reward(name: str, /, **options: Any) -> "Reward":
+    """Build a registered reward by name; unknown names raise with the list of available ones.
+
+    ``name`` is positional-only so that options may include ``name=`` (callable / command rewards).
+    """
     _import_builtin_rewards()
-    return REWARDS.create(name, **options)
+    if name not in REWARDS:
+        REWARDS.create(name)  # raises KeyError listing the available rewards
+    return REWARDS._factories[name](**options)
 
 
 def list_rewards(pattern: str = "*") -> list[str]:
@@ -52,8 +57,8 @@ def describe_reward(name: str) -> str:
 
 
 # Modules whose @register_reward decorators fill the registry; heavy imports stay inside factories.
-BUILTIN_MODULES = ["weight_free", "video_metrics", "shapes_adherence", "hpsv2", "imagereward", "pickscore", "aesthetic",
-                   "clip_score"]
+BUILTIN_MODULES = ["weight_free", "video_metrics", "shapes_adherence", "blackbox", "hpsv2", "imagereward",
+                   "pickscore", "aesthetic", "clip_score"]
 
 
 def _import_builtin_rewards() -> None:
