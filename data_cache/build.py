@@ -76,10 +76,12 @@ def load_vae(name: str, subfolder: str = "", device: torch.device | str = "cpu",
 
 
 def resolve_rewards(names: list[str], device: torch.device) -> list[Any]:
+    """Rewards by registry name. Model rewards go to ``device``; NumPy/OpenCV rewards stay on the CPU, where
+    the build scores them in a thread pool beside the GPU work."""
     if not names:
         return []
     try:
-        from reward_adapters import create_reward
+        from reward_adapters import NumpyReward, create_reward
     except ImportError:
         raise ImportError(
             f"rewards {names} are named by string but the reward_adapters package is not importable; pass reward "
@@ -87,10 +89,10 @@ def resolve_rewards(names: list[str], device: torch.device) -> list[Any]:
         ) from None
     out = []
     for n in names:
-        try:
-            out.append(create_reward(n, device=str(device)))
-        except TypeError:
-            out.append(create_reward(n))
+        r = create_reward(n)
+        if torch.device(device).type != "cpu" and not isinstance(r, NumpyReward) and hasattr(r, "to"):
+            r = r.to(device) or r
+        out.append(r)
     return out
 
 

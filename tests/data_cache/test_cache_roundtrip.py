@@ -102,8 +102,14 @@ def test_cli_stats_and_build(tmp_path, capsys):
 
     d = str(tmp_path / "cli-cache")
     rc = main(["cache", "build", "--out_dir", d, "--source.num_samples", "4", "--shard_size", "2", "--device", "cpu",
-               "--progress", "false", "--num_workers", "1"])
+               "--progress", "false", "--num_workers", "1", "--rewards", "[colorfulness]"])
     assert rc == 0
+    from reward_adapters import create_reward
+
+    pixels, captions, _ = ShapesWorld(32, None, 0).batch(range(4))
+    cache = LatentCache.open(d)
+    torch.testing.assert_close(torch.from_numpy(cache.rewards("colorfulness")),
+                               create_reward("colorfulness")(pixels, captions).float(), rtol=1e-5, atol=1e-5)
     assert main(["cache", "stats", "--cache_dir", d]) == 0
     assert '"records": 4' in capsys.readouterr().out
     # an existing cache is not silently rebuilt
