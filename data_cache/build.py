@@ -342,14 +342,15 @@ def _dist_info(rank: int | None, world_size: int | None):
 
 
 def _header(cfg: BuildCacheConfig, source, space: LatentSpace, te_identity: dict, rewards: list[Any],
-            text_shape: tuple[int, int]) -> dict[str, Any]:
+            text_shape: tuple[int, int], source_from_cfg: bool = True) -> dict[str, Any]:
     return {
         "format": st.FORMAT, "format_version": st.FORMAT_VERSION, "toolkit_version": lrm.__version__,
         "latent_space": space.to_dict(), "text_encoder": te_identity,
         "rewards": {r.name: {**reward_info(r), "column": st.reward_column(r.name), "storage": "shard",
                              "pixels_from": "decoded" if isinstance(source, GeneratorSource) else "source"}
                     for r in rewards},
-        "source": source.describe(), "source_config": config_to_dict(cfg.source),
+        # how add-reward re-reads the source; None when the source object was passed in directly
+        "source": source.describe(), "source_config": config_to_dict(cfg.source) if source_from_cfg else None,
         "is_video": bool(source.is_video) if source.is_video is not None else None,
         "latent_shape": None, "pixel_shape": None, "latent_dtype": cfg.latent_dtype, "text_dtype": cfg.text_dtype,
         "text_shape": list(text_shape), "shard_size": cfg.shard_size, "batch_size": cfg.batch_size,
@@ -581,8 +582,6 @@ def build_cache(cfg: BuildCacheConfig, *, source: Callable | PixelSource | Gener
         src = source
     else:
         src = make_source(cfg.source, generator=source)
-    if isinstance(src, GeneratorSource) and src.is_video is None:
-        pass  # learnt from the first batch's latent rank
     vae = vae if vae is not None else load_vae(cfg.vae, cfg.vae_subfolder, device, cfg.vae_bf16)
     te = text_encoder if text_encoder is not None else TextEncoder(cfg.text_encoder, cfg.text_max_length,
                                                                    device=device)
@@ -599,7 +598,8 @@ def build_cache(cfg: BuildCacheConfig, *, source: Callable | PixelSource | Gener
             raise ValueError(f"source.num_samples={cfg.source.num_samples} but the source holds only "
                              f"{src.num_records} records")
         num_records = num_records or src.num_records
-    header = _header(cfg, src, vae.latent_space, te.identity(), reward_objs, (te.max_length, te.dim))
+    header = _header(cfg, src, vae.latent_space, te.identity(), reward_objs, (te.max_length, te.dim),
+                     source_from_cfg=not isinstance(source, (PixelSource, GeneratorSource)))
 
     # 2. create / check / recover the directory (rank 0), then everyone reads the manifest
     if rank == 0:

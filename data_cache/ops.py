@@ -73,7 +73,9 @@ def verify_cache(root: str | Path, deep: bool = True) -> dict[str, Any]:
 def _source_for(manifest: dict[str, Any]):
     from data_cache.build import make_source
 
-    sc = manifest.get("source_config") or {}
+    sc = manifest.get("source_config")
+    if not sc:
+        raise ValueError("the cache was built from a source object passed in Python, which cannot be re-created")
     if sc.get("type") == "generator":
         raise ValueError("a generator source cannot be re-read; its pixels are decoded from the latents")
     fields = {f.name for f in dataclasses.fields(SourceConfig)}

@@ -82,6 +82,15 @@ class LatentCache(torch.utils.data.Dataset):
                     s["rewards"][r] = np.full(s["n"], np.nan, np.float32)
         return cls(root, manifest, shards)
 
+    # DataLoader workers started by spawn get the directory and rows, and map the shards themselves.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"root": str(self.root), "rows": self._rows}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        other = LatentCache.open(state["root"])
+        self.__dict__.update(other.__dict__)
+        self._rows = state["rows"]
+
     # ---- basic properties ------------------------------------------------------------------------------------
     @property
     def latent_space(self) -> LatentSpace:
@@ -135,14 +144,7 @@ class LatentCache(torch.utils.data.Dataset):
 
     @property
     def prompts(self) -> list[str]:
-        shard, local = self._locate(self._rows)
-        cols = {}
-        out = []
-        for s, i in zip(shard, local):
-            if s not in cols:
-                cols[s] = self._shards[s]["table"].column("prompt")
-            out.append(cols[s][int(i)].as_py())
-        return out
+        return self.column("prompt")
 
     def column(self, name: str) -> list[Any]:
         """A string column (``prompt``, ``source_id``, ``content_hash``) for this view."""
