@@ -102,6 +102,20 @@ class CLIPScore:
         return 100 * (img * txt).sum(-1)
 
 
+def make_clip(args, device, video: bool, bf16: bool):
+    if args.reward in ("auto", "adapters"):
+        try:
+            from reward_adapters import create_reward
+
+            r = create_reward("clip-score", arch=args.clip, pretrained=None, device=str(device),
+                              precision="bf16" if bf16 and device.type == "cuda" else "fp32")
+            return r.to(device) or r
+        except ImportError:
+            if args.reward == "adapters":
+                raise
+    return CLIPScore(args.clip, device, video=video, bf16=bf16)
+
+
 def sd_vae(device, bf16):
     from diffusers import AutoencoderKL
 
@@ -163,6 +177,9 @@ def main() -> int:
     ap.add_argument("--out", default="", help="write results as JSON here")
     ap.add_argument("--workloads", default="shapes-video,sd-image")
     ap.add_argument("--clip", default="ViT-B-32", help="open_clip architecture (ViT-B-32 or ViT-H-14)")
+    ap.add_argument("--reward", default="auto", choices=["auto", "adapters", "local"],
+                    help="clip-score from reward_adapters (random weights, bf16) or the local class here; auto: "
+                         "reward_adapters when importable")
     ap.add_argument("--video_records", type=int, default=4096)
     ap.add_argument("--image_records", type=int, default=4096)
     ap.add_argument("--batch_size", type=int, default=64)
@@ -189,19 +206,19 @@ def main() -> int:
     tmp = Path(args.tmp or tempfile.mkdtemp(prefix="lrm-cache-bench-"))
     te = TextEncoder(device=device)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__, "bf16": bf16,
-               "clip": args.clip, "batch_size": args.batch_size, "num_workers": args.num_workers,
+               "clip": args.clip, "reward_impl": args.reward, "batch_size": args.batch_size, "num_workers": args.num_workers,
                "worker_type": args.worker_type, "workloads": {}}
     for wl in args.workloads.split(","):
         if wl == "shapes-video":
             vae = VAE.shapes(device=device, autocast_bf16=bf16)
             source = ShapesSource(32, 16, 0)
-            reward = CLIPScore(args.clip, device, video=True, bf16=bf16)
+            reward = make_clip(args, device, video=True, bf16=bf16)
             n = args.video_records
             src_cfg = SourceConfig(type="shapes", num_samples=n, num_frames=16)
         elif wl == "sd-image":
             vae = sd_vae(device, bf16)
             source = SyntheticImages(192, 320)
-            reward = CLIPScore(args.clip, device, video=False, bf16=bf16)
+            reward = make_clip(args, device, video=False, bf16=bf16)
             n = args.image_records
             src_cfg = SourceConfig(type="shapes", num_samples=n)  # settings only; the source object is passed in
         else:

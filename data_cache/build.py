@@ -100,14 +100,21 @@ def reward_info(reward: Any) -> dict[str, Any]:
     for attr in ("name", "version", "modality"):
         if not hasattr(reward, attr):
             raise TypeError(f"reward {reward!r} has no .{attr}; a reward needs name, version and modality")
-    return {"version": str(reward.version), "modality": str(reward.modality)}
+    info = {"version": str(reward.version), "modality": str(reward.modality)}
+    if hasattr(reward, "differentiable"):
+        info["differentiable"] = bool(reward.differentiable)
+    return info
 
 
 def check_reward_modality(reward: Any, is_video: bool) -> None:
+    """Video rewards need videos; image rewards score videos only if they say how (reward_adapters' rewards
+    average over selected frames: they carry ``frames``)."""
     mod = str(reward.modality)
-    if is_video and mod in ("image", "text-image"):
-        raise ValueError(f"reward {reward.name!r} scores images (modality {mod!r}) but the source yields videos; "
-                         "pick a video reward or an image source")
+    if is_video and mod in ("image", "text-image") and not (hasattr(reward, "frames") or
+                                                            getattr(reward, "handles_video", False)):
+        raise ValueError(f"reward {reward.name!r} scores images (modality {mod!r}) but the source yields videos, and "
+                         "it does not say how to score frames (no .frames / .handles_video); use a reward_adapters "
+                         "reward (frames averaged) or a video reward")
     if not is_video and mod in ("video", "text-video"):
         raise ValueError(f"reward {reward.name!r} scores videos (modality {mod!r}) but the source yields images")
 
