@@ -32,10 +32,20 @@ test-gpu: install
 lint: install
 	$(BIN)/ruff check .
 
-# Optional pretrained-reward packages with broken pins: installed without their pins, with their real needs.
+# Optional original reward packages, used only by the parity tests and bench/reward_adapters_throughput.py
+# (reward_adapters itself needs neither). hpsv2 1.2.0 pins protobuf<4 and pytest==7.2.0, so it goes in with
+# --no-deps plus its real runtime needs (clint, which needs args); its wheel lacks open_clip's BPE vocabulary,
+# copied in from open_clip. image-reward 1.5 is not installed: its BLIP text model (med.py) needs
+# transformers 4.x APIs and does not import with transformers >= 5; reward_adapters.imagereward rebuilds the
+# architecture on transformers' BLIP classes and reads ImageReward.pt directly.
 extras: install
-	$(BIN)/pip install -q 'open_clip_torch>=3' 'protobuf>=4' clint ftfy fairscale regex
-	$(BIN)/pip install -q --no-deps hpsv2 image-reward
+	$(BIN)/pip install -q 'open_clip_torch>=3' 'protobuf>=4' clint args ftfy regex
+	$(BIN)/pip install -q --no-deps hpsv2==1.2.0
+	$(BIN)/python -c "import importlib.util as u, os, shutil; \
+	hp = os.path.dirname(u.find_spec('hpsv2').origin); oc = os.path.dirname(u.find_spec('open_clip').origin); \
+	shutil.copyfile(os.path.join(oc, 'bpe_simple_vocab_16e6.txt.gz'), \
+	                os.path.join(hp, 'src', 'open_clip', 'bpe_simple_vocab_16e6.txt.gz'))"
+	$(BIN)/python -c "import hpsv2.img_score; print('hpsv2 ok')"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -262,13 +262,16 @@ def bench_pickscore(args, device, x, prompts, table):
     from transformers import CLIPConfig, CLIPModel
 
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    cfg = CLIPConfig(text_config=dict(small, max_position_embeddings=77, eos_token_id=49407),
-                     vision_config=dict(small, image_size=224, patch_size=32), projection_dim=16) if TINY else CLIPConfig(
-        text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                         max_position_embeddings=77, hidden_act="gelu", eos_token_id=49407),
-        vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                           image_size=224, patch_size=14, hidden_act="gelu"),
-        projection_dim=1024)
+    if TINY:
+        cfg = CLIPConfig(text_config=dict(small, max_position_embeddings=77, eos_token_id=49407),
+                         vision_config=dict(small, image_size=224, patch_size=32), projection_dim=16)
+    else:  # CLIP ViT-H/14 (laion2B), the PickScore_v1 architecture
+        cfg = CLIPConfig(
+            text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                             max_position_embeddings=77, hidden_act="gelu", eos_token_id=49407),
+            vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                               num_attention_heads=16, image_size=224, patch_size=14, hidden_act="gelu"),
+            projection_dim=1024)
     torch.manual_seed(0)
     model = CLIPModel(cfg).to(device).eval().requires_grad_(False)
     tok = open_clip.get_tokenizer("ViT-H-14")

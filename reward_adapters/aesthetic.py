@@ -9,8 +9,6 @@ Scores are on the predictors' 1-10 scale (VBench divides by 10: pass ``scale=0.1
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from reward_adapters.base import Reward, register_reward
-from reward_adapters.openclip_backbone import PRECISIONS, TextCache
+from reward_adapters.openclip_backbone import PRECISIONS
 from reward_adapters.preprocess import OPENAI_MEAN, OPENAI_STD, normalize, resize_shortest_center_crop
 from reward_adapters.weights import WeightsNotFoundError, cached, load_state_dict, resolve_weights
 

@@ -1,6 +1,5 @@
 """Black-box rewards: Python callables and external commands (file protocol, timeouts, bad replies)."""
 
-import json
 import sys
 
 import numpy as np
@@ -62,7 +61,8 @@ def test_command_reward_videos_as_npz(scorer):
     ("import sys; sys.stderr.write('model exploded'); sys.exit(3)", "(?s)exited with status 3.*model exploded"),
     ("pass", "wrote no scores.json"),
     ("import sys,os; open(os.path.join(sys.argv[1],'scores.json'),'w').write('not json')", "not valid JSON"),
-    ("import sys,os,json; json.dump([1.0], open(os.path.join(sys.argv[1],'scores.json'),'w'))", "1 scores for a batch of 3"),
+    ("import sys,os,json; json.dump([1.0], open(os.path.join(sys.argv[1],'scores.json'),'w'))",
+     "1 scores for a batch of 3"),
     ("import sys,os,json; json.dump(['x',1,2], open(os.path.join(sys.argv[1],'scores.json'),'w'))", "not a number"),
     ("import sys,os,json; json.dump({'a': 1}, open(os.path.join(sys.argv[1],'scores.json'),'w'))", "list of 3 numbers"),
 ])
