@@ -199,15 +199,16 @@ def main() -> int:
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     bf16 = not args.no_bf16
+    from data_cache.sources import ShapesSource
     from lrm.latent_space import VAE
     from lrm.text import TextEncoder
-    from data_cache.sources import ShapesSource
 
     tmp = Path(args.tmp or tempfile.mkdtemp(prefix="lrm-cache-bench-"))
     te = TextEncoder(device=device)
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__, "bf16": bf16,
-               "clip": args.clip, "reward_impl": args.reward, "batch_size": args.batch_size, "num_workers": args.num_workers,
-               "worker_type": args.worker_type, "workloads": {}}
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "bf16": bf16, "clip": args.clip, "reward_impl": args.reward,
+               "batch_size": args.batch_size, "num_workers": args.num_workers, "worker_type": args.worker_type,
+               "workloads": {}}
     for wl in args.workloads.split(","):
         if wl == "shapes-video":
             vae = VAE.shapes(device=device, autocast_bf16=bf16)

@@ -28,11 +28,6 @@ import numpy as np
 import torch
 
 import lrm
-from lrm.config import config_to_dict
-from lrm.latent_space import VAE, LatentSpace
-from lrm.run import get_logger, resolve_device
-from lrm.text import TextEncoder
-
 from data_cache import storage as st
 from data_cache.config import BuildCacheConfig, SourceConfig
 from data_cache.sources import (
@@ -45,6 +40,10 @@ from data_cache.sources import (
     ShapesSource,
     import_callable,
 )
+from lrm.config import config_to_dict
+from lrm.latent_space import VAE, LatentSpace
+from lrm.run import get_logger, resolve_device
+from lrm.text import TextEncoder
 
 log = get_logger("lrm.data_cache")
 

@@ -6,9 +6,8 @@ import argparse
 import json
 import sys
 
-from lrm.cli import add_config_command
-
 from data_cache.config import AddRewardConfig, BuildCacheConfig, StatsConfig, VerifyConfig
+from lrm.cli import add_config_command
 
 
 def _build(cfg: BuildCacheConfig) -> None:

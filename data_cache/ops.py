@@ -11,13 +11,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from lrm.latent_space import VAE
-from lrm.run import get_logger, resolve_device
-
 from data_cache import storage as st
-from data_cache.build import _cpu_score, load_vae, reward_info, resolve_rewards
+from data_cache.build import _cpu_score, load_vae, resolve_rewards, reward_info
 from data_cache.config import AddRewardConfig, SourceConfig
 from data_cache.sources import Item
+from lrm.latent_space import VAE
+from lrm.run import get_logger, resolve_device
 
 log = get_logger("lrm.data_cache")
 

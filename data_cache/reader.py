@@ -8,9 +8,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from lrm.latent_space import LatentSpace
-
 from data_cache import storage as st
+from lrm.latent_space import LatentSpace
 
 
 class LatentCache(torch.utils.data.Dataset):

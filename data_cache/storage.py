@@ -110,7 +110,8 @@ def records_to_table(cols: dict[str, Any], schema: pa.Schema) -> pa.Table:
         if pa.types.is_fixed_size_list(field.type):
             n = len(v)
             np_dtype = field.type.value_type.to_pandas_dtype()
-            flat = np.ascontiguousarray(np.asarray(v).reshape(n, field.type.list_size).astype(np_dtype, copy=False)).reshape(-1)
+            flat = np.asarray(v).reshape(n, field.type.list_size).astype(np_dtype, copy=False)
+            flat = np.ascontiguousarray(flat).reshape(-1)
             arrays.append(_fixed_list(flat, field.type.list_size))
         elif field.type == pa.string():
             arrays.append(pa.array(list(v), pa.string()))

@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import MeanReward
 
-from data_cache import LatentCache, SourceConfig, build_cache, verify_cache
+from data_cache import LatentCache, build_cache, verify_cache
 
 pytestmark = pytest.mark.gpu
 
