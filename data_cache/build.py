@@ -217,6 +217,10 @@ class _Stop:
     pass
 
 
+def _load_list(source, indices: list[int]) -> list:
+    return [_load_hashed(source, i) for i in indices]
+
+
 def _aligned_batches(start: int, end: int, batch_size: int) -> list[tuple[int, int]]:
     """Batches aligned to global multiples of ``batch_size`` so a resumed build batches identically."""
     out = []
@@ -229,6 +233,7 @@ def _aligned_batches(start: int, end: int, batch_size: int) -> list[tuple[int, i
 
 
 _WORKER_SOURCE = None
+_PROCESS_POOLS: dict[tuple[int, int], Any] = {}  # (id(source), workers) -> (source, pool): reused across builds
 
 
 def _init_worker(source) -> None:
@@ -245,27 +250,44 @@ def _load_hashed(source, index: int):
     return r
 
 
-def _load_in_worker(index: int):
-    return _load_hashed(_WORKER_SOURCE, index)
+def _load_chunk_in_worker(indices: list[int]) -> list:
+    return [_load_hashed(_WORKER_SOURCE, i) for i in indices]
+
+
+def _process_pool(source, workers: int):
+    """A spawned process pool bound to ``source``; kept for later builds from the same source object (worker
+    start-up costs seconds)."""
+    key = (id(source), workers)
+    if key not in _PROCESS_POOLS:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                   initargs=(source,))
+        _PROCESS_POOLS[key] = (source, pool)
+    return _PROCESS_POOLS[key][1]
 
 
 class _Loader(threading.Thread):
+    """Keeps up to ``prefetch`` batches in flight in the worker pool and hands them over in order."""
+
     def __init__(self, source, units, batch_size, num_workers, prefetch, pixel_shape, pin, worker_type="thread"):
         super().__init__(daemon=True, name="lrm-cache-loader")
         self.source, self.units, self.batch_size = source, units, batch_size
         self.q: queue.Queue = queue.Queue(maxsize=prefetch)
-        if worker_type == "process" and not isinstance(source, GeneratorSource):
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
-
-            self.pool = ProcessPoolExecutor(max(1, num_workers), mp_context=mp.get_context("spawn"),
-                                            initializer=_init_worker, initargs=(source,))
-            self.load_fn = _load_in_worker
-            self.chunksize = max(1, batch_size // max(1, num_workers))
+        self.depth = max(1, prefetch)
+        workers = max(1, num_workers)
+        self.own_pool = True
+        if isinstance(source, GeneratorSource):
+            self.pool = None
+        elif worker_type == "process":
+            self.pool = _process_pool(source, workers)
+            self.own_pool = False
+            self.load_chunk = _load_chunk_in_worker
         else:
-            self.pool = ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="lrm-cache-load")
-            self.load_fn = None if isinstance(source, GeneratorSource) else functools.partial(_load_hashed, source)
-            self.chunksize = 1
+            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="lrm-cache-load")
+            self.load_chunk = functools.partial(_load_list, source)
+        self.chunksize = max(1, batch_size // (2 * workers))
         self.pixel_shape = tuple(pixel_shape) if pixel_shape else None
         self.pin = pin
         self.error: BaseException | None = None
@@ -279,25 +301,53 @@ class _Loader(threading.Thread):
             except queue.Full:
                 continue
 
+    def _specs(self):
+        for unit in self.units:
+            batches = _aligned_batches(unit[0], unit[1], self.batch_size)
+            for k, (a, b) in enumerate(batches):
+                yield unit, k == len(batches) - 1, a, b
+
+    def _submit(self, spec):
+        unit, last, a, b = spec
+        if self.pool is None:
+            return spec, None
+        idx = list(range(a, b))
+        chunks = [idx[i:i + self.chunksize] for i in range(0, len(idx), self.chunksize)]
+        return spec, [self.pool.submit(self.load_chunk, c) for c in chunks]
+
     def run(self):
+        from collections import deque
+
+        inflight: deque = deque()
         try:
-            for unit in self.units:
-                batches = _aligned_batches(unit[0], unit[1], self.batch_size)
-                for k, (a, b) in enumerate(batches):
-                    if self.stop_flag.is_set():
-                        return
-                    lb = LoadedBatch(unit=unit, last=k == len(batches) - 1)
-                    if isinstance(self.source, GeneratorSource):
-                        self._generate(lb, a, b)
-                    else:
-                        self._load(lb, list(self.pool.map(self.load_fn, range(a, b), chunksize=self.chunksize)))
-                    self._put(lb)
+            specs = self._specs()
+            for spec in specs:
+                inflight.append(self._submit(spec))
+                if len(inflight) >= self.depth:
+                    break
+            while inflight:
+                if self.stop_flag.is_set():
+                    return
+                (unit, last, a, b), futures = inflight.popleft()
+                nxt = next(specs, None)
+                if nxt is not None:
+                    inflight.append(self._submit(nxt))
+                lb = LoadedBatch(unit=unit, last=last)
+                if futures is None:
+                    self._generate(lb, a, b)
+                else:
+                    self._load(lb, [r for f in futures for r in f.result()])
+                self._put(lb)
             self._put(_Stop())
         except BaseException as e:  # surfaced in the main thread
             self.error = e
             self._put(_Stop())
         finally:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            for _, futures in inflight:
+                for f in futures or []:
+                    f.cancel()
+            if self.pool is not None and self.own_pool:
+                self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _generate(self, lb: LoadedBatch, a: int, b: int) -> None:
         latents, prompts = self.source.generate(a, b - a)
