@@ -96,7 +96,13 @@ def aesthetic(**kw) -> AestheticReward:
     return AestheticReward(head="improved", **kw)
 
 
+aesthetic.modality = "image"  # shown by `lrm rewards list`
+
+
 @register_reward("aesthetic-v1")
 def aesthetic_v1(**kw) -> AestheticReward:
     """LAION aesthetic predictor v1 (Linear(768, 1) on CLIP ViT-L/14 embeddings)."""
     return AestheticReward(head="v1", **kw)
+
+
+aesthetic_v1.modality = "image"  # shown by `lrm rewards list`

@@ -16,7 +16,7 @@ def _list(ns: argparse.Namespace) -> None:
     width = max((len(n) for n in names), default=10)
     for n in names:
         f = REWARDS._factories[n]
-        mod = getattr(f, "modality", "") if isinstance(f, type) else ""
+        mod = getattr(f, "modality", "")
         print(f"{n:<{width}}  {mod:<10}  {REWARDS.describe(n)}")
 
 

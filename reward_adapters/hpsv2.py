@@ -65,7 +65,13 @@ def hpsv2(**kw) -> HPSv2Reward:
     return HPSv2Reward(hps_version="v2.0", **kw)
 
 
+hpsv2.modality = "text-image"  # shown by `lrm rewards list`
+
+
 @register_reward("hpsv2.1")
 def hpsv2_1(**kw) -> HPSv2Reward:
     """HPSv2.1 (same model family and preprocessing as v2.0, newer checkpoint)."""
     return HPSv2Reward(hps_version="v2.1", **kw)
+
+
+hpsv2_1.modality = "text-image"  # shown by `lrm rewards list`

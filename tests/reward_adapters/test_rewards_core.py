@@ -197,3 +197,12 @@ def test_bad_inputs_raise_clear_errors():
         r(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
     with pytest.raises(ValueError, match="got 1 prompts for a batch of 2"):
         r(torch.rand(2, 3, 8, 8), ["only one"])
+
+
+def test_process_pool_matches_serial():
+    x = _imgs(6, 16, 16, seed=4)
+    a = create_reward("jpeg-compressibility", workers=2, executor="process")(x)
+    b = create_reward("jpeg-compressibility", executor="serial")(x)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="executor"):
+        create_reward("jpeg-compressibility", executor="gpu")
