@@ -83,7 +83,7 @@ def test_lrm_ft_raises_reward(tmp_path):
 
 
 def test_resume_gives_the_same_loss_curve(tmp_path):
-    kw = dict(use_lrm_ft=True, ckpt_every=3, grad_accum=2, batch_size=2)
+    kw = dict(use_lrm_ft=True, ckpt_every=3, grad_accum=2, batch_size=2, fake_updates=1, cd_teacher_steps=1)
     full = DistillTrainer(cfg(tmp_path / "a", steps=6, **kw), tiny_teacher(), tiny_data(), lrm=mean_lrm).train()
     DistillTrainer(cfg(tmp_path / "b", steps=3, **kw), tiny_teacher(), tiny_data(), lrm=mean_lrm).train()  # "killed"
     resumed_tr = DistillTrainer(cfg(tmp_path / "b", steps=6, **kw), tiny_teacher(), tiny_data(), lrm=mean_lrm)
