@@ -117,3 +117,27 @@ def test_cli_stats_and_build(tmp_path, capsys):
 
     with pytest.raises(CacheError, match="--resume"):
         main(["cache", "build", "--out_dir", d, "--source.num_samples", "4", "--device", "cpu", "--progress", "false"])
+
+
+def test_dataset_source_with_image_feature(vae, text_encoder, small_cfg, tmp_path):
+    """The common hub layout: a datasets.Image column (PIL images) plus a caption column; bad rows are rejected."""
+    import datasets
+    from PIL import Image
+
+    from data_cache import SourceConfig
+
+    pixels, captions, _ = ShapesWorld(32, None, 0).batch(range(4))
+    imgs = [Image.fromarray((p.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for p in pixels]
+    imgs.append(Image.fromarray(np.zeros((32, 32, 4), np.uint8), mode="RGBA"))  # wrong channel count
+    ds = datasets.Dataset.from_dict({"image": imgs, "text": captions + ["rgba"]},
+                                   features=datasets.Features({"image": datasets.Image(),
+                                                               "text": datasets.Value("string")}))
+    ds.save_to_disk(str(tmp_path / "hf"))
+    cfg = small_cfg(source=SourceConfig(type="dataset", path=str(tmp_path / "hf"), caption_column="text",
+                                        num_samples=0), name="hf-cache")
+    m = build_cache(cfg, vae=vae, text_encoder=text_encoder, rewards=[MeanReward()])["manifest"]
+    assert m["counts"]["records"] == 4 and m["counts"]["rejects"] == {"wrong_channels": 1}
+    cache = LatentCache.open(cfg.out_dir)
+    png = (pixels * 255).round() / 255
+    torch.testing.assert_close(torch.from_numpy(cache.rewards("mean-brightness")), png.flatten(1).mean(1))
+    assert cache.prompts == captions
