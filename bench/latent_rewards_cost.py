@@ -32,15 +32,17 @@ from latent_rewards import FitConfig, LatentData, create_lrm, fit  # noqa: E402
 
 
 def synthetic_cache(n: int, shape: tuple[int, int, int], seed: int = 0) -> LatentData:
-    """Smooth random latents and a nonlinear reward of channel statistics (known, learnable, not linear)."""
+    """Smooth random latents and a known nonlinear reward of them (learnable by a conv head, not by ridge)."""
     g = torch.Generator().manual_seed(seed)
     c, h, w = shape
     low = torch.randn(n, c, max(1, h // 8), max(1, w // 8), generator=g)
     x = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False) + 0.5 * torch.randn(n, c, h, w,
                                                                                                     generator=g)
-    m = x.mean((2, 3))  # (n, c)
-    s = x.std((2, 3))
-    y = 2 * m[:, 0] - m[:, 1 % c] + 3 * torch.tanh(m[:, 2 % c]) * m[:, 3 % c] + s[:, 0]
+    # local nonlinear statistics averaged over space (what a conv trunk + pooling can represent); the cross-channel
+    # terms are not linear in pooled per-channel statistics, so the ridge baseline cannot fit them
+    corr = (x[:, 0] * x[:, 1 % c]).mean((1, 2))
+    gate = (F.relu(x[:, 2 % c]) * torch.tanh(2 * x[:, 3 % c])).mean((1, 2))
+    y = 2 * corr + 3 * gate + x[:, 0].mean((1, 2))
     prompts = [f"p{i % 5000}" for i in range(n)]
     return LatentData(x, y, prompts=prompts, reward_name="synthetic", source=f"synthetic {n} x {shape}")
 
@@ -119,11 +121,11 @@ def sd_vae(latent_channels: int, dtype, device):
     return vae.to(device, dtype).eval().requires_grad_(False)
 
 
-def clip_reward(dtype, device):
+def clip_reward(dtype, device, name: str = "ViT-H-14"):
     import open_clip
 
     torch.manual_seed(0)
-    model = open_clip.create_model("ViT-H-14", pretrained=None, device=device)
+    model = open_clip.create_model(name, pretrained=None, device=device)
     model = model.to(dtype).eval().requires_grad_(False)
     text = F.normalize(torch.randn(1, model.visual.output_dim, device=device, dtype=dtype), dim=-1)
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1)
@@ -163,8 +165,8 @@ def measure(fn, device, reps: int) -> dict:
 def bench_grad(args, device) -> list[dict]:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     t0 = time.perf_counter()
-    clip, clip_params = clip_reward(dtype, device)
-    print(f"[grad] ViT-H-14 image tower: {clip_params / 1e6:.0f}M params ({time.perf_counter() - t0:.0f}s)",
+    clip, clip_params = clip_reward(dtype, device, args.clip_model)
+    print(f"[grad] {args.clip_model} image tower: {clip_params / 1e6:.0f}M params ({time.perf_counter() - t0:.0f}s)",
           flush=True)
     rows = []
     for c in args.channels:
@@ -224,11 +226,12 @@ def main(argv=None) -> int:
     p.add_argument("--throughput_steps", type=int, default=200)
     p.add_argument("--fit_steps", type=int, default=3000)
     p.add_argument("--fit_batch", type=int, default=512)
-    p.add_argument("--fit_eval_every", type=int, default=100)
+    p.add_argument("--fit_eval_every", type=int, default=50)
     p.add_argument("--frames", type=ints, default=[12, 24, 64, 128])
     p.add_argument("--channels", type=ints, default=[4, 16])
     p.add_argument("--lrm_heads", type=lambda s: s.split(","), default=["video-frame-avg", "video-3d-cnn"])
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--clip_model", default="ViT-H-14", help="open_clip architecture of the pixel reward (random init)")
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
