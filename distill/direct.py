@@ -58,10 +58,21 @@ def to_unit_range(x: torch.Tensor, mode: str = "straight-through") -> torch.Tens
 
 
 def decode_for_reward(vae: Any, latents: torch.Tensor, checkpointing: bool = False,
-                      pixel_clamp: str = "straight-through") -> torch.Tensor:
-    """``VAE.decode(z, clamp=False)`` with gradients (optionally checkpointed), mapped into [0, 1]."""
+                      pixel_clamp: str = "straight-through", chunk: int = 4) -> torch.Tensor:
+    """``VAE.decode(z, clamp=False)`` with gradients, mapped into [0, 1].
+
+    With ``checkpointing`` the images / frames are decoded ``chunk`` at a time, each chunk under its own
+    checkpoint, so the backward pass holds one chunk's decoder activations at a time instead of all of them.
+    """
     fn = lambda z: vae.decode(z, clamp=False)  # noqa: E731
-    x = checkpoint(fn, latents, use_reentrant=False) if checkpointing else fn(latents)
+    if not checkpointing:
+        return to_unit_range(fn(latents), pixel_clamp)
+    video = latents.dim() == 5
+    z = latents.flatten(0, 1) if video else latents  # (N, C, h, w)
+    parts = [checkpoint(fn, c, use_reentrant=False) for c in z.split(max(1, int(chunk)))]
+    x = torch.cat(parts)
+    if video:
+        x = x.unflatten(0, latents.shape[:2])
     return to_unit_range(x, pixel_clamp)
 
 

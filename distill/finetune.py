@@ -270,9 +270,10 @@ class FinetuneTrainer:
         self.logger = get_logger("lrm.finetune")
         seed_everything(cfg.seed)
         self.timesteps = cfg.timesteps
-        init = init.to(self.device)
         null = (init.null_tokens.detach().cpu(), init.null_mask.detach().cpu())
-        self.student = Denoiser(copy.deepcopy(init.model), init.schedule, init.parameterization, cfg_null=null)
+        # copy, then move: the caller's init stays where it is (it may be large and kept on the CPU)
+        self.student = Denoiser(copy.deepcopy(init.model).to(self.device), init.schedule, init.parameterization,
+                                cfg_null=null)
         self.student = self.student.to(self.device).requires_grad_(True).train()
         self.schedule = self.student.schedule
         if cfg.gradient_checkpointing and hasattr(self.student.model, "enable_gradient_checkpointing"):
