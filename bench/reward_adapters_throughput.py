@@ -213,7 +213,7 @@ def bench_imagereward(args, device, x, prompts, pils, table, notes, tmpdir):
 
         model = ImageRewardModel(
             BlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                             image_size=224, patch_size=32, layer_norm_eps=1e-6),
+                             image_size=224, patch_size=32, layer_norm_eps=1e-6, initializer_range=0.02),
             BlipTextConfig(vocab_size=30524, hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
                            num_hidden_layers=1, num_attention_heads=2))
     else:

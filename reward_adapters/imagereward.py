@@ -35,11 +35,16 @@ def imagereward_configs():
     """The released model's configs: BLIP ViT-L/16 at 224 and BLIP's BERT-base (med_config.json)."""
     from transformers import BlipTextConfig, BlipVisionConfig
 
+    # initializer_range only matters for random-weight use (benchmarks): HF's BLIP vision default is 1e-10,
+    # which makes every image token identical.
     vision = BlipVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=224, patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu")
+                              image_size=224, patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu",
+                              initializer_range=0.02)
+    # is_decoder=True is what makes HF's BlipTextLayer build its cross-attention; the forward pass still uses a
+    # bidirectional text mask (is_decoder=False argument), as ImageReward's med.py in "multimodal" mode.
     text = BlipTextConfig(vocab_size=30524, hidden_size=768, encoder_hidden_size=1024, intermediate_size=3072,
                           num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=512,
-                          layer_norm_eps=1e-12, hidden_act="gelu")
+                          layer_norm_eps=1e-12, hidden_act="gelu", is_decoder=True)
     return vision, text
 
 
@@ -66,6 +71,9 @@ class ImageRewardModel(nn.Module):
 
         if vision_config is None or text_config is None:
             vision_config, text_config = imagereward_configs()
+        if not text_config.is_decoder:
+            raise ValueError("text_config.is_decoder must be True: transformers' BlipTextLayer builds its "
+                             "cross-attention only then (the text mask stays bidirectional)")
         if text_config.encoder_hidden_size != vision_config.hidden_size:
             raise ValueError(f"text_config.encoder_hidden_size={text_config.encoder_hidden_size} must equal "
                              f"vision_config.hidden_size={vision_config.hidden_size}")
@@ -80,7 +88,7 @@ class ImageRewardModel(nn.Module):
         img = self.image_embeds(pixel_values)
         img_mask = torch.ones(img.shape[:-1], dtype=torch.long, device=img.device)
         out = self.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=img,
-                        encoder_attention_mask=img_mask)
+                        encoder_attention_mask=img_mask, is_decoder=False)
         cls = out.last_hidden_state[:, 0, :].float()  # (N, Dt)
         return self.mlp(cls).squeeze(-1)
 

@@ -38,6 +38,14 @@ def to_pil(x):
     return Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
+def assert_image_spread(reward, x, ours, ref, tol):
+    """The image matters for this random model, and ours vs ref differ by <= tol of the image-driven spread."""
+    spread = float(np.ptp(reward(x, [PROMPTS[0]] * len(x)).numpy()))
+    assert spread > 1e-3 * float(np.abs(ref).max()), spread
+    diff = float(np.abs(ours.numpy() - np.asarray(ref)).max())
+    assert diff <= tol * spread, (diff, spread)
+
+
 @pytest.fixture(scope="module")
 def tiny_open_clip(tmp_path_factory):
     import open_clip
@@ -74,6 +82,7 @@ def test_hpsv2_parity_with_package_path(tiny_open_clip, tmp_path):
     reward = create_reward("hpsv2", model=ours_model, tokenizer=tokenizer)
     ours = reward(x, PROMPTS)
     assert rel_close(ours.numpy(), ref), (ours, ref)
+    assert_image_spread(reward, x, ours, ref, 1e-2)
     assert reward.name == "hpsv2" and create_reward("hpsv2.1", model=ours_model).name == "hpsv2.1"
 
 
@@ -131,8 +140,10 @@ def test_clip_score_parity_with_open_clip_transform(tiny_open_clip, size, case):
             f = torch.nn.functional.normalize(model.encode_image(preprocess(to_pil(img))[None]), dim=-1)
             t = torch.nn.functional.normalize(model.encode_text(tok([p])), dim=-1)
             ref.append(100 * float((f * t).sum()))
-    ours = create_reward("clip-score", model=model, tokenizer=tok)(x, PROMPTS)
+    r = create_reward("clip-score", model=model, tokenizer=tok)
+    ours = r(x, PROMPTS)
     assert parity(ours.numpy(), ref, case), (ours, ref)
+    assert_image_spread(r, x, ours, ref, 1e-3 if case == "exact" else 5e-2)
     clipped = create_reward("clip-score", model=model, tokenizer=tok, clip_negative=True)(x, PROMPTS)
     assert torch.equal(clipped, ours.clamp_min(0))
 
@@ -194,8 +205,10 @@ def test_pickscore_parity_with_hf_processor(tiny_hf_clip, tiny_open_clip, size, 
         txt = txt if isinstance(txt, torch.Tensor) else txt.pooler_output
         ref = m.logit_scale.exp() * (torch.nn.functional.normalize(img, dim=-1)
                                      * torch.nn.functional.normalize(txt, dim=-1)).sum(-1)
-    ours = create_reward("pickscore", model=m, tokenizer=tok)(x, PROMPTS)
+    r = create_reward("pickscore", model=m, tokenizer=tok)
+    ours = r(x, PROMPTS)
     assert parity(ours.numpy(), ref.numpy(), case), (ours, ref)
+    assert_image_spread(r, x, ours, ref.numpy(), 1e-3 if case == "exact" else 5e-2)
 
 
 # ---- ImageReward (the package's torchvision transform as the reference) -----------------------------
@@ -212,7 +225,7 @@ def tiny_imagereward(tmp_path_factory):
     tok = BertTokenizer(str(d / "vocab.txt"))
     torch.manual_seed(0)
     vc = BlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                          image_size=64, patch_size=16, layer_norm_eps=1e-6)
+                          image_size=64, patch_size=16, layer_norm_eps=1e-6, initializer_range=0.02)
     tc = BlipTextConfig(vocab_size=len(vocab), hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)
     model = ImageRewardModel(vc, tc).eval()
@@ -236,6 +249,12 @@ def test_imagereward_parity_with_package_transform(tiny_imagereward, size, case)
             ref.append(float((raw - 0.16717362830052426) / 1.0333394966054072))
     r = create_reward("imagereward", model=model, tokenizer=tok)
     ours = r(x, PROMPTS)
+    # The image matters (cross-attention is live), and the agreement is tight against the image-driven spread
+    # too, not only against the large image-independent offset of a random model.
+    spread = float(np.ptp(r(x, [PROMPTS[0]] * 4).numpy()))
+    assert spread > 1e-3 * float(ours.abs().max())
+    diff = float(np.abs(ours.numpy() - np.array(ref)).max())
+    assert diff <= (1e-3 if case == "exact" else 1e-2) * spread, (diff, spread)
     assert parity(ours.numpy(), ref, case), (ours, ref)
     assert r.tokens(["a red circle"])[0].shape == (1, 35)
 
