@@ -81,8 +81,8 @@ class Denoiser(nn.Module):
         """Raw network output, same shape as ``x_t`` (``(B, C, h, w)`` or ``(B, T, C, h, w)`` for video)."""
         want = 5 if self.is_video else 4
         if x_t.dim() != want:
-            raise ValueError(f"{type(self.model).__name__} takes {'(B, T, C, h, w)' if self.is_video else '(B, C, h, w)'}"
-                             f" latents, got shape {tuple(x_t.shape)}")
+            layout = "(B, T, C, h, w)" if self.is_video else "(B, C, h, w)"
+            raise ValueError(f"{type(self.model).__name__} takes {layout} latents, got shape {tuple(x_t.shape)}")
         B = x_t.shape[0]
         if text_tokens.shape[0] != B:
             raise ValueError(f"text_tokens batch {text_tokens.shape[0]} != latents batch {B}")
@@ -201,7 +201,7 @@ class Denoiser(nn.Module):
         meta_path = directory / "denoiser.json"
         if not meta_path.exists():
             raise FileNotFoundError(f"{meta_path} is missing: not a Denoiser directory (expected denoiser.json, "
-                                    "config.json and diffusion_pytorch_model.safetensors from Denoiser.save_pretrained)")
+                                    "config.json and diffusion_pytorch_model.safetensors, from save_pretrained)")
         meta = read_json(meta_path)
         model_cls = getattr(diffusers, meta["model_class"], None)
         if model_cls is None:

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from distill.schedules import broadcast
-
 STUDENT_TIMESTEPS = {1: [999], 2: [499, 999], 4: [249, 499, 749, 999]}
 
 

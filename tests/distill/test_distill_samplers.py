@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from distill.denoiser import Denoiser
-from distill.samplers import (STUDENT_TIMESTEPS, ddim_sample, ddim_step, ddim_timesteps, step_log_prob, step_sigma,
-                              stochastic_sample, student_sample)
+from distill.samplers import (
+    STUDENT_TIMESTEPS,
+    ddim_sample,
+    ddim_step,
+    ddim_timesteps,
+    step_log_prob,
+    step_sigma,
+    stochastic_sample,
+    student_sample,
+)
 from distill.schedules import DDPMSchedule
 
 
