@@ -8,7 +8,7 @@ first (``latent_rewards.fit`` on data latents + samples of the initial student, 
 
 Outputs (--out): compare.md, compare.json, reward_vs_gpu_seconds.png, and each run's directory.
 
-    PYTHONPATH=. python3 bench/finetune_compare.py --kinds image,video --budget-image 60 --budget-video 40
+    PYTHONPATH=. python3 bench/finetune_compare.py --kinds image,video --budget-image 45 --budget-video 30
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ METHODS = ("lrm", "ddpo", "direct")
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kinds", default="image,video", help="comma list of image, video")
-    p.add_argument("--budget-image", type=float, default=60.0, help="training device-seconds per method (image)")
-    p.add_argument("--budget-video", type=float, default=40.0, help="training device-seconds per method (video)")
+    p.add_argument("--budget-image", type=float, default=45.0, help="training device-seconds per method (image)")
+    p.add_argument("--budget-video", type=float, default=30.0, help="training device-seconds per method (video)")
     p.add_argument("--gold", default="colorfulness", help="gold pixel reward (must be differentiable for direct)")
     p.add_argument("--student", default=None, help="Denoiser directory to start from (default: shipped teacher)")
     p.add_argument("--lrm", default=None, help="LatentReward directory (image; skips fitting)")
@@ -35,7 +35,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--lrm-samples", type=int, default=4096, help="generated latents to fit the LRM on")
     p.add_argument("--lrm-steps", type=int, default=1500, help="LRM fit steps")
     p.add_argument("--lr", type=float, default=3e-5, help="student learning rate (all methods)")
-    p.add_argument("--eval-every", type=int, default=10, help="evaluate every N trainer steps")
+    p.add_argument("--eval-every-s", type=float, default=None,
+                   help="evaluate every this many training device-seconds (default: budget / 20)")
     p.add_argument("--num-eval", type=int, default=64)
     p.add_argument("--out", default="runs/bench-finetune-compare")
     p.add_argument("--device", default="auto")
@@ -103,7 +104,8 @@ def run_kind(kind: str, args, out: Path) -> dict:
     bs = 8 if kind == "video" else 16
     common = dict(run_dir="", device=str(device), seed=args.seed, gold_reward=args.gold, steps=10 ** 6,
                   max_gpu_seconds=budget, batch_size=bs, sample_batch_size=bs, num_sample_batches=2,
-                  train_batch_size=bs, lr=args.lr, eval_every=args.eval_every, num_eval=args.num_eval,
+                  train_batch_size=bs, lr=args.lr, eval_every=0, num_eval=args.num_eval,
+                  eval_every_gpu_s=args.eval_every_s or budget / 20,
                   ckpt_every=0, sample_every=0, log_every=100, num_frames=16, resume=False,
                   gradient_checkpointing=(kind == "video"), teacher=f"shapes-{kind}", progress=True)
 

@@ -131,6 +131,8 @@ class FinetuneConfig:
     log_every: int = opt(10, "log to log.txt every N steps (log.csv gets every step)")
     eval_every: int = opt(10, "gold reward of the k-step sampler on the fixed evaluation set every N steps "
                               "(0 = only at start and end); not counted in step time")
+    eval_every_gpu_s: float | None = opt(None, "also evaluate each time the cumulative step time passes a multiple "
+                                               "of this many device-seconds (even curves across methods)")
     num_eval: int = opt(64, "evaluation samples (prompts cycle through the pool)")
     log_gold_train: bool = opt(True, "method=lrm: also score the training samples with the gold reward (not "
                                      "counted in step time)")
@@ -254,10 +256,12 @@ class FinetuneTrainer:
         vae: ``lrm.latent_space.VAE`` (decoding for the gold reward, the direct gradient and the grids).
         lrm: latent reward for method=lrm (``latent_rewards.LatentReward`` or ``lrm(latents, tokens, mask)``).
         teacher: frozen teacher ``Denoiser`` for the distillation losses (default: a frozen copy of ``init``).
+        latent_shape: per-sample latent shape, e.g. ``(T, C, h, w)``; default: the pool's data latents, else the
+            model's square ``sample_size``.
     """
 
     def __init__(self, config: FinetuneConfig, init: Denoiser, pool: PromptPool, gold_reward: Any, vae: Any,
-                 lrm: Any = None, teacher: Denoiser | None = None):
+                 lrm: Any = None, teacher: Denoiser | None = None, latent_shape: tuple[int, ...] | None = None):
         self.config = cfg = config
         self.device = resolve_device(cfg.device)
         if cfg.bf16 and self.device.type != "cuda":
@@ -276,8 +280,12 @@ class FinetuneTrainer:
                                 cfg_null=null)
         self.student = self.student.to(self.device).requires_grad_(True).train()
         self.schedule = self.student.schedule
-        if cfg.gradient_checkpointing and hasattr(self.student.model, "enable_gradient_checkpointing"):
-            self.student.model.enable_gradient_checkpointing()
+        if cfg.gradient_checkpointing:
+            if getattr(self.student.model, "_supports_gradient_checkpointing", False):
+                self.student.model.enable_gradient_checkpointing()
+            else:  # e.g. diffusers' UNet3DConditionModel; the direct method still checkpoints calls + decoder
+                self.logger.warning("%s has no block-level gradient checkpointing; only the direct method's "
+                                    "per-call / decoder checkpointing applies", type(self.student.model).__name__)
         self.pool = pool.to(self.device)
         self.gold_reward = gold_reward
         self.vae = vae
@@ -308,11 +316,12 @@ class FinetuneTrainer:
         self.optimizer_steps = 0
         self.gpu_seconds = 0.0
         self.peak_mem_mb = 0.0
+        self._evals_by_time = 0
         self.history: list[dict[str, Any]] = []
         self._csv_path = Path(cfg.run_dir) / "log.csv"
         # fixed evaluation set: noise + prompts (same for every method with the same seed)
         g = torch.Generator().manual_seed(cfg.seed + 12345)
-        self.latent_shape = self._latent_shape()
+        self.latent_shape = tuple(latent_shape) if latent_shape is not None else self._latent_shape()
         self._eval_idx = torch.arange(cfg.num_eval) % len(self.pool)
         self._eval_noise = torch.randn((cfg.num_eval, *self.latent_shape), generator=g)
 
@@ -552,7 +561,12 @@ class FinetuneTrainer:
         self.step += 1
         row.update(step=self.step, method=cfg.method, step_time_s=dt, gpu_seconds=self.gpu_seconds,
                    peak_mem_mb=peak, optimizer_steps=self.optimizer_steps, lr=self.opt.param_groups[0]["lr"])
-        if cfg.eval_every > 0 and self.step % cfg.eval_every == 0:
+        due = cfg.eval_every > 0 and self.step % cfg.eval_every == 0
+        if cfg.eval_every_gpu_s:
+            k = int(self.gpu_seconds // cfg.eval_every_gpu_s)
+            due = due or k > self._evals_by_time
+            self._evals_by_time = max(self._evals_by_time, k)
+        if due:
             row["eval_gold_reward"] = self.evaluate()
         self.history.append(row)
         return row
@@ -588,6 +602,8 @@ class FinetuneTrainer:
         self.gpu_seconds = float(ex["gpu_seconds"])
         self.optimizer_steps = int(ex["optimizer_steps"])
         self.peak_mem_mb = float(ex["peak_mem_mb"])
+        if self.config.eval_every_gpu_s:
+            self._evals_by_time = int(self.gpu_seconds // self.config.eval_every_gpu_s)
         self.step = int(st["step"])
         return self.step
 
