@@ -1,11 +1,18 @@
-"""Subprocess for the SIGKILL test: builds (or resumes) a small Shapes cache slowly enough to be killed mid-way."""
+"""Subprocess for the SIGKILL test: builds (or resumes) a small Shapes cache slowly enough to be killed mid-way.
+
+It uses tiny stand-ins for the VAE and the text encoder (torch only) so that each killed process starts in a
+couple of seconds instead of importing diffusers and transformers; the real encoders are covered in-process.
+"""
 
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
 from data_cache import BuildCacheConfig, SourceConfig, build_cache
+from lrm.latent_space import VAE
+from lrm.text import TextEmbedding
 
 
 class SlowReward:
@@ -15,14 +22,66 @@ class SlowReward:
     device = "cpu"
 
     def __call__(self, pixels, prompts=None):
-        time.sleep(0.01)
+        time.sleep(0.02)
         return pixels.flatten(1).mean(1)
 
 
+class _TinyAE(torch.nn.Module):
+    """The slice of diffusers' AutoencoderKL interface that ``lrm.latent_space.VAE`` uses; /4, 4 channels."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = torch.nn.Conv2d(3, 8, 4, stride=4)
+        self.dec = torch.nn.ConvTranspose2d(4, 3, 4, stride=4)
+        self.config = SimpleNamespace(scaling_factor=1.0, shift_factor=None, latent_channels=4,
+                                      block_out_channels=(8, 8, 8))
+
+    def encode(self, x):
+        mean, _ = self.enc(x).chunk(2, dim=1)
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean, sample=lambda g=None: mean))
+
+    def decode(self, z):
+        return SimpleNamespace(sample=torch.tanh(self.dec(z)))
+
+
+class TinyText(torch.nn.Module):
+    """Deterministic character-hash text embedding (L=8, D=16)."""
+
+    max_length, dim = 8, 16
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Embedding(128, self.dim)
+        torch.nn.init.normal_(self.proj.weight, generator=torch.Generator().manual_seed(0))
+
+    def identity(self):
+        return {"name": "tiny-char-text", "dim": self.dim, "max_length": self.max_length, "pooling": "mean"}
+
+    def forward(self, prompts):
+        ids = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
+        mask = torch.zeros(len(prompts), self.max_length, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            words = p.split()[: self.max_length]
+            for j, w in enumerate(words):
+                ids[i, j] = sum(map(ord, w)) % 128
+                mask[i, j] = True
+        tokens = self.proj(ids) * mask.unsqueeze(-1)
+        pooled = tokens.sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+        return TextEmbedding(tokens.detach(), mask, pooled.detach())
+
+
+def tiny_vae() -> VAE:
+    return VAE(_TinyAE(), vae_id="tiny-test-ae")
+
+
+def config(out_dir: str, n: int) -> BuildCacheConfig:
+    return BuildCacheConfig(out_dir=out_dir, source=SourceConfig(num_samples=n), batch_size=2, shard_size=3,
+                            num_workers=1, progress=False, device="cpu", resume=True)
+
+
 if __name__ == "__main__":
-    out_dir, n = sys.argv[1], int(sys.argv[2])
     torch.set_num_threads(1)
-    cfg = BuildCacheConfig(out_dir=out_dir, source=SourceConfig(num_samples=n), batch_size=2, shard_size=3,
-                           num_workers=1, progress=False, device="cpu", resume=True)
-    build_cache(cfg, rewards=[SlowReward()])
+    out_dir, n = sys.argv[1], int(sys.argv[2])
+    build_cache(config(out_dir, n), rewards=[SlowReward()], vae=tiny_vae(), text_encoder=TinyText())
     print("DONE", flush=True)

@@ -16,10 +16,10 @@ from shapes.world import ShapesWorld
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
-from _kill_build import SlowReward  # noqa: E402
+from _kill_build import SlowReward, TinyText, config, tiny_vae  # noqa: E402
 
 
-def _check_exactly_once(out_dir, n, vae):
+def _check_exactly_once(out_dir, n, vae, text_encoder=None):
     cache = LatentCache.open(out_dir)
     idx = cache.indices
     assert sorted(idx.tolist()) == list(range(n)), "records duplicated or missing"
@@ -28,13 +28,16 @@ def _check_exactly_once(out_dir, n, vae):
     t = cache.tensors()
     torch.testing.assert_close(t["latents"][order], vae.encode(pixels).half().float(), rtol=2e-3, atol=2e-3)
     assert [cache.prompts[i] for i in order] == captions
+    if text_encoder is not None:
+        emb = text_encoder(captions)
+        torch.testing.assert_close(t["text_tokens"][order], emb.tokens.half().float(), rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(t["reward/slow-mean"][order], pixels.flatten(1).mean(1))
     res = verify_cache(out_dir)
     assert res["ok"], res["problems"]
     assert cache.manifest["complete"] and cache.manifest["counts"]["records"] == n
 
 
-def test_sigkill_at_random_points_then_resume(tmp_path, vae, text_encoder):
+def test_sigkill_at_random_points_then_resume(tmp_path):
     n = 30
     out = tmp_path / "killed"
     rng = random.Random(0)
@@ -42,28 +45,35 @@ def test_sigkill_at_random_points_then_resume(tmp_path, vae, text_encoder):
            "LRM_LOG_LEVEL": "WARNING"}
     script = str(Path(__file__).parent / "_kill_build.py")
     kills = 0
-    committed_before = []
+    committed_at_kill = []
+
+    def committed() -> int:
+        if not (out / st.MANIFEST).exists():
+            return 0
+        m = json.loads((out / st.MANIFEST).read_text())
+        return len(st.merge_shard_entries(m["shards"], st.read_journals(out)))
+
     for attempt in range(3):
+        target = committed() + rng.randint(1, 3)  # kill after 1-3 more shards, at a random moment after that
         proc = subprocess.Popen([sys.executable, script, str(out), str(n)], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        # wait until this run is building (manifest written), then kill after a random delay
         t0 = time.time()
-        while not (out / st.MANIFEST).exists() and proc.poll() is None and time.time() - t0 < 60:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 0.8))
+        while committed() < target and proc.poll() is None and time.time() - t0 < 90:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
-        m = json.loads((out / st.MANIFEST).read_text())
-        committed_before.append(len(st.merge_shard_entries(m["shards"], st.read_journals(out))))
-    assert kills >= 1, "the build finished before any kill; make it slower"
+        committed_at_kill.append(committed())
+    print("shards committed when killed:", committed_at_kill)
+    assert kills >= 2, f"the build finished before it could be killed twice ({committed_at_kill} shards)"
+    assert 0 < committed_at_kill[0] < n // 3, committed_at_kill  # killed part-way, with shards on disk
     # resume in-process to the end
-    cfg = BuildCacheConfig(out_dir=str(out), source=SourceConfig(num_samples=n), batch_size=2, shard_size=3,
-                           num_workers=1, progress=False, device="cpu", resume=True)
-    build_cache(cfg, rewards=[SlowReward()], vae=vae, text_encoder=text_encoder)
+    vae = tiny_vae()
+    build_cache(config(str(out), n), rewards=[SlowReward()], vae=vae, text_encoder=TinyText())
     assert not list((out / st.SHARD_DIR).glob(".*.tmp"))
-    _check_exactly_once(out, n, vae)
+    _check_exactly_once(out, n, vae, TinyText())
 
 
 def test_orphan_shard_adopted_torn_files_removed(tmp_path, vae, text_encoder):
