@@ -12,10 +12,11 @@ Same random weights, same GPU, same run, batch 64 of 512 x 512 images:
       otherwise a line-for-line reproduction (the output says which). With ``hpsv2`` importable, the real
       ``hpsv2.score()`` call is timed too: it reloads the checkpoint (saved to a temp file) on every call.
     - ImageReward (``ImageReward.score``): per image, BERT tokenize (max_length 35), PIL Resize(224,
-      bicubic) + CenterCrop + ToTensor + Normalize, visual encoder, text encoder with cross-attention,
-      MLP, ``.item()``. The ``image-reward`` package does not import with transformers >= 5 (its BLIP text
-      model needs transformers 4.x APIs), so this loop is a reproduction of ``ImageReward.score`` on our
-      architecture-identical model (transformers' BLIP classes); the output says so.
+      bicubic) + CenterCrop + ToTensor + Normalize, BLIP visual encoder, med BERT with cross-attention,
+      MLP, ``.item()``. With ``image-reward`` + ``fairscale`` installed (pure Python; ``make extras``), the
+      package's own classes and ``ImageReward.score`` run (loaded by ``reward_adapters.original_packages``,
+      which shims the few transformers-4 helpers it needs) and their random weights are converted into ours;
+      otherwise a line-for-line reproduction on our model runs. The output says which.
   Package loops get PIL images prepared before the clock starts (their inputs); ours gets GPU tensors.
 
 Also: PickScore / aesthetic / CLIP score (ours vs bare) and the CPU weight-free rewards (pool vs serial).
@@ -204,27 +205,49 @@ def bench_hpsv2_package_call(args, device, model, pils, prompts, table, notes):
 # ---- ImageReward ------------------------------------------------------------------------------------
 def bench_imagereward(args, device, x, prompts, pils, table, notes, tmpdir):
     from torchvision import transforms as T
+    from transformers import BlipTextConfig, BlipVisionConfig
 
-    from reward_adapters.imagereward import IR_MEAN, IR_STD, ImageRewardModel
+    from reward_adapters.imagereward import IR_MEAN, IR_STD, ImageRewardModel, convert_imagereward_state_dict
+    from reward_adapters.original_packages import build_original_imagereward, imagereward_available
 
-    torch.manual_seed(0)
+    # ImageReward v1.0 sizes: BLIP ViT-L/16 at 224, BERT-base with cross-attention (med_config.json).
     if TINY:
-        from transformers import BlipTextConfig, BlipVisionConfig
-
-        model = ImageRewardModel(
-            BlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                             image_size=224, patch_size=32, layer_norm_eps=1e-6, initializer_range=0.02),
-            BlipTextConfig(vocab_size=30524, hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=1, num_attention_heads=2))
+        vis = dict(patch_size=32, embed_dim=32, depth=1, num_heads=2)
+        txt = dict(vocab_size=30524, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                   max_position_embeddings=512, layer_norm_eps=1e-12)
     else:
-        model = ImageRewardModel()
-    model = model.to(device).eval().requires_grad_(False)
+        vis = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16)
+        txt = dict(vocab_size=30524, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                   intermediate_size=3072, max_position_embeddings=512, layer_norm_eps=1e-12)
+    vc = BlipVisionConfig(hidden_size=vis["embed_dim"], intermediate_size=4 * vis["embed_dim"],
+                          num_hidden_layers=vis["depth"], num_attention_heads=vis["num_heads"], image_size=224,
+                          patch_size=vis["patch_size"], layer_norm_eps=1e-6, initializer_range=0.02)
+    tc = BlipTextConfig(encoder_hidden_size=vis["embed_dim"], **txt)
     tok = bert_tokenizer(tmpdir)
+    torch.manual_seed(0)
+    model = ImageRewardModel(vc, tc)
+    original = None
+    if imagereward_available():
+        try:  # the package's own classes and ImageReward.score, same random weights as ours
+            original = build_original_imagereward(tok, vis, txt, 224)
+            model.load_state_dict(convert_imagereward_state_dict(original.module.state_dict()), strict=True)
+            original.module.to(device)
+            original.device = device
+        except Exception as e:
+            notes.append(f"original ImageReward code not usable ({type(e).__name__}: {e}); loop is a reproduction")
+            original = None
+    else:
+        notes.append("image-reward not installed (make extras): the ImageReward loop is a reproduction of "
+                     "ImageReward.score")
+    model = model.to(device).eval().requires_grad_(False)
     n = x.shape[0]
+    ours_fp32 = None
     for prec in args.precisions:
         r = create_reward("imagereward", model=model, tokenizer=tok, device=str(device), precision=prec)
         with torch.no_grad():
             row(table, "imagereward", f"ours ({prec})", timeit(lambda: r(x, prompts), args.iters), n)
+            if prec == "fp32":
+                ours_fp32 = r(x, prompts).cpu().numpy()
             pre = r.preprocess(x)
             ids, mask = r.tokens(prompts)
 
@@ -236,7 +259,7 @@ def bench_imagereward(args, device, x, prompts, pils, table, notes, tmpdir):
     transform = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
                            lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(OPENAI_MEAN, OPENAI_STD)])
 
-    def package_loop():  # ImageReward.score(prompt, image), one image at a time, fp32 as the package
+    def reproduced_loop():  # ImageReward.score(prompt, image) restated, one image at a time, fp32
         out = []
         with torch.no_grad():
             for img, p in zip(pils, prompts):
@@ -250,10 +273,17 @@ def bench_imagereward(args, device, x, prompts, pils, table, notes, tmpdir):
                 out.append(((model.mlp(feat) - IR_MEAN) / IR_STD).detach().cpu().numpy().item())
         return out
 
-    notes.append("ImageReward package loop: reproduction of ImageReward.score (image-reward 1.5 does not import "
-                 "with transformers >= 5)")
-    row(table, "imagereward", "package per-image loop (fp32)", timeit(package_loop, args.baseline_iters), n,
-        "reproduction of ImageReward.score")
+    def package_loop():  # the package's ImageReward.score, as shipped, one image at a time (fp32)
+        with torch.no_grad():
+            return [original.score(p, im) for p, im in zip(prompts, pils)]
+
+    loop, src = (package_loop, "image-reward ImageReward.score") if original is not None else (
+        reproduced_loop, "reproduction of ImageReward.score")
+    row(table, "imagereward", "package per-image loop (fp32)", timeit(loop, args.baseline_iters), n, src)
+    if ours_fp32 is not None:
+        ref = np.asarray(loop(), dtype=np.float64)
+        notes.append(f"imagereward: ours fp32 vs {src}: max |diff| {np.abs(ours_fp32 - ref).max():.3g} "
+                     f"(scores span {np.ptp(ref):.3g}; PIL rounds resized images to uint8)")
 
 
 # ---- others: ours vs bare ----------------------------------------------------------------------------
