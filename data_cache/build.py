@@ -13,7 +13,6 @@ out round-robin to ranks, each rank writes its own shards and journal, rank 0 me
 from __future__ import annotations
 
 import functools
-import math
 import os
 import queue
 import shutil
@@ -786,6 +785,3 @@ def _gpu_stage(eb: EncodedBatch, vae: VAE, te: TextEncoder, rewards: list[Any], 
 def _torch_dtype(np_dtype) -> torch.dtype:
     return {np.float16: torch.float16, np.float32: torch.float32}[np_dtype]
 
-
-def planned_shards(num_records: int, shard_size: int) -> int:
-    return math.ceil(num_records / shard_size)
