@@ -55,7 +55,7 @@ TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 224, "layers": 1, "wi
              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 
 
-def open_clip_model(arch: str):
+def open_clip_model(arch: str, device):
     import open_clip
 
     if TINY:
@@ -64,7 +64,8 @@ def open_clip_model(arch: str):
         open_clip.add_model_config(d / "bench-tiny.json")
         arch = "bench-tiny"
     torch.manual_seed(0)
-    return open_clip.create_model(arch, pretrained=None).eval().requires_grad_(False)
+    with torch.device(device):  # random init directly on the GPU (a ViT-H-14 takes minutes on CPU)
+        return open_clip.create_model(arch, pretrained=None, device=device).eval().requires_grad_(False)
 
 
 def sync():
@@ -118,7 +119,7 @@ def row(table, name, path, sec, n, note=""):
 def bench_hpsv2(args, device, x, prompts, pils, table, notes):
     import open_clip
 
-    model = open_clip_model("ViT-H-14").to(device)
+    model = open_clip_model("ViT-H-14", device)
     tok = open_clip.get_tokenizer("ViT-H-14")
     n = x.shape[0]
     for prec in args.precisions:
@@ -225,11 +226,13 @@ def bench_imagereward(args, device, x, prompts, pils, table, notes, tmpdir):
     tc = BlipTextConfig(encoder_hidden_size=vis["embed_dim"], **txt)
     tok = bert_tokenizer(tmpdir)
     torch.manual_seed(0)
-    model = ImageRewardModel(vc, tc)
+    with torch.device(device):
+        model = ImageRewardModel(vc, tc)
     original = None
     if imagereward_available():
         try:  # the package's own classes and ImageReward.score, same random weights as ours
-            original = build_original_imagereward(tok, vis, txt, 224)
+            with torch.device(device):
+                original = build_original_imagereward(tok, vis, txt, 224)
             model.load_state_dict(convert_imagereward_state_dict(original.module.state_dict()), strict=True)
             original.module.to(device)
             original.device = device
@@ -303,7 +306,9 @@ def bench_pickscore(args, device, x, prompts, table):
                                num_attention_heads=16, image_size=224, patch_size=14, hidden_act="gelu"),
             projection_dim=1024)
     torch.manual_seed(0)
-    model = CLIPModel(cfg).to(device).eval().requires_grad_(False)
+    with torch.device(device):
+        model = CLIPModel(cfg)
+    model = model.to(device).eval().requires_grad_(False)
     tok = open_clip.get_tokenizer("ViT-H-14")
     for prec in args.precisions:
         r = create_reward("pickscore", model=model, tokenizer=tok, device=str(device), precision=prec)
@@ -328,7 +333,7 @@ def bench_openclip_l14(args, device, x, prompts, table):
 
     from reward_adapters.aesthetic import AestheticMLP
 
-    model = open_clip_model("ViT-L-14").to(device)
+    model = open_clip_model("ViT-L-14", device)
     tok = open_clip.get_tokenizer("ViT-L-14")
     for prec in args.precisions:
         dim = int(model.text_projection.shape[1]) if TINY else 768
