@@ -88,3 +88,23 @@ def test_shapes_rewards_need_prompts_and_are_batch_invariant():
     serial = create_reward("shapes-adherence", executor="serial")(px, caps)
     assert torch.equal(full, serial)
     assert not math.isnan(float(full.sum()))
+
+
+def test_rendered_wrong_count_scores_lower():
+    w = ShapesWorld(32, seed=7)
+    good, bad, caps = [], [], []
+    i = 0
+    while len(caps) < 10:
+        s = w.sample(i)
+        i += 1
+        if s.count < 2:
+            continue
+        good.append(s.pixels)
+        bad.append(w.render(s.shape, s.color, s.background, s.centers[:-1], s.size))  # one shape missing
+        caps.append(s.caption)
+    good, bad = torch.from_numpy(np.stack(good)), torch.from_numpy(np.stack(bad))
+    r = create_reward("shapes-count")
+    a, b = r(good, caps), r(bad, caps)
+    assert (a > b).all(), (a, b)
+    assert torch.allclose(a, torch.ones(10))
+    assert (create_reward("shapes-adherence")(good, caps) > create_reward("shapes-adherence")(bad, caps)).all()
