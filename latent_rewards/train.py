@@ -168,6 +168,15 @@ def fit(data: LatentData | Any, config: FitConfig | None = None, reward_name: st
         data = LatentData.from_cache(data, reward_name)
     seed_everything(config.seed)
     device = resolve_device(config.device)
+    accelerator = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # `accelerate launch` / torchrun: DDP, one process per device
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=device.type == "cpu")
+        if accelerator.num_processes == 1:
+            raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but accelerate found one process; launch with "
+                               "`accelerate launch` or `torchrun`")
+        device = accelerator.device
     amp = config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and device.type == "cuda")
     out_dir = Path(out_dir) if out_dir is not None else None
 
@@ -207,11 +216,7 @@ def fit(data: LatentData | Any, config: FitConfig | None = None, reward_name: st
     schedule = DDPMSchedule(config.num_train_timesteps, config.beta_start, config.beta_end, config.beta_schedule)
     noise_aware = bool(getattr(model, "timestep_cond", False))
 
-    accelerator = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by `accelerate launch`: DDP over processes
-        from accelerate import Accelerator
-
-        accelerator = Accelerator()
+    if accelerator is not None:
         model, opt_ = accelerator.prepare(model, opt_)
     rank = 0 if accelerator is None else accelerator.process_index
     is_main = rank == 0
