@@ -111,7 +111,9 @@ class Reward(nn.Module):
             raise ValueError(f"{type(self).__name__}.modality={self.modality!r}; valid: {MODALITIES}")
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 or None, got {max_batch}")
-        select_frames(16, frames) if isinstance(frames, str) else None  # validate the name early
+        if isinstance(frames, bool) or not isinstance(frames, (int, str)) or \
+                (isinstance(frames, str) and frames not in FRAME_MODES) or (isinstance(frames, int) and frames < 1):
+            raise ValueError(f"frames={frames!r}; valid: {FRAME_MODES} or an int K >= 1 (K uniform frames)")
         self._device = torch.device(device)
         self.frames = frames
         self.max_batch = max_batch

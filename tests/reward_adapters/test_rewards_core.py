@@ -124,6 +124,8 @@ def test_select_frames():
         select_frames(8, "some")
     with pytest.raises(ValueError, match="uniform"):
         select_frames(4, 5)
+    with pytest.raises(ValueError, match="valid"):
+        create_reward("brightness", frames="middle-ish")
 
 
 def test_image_reward_on_video_uses_selected_frames_mean():

@@ -61,7 +61,6 @@ def test_wrong_direction_video_scores_lower():
         s = w.sample(i)
         good.append(s.pixels)
         # same first frame, opposite motion
-        tx, ty = w._travel(s.direction, s.speed)
         bad.append(w.render(s.shape, s.color, s.background, s.centers, s.size, OPPOSITE[s.direction], s.speed))
         caps.append(s.caption)
     good, bad = torch.from_numpy(np.stack(good)), torch.from_numpy(np.stack(bad))
