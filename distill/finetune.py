@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -158,7 +157,8 @@ class FinetuneConfig:
             raise ConfigError(
                 f"sample_batch_size * num_sample_batches = {self.sample_batch_size} * {self.num_sample_batches} = "
                 f"{total} samples per step is not divisible by train_batch_size = {self.train_batch_size}; pick "
-                f"a train_batch_size that divides {total} (e.g. {math.gcd(total, self.train_batch_size)})")
+                f"a train_batch_size that divides {total} (e.g. "
+                f"{max(d for d in range(1, self.train_batch_size + 1) if total % d == 0)})")
         k = len(self.timesteps)
         if not 1 <= self.ddpo_grad_steps <= k:
             raise ConfigError(f"ddpo_grad_steps must be in [1, {k}] for a {k}-step student, got {self.ddpo_grad_steps}")
