@@ -150,11 +150,21 @@ class TextProjection(nn.Module):
 class DDPMSchedule:
     """Noise schedule for noise-aware heads: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (PAPER_NOTES §1).
 
-    Default: Stable Diffusion's scaled-linear betas (sqrt-space linear 0.00085 .. 0.012, T = 1000).
+    Default: Stable Diffusion's scaled-linear betas (sqrt-space linear 0.00085 .. 0.012, T = 1000); ``"linear"``
+    spaces the betas linearly; ``alphas_cumprod`` (T,) gives any other schedule (e.g. the teacher's own).
     """
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
-                 beta_schedule: str = "scaled_linear"):
+                 beta_schedule: str = "scaled_linear", alphas_cumprod: torch.Tensor | None = None):
+        if alphas_cumprod is not None:
+            ac = torch.as_tensor(alphas_cumprod, dtype=torch.float32).reshape(-1)
+            if not ((ac > 0) & (ac <= 1)).all():
+                raise ValueError("alphas_cumprod must lie in (0, 1]")
+            self.num_train_timesteps = len(ac)
+            self.alphas_cumprod = ac
+            self.beta_schedule = "custom"
+            return
+        self.beta_schedule = beta_schedule
         if beta_schedule == "scaled_linear":
             betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
         elif beta_schedule == "linear":
@@ -165,8 +175,8 @@ class DDPMSchedule:
         self.alphas_cumprod = torch.cumprod(1 - betas, 0).float()  # (T,)
 
     def to_dict(self) -> dict:
-        return {"num_train_timesteps": self.num_train_timesteps, "alphas_cumprod_first": float(self.alphas_cumprod[0]),
-                "alphas_cumprod_last": float(self.alphas_cumprod[-1])}
+        return {"num_train_timesteps": self.num_train_timesteps, "beta_schedule": self.beta_schedule,
+                "alphas_cumprod": [round(float(a), 8) for a in self.alphas_cumprod]}
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         abar = self.alphas_cumprod.to(x0.device)[t.long()]  # (B,)

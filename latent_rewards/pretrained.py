@@ -86,6 +86,14 @@ class LatentReward(nn.Module):
     def timestep_cond(self) -> bool:
         return bool(getattr(self.model, "timestep_cond", False))
 
+    @property
+    def noise_schedule(self):
+        """The ``DDPMSchedule`` a noise-aware LRM was trained on (``None`` for clean-latent LRMs)."""
+        from latent_rewards.layers import DDPMSchedule
+
+        ns = self.metadata.get("noise_schedule")
+        return None if not ns else DDPMSchedule(alphas_cumprod=torch.tensor(ns["alphas_cumprod"]))
+
     def check_inputs(self, latent_space: LatentSpace | dict | None = None, text_encoder: Any = None) -> None:
         """Refuse latents from another latent space / embeddings from another text encoder (clear error).
 

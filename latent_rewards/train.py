@@ -152,10 +152,12 @@ def predict_standardised(model, data: LatentData, idx: torch.Tensor, batch_size:
 
 
 def fit(data: LatentData | Any, config: FitConfig | None = None, reward_name: str | None = None,
-        out_dir: str | Path | None = None, **overrides) -> FitResult:
+        out_dir: str | Path | None = None, noise_schedule: DDPMSchedule | None = None, **overrides) -> FitResult:
     """Train an LRM on ``data`` (a ``LatentData``, or a ``data_cache.LatentCache`` plus ``reward_name``).
 
     ``overrides`` replace fields of ``config`` (``fit(data, steps=500, head="text-image-cnn")``).
+    ``noise_schedule``: the schedule noise-aware heads are trained on (default: from the config's beta fields);
+    pass the fine-tuned model's own (``DDPMSchedule(alphas_cumprod=...)``) to match it exactly.
     With ``out_dir`` the LRM is saved there (``save_pretrained``) with ``metrics.json``, ``train_log.csv``,
     ``calibration.png`` and a resumable ``checkpoint/``.
     """
@@ -213,7 +215,11 @@ def fit(data: LatentData | Any, config: FitConfig | None = None, reward_name: st
     opt_ = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt_, lambda s: lr_lambda(s, config.warmup_steps, config.steps, config.min_lr_ratio))
-    schedule = DDPMSchedule(config.num_train_timesteps, config.beta_start, config.beta_end, config.beta_schedule)
+    schedule = noise_schedule or DDPMSchedule(config.num_train_timesteps, config.beta_start, config.beta_end,
+                                              config.beta_schedule)
+    if schedule.num_train_timesteps <= config.noise_max_t:
+        raise ValueError(f"noise_max_t={config.noise_max_t} is outside the schedule's {schedule.num_train_timesteps} "
+                         "timesteps")
     noise_aware = bool(getattr(model, "timestep_cond", False))
 
     if accelerator is not None:
@@ -353,8 +359,7 @@ def fit(data: LatentData | Any, config: FitConfig | None = None, reward_name: st
                           "split": "by prompt" if data.prompts is not None else "random"},
         "training": {**config_to_dict(config), "best_step": best["step"], "steps_run": step,
                      "train_time_s": train_time, "num_parameters": n_params},
-        "noise_schedule": schedule.to_dict() | {"beta_start": config.beta_start, "beta_end": config.beta_end,
-                                                "beta_schedule": config.beta_schedule} if noise_aware else None,
+        "noise_schedule": schedule.to_dict() if noise_aware else None,
         "metrics": {"val": metrics, "ridge_baseline": baseline},
     }
     lrm = LatentReward(raw.cpu(), metadata)

@@ -99,6 +99,25 @@ def test_rank_loss_and_ensemble_noise_aware_train():
     assert torch.allclose(lrm(x), members.mean(0), atol=1e-5)
     assert not torch.allclose(lrm(x, t=torch.full((4,), 250)), lrm(x), atol=1e-4)  # t is used after training
     assert lrm.metadata["noise_schedule"]["num_train_timesteps"] == 1000
+    sched = lrm.noise_schedule
+    assert float(sched.alphas_cumprod[0]) == pytest.approx(1 - 0.00085, rel=1e-6)  # SD's beta_1
+    assert float(sched.alphas_cumprod[-1]) == pytest.approx(0.00466, abs=2e-4)  # SD's abar_T (scaled linear)
+
+
+def test_ddpm_schedule_add_noise():
+    from latent_rewards import DDPMSchedule
+
+    s = DDPMSchedule()
+    x0 = torch.ones(4096, 4)
+    xt = s.add_noise(x0, torch.full((4096,), 999))
+    abar = float(s.alphas_cumprod[999])
+    assert float(xt.mean()) == pytest.approx(abar ** 0.5, abs=0.02)
+    assert float(xt.std()) == pytest.approx((1 - abar) ** 0.5, abs=0.02)
+    custom = DDPMSchedule(alphas_cumprod=torch.linspace(0.99, 0.1, 50))
+    assert custom.num_train_timesteps == 50
+    with pytest.raises(ValueError, match="noise_max_t"):
+        fit(_image_data(n=100), head="image-cnn", head_kwargs={**SMALL, "timestep_cond": True}, steps=2,
+            noise_schedule=custom, progress=False)
 
 
 def test_resume_gives_the_same_model(tmp_path):
