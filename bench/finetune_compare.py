@@ -51,7 +51,7 @@ def fit_lrm(kind: str, trainer_proto, args, out: Path):
     t0 = time.perf_counter()
     tr = trainer_proto
     pool = tr.pool
-    lat, prompts, tok, mask = [], [], [], []
+    lat, prompts = [], []
     B = 256
     g = torch.Generator().manual_seed(args.seed + 99)
     with torch.no_grad():
@@ -174,10 +174,12 @@ def markdown(all_res: list[dict]) -> str:
         e, li = R["expectation"], R["lrm"]
         tr = "n/a" if e["lrm_time_ratio"] is None else f"{e['lrm_time_ratio']:.3f}"
         tri = "n/a" if e["lrm_time_ratio_incl_fit"] is None else f"{e['lrm_time_ratio_incl_fit']:.3f}"
+        mr = "n/a" if e["lrm_mem_ratio"] is None else f"{e['lrm_mem_ratio']:.3f}"
+        fit_s = li["data_s"] + li["fit_s"]
         lines.append(f"- {R['kind']} ({R['device']}, gold {R['gold_reward']}, budget {R['budget_gpu_s']} device-s): "
-                     f"LRM time to DDPO's final gold / DDPO's = {tr} (with LRM data+fit {li['data_s'] + li['fit_s']:.1f}"
-                     f" s: {tri}; expectation <= 0.333: {'met' if e['time_met'] else 'not met'}); LRM peak memory / "
-                     f"DDPO's = {'n/a' if e['lrm_mem_ratio'] is None else format(e['lrm_mem_ratio'], '.3f')} (expectation <= 0.2: {'met' if e['mem_met'] else 'not met'})")
+                     f"LRM time to DDPO's final gold / DDPO's = {tr} (with LRM data+fit {fit_s:.1f} s: {tri}; "
+                     f"expectation <= 0.333: {'met' if e['time_met'] else 'not met'}); LRM peak memory / DDPO's = "
+                     f"{mr} (expectation <= 0.2: {'met' if e['mem_met'] else 'not met'})")
     return "\n".join(lines) + "\n"
 
 

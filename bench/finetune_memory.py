@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -56,8 +55,9 @@ def make_reward(device):
             self.visual = model.visual.to(device, torch.bfloat16).eval().requires_grad_(False)
             del model
             self.register_buffer("text", F.normalize(torch.randn(1, self.visual.output_dim), dim=-1).to(device))
-            self.register_buffer("mean", torch.tensor([0.48145466, 0.4578275, 0.40821073], device=device)[:, None, None])
-            self.register_buffer("std", torch.tensor([0.26862954, 0.26130258, 0.27577711], device=device)[:, None, None])
+            mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]  # OpenAI CLIP
+            self.register_buffer("mean", torch.tensor(mean, device=device)[:, None, None])
+            self.register_buffer("std", torch.tensor(std, device=device)[:, None, None])
 
         def score_images(self, pixels, prompts):
             x = F.interpolate(pixels.to(self.device).float(), size=(224, 224), mode="bicubic", align_corners=False)
@@ -177,9 +177,9 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ok = r["status"] == "ok"
-        lines.append(f"| {r['world']} | {r['frames'] or '-'} | {r['variant']} | {r['checkpointing']} | {r['status']} | "
-                     f"{r['step_time_s']:.3f} | {r['peak_mb'] / 1024:.2f} | {r['act_mb'] / 1024:.2f} |" if ok else
-                     f"| {r['world']} | {r['frames'] or '-'} | {r['variant']} | {r['checkpointing']} | OOM | - | - | - |")
+        head = f"| {r['world']} | {r['frames'] or '-'} | {r['variant']} | {r['checkpointing']} | {r['status']} | "
+        lines.append(head + (f"{r['step_time_s']:.3f} | {r['peak_mb'] / 1024:.2f} | {r['act_mb'] / 1024:.2f} |"
+                             if ok else "- | - | - |"))
     md = "\n".join(lines) + "\n"
     (out / "memory.md").write_text(md)
     print(md)

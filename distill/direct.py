@@ -83,7 +83,7 @@ def direct_reward_loss(x0: torch.Tensor, vae: Any, reward: Callable[..., torch.T
     """Steps 2-3: ``(-mean R(Dec(x0), c), rewards (B,) detached)``; the gradient reaches ``x0`` through the decoder."""
     if not getattr(reward, "differentiable", True):
         raise ValueError(f"reward {getattr(reward, 'name', reward)!r} is not differentiable; the direct method needs "
-                         "one (e.g. colorfulness, sharpness, brightness, hpsv2) - use method=ddpo for black-box rewards")
+                         "one (e.g. colorfulness, sharpness, brightness, hpsv2); use method=ddpo for black-box rewards")
     z = x0
     if x0.dim() == 5:  # (B, T, C, h, w)
         idx = subsample_frames(x0.shape[1], frames, num_frames, generator)

@@ -32,8 +32,14 @@ import torch
 import torch.nn as nn
 
 from distill.cd import cd_loss, consistency_output, ddim_grid
-from distill.ddpo import (PerPromptStatTracker, global_advantages, ppo_loss, sample_chain, trained_step_indices,
-                          transition_log_prob)
+from distill.ddpo import (
+    PerPromptStatTracker,
+    global_advantages,
+    ppo_loss,
+    sample_chain,
+    trained_step_indices,
+    transition_log_prob,
+)
 from distill.denoiser import Denoiser
 from distill.direct import FRAME_SUBSAMPLING, PIXEL_CLAMPS, direct_reward_loss, sample_with_grad
 from distill.ema import EMA

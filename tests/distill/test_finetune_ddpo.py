@@ -8,8 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from distill.ddpo import (PerPromptStatTracker, global_advantages, ppo_loss, reinforce_loss, sample_chain,
-                          trained_step_indices, transition_log_prob)
+from distill.ddpo import (
+    PerPromptStatTracker,
+    global_advantages,
+    ppo_loss,
+    reinforce_loss,
+    sample_chain,
+    trained_step_indices,
+    transition_log_prob,
+)
 from distill.denoiser import Denoiser
 from distill.samplers import step_mean, stochastic_sample
 from distill.schedules import DDPMSchedule

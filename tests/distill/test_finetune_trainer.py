@@ -121,7 +121,7 @@ def test_trainer_methods_log_and_update(tmp_path, vae, method):
     kw = {"distill_losses": ["vsd"], "fake_updates": 1} if method == "ddpo" else {}
     tr = FinetuneTrainer(_cfg(tmp_path, method, **kw), init, pool(), create_reward("brightness"), vae, lrm=lrm)
     before = [p.detach().clone() for p in tr.student.parameters()]
-    hist = tr.train()
+    tr.train()
     tr.close()
     assert tr.step == 2
     assert any(not torch.equal(a, b) for a, b in zip(before, tr.student.parameters()))
