@@ -29,7 +29,7 @@ from latent_rewards.layers import DDPMSchedule
 from latent_rewards.metrics import calibration_plot, regression_metrics, ridge_baseline, spearman
 from latent_rewards.pretrained import LatentReward
 from latent_rewards.registry import create_lrm, list_lrms
-from lrm.config import config_to_dict, opt
+from lrm.config import ConfigError, config_to_dict, opt
 from lrm.run import get_logger, resolve_device, seed_everything
 
 log = get_logger("lrm.latent_rewards")
@@ -71,16 +71,16 @@ class FitConfig:
 
     def __post_init__(self):
         if self.head not in list_lrms():
-            raise ValueError(f"unknown head {self.head!r}; available: {', '.join(list_lrms())}")
+            raise ConfigError(f"unknown head {self.head!r}; available: {', '.join(list_lrms())}")
         for k in ("steps", "batch_size", "eval_every", "ensemble", "num_train_timesteps"):
             if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+                raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
         if not 0 <= self.clean_fraction <= 1:
-            raise ValueError(f"clean_fraction must be in [0, 1], got {self.clean_fraction}")
+            raise ConfigError(f"clean_fraction must be in [0, 1], got {self.clean_fraction}")
         if not 0 <= self.noise_max_t < self.num_train_timesteps:
-            raise ValueError(f"noise_max_t must be in [0, {self.num_train_timesteps - 1}], got {self.noise_max_t}")
+            raise ConfigError(f"noise_max_t must be in [0, {self.num_train_timesteps - 1}], got {self.noise_max_t}")
         if self.ensemble_reduce not in ("mean", "std", "lcb"):
-            raise ValueError(f"ensemble_reduce must be mean, std or lcb, got {self.ensemble_reduce!r}")
+            raise ConfigError(f"ensemble_reduce must be mean, std or lcb, got {self.ensemble_reduce!r}")
 
 
 @dataclass
