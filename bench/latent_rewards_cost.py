@@ -80,7 +80,7 @@ def bench_train(args, device) -> dict:
         dt = time.perf_counter() - t
         through[bs] = n * bs / dt
         print(f"[train] batch {bs}: {through[bs]:,.0f} latents/s ({dt / n * 1e3:.2f} ms/step)", flush=True)
-    del model, opt, x_all, y_all
+    model = opt = x_all = y_all = None  # free GPU memory before fit
 
     # time to val Spearman 0.9 with the real trainer
     cfg = FitConfig(head="image-cnn", head_kwargs=head_kwargs, steps=args.fit_steps, batch_size=args.fit_batch,
@@ -193,7 +193,7 @@ def bench_grad(args, device) -> list[dict]:
             row["pixel:vae+vit-h-14"] = measure(pixel_step, device, args.reps)
             rows.append(row)
             print(_grad_line(row), flush=True)
-        del vae, heads
+        vae = heads = None  # free GPU memory before the next channel count
         torch.cuda.empty_cache()
     return rows
 

@@ -51,7 +51,6 @@ def _train(cfg: TrainConfig) -> None:
     import dataclasses
 
     from data_cache import LatentCache
-
     from latent_rewards.train import fit
     from lrm.run import prepare_run_dir
 
@@ -64,7 +63,6 @@ def _train(cfg: TrainConfig) -> None:
 
 def _evaluate(cfg: EvaluateConfig) -> None:
     from data_cache import LatentCache
-
     from latent_rewards.data import LatentData
     from latent_rewards.pretrained import LatentReward
     from latent_rewards.train import evaluate

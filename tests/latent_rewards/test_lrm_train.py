@@ -21,8 +21,8 @@ def _image_data(n=600, seed=0):
     w = torch.tensor([1.0, -0.5, 0.3, 0.8])
     y = 5.0 + 3.0 * (x.mean((2, 3)) * w).sum(1) + 0.5 * x[:, 0].std((1, 2))  # reward units: mean 5
     prompts = [f"prompt {i % 60}" for i in range(n)]
-    return LatentData(x, y, prompts=prompts, reward_name="toy-linear", reward_info={"version": "1", "modality": "image"},
-                      latent_space=SPACE.to_dict())
+    return LatentData(x, y, prompts=prompts, reward_name="toy-linear",
+                      reward_info={"version": "1", "modality": "image"}, latent_space=SPACE.to_dict())
 
 
 def _text_data(n=800, seed=0):
