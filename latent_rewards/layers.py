@@ -35,6 +35,19 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+NUM_COORD_FEATURES = 15  # 3 coordinates + sin/cos at 2 frequencies each
+
+
+def coord_features(t: int, h: int, w: int, device=None) -> torch.Tensor:
+    """Fourier features of (frame, row, column) in [-1, 1] for a t x h x w token grid -> (t*h*w, 15), row-major."""
+    axes = [torch.linspace(-1, 1, n, device=device) if n > 1 else torch.zeros(1, device=device) for n in (t, h, w)]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)  # (t*h*w, 3)
+    feats = [grid]
+    for k in (1, 2):
+        feats += [torch.sin(math.pi * k * grid / 2), torch.cos(math.pi * k * grid / 2)]
+    return torch.cat(feats, -1)
+
+
 class TimestepFiLM(nn.Module):
     """t -> per-block (scale, shift) pairs; zero-initialised so a fresh noise-aware head equals a clean one."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from latent_rewards.layers import GN_GROUPS, ConvTrunk, CrossAttentionBlock, TextProjection, TimestepFiLM
+from latent_rewards.layers import GN_GROUPS, NUM_COORD_FEATURES, ConvTrunk, coord_features, CrossAttentionBlock, TextProjection, TimestepFiLM
 
 
 class ConvLRM(nn.Module):
@@ -26,6 +26,9 @@ class ConvLRM(nn.Module):
         video: ``None`` (images), ``"frame-avg"`` (2D trunk per frame, features averaged over frames) or ``"3d"``.
         temporal_stride: stride over frames of the first 3x3x3 conv (``video="3d"``).
         norm_groups: GroupNorm groups (default 4; see ``layers.GN_GROUPS`` for why not one channel per group).
+        pos_emb: text heads add a learned projection of Fourier (frame, row, column) coordinates to the trunk's
+            tokens before cross-attention, so attributes tied to place and time (position, motion direction) can
+            be read; without it pooled tokens are blind to frame order and position.
         timestep_cond: noise-aware head: FiLM of every trunk block by the diffusion timestep ``t`` (``t=None``
             means clean latents, t = 0).
     """
@@ -35,7 +38,8 @@ class ConvLRM(nn.Module):
     def __init__(self, in_channels: int = 4, width: int = 128, depth: int = 1, patch: int = 4,
                  patch_padding: int | None = None, text_dim: int | None = None, attn_depth: int = 1,
                  attn_heads: int = 4, video: str | None = None, temporal_stride: int = 2,
-                 timestep_cond: bool = False, timestep_emb_dim: int = 128, norm_groups: int = GN_GROUPS):
+                 timestep_cond: bool = False, timestep_emb_dim: int = 128, norm_groups: int = GN_GROUPS,
+                 pos_emb: bool = True):
         super().__init__()
         if video not in (None, "frame-avg", "3d"):
             raise ValueError(f"video must be None, 'frame-avg' or '3d', got {video!r}")
@@ -49,8 +53,11 @@ class ConvLRM(nn.Module):
         self.trunk = ConvTrunk(in_channels, width, depth, patch, patch_padding, dims=3 if video == "3d" else 2,
                                temporal_stride=temporal_stride, norm_groups=norm_groups)
         self.film = TimestepFiLM(width, self.trunk.num_blocks, timestep_emb_dim) if timestep_cond else None
+        self.pos = None
         if text_dim is not None:
             self.text_proj = TextProjection(text_dim, width)
+            if pos_emb:
+                self.pos = nn.Linear(NUM_COORD_FEATURES, width)
             self.cross = nn.ModuleList(CrossAttentionBlock(width, attn_heads) for _ in range(attn_depth))
         self.proj = nn.Conv2d(width, width, 1)  # Tab. 10 "Conv 1x1 128 -> 128" after pooling
         self.out = nn.Linear(width, 1)
@@ -112,6 +119,14 @@ class ConvLRM(nn.Module):
             tokens = blk(tokens, text, mask)
         return tokens
 
+    def _with_pos(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, W, [t,] h, w) feature map -> (B, N, W) tokens (+ coordinate embedding for text heads)."""
+        tokens = x.flatten(2).transpose(1, 2)
+        if self.pos is None or self.text_dim is None:
+            return tokens
+        t = x.shape[2] if x.dim() == 5 else 1
+        return tokens + self.pos(coord_features(t, x.shape[-2], x.shape[-1], x.device)).to(tokens.dtype)
+
     def _head(self, pooled: torch.Tensor) -> torch.Tensor:
         # pooled (B, W) -> 1x1 conv -> Linear -> (B,)
         h = self.proj(pooled[:, :, None, None]).flatten(1)
@@ -126,19 +141,22 @@ class ConvLRM(nn.Module):
             T = latents.shape[1]
             x = self.trunk(latents.flatten(0, 1), self._films(t, B, latents.device, repeat=T))  # (B*T, W, h, w)
             tokens = x.flatten(2).transpose(1, 2)  # (B*T, hw, W)
+            if text is not None and self.pos is not None:
+                pos = self.pos(coord_features(T, x.shape[2], x.shape[3], x.device)).to(tokens.dtype)  # (T*hw, W)
+                tokens = (tokens.unflatten(0, (B, T)) + pos.view(1, T, -1, pos.shape[-1])).flatten(0, 1)
             if text is not None:
                 text = text.repeat_interleave(T, 0)
                 text_mask = None if text_mask is None else text_mask.repeat_interleave(T, 0)
             pooled = self._attend(tokens, text, text_mask).mean(1).unflatten(0, (B, T)).mean(1)  # (B, W)
         elif self.video == "3d":
             x = self.trunk(latents.transpose(1, 2), self._films(t, B, latents.device))  # (B, W, t, h, w)
-            pooled = self._attend(x.flatten(2).transpose(1, 2), text, text_mask).mean(1)  # (B, W)
+            pooled = self._attend(self._with_pos(x), text, text_mask).mean(1)  # (B, W)
         else:
             x = self.trunk(latents, self._films(t, B, latents.device))  # (B, W, h, w)
             if text is None:
                 pooled = x.mean((2, 3))  # AdaptiveAvgPool 1x1
             else:
-                pooled = self._attend(x.flatten(2).transpose(1, 2), text, text_mask).mean(1)
+                pooled = self._attend(self._with_pos(x), text, text_mask).mean(1)
         return self._head(pooled)
 
 
