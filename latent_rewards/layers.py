@@ -97,7 +97,7 @@ class ConvTrunk(nn.Module):
 
     def __init__(self, in_channels: int, width: int = 128, depth: int = 1, patch: int = 4,
                  patch_padding: int | None = None, dims: int = 2, temporal_stride: int = 2,
-                 norm_groups: int = GN_GROUPS):
+                 norm_groups: int = GN_GROUPS, temporal_patch: int = 1):
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1 (number of 3x3 conv blocks after the patch conv), got {depth}")
@@ -110,7 +110,8 @@ class ConvTrunk(nn.Module):
             for i in range(depth):
                 blocks.append(ConvBlock(width, width, 3, 2 if i == 0 else 1, 1, norm_groups=norm_groups))
         else:
-            blocks = [ConvBlock(in_channels, width, (1, patch, patch), (1, patch, patch), (0, pad, pad), dims=3,
+            kt = temporal_patch  # frames per temporal patch: longer spans make slow motion visible to 3x3x3 convs
+            blocks = [ConvBlock(in_channels, width, (kt, patch, patch), (kt, patch, patch), (0, pad, pad), dims=3,
                                 norm_groups=norm_groups)]
             for i in range(depth):
                 stride = (temporal_stride, 2, 2) if i == 0 else (1, 1, 1)

@@ -25,6 +25,7 @@ class ConvLRM(nn.Module):
         attn_depth / attn_heads: cross-attention blocks (image tokens -> all text tokens) and their heads.
         video: ``None`` (images), ``"frame-avg"`` (2D trunk per frame, features averaged over frames) or ``"3d"``.
         temporal_stride: stride over frames of the first 3x3x3 conv (``video="3d"``).
+        temporal_patch: frames per patch of the first conv (``video="3d"``; T must be divisible by it).
         norm_groups: GroupNorm groups (default 4; see ``layers.GN_GROUPS`` for why not one channel per group).
         pos_emb: text heads add a learned projection of Fourier (frame, row, column) coordinates to the trunk's
             tokens before cross-attention, so attributes tied to place and time (position, motion direction) can
@@ -39,7 +40,7 @@ class ConvLRM(nn.Module):
                  patch_padding: int | None = None, text_dim: int | None = None, attn_depth: int = 1,
                  attn_heads: int = 4, video: str | None = None, temporal_stride: int = 2,
                  timestep_cond: bool = False, timestep_emb_dim: int = 128, norm_groups: int = GN_GROUPS,
-                 pos_emb: bool = True):
+                 pos_emb: bool = True, temporal_patch: int = 1):
         super().__init__()
         if video not in (None, "frame-avg", "3d"):
             raise ValueError(f"video must be None, 'frame-avg' or '3d', got {video!r}")
@@ -51,7 +52,7 @@ class ConvLRM(nn.Module):
         self.video = video
         self.timestep_cond = timestep_cond
         self.trunk = ConvTrunk(in_channels, width, depth, patch, patch_padding, dims=3 if video == "3d" else 2,
-                               temporal_stride=temporal_stride, norm_groups=norm_groups)
+                               temporal_stride=temporal_stride, norm_groups=norm_groups, temporal_patch=temporal_patch)
         self.film = TimestepFiLM(width, self.trunk.num_blocks, timestep_emb_dim) if timestep_cond else None
         self.pos = None
         if text_dim is not None:

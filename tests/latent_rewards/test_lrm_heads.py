@@ -149,3 +149,14 @@ def test_clear_input_errors():
         _small("text-image-cnn")(torch.randn(2, 4, 8, 8))
     with pytest.raises(ValueError, match=r"\(B, T, C, H, W\) videos"):
         _small("video-3d-cnn")(torch.randn(2, 4, 8, 8))
+
+
+def test_temporal_patch_and_coordinate_embedding():
+    torch.manual_seed(0)
+    model = _small("text-video-3d-cnn", temporal_patch=2)
+    x, tok, mask = _inputs("text-video-3d-cnn", T=8)
+    assert model.trunk.blocks[0].conv.kernel_size == (2, 2, 2)
+    y = model(x, tok, mask)
+    assert (y - model(x.flip(1), tok, mask)).abs().max() > 1e-4  # frame order matters
+    plain = _small("text-image-cnn", pos_emb=False)
+    assert plain.pos is None and _small("text-image-cnn").pos is not None
