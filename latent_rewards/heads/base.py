@@ -9,7 +9,15 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from latent_rewards.layers import GN_GROUPS, NUM_COORD_FEATURES, ConvTrunk, coord_features, CrossAttentionBlock, TextProjection, TimestepFiLM
+from latent_rewards.layers import (
+    GN_GROUPS,
+    NUM_COORD_FEATURES,
+    ConvTrunk,
+    CrossAttentionBlock,
+    TextProjection,
+    TimestepFiLM,
+    coord_features,
+)
 
 
 class ConvLRM(nn.Module):
