@@ -195,23 +195,45 @@ def plot_bon(bon: pd.DataFrame, fits: dict, out: Path) -> Path | None:
 
 
 def plot_summary(summary: pd.DataFrame, out: Path, title: str = "evaluation summary") -> Path | None:
-    rows = summary[summary["metric"].str.match(r"^(gold|proxy|acc)/|^diversity$")]
+    """Compact view of one evaluation: a panel per reward (own units), all accuracies in one panel, diversity."""
+    rows = summary[summary["metric"].str.match(r"^(gold|proxy|acc)/|^diversity$")].reset_index(drop=True)
     if rows.empty:
         return None
+    single = [r for _, r in rows.iterrows() if _kind(r["metric"]) != "acc"]
+    acc = rows[rows["metric"].str.startswith("acc/")]
+    n = len(single) + (1 if len(acc) else 0)
     plt = _plt()
-    fig, axes = _grid(len(rows), plt, width=3.4, height=3.0)
-    for ax, (_, r) in zip(axes, rows.iterrows()):
+    ncol = min(n, 3)
+    nrow = math.ceil(n / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 2.6 * nrow), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    axes = list(axes.flat[:n])
+
+    def err(r):
+        if not np.isfinite(r.get("ci_low", np.nan)):
+            return None
+        return [[max(r["mean"] - r["ci_low"], 0)], [max(r["ci_high"] - r["mean"], 0)]]
+
+    for ax, r in zip(axes, single):
         color = COLORS[_kind(r["metric"])]
-        err = None
-        if np.isfinite(r.get("ci_low", np.nan)):
-            err = [[max(r["mean"] - r["ci_low"], 0)], [max(r["ci_high"] - r["mean"], 0)]]
-        ax.bar([0], [r["mean"]], yerr=err, color=color, capsize=6, width=0.5, label="mean ± 95% CI")
-        ax.set_xticks([])
-        ax.set_ylabel(_label(r["metric"]))
-        ax.set_title(f"{r['metric']} = {r['mean']:.4g}")
-        ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(title)
-    fig.tight_layout()
+        ax.barh([0], [r["mean"]], xerr=err(r), color=color, capsize=6, height=0.5)
+        ax.set_yticks([])
+        ax.set_xlabel(_label(r["metric"]))
+        ax.set_title(f"{r['metric']} = {r['mean']:.4g}", fontsize=11)
+    if len(acc):
+        ax = axes[-1]
+        y = np.arange(len(acc))
+        xerr = np.array([[max(a["mean"] - a["ci_low"], 0), max(a["ci_high"] - a["mean"], 0)]
+                         if np.isfinite(a["ci_low"]) else [0, 0] for _, a in acc.iterrows()]).T
+        ax.barh(y, acc["mean"], xerr=xerr, color=COLORS["acc"], capsize=4, height=0.6)
+        ax.set_yticks(y, [m.split("/", 1)[1] for m in acc["metric"]])
+        ax.set_xlim(0, 1.05)
+        ax.set_xlabel("fraction of samples correct")
+        ax.set_title("attribute accuracy", fontsize=11)
+    fig.text(0.5, 0.005, "bars: mean over samples; whiskers: 95% bootstrap CI over prompts", ha="center",
+             fontsize=9, color="#555")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(out)
     plt.close(fig)
     return out
