@@ -111,7 +111,7 @@ def measure(variant: str, args, device) -> dict:
                         bf16=args.bf16, gradient_checkpointing=args.grad_ckpt, progress=False, tensorboard=False)
     tr = DistillTrainer(cfg, teacher, data, lrm=reward)
     # fixed prompt batch so the text features of the pixel reward line up with the captions
-    fixed = data.batch(torch.arange(B))
+    fixed = tr.data.batch(torch.arange(B))  # on the trainer's device
     tr.sample_batch = lambda: fixed
     torch.cuda.synchronize()
     static = torch.cuda.memory_allocated()
