@@ -233,19 +233,6 @@ class PromptPool:
         return cls(data.text_tokens, data.text_mask.bool(), list(data.prompts), data.latents)
 
 
-class _LRMAdapter:
-    """Calls a LatentReward with text only if it takes text (image LRMs refuse text tokens)."""
-
-    def __init__(self, lrm: Any):
-        self.lrm = lrm
-        self.needs_text = bool(getattr(lrm, "needs_text", True))
-
-    def __call__(self, latents, text_tokens=None, text_mask=None):
-        if self.needs_text:
-            return self.lrm(latents, text_tokens, text_mask)
-        return self.lrm(latents)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -299,7 +286,7 @@ class FinetuneTrainer:
         if lrm is not None:
             if isinstance(lrm, nn.Module):
                 lrm.to(self.device).eval().requires_grad_(False)
-            self.lrm = _LRMAdapter(lrm)
+            self.lrm = lrm  # lrm_ft_loss passes text only to text-conditioned LRMs
         # distillation losses
         self.teacher = self.fake = self.target = self.opt_f = None
         if cfg.distill_losses:

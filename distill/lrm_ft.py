@@ -17,10 +17,27 @@ import torch.nn.functional as F
 LatentRewardFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 
 
+def takes_text(lrm: Any) -> bool:
+    """Whether ``lrm`` is text-conditioned: its ``needs_text`` (``LatentReward``, LRM heads) if it has one, else
+    True (plain callables ``lrm(latents, text_tokens, text_mask)`` and ``ConcurrentLRM``, which routes itself)."""
+    return bool(getattr(lrm, "needs_text", True))
+
+
+def call_lrm(lrm: LatentRewardFn, latents: torch.Tensor, text_tokens: torch.Tensor | None,
+             text_mask: torch.Tensor | None) -> torch.Tensor:
+    """``lrm(latents, text_tokens, text_mask)``, or ``lrm(latents)`` when the LRM takes no text (image-/video-only
+    heads such as ``image-cnn`` / ``video-3d-cnn`` refuse text tokens)."""
+    if takes_text(lrm):
+        return lrm(latents, text_tokens, text_mask)
+    return lrm(latents)
+
+
 def lrm_ft_loss(lrm: LatentRewardFn, x_hat: torch.Tensor, text_tokens: torch.Tensor | None,
                 text_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 11: ``(-mean R^l(x_hat, c), rewards (B,) detached)``; the gradient flows through the LRM into x_hat."""
-    r = lrm(x_hat, text_tokens, text_mask)
+    """Eq. 11: ``(-mean R^l(x_hat, c), rewards (B,) detached)``; the gradient flows through the LRM into x_hat.
+
+    Text is passed only to text-conditioned LRMs (``call_lrm``)."""
+    r = call_lrm(lrm, x_hat, text_tokens, text_mask)
     if r.dim() != 1 or r.shape[0] != x_hat.shape[0]:
         raise ValueError(f"the latent reward must return shape (B,) = ({x_hat.shape[0]},), got {tuple(r.shape)}")
     r = r.float()

@@ -133,3 +133,25 @@ def test_config_errors_and_shipped_configs(tmp_path):
     for f in files:
         c = load_config(DistillConfig, f)
         assert c.use_vsd or c.use_cd
+
+
+def test_image_only_latent_reward_drives_the_ft_term(tmp_path):
+    """A LatentReward with an image-only head (takes no text) works as the frozen LRM of L_FT: the trainer calls it
+    without text (it would raise "takes no text" otherwise), the loss is finite and the student moves."""
+    from latent_rewards import LatentReward, create_lrm
+
+    torch.manual_seed(3)
+    head = create_lrm("image-cnn", in_channels=4, width=16, patch=2, norm_groups=4)
+    LatentReward(head, {"reward": {"name": "brightness", "modality": "image"}}).save_pretrained(tmp_path / "lrm")
+    lrm = LatentReward.from_pretrained(tmp_path / "lrm")
+    assert not lrm.needs_text
+    with pytest.raises(ValueError, match="takes no text"):
+        lrm(torch.randn(2, 4, 8, 8), torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool))
+    tr = DistillTrainer(cfg(tmp_path, use_vsd=False, use_cd=False, use_lrm_ft=True, steps=1, student_steps=1),
+                        tiny_teacher(), tiny_data(), lrm=lrm)
+    s0 = params(tr.student.model)
+    row = tr.train()[0]
+    assert math.isfinite(row["loss_ft"]) and math.isfinite(row["loss_g"])
+    assert row["loss_ft"] == pytest.approx(-row["lrm_reward"])
+    s1 = params(tr.student.model)
+    assert any(not torch.equal(s0[k], s1[k]) for k in s0)

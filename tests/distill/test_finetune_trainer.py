@@ -158,3 +158,24 @@ def test_ddpo_resume_is_exact(tmp_path, vae):
     for a, b in zip(full.student.parameters(), resumed.student.parameters()):
         assert torch.equal(a, b)
     assert resumed.tracker.state_dict() == full.tracker.state_dict()
+
+
+def test_method_lrm_with_an_image_only_latent_reward(tmp_path, vae):
+    """method=lrm with a LatentReward that takes no text: the shared lrm_ft_loss path drops the text."""
+    from latent_rewards import LatentReward, create_lrm
+    from reward_adapters import create_reward
+
+    torch.manual_seed(3)
+    lrm = LatentReward(create_lrm("image-cnn", in_channels=4, width=16, patch=2),
+                       {"reward": {"name": "brightness", "modality": "image"}})
+    tr = FinetuneTrainer(_cfg(tmp_path, "lrm", steps=1, eval_every=0), tiny_denoiser(), pool(),
+                         create_reward("brightness"), vae, lrm=lrm)
+    before = [p.detach().clone() for p in tr.student.parameters()]
+    tr.train()
+    tr.close()
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.student.parameters()))
+    rows = list(csv.DictReader(open(tmp_path / "lrm" / "log.csv")))
+    train_rows = [r for r in rows if r["loss_ft"] != ""]
+    assert len(train_rows) == 1 and train_rows[0]["step"] == "1"
+    assert float(train_rows[0]["loss_ft"]) == pytest.approx(-float(train_rows[0]["proxy_reward"]))
+    assert abs(float(train_rows[0]["loss"])) < float("inf")
