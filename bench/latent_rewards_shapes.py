@@ -87,6 +87,28 @@ def run_one(cache: LatentCache, reward: str, head: str, head_kwargs: dict, out: 
     return row
 
 
+def write_report(out: Path, rows: list[dict], total: float, args) -> str:
+    """``results.md`` (markdown table) and ``results.json`` for the rows so far; returns the markdown."""
+    import torch
+
+    header = ("| reward | head | train / val | LRM Spearman | ridge Spearman | LRM R² | ridge R² | Kendall τ | "
+              "pair acc. | best step | train s | ≥0.9 and > ridge |")
+    lines = [header, "|" + "---|" * 12]
+    for r in rows:
+        lines.append(f"| {r['reward']} | {r['head']} | {r['n_train']} / {r['n_val']} | {r['spearman']:.4f} | "
+                     f"{r['ridge_spearman']:.4f} | {r['r2']:.4f} | {r['ridge_r2']:.4f} | {r['kendall_tau']:.4f} | "
+                     f"{r['pairwise_accuracy']:.4f} | {r['best_step']} | {r['train_time_s']:.1f} | "
+                     f"{'yes' if r['pass'] else 'no'} |")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    md = (f"# LRMs on the Shapes world\n\nDevice: {device}. Images: {args.n_images}, videos: {args.n_videos} x "
+          f"{args.num_frames} frames; {args.mismatch:.0%} of captions name a wrong color/direction. Split by prompt "
+          f"(10% held out). Total {total:.0f}s.\n\n" + "\n".join(lines) + "\n")
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "total_s": total, "device": device,
+                                                  "args": vars(args)}, indent=2))
+    return md
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench/lrm_shapes")
@@ -124,41 +146,22 @@ def main(argv=None) -> int:
 
     # 2. one LRM per modality (+ ablations); Shapes latents are 8x8, so the first conv uses patch 2 (-> 4x4 -> 2x2)
     small = {"width": args.width, "patch": 2}
-    rows = [
-        run_one(images, "jpeg-compressibility", "image-cnn", {**small, "depth": 2}, out, args),
-        run_one(images, "shapes-color", "text-image-cnn", {**small, "depth": 2}, out, args),
-        run_one(videos, args.video_reward, "video-3d-cnn", {**small, "depth": 2, "temporal_patch": args.temporal_patch},
-                out, args),
-        run_one(videos, "shapes-direction", "text-video-3d-cnn",
-                {**small, "depth": 2, "temporal_patch": args.temporal_patch}, out, args),
+    specs = [
+        (images, "jpeg-compressibility", "image-cnn", {**small, "depth": 2}),
+        (images, "shapes-color", "text-image-cnn", {**small, "depth": 2}),
+        (videos, args.video_reward, "video-3d-cnn", {**small, "depth": 2, "temporal_patch": args.temporal_patch}),
+        (videos, "shapes-direction", "text-video-3d-cnn", {**small, "depth": 2, "temporal_patch": args.temporal_patch}),
     ]
     if not args.no_ablations:
-        rows += [
-            run_one(images, "shapes-color", "text-image-cnn-paper", dict(small), out, args, tag=""),
-            run_one(videos, "shapes-direction", "text-video-frame-avg", {**small, "depth": 2}, out, args),
-            run_one(videos, args.video_reward, "video-frame-avg", {**small, "depth": 2}, out, args),
+        specs += [
+            (images, "shapes-color", "text-image-cnn-paper", dict(small)),
+            (videos, "shapes-direction", "text-video-frame-avg", {**small, "depth": 2}),
+            (videos, args.video_reward, "video-frame-avg", {**small, "depth": 2}),
         ]
-    total = time.perf_counter() - t_start
-
-    # 3. report
-    header = ("| reward | head | train / val | LRM Spearman | ridge Spearman | LRM R² | ridge R² | Kendall τ | "
-              "pair acc. | best step | train s | ≥0.9 and > ridge |")
-    lines = [header, "|" + "---|" * 12]
-    for r in rows:
-        lines.append(f"| {r['reward']} | {r['head']} | {r['n_train']} / {r['n_val']} | {r['spearman']:.4f} | "
-                     f"{r['ridge_spearman']:.4f} | {r['r2']:.4f} | {r['ridge_r2']:.4f} | {r['kendall_tau']:.4f} | "
-                     f"{r['pairwise_accuracy']:.4f} | {r['best_step']} | {r['train_time_s']:.1f} | "
-                     f"{'yes' if r['pass'] else 'no'} |")
-    table = "\n".join(lines)
-    import torch
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    md = (f"# LRMs on the Shapes world\n\nDevice: {device}. Images: {args.n_images}, videos: {args.n_videos} x "
-          f"{args.num_frames} frames; {args.mismatch:.0%} of captions name a wrong color/direction. Split by prompt "
-          f"(10% held out). Total {total:.0f}s.\n\n{table}\n")
-    (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps({"rows": rows, "total_s": total, "device": device,
-                                                  "args": vars(args)}, indent=2))
+    rows: list[dict] = []
+    for cache, reward, head, kwargs in specs:
+        rows.append(run_one(cache, reward, head, kwargs, out, args))
+        md = write_report(out, rows, time.perf_counter() - t_start, args)  # after every row: a cut run keeps its rows
     print(md)
     return 0
 
