@@ -198,3 +198,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     add_command(sub, "report", _report, help="write RUN_DIR/report.html: tables, plots and samples, viewable offline",
                 args=args)
+
+    from eval.overopt_run import OveroptConfig, run_overopt
+
+    add_config_command(sub, "overopt", OveroptConfig, run_overopt,
+                       help="reward-overoptimization study: fit a proxy LRM on a gold reward, fine-tune (lrm / ddpo / "
+                            "direct) with checkpoints, evaluate gold and proxy vs d = sqrt(KL), Gao fits, peak gold, "
+                            "early stopping; sweeps over any config key; report.html")
