@@ -409,7 +409,9 @@ def finetune_with_checkpoints(cfg: OveroptConfig, run_dir: Path, lrm=None, log=N
                 break
     finally:
         trainer.close()
-    info = {"latent_shape": list(latent_shape), "timesteps": trainer.timesteps, "gpu_seconds": trainer.gpu_seconds,
+    logged = _gpu_seconds_by_step(run_dir / "finetune" / "log.csv")  # the trainer's own count is 0 on a resume
+    info = {"latent_shape": list(latent_shape), "timesteps": trainer.timesteps,
+            "gpu_seconds": max([trainer.gpu_seconds, *logged.values()]),
             "finetune_wall_s": time.perf_counter() - t0, "steps": trainer.step,
             "peak_mem_mb": trainer.peak_mem_mb}
     del trainer
@@ -479,7 +481,7 @@ def evaluate_run(cfg: OveroptConfig, run_dir: Path, lrm, latent_shape, timesteps
         proxy["lrm"] = ProxyView(lrm)
         from latent_rewards import EnsembleLRM
 
-        if isinstance(lrm.model, EnsembleLRM) and cfg.ensemble_lambda > 0:
+        if isinstance(lrm.model, EnsembleLRM):  # comparable across ensemble_lambda values
             proxy["lrm-mean"] = ProxyView(lrm, "mean")
     checkpoints, reference = study_checkpoints(cfg, run_dir, device, timesteps)
     title = f"overoptimization: {cfg.method} on {'proxy LRM of ' if lrm is not None else ''}{cfg.gold_reward} " \
@@ -597,6 +599,9 @@ def _sweep_row(assign: dict, summary: dict, run_dir: Path, gold_col: str) -> dic
         if "proxy/lrm" in t:
             row["proxy_step0"] = float(t["proxy/lrm"].iloc[0])
             row["proxy_final"] = float(t["proxy/lrm"].iloc[-1])
+        if "proxy/lrm-mean" in t:
+            row["proxy_mean_step0"] = float(t["proxy/lrm-mean"].iloc[0])
+            row["proxy_mean_final"] = float(t["proxy/lrm-mean"].iloc[-1])
         if "acc/all" in t:
             row["acc_final"] = float(t["acc/all"].iloc[-1])
     for name, col in (("gold", gold_col), ("proxy", "proxy/lrm")):
@@ -619,14 +624,15 @@ def plot_sweep(root: Path, key: str, rows: list[dict], gold_col: str) -> list[tu
     plots = []
     out_dir = root / "plots"
     out_dir.mkdir(exist_ok=True)
-    cols = [(gold_col, f"gold reward: {gold_col.split('/', 1)[1]}"), ("proxy/lrm", "proxy reward: LRM (optimised)")]
+    cols = [(gold_col, f"gold reward: {gold_col.split('/', 1)[1]}"), ("proxy/lrm", "proxy reward: LRM (optimised)"),
+            ("proxy/lrm-mean", "proxy reward: LRM ensemble mean")]
     tables = {r["sub_run"]: pd.read_csv(root / r["sub_run"] / "study" / "study.csv") for r in rows
               if (root / r["sub_run"] / "study" / "study.csv").exists()}
     present = [(c, lab) for c, lab in cols if any(c in t for t in tables.values())]
     if tables and present:
         for xcol, xlab, fname in (("d", "distance from the initial model d = sqrt(KL)", "sweep_vs_d.png"),
                                   ("step", "fine-tuning step (optimizer steps)", "sweep_vs_step.png")):
-            fig, axes = plt.subplots(1, len(present), figsize=(5.6 * len(present), 3.9), squeeze=False)
+            fig, axes = plt.subplots(1, len(present), figsize=(5.2 * len(present), 3.9), squeeze=False)
             cmap = plt.get_cmap("viridis")
             for ax, (c, lab) in zip(axes[0], present):
                 for j, r in enumerate(rows):
