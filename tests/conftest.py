@@ -4,9 +4,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The test models are tiny: one intra-op thread is as fast as two, and immune to OpenMP threads spinning on an
+# oversubscribed CPU (a 2-core CI machine running other jobs made some tests 10-40x slower). Subprocesses the tests
+# start inherit OMP_NUM_THREADS. LRM_TEST_THREADS=N overrides.
+TEST_THREADS = int(os.environ.get("LRM_TEST_THREADS", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+torch.set_num_threads(TEST_THREADS)
 
 
 def pytest_collection_modifyitems(config, items):
