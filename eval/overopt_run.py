@@ -100,6 +100,9 @@ class OveroptConfig:
     cache_size: int | None = opt(None, "Shapes records in the cache (default: lrm_train_size, or its largest "
                                        "swept value)")
     cache_seed: int = opt(0, "ShapesWorld seed of the cache")
+    cache_workers: int = opt(4, "cache build: loader workers rendering Shapes records")
+    cache_worker_type: Literal["thread", "process"] = opt(
+        "thread", "cache build: thread or process workers (process: parallel Shapes rendering, which holds the GIL)")
     # ---- evaluation (eval.study) -----------------------------------------------------------------------------
     num_eval_prompts: int = opt(16, "held-out Shapes captions evaluated at every checkpoint")
     n_per_prompt: int = opt(4, "samples per prompt (fixed seeds, the same at every checkpoint)")
@@ -108,6 +111,9 @@ class OveroptConfig:
         "student", "student: the deployed k-step sampler, d from the smoothed-output KL to the step-0 model under "
                    "shared noise (kl_sigma); stochastic: the DDIM(eta) chain, d from the exact chain KL")
     kl_sigma: float = opt(1.0, "smoothing std (scaled-latent units) of the smoothed-output KL")
+    stop_on: str | None = opt(None, "study column that decides the peak checkpoint and early stopping (default "
+                                    "gold/<gold_reward>; e.g. acc/all or gold/temporal-flickering when the gold reward "
+                                    "itself can be gamed)")
     accuracy: bool = opt(True, "Shapes attribute accuracy columns (acc/*)")
     eval_batch_size: int = opt(32, "samples per generator call in evaluation")
     n_bootstrap: int = opt(200, "bootstrap resamples for the 95% CIs")
@@ -137,6 +143,12 @@ class OveroptConfig:
             raise ConfigError(f"kl_sigma must be > 0, got {self.kl_sigma}")
         if not isinstance(self.sweep, dict):
             raise ConfigError(f"sweep must map config keys to lists of values, got {self.sweep!r}")
+        if self.stop_on is not None and not self.stop_on.startswith(("gold/", "proxy/", "acc/")) \
+                and self.stop_on != "diversity":
+            raise ConfigError(f"stop_on must be a study column: gold/<reward>, proxy/lrm, acc/<attribute> or "
+                              f"diversity, got {self.stop_on!r}")
+        if self.stop_on is not None and self.stop_on.startswith("acc/") and not self.accuracy:
+            raise ConfigError(f"stop_on={self.stop_on!r} needs accuracy: true")
         for k, v in self.sweep.items():
             if not isinstance(v, list) or not v:
                 raise ConfigError(f"sweep.{k} must be a non-empty list of values, got {v!r}")
@@ -308,7 +320,8 @@ def build_gold_cache(cfg: OveroptConfig, shared: Path, size: int, vae=None, text
     bcfg = BuildCacheConfig(out_dir=str(out), source=SourceConfig(type="shapes", num_samples=size, seed=cfg.cache_seed,
                                                                   num_frames=nf),
                             rewards=[cfg.gold_reward], latent_dtype="float32", batch_size=64 if nf else 256,
-                            shard_size=max(1024, size), num_workers=2, device=cfg.device,
+                            shard_size=max(1024, size), num_workers=cfg.cache_workers,
+                            worker_type=cfg.cache_worker_type, device=cfg.device,
                             resume=(out / "manifest.json").exists(), progress=cfg.progress)
     if log:
         log.info("building the gold-reward cache %s (%d Shapes %s, reward %s)", out, size,
@@ -487,7 +500,7 @@ def evaluate_run(cfg: OveroptConfig, run_dir: Path, lrm, latent_shape, timesteps
     title = f"overoptimization: {cfg.method} on {'proxy LRM of ' if lrm is not None else ''}{cfg.gold_reward} " \
             f"({run_dir.name})"
     return run_study(checkpoints, prompts, run_dir / "study", reference=reference, fit_form="rl",
-                     gold=f"gold/{cfg.gold_reward}", title=title, write_html=cfg.report,
+                     gold=cfg.stop_on or f"gold/{cfg.gold_reward}", title=title, write_html=cfg.report,
                      n_per_prompt=cfg.n_per_prompt, seeds=cfg.seed, gold_rewards=gold, proxy_rewards=proxy,
                      decode=vae, text_encoder=text, latent_shape=latent_shape,
                      accuracy_rewards=shapes_accuracy_rewards(video) if cfg.accuracy else None,
