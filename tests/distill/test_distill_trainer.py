@@ -83,17 +83,19 @@ def test_lrm_ft_raises_reward(tmp_path):
 
 
 def test_resume_gives_the_same_loss_curve(tmp_path):
-    kw = dict(use_lrm_ft=True, ckpt_every=3, grad_accum=2, batch_size=2, fake_updates=1, cd_teacher_steps=1)
-    full = DistillTrainer(cfg(tmp_path / "a", steps=6, **kw), tiny_teacher(), tiny_data(), lrm=mean_lrm).train()
-    DistillTrainer(cfg(tmp_path / "b", steps=3, **kw), tiny_teacher(), tiny_data(), lrm=mean_lrm).train()  # "killed"
-    resumed_tr = DistillTrainer(cfg(tmp_path / "b", steps=6, **kw), tiny_teacher(), tiny_data(), lrm=mean_lrm)
+    """4 uninterrupted steps vs 2 steps, "killed", then resumed from the step-2 checkpoint to 4: same losses."""
+    kw = dict(use_lrm_ft=True, ckpt_every=2, grad_accum=2, batch_size=2, fake_updates=1, cd_teacher_steps=1)
+    full = DistillTrainer(cfg(tmp_path / "a", steps=4, **kw), tiny_teacher(), tiny_data(), lrm=mean_lrm).train()
+    DistillTrainer(cfg(tmp_path / "b", steps=2, **kw), tiny_teacher(), tiny_data(), lrm=mean_lrm).train()  # "killed"
+    resumed_tr = DistillTrainer(cfg(tmp_path / "b", steps=4, **kw), tiny_teacher(), tiny_data(), lrm=mean_lrm)
     resumed = resumed_tr.train()
-    assert [r["step"] for r in resumed] == [4, 5, 6]
-    for a, b in zip(full[3:], resumed):
+    assert [r["step"] for r in resumed] == [3, 4]
+    assert len(full) == 4
+    for a, b in zip(full[2:], resumed, strict=True):
         for k in ("loss_g", "loss_vsd", "loss_cd", "loss_ft", "loss_fake"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (k, a["step"])
     rows = list(csv.DictReader(open(tmp_path / "b" / "run" / "log.csv")))
-    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
 
 
 def test_heterogeneous_student_predicts_x0(tmp_path):
