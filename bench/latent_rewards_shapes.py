@@ -129,7 +129,9 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--video_reward", default="motion-magnitude", help="motion-magnitude or temporal-flickering")
+    p.add_argument("--video_reward", default="motion-magnitude",
+                   help="motion-magnitude, temporal-flickering, or both as a comma list (one video-3d-cnn row each)")
+    p.add_argument("--skip_images", action="store_true", help="only the video cache and video rows")
     p.add_argument("--no_ablations", action="store_true", help="skip Tab. 11 / frame-averaging ablations")
     p.add_argument("--rebuild", action="store_true", help="rebuild caches that already exist in --out")
     args = p.parse_args(argv)
@@ -138,26 +140,29 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
 
     # 1. caches
-    img_root = build(out, "images", args.n_images, None, ["jpeg-compressibility", "shapes-color"], args.mismatch,
-                     args)
-    vid_root = build(out, "videos", args.n_videos, args.num_frames,
-                     sorted({args.video_reward, "temporal-flickering", "shapes-direction"}), args.mismatch, args)
-    images, videos = LatentCache.open(img_root), LatentCache.open(vid_root)
+    video_rewards = args.video_reward.split(",")
+    images = None
+    if not args.skip_images:
+        images = LatentCache.open(build(out, "images", args.n_images, None, ["jpeg-compressibility", "shapes-color"],
+                                        args.mismatch, args))
+    videos = LatentCache.open(build(out, "videos", args.n_videos, args.num_frames,
+                                    sorted({*video_rewards, "temporal-flickering", "shapes-direction"}),
+                                    args.mismatch, args))
 
     # 2. one LRM per modality (+ ablations); Shapes latents are 8x8, so the first conv uses patch 2 (-> 4x4 -> 2x2)
     small = {"width": args.width, "patch": 2}
-    specs = [
-        (images, "jpeg-compressibility", "image-cnn", {**small, "depth": 2}),
-        (images, "shapes-color", "text-image-cnn", {**small, "depth": 2}),
-        (videos, args.video_reward, "video-3d-cnn", {**small, "depth": 2, "temporal_patch": args.temporal_patch}),
-        (videos, "shapes-direction", "text-video-3d-cnn", {**small, "depth": 2, "temporal_patch": args.temporal_patch}),
-    ]
+    video3d = {**small, "depth": 2, "temporal_patch": args.temporal_patch}
+    specs = [(images, "jpeg-compressibility", "image-cnn", {**small, "depth": 2}),
+             (images, "shapes-color", "text-image-cnn", {**small, "depth": 2})]
+    specs += [(videos, r, "video-3d-cnn", video3d) for r in video_rewards]
+    specs += [(videos, "shapes-direction", "text-video-3d-cnn", video3d)]
     if not args.no_ablations:
         specs += [
             (images, "shapes-color", "text-image-cnn-paper", dict(small)),
             (videos, "shapes-direction", "text-video-frame-avg", {**small, "depth": 2}),
-            (videos, args.video_reward, "video-frame-avg", {**small, "depth": 2}),
+            (videos, video_rewards[0], "video-frame-avg", {**small, "depth": 2}),
         ]
+    specs = [s for s in specs if s[0] is not None]
     rows: list[dict] = []
     for cache, reward, head, kwargs in specs:
         rows.append(run_one(cache, reward, head, kwargs, out, args))
