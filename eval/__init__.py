@@ -8,6 +8,7 @@ Public API:
     evaluate, EvalResult                                    (eval.evaluate)
     run_study                                               (eval.study)
     write_report                                            (eval.report)
+    OveroptConfig, run_overopt (`lrm overopt`)               (eval.overopt_run)
 """
 
 from eval.kl import gaussian_chain_kl, kl_to_distance, paired_output_kl, smoothed_output_kl

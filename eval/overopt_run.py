@@ -679,7 +679,14 @@ def plot_sweep(root: Path, key: str, rows: list[dict], gold_col: str) -> list[tu
                 for n, lab in fits:
                     y = np.array([r.get(f"{n}_{par}", np.nan) for r in rows], dtype=float)
                     ax.plot(x, y, "o-", label=lab, color="#b8860b" if n == "gold" else "#1f77b4")
+                    for xi, yi, r in zip(x, y, rows):
+                        if np.isfinite(yi):
+                            ax.annotate(f"{key}={_fmt_value(r[key])}", (xi, yi), fontsize=7, xytext=(3, 3),
+                                        textcoords="offset points")
                 ax.set_xscale("log")
+                from matplotlib.ticker import NullFormatter
+
+                ax.xaxis.set_minor_formatter(NullFormatter())
                 ax.set_xlabel(xlab + " (log scale)")
                 ax.set_ylabel(f"{par} (R(d) = R0 + d(α − β log d))")
                 ax.set_title(f"fitted {par} vs proxy size")
