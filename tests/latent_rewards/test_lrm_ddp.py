@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent("""
     x = torch.randn(300, 4, 8, 8, generator=g)
     y = 3 * x.mean((2, 3))[:, 0] - x.mean((2, 3))[:, 1]
     r = fit(LatentData(x, y, prompts=[f"p{i % 30}" for i in range(300)]), head="image-cnn", ensemble=2,
-            head_kwargs={"width": 16, "patch": 2}, steps=30, batch_size=32, eval_every=10, progress=False,
+            head_kwargs={"width": 16, "patch": 2}, steps=15, batch_size=32, eval_every=5, progress=False,
             device="cpu")
     w = float(sum(p.double().sum() for p in r.lrm.model.parameters()))
     print("RESULT", json.dumps({"rank": os.environ.get("RANK", "0"), "w": w, "steps": [h["step"] for h in r.history]}))
@@ -38,7 +38,7 @@ def test_fit_under_torchrun_two_processes(tmp_path):
     ranks = _results(multi.stdout)
     assert sorted(r["rank"] for r in ranks) == ["0", "1"]
     assert ranks[0]["w"] == pytest.approx(ranks[1]["w"], abs=1e-6)  # DDP keeps the replicas identical
-    assert ranks[0]["steps"] == [10, 20, 30]
+    assert ranks[0]["steps"] == [5, 10, 15]
     # the same run in one process (in this interpreter) ends elsewhere: gradients were averaged over 2 ranks
     import contextlib
     import io
