@@ -29,7 +29,6 @@ def test_single_run_study_rows_and_reference(tmp_path):
     assert {"gold/jpeg-compressibility", "proxy/lrm"} <= set(t.columns)
     students = sorted(p.name for p in (run / "finetune" / "students").iterdir())
     assert students == ["step_000000", "step_000001", "step_000002"]
-    # step 0's gold is the initial model's: re-evaluated checkpoint samples agree with the logged ones
     summ = json.loads((run / "summary.json").read_text())
     assert summ["n_checkpoints"] == 3 and s["peak"]["observed"]["step"] in (0, 1, 2)
     assert summ["early_stop"]["rule"] == "peak-gold"
