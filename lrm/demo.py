@@ -57,7 +57,7 @@ class DemoConfig:
     text_lrm_reward: str = opt("shapes-color", "prompt-adherence reward for a text-conditioned LRM ('' = none)")
     text_lrm_head: str = opt("text-image-cnn", "text-conditioned LRM head for text_lrm_reward")
     lrm_width: int = opt(64, "channel width of the LRM heads")
-    lrm_steps: int = opt(1500, "LRM optimizer steps (early stopping on held-out Spearman)")
+    lrm_steps: int = opt(600, "LRM optimizer steps (early stopping on held-out Spearman)")
     lrm_batch_size: int = opt(128, "LRM samples per optimizer step")
     lrm_eval_every: int = opt(100, "LRM validation interval in steps")
     # ---- 5. fine-tuning ------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ class DemoConfig:
     finetune_batch_size: int = opt(16, "student samples per fine-tuning step")
     finetune_lr: float = opt(3e-5, "student learning rate")
     num_prompts: int = opt(64, "Shapes captions in the fine-tuning prompt pool")
-    study_checkpoints: int = opt(3, "students saved (and evaluated) at evenly spaced steps, besides step 0")
+    study_checkpoints: int = opt(4, "students saved (and evaluated) at evenly spaced steps, besides step 0")
     # ---- 6. evaluation -------------------------------------------------------------------------------------
     eval_prompts: int = opt(32, "held-out Shapes captions for the evaluation of every checkpoint")
     eval_samples_per_prompt: int = opt(2, "samples per evaluation prompt (fixed seeds, same for every checkpoint)")
