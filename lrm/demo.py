@@ -48,7 +48,7 @@ class DemoConfig:
                                    "reward_adapters rewards shown on a few Shapes images (stage 2)")
     num_scored: int = opt(8, "Shapes images scored in stage 2")
     # ---- 3. latent cache ---------------------------------------------------------------------------------
-    num_images: int = opt(2500, "Shapes images in the latent cache (scale up on a GPU, e.g. 20000)")
+    num_images: int = opt(6000, "Shapes images in the latent cache (scale up on a GPU, e.g. 20000)")
     cache_batch_size: int = opt(256, "records per cache-build batch")
     cache_workers: int = opt(2, "cache loader threads rendering Shapes images")
     # ---- 4. latent reward models ---------------------------------------------------------------------------
@@ -57,15 +57,15 @@ class DemoConfig:
     text_lrm_reward: str = opt("shapes-color", "prompt-adherence reward for a text-conditioned LRM ('' = none)")
     text_lrm_head: str = opt("text-image-cnn", "text-conditioned LRM head for text_lrm_reward")
     lrm_width: int = opt(64, "channel width of the LRM heads")
-    lrm_steps: int = opt(600, "LRM optimizer steps (early stopping on held-out Spearman)")
+    lrm_steps: int = opt(1000, "LRM optimizer steps (early stopping on held-out Spearman)")
     lrm_batch_size: int = opt(128, "LRM samples per optimizer step")
     lrm_eval_every: int = opt(100, "LRM validation interval in steps")
     # ---- 5. fine-tuning ------------------------------------------------------------------------------------
-    finetune_steps: int = opt(60, "LRM fine-tuning steps of the 4-step student (one optimizer step each)")
+    finetune_steps: int = opt(90, "LRM fine-tuning steps of the 4-step student (one optimizer step each)")
     finetune_batch_size: int = opt(16, "student samples per fine-tuning step")
     finetune_lr: float = opt(3e-5, "student learning rate")
     num_prompts: int = opt(64, "Shapes captions in the fine-tuning prompt pool")
-    study_checkpoints: int = opt(4, "students saved (and evaluated) at evenly spaced steps, besides step 0")
+    study_checkpoints: int = opt(6, "students saved (and evaluated) at evenly spaced steps, besides step 0")
     # ---- 6. evaluation -------------------------------------------------------------------------------------
     eval_prompts: int = opt(32, "held-out Shapes captions for the evaluation of every checkpoint")
     eval_samples_per_prompt: int = opt(2, "samples per evaluation prompt (fixed seeds, same for every checkpoint)")
@@ -122,6 +122,10 @@ def _stage(marker: Path, key: dict, run: Callable[[], dict], fresh: Callable[[],
     summary = run()
     write_json(marker, {"key": key, "complete": True, "summary": summary})
     return summary
+
+
+def _fmt(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
 
 
 def _finite(x: Any) -> float | None:
@@ -444,9 +448,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     log.info("[5/6] LRM fine-tuning of the 4-step student (%d steps)", cfg.finetune_steps)
     ft = finetune_stage(cfg, run_dir, lrms[cfg.lrm_reward])
-    log.info("fine-tune: gold %s on the fixed eval set %.4g -> %.4g; proxy (LRM) on training batches %.4g -> %.4g",
-             cfg.lrm_reward, ft["eval_gold_start"], ft["eval_gold_final"], ft["train_proxy_first"],
-             ft["train_proxy_last"])
+    log.info("fine-tune: gold %s on the trainer's fixed eval set %s -> %s; proxy (LRM) on training batches %s -> %s",
+             cfg.lrm_reward, *(_fmt(ft[k]) for k in ("eval_gold_start", "eval_gold_final", "train_proxy_first",
+                                                     "train_proxy_last")))
     done("finetune", ft)
 
     log.info("[6/6] evaluation of %d checkpoints, study and report", 1 + len(cfg.checkpoint_steps))
@@ -458,8 +462,12 @@ def run_demo(cfg: DemoConfig) -> dict:
                 lambda: eval_stage(cfg, run_dir, lrms, text_encoder))
     g = f"gold/{cfg.lrm_reward}"
     p = f"proxy/lrm-{cfg.lrm_reward}"
-    log.info("eval: %s %.4g -> %.4g, %s %.4g -> %.4g (step 0 -> %d, %d held-out prompts)", g, ev["before"].get(g),
-             ev["after"].get(g), p, ev["before"].get(p), ev["after"].get(p), ev["checkpoints"][-1], ev["prompts"])
+    peak = (ev.get("peak") or {}).get("observed") or {}
+    early = ev.get("early_stop") or {}
+    log.info("eval on %d held-out prompts: %s %s (step 0) -> %s (step %d), peak %s at step %s; %s %s -> %s; "
+             "early-stopping recommendation: step %s", ev["prompts"], g, _fmt(ev["before"].get(g)),
+             _fmt(ev["after"].get(g)), ev["checkpoints"][-1], _fmt(peak.get("value")), peak.get("step"), p,
+             _fmt(ev["before"].get(p)), _fmt(ev["after"].get(p)), early.get("step"))
     done("eval", ev)
     _stage_table(summary, run_dir)
 
@@ -471,8 +479,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     files = ["report.html", "summary.json", "vae_roundtrip.png", "rewards.csv", "cache/",
              *[f"lrm_{r}/ (LatentReward, calibration.png)" for r, _ in pairs],
              "finetune/ (log.csv, samples/, students/)", "study.csv", "checkpoints/ (per-checkpoint evaluations)"]
-    print(f"\ndemo finished in {summary['total_seconds']:.0f}s; outputs in {run_dir}/:\n  "
-          + "\n  ".join(files) + f"\nopen {report}")
+    lines = [f"LRM {s['head']} on {r}: held-out Spearman {s['spearman']:.3f} (ridge {s['ridge_spearman']:.3f}), "
+             f"R2 {s['r2']:.3f} (ridge {s['ridge_r2']:.3f})" for r, s in lrm_summary.items() if isinstance(s, dict)]
+    lines.append(f"fine-tune ({cfg.finetune_steps} steps): {g} {_fmt(ev['before'].get(g))} -> "
+                 f"{_fmt(ev['after'].get(g))}, peak {_fmt(peak.get('value'))} at step {peak.get('step')}; "
+                 f"{p} {_fmt(ev['before'].get(p))} -> {_fmt(ev['after'].get(p))}")
+    print(f"\ndemo finished in {summary['total_seconds']:.0f}s\n  " + "\n  ".join(lines)
+          + f"\noutputs in {run_dir}/:\n  " + "\n  ".join(files) + f"\nopen {report}")
     return summary
 
 

@@ -19,7 +19,7 @@ def _finite(x):
 
 
 def test_demo_config_checks_and_checkpoint_steps():
-    assert DemoConfig().checkpoint_steps == [15, 30, 45, 60]
+    assert DemoConfig().checkpoint_steps == [15, 30, 45, 60, 75, 90]
     assert DemoConfig(finetune_steps=10, study_checkpoints=4).checkpoint_steps == [2, 5, 8, 10]
     assert DemoConfig().cache_rewards == ["jpeg-compressibility", "shapes-color"]
     assert DemoConfig(text_lrm_reward="").cache_rewards == ["jpeg-compressibility"]
