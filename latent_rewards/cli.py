@@ -94,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_command(sub, "train", TrainConfig, _train, "train a latent reward model on a cached reward")
     add_config_command(sub, "evaluate", EvaluateConfig, _evaluate,
                        "evaluate a trained LRM on a cache (metrics JSON + calibration PNG)")
-    p = sub.add_parser("lrms", help="latent reward model heads")
+    p = sub.add_parser("lrms", help="latent reward model heads", description="latent reward model heads")
     s = p.add_subparsers(dest="lrms_command", metavar="SUBCOMMAND")
     add_command(s, "list", _list, "list registered LRM heads",
                 args=lambda a: a.add_argument("pattern", nargs="?", default="*", help="glob, e.g. 'text-*'"))

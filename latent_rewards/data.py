@@ -89,8 +89,10 @@ class LatentData:
             cache = LatentCache.open(cache)
         names = list(cache.reward_names)
         if reward_name not in names:
-            raise KeyError(f"reward {reward_name!r} is not in the cache; it holds {names}. "
-                           "Add it to the cache (data_cache) or pick one of those.")
+            from lrm.registry import UnknownNameError
+
+            raise UnknownNameError(f"reward {reward_name!r} is not in the cache; it holds {names}. "
+                                   "Add it to the cache (data_cache) or pick one of those.")
         t = cache.tensors(device=device)
         y = t[f"reward/{reward_name}"]
         info = dict(cache.manifest.get("rewards", {}).get(reward_name, {}))

@@ -79,11 +79,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors a user can fix (bad input, missing files, a name that does not exist) print one line and exit 2;
+# anything else is a bug and keeps its traceback. Classes of packages that may not be installed are named
+# "module:Class" and looked up only once that module has been imported (an error it raised implies it was).
+USER_ERRORS = (
+    "lrm.config:ConfigError",
+    "lrm.registry:UnknownNameError",
+    "lrm.latent_space:LatentSpaceMismatchError",
+    "latent_rewards.pretrained:TextEncoderMismatchError",
+    "data_cache.storage:CacheError",
+    "data_cache.storage:TextEncoderMismatchError",
+    "reward_adapters.blackbox:RewardCommandError",
+    "reward_adapters.weights:WeightsNotFoundError",
+)
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The exception classes ``main`` reports as one-line errors: ``USER_ERRORS`` plus ``OSError`` (missing
+    weights, an existing or unreadable directory, ``FileNotFoundError`` from loaders). An ``ImportError`` whose
+    message gives the ``pip install`` of a missing extra is reported the same way."""
+    types: list[type[BaseException]] = [OSError]
+    for spec in USER_ERRORS:
+        mod_name, cls_name = spec.split(":")
+        mod = sys.modules.get(mod_name)
+        cls = getattr(mod, cls_name, None) if mod is not None else None
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            types.append(cls)
+    return tuple(types)
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    return msg or type(e).__name__
+
+
+def _selected_parser(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost parser the command line named (``lrm lrms`` -> the ``lrms`` parser)."""
+    current = parser
+    while True:
+        subs = [a for a in current._actions if isinstance(a, argparse._SubParsersAction)]  # noqa: SLF001
+        if not subs:
+            return current
+        chosen = getattr(ns, subs[0].dest, None)
+        if chosen is None or chosen not in subs[0].choices:
+            return current
+        current = subs[0].choices[chosen]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns, extra = parser.parse_known_args(argv)
     if getattr(ns, "_handler", None) is None:
-        parser.print_help()
+        _selected_parser(parser, ns).print_help()
         return 2 if argv is None or argv else 0
     if extra and not ns._takes_overrides:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -91,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         ns._handler(ns, extra)
     except ConfigError as e:
         print(f"lrm {ns.command}: config error: {e}", file=sys.stderr)
+        return 2
+    except user_error_types() as e:  # the tuple is built when an exception is being matched
+        print(f"lrm {ns.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        if "pip install" not in str(e):  # a broken install or a bug, not a missing optional extra
+            raise
+        print(f"lrm {ns.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

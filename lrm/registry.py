@@ -8,6 +8,13 @@ from typing import Any, Callable, Generic, TypeVar
 T = TypeVar("T")
 
 
+class UnknownNameError(KeyError):
+    """A name that is not among the valid ones (a registry entry, a cache's reward); the message lists them."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of its message
+        return str(self.args[0]) if self.args else ""
+
+
 class Registry(Generic[T]):
     """Maps names to factories. ``kind`` names the thing in error messages ("reward", "LRM")."""
 
@@ -29,7 +36,7 @@ class Registry(Generic[T]):
 
     def create(self, name: str, **kwargs: Any) -> T:
         if name not in self._factories:
-            raise KeyError(
+            raise UnknownNameError(
                 f"Unknown {self.kind} {name!r}. Available: {', '.join(self.list()) or '(none)'}."
             )
         return self._factories[name](**kwargs)

@@ -45,7 +45,8 @@ def _train_teacher(cfg) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     from shapes.train_vae import TrainVAEConfig
 
-    p = sub.add_parser("shapes", help="the built-in Shapes world: samples and training recipes")
+    p = sub.add_parser("shapes", help="the built-in Shapes world: samples and training recipes",
+                       description="the built-in Shapes world: samples and training recipes")
     s = p.add_subparsers(dest="shapes_command", metavar="SUBCOMMAND")
     add_config_command(s, "sample", SampleConfig, _sample, "write a grid of Shapes samples with their captions")
     add_config_command(s, "train-vae", TrainVAEConfig, _train_vae, "train the tiny Shapes VAE (GPU recommended)")
@@ -56,4 +57,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     if TrainTeacherConfig is not None:
         add_config_command(s, "train-teacher", TrainTeacherConfig, _train_teacher,
                            "train the Shapes image or video teacher (conjugate v, CFG-ready; GPU recommended)")
-    p.set_defaults(_handler=lambda ns, o: p.print_help(), _takes_overrides=False)

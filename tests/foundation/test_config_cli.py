@@ -89,3 +89,50 @@ def test_cli_sample_writes_grid(tmp_path, capsys):
     assert main(["shapes", "sample", "--num", "4", "--out", str(out)]) == 0
     assert out.exists() and out.stat().st_size > 200
     assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    import argparse
+
+    from lrm import cli
+    from lrm.registry import Registry
+
+    # A missing LRM directory (FileNotFoundError from the loader): one line, exit code 2, no traceback.
+    assert cli.main(["evaluate", "--lrm_dir", str(tmp_path / "nope"), "--cache_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lrm evaluate: error: ") and "config.json is missing" in err and "\n" not in err
+
+    def handler_raising(exc):
+        def run(ns, extra):
+            raise exc
+        return run
+
+    def run_with(exc):
+        parser = argparse.ArgumentParser()
+        monkeypatch.setattr(cli, "build_parser", lambda: parser)
+        parser.set_defaults(_handler=handler_raising(exc), _takes_overrides=True, command="x")
+        return cli.main([])
+
+    # An unknown registry name: the message (not KeyError's repr) on one line.
+    with pytest.raises(KeyError) as info:
+        Registry("widget").create("gizmo")
+    assert run_with(info.value) == 2
+    assert capsys.readouterr().err.strip() == "lrm x: error: Unknown widget 'gizmo'. Available: (none)."
+    # A missing optional extra is a user error; any other exception is a bug and keeps its traceback.
+    assert run_with(ImportError("hpsv2 is not installed:\n  pip install 'lrm[hpsv2]'")) == 2
+    assert capsys.readouterr().err.strip() == "lrm x: error: hpsv2 is not installed: pip install 'lrm[hpsv2]'"
+    with pytest.raises(ZeroDivisionError):
+        run_with(ZeroDivisionError("a bug"))
+    with pytest.raises(KeyError):
+        run_with(KeyError("a plain KeyError is a bug too"))
+
+
+def test_cli_group_without_subcommand_prints_its_own_help(capsys):
+    from lrm.cli import main
+
+    assert main(["lrms"]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: lrm lrms") and "list" in out and "latent reward model heads" in out
+    assert "fine-tune" not in out  # not the top-level description
+    assert main(["shapes"]) == 2
+    assert capsys.readouterr().out.startswith("usage: lrm shapes")
