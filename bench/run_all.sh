@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Every GPU benchmark and Shapes experiment of BENCHMARKS.md in one go, on one GPU, in five concurrent lanes.
+#
+#   bench/run_all.sh RESULTS_DIR [LANES]      # LANES: any of A1 A2 B C D (default all)
+#
+# The lanes share the GPU (and the host's cores): A1/A2 hold the real-size cost benchmarks, B/C/D the Shapes-world
+# experiments (tiny models that leave most of the GPU idle). Timings are ratios measured inside one process, so
+# both sides of every ratio see the same load; absolute times are those of a shared GPU. Each job has its own
+# time limit and log (RESULTS_DIR/logs/NAME.log); RESULTS_DIR/status gets one line per finished job (rc, seconds).
+# Everything runs from the repository root with PYTHONPATH=. (no install needed besides the dependencies).
+set -u
+R=${1:?usage: bench/run_all.sh RESULTS_DIR [LANES]}
+shift
+LANES=${*:-A1 A2 B C D}
+mkdir -p "$R/logs"
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+PY=${PY:-python3}
+
+job() {  # job NAME SECONDS CMD...
+    local name=$1 limit=$2 t0 rc
+    shift 2
+    t0=$(date +%s)
+    echo "$(date -u +%H:%M:%S) start $name" >>"$R/status"
+    timeout --signal=INT --kill-after=30 "$limit" "$@" >"$R/logs/$name.log" 2>&1
+    rc=$?
+    echo "$(date -u +%H:%M:%S) done $name rc=$rc $(($(date +%s) - t0))s" >>"$R/status"
+}
+
+lane_A1() {
+    job reward_adapters 360 $PY bench/reward_adapters_throughput.py --out "$R/reward_adapters.json"
+    job data_cache 360 $PY bench/data_cache_throughput.py --out "$R/data_cache.json" --tmp /tmp/bench_cache
+    job lrm_cost 540 $PY bench/latent_rewards_cost.py --out "$R/lrm_cost.json"
+}
+lane_A2() {
+    job distill_step_cost 240 $PY bench/distill_step_cost.py --out "$R/distill_step_cost"
+    job finetune_memory 480 $PY bench/finetune_memory.py --out "$R/finetune_memory"
+    job finetune_compare 660 $PY bench/finetune_compare.py --out "$R/finetune_compare"
+}
+lane_B() {
+    job lrm_shapes 780 $PY bench/latent_rewards_shapes.py --out "$R/lrm_shapes" --workers 6
+    job overopt_jpeg 540 $PY -m lrm.cli overopt --config configs/overopt_shapes_jpeg.yaml \
+        --run_dir "$R/overopt_jpeg" --progress false
+}
+lane_C() {
+    job ablation_image 600 $PY bench/distill_shapes_ablation.py --out "$R/ablation_image"
+    job overopt_motion 720 $PY -m lrm.cli overopt --config configs/overopt_shapes_motion.yaml \
+        --run_dir "$R/overopt_motion" --progress false --cache_workers 6
+}
+lane_D() {
+    job ablation_video 720 $PY bench/distill_shapes_ablation.py --video --out "$R/ablation_video"
+}
+
+for lane in $LANES; do
+    "lane_$lane" &
+done
+wait
+echo "$(date -u +%H:%M:%S) all done" >>"$R/status"
