@@ -5,6 +5,10 @@
   activations (an affine map at eval time).
 - "aesthetic-v1": LAION-AI/aesthetic-predictor ``sa_0_4_vit_l_14_linear.pth``: Linear(768, 1).
 Scores are on the predictors' 1-10 scale (VBench divides by 10: pass ``scale=0.1``).
+
+The heads are not on the Hugging Face hub: they are looked for at ``head_weights=``, then in
+``$LRM_CACHE_DIR/aesthetic/`` (torch.hub's checkpoint dir when unset), and otherwise downloaded from
+their GitHub URL into that directory (``torch.hub.download_url_to_file``; not when ``HF_HUB_OFFLINE``).
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ class AestheticReward(OpenCLIPReward):
 
     Args:
         head: "improved" (default) or "v1".
-        head_weights: path to the head's .pth (default ``$LRM_CACHE_DIR/aesthetic/<file>``).
+        head_weights: path to the head's .pth / .safetensors, or a directory holding the released file
+            (default ``$LRM_CACHE_DIR/aesthetic/<file>``, else downloaded from ``HEAD_FILES[head]``'s URL).
         arch / pretrained: the CLIP backbone (ViT-L-14 / "openai" for the released heads).
         model / head_module: inject modules instead of loading (tests use tiny random ones).
         scale: multiply the score (0.1 gives VBench's 0-1 aesthetic quality).
@@ -66,11 +71,9 @@ class AestheticReward(OpenCLIPReward):
         self.version = f"laion-{head}-{arch}-{pretrained}" + ("" if model is None and head_module is None
                                                                 else "-injected")
         device = torch.device(kw.get("device", "cpu"))
-        if model is None:
-            model = create_open_clip(arch, pretrained, device)
-        if head_module is None:
+        if head_module is None:  # the small file first: a missing head fails before the CLIP model loads
             fname, url = HEAD_FILES[head]
-            path = resolve_weights(fname, path=head_weights, subdir="aesthetic", url=url)
+            path = resolve_weights(fname, path=head_weights, subdir="aesthetic", url=url, option="head_weights")
 
             def build():
                 m = build_head(head)
@@ -78,6 +81,8 @@ class AestheticReward(OpenCLIPReward):
                 return m
 
             head_module = cached(("aesthetic-head", str(path)), build)
+        if model is None:
+            model = create_open_clip(arch, pretrained, device)
         super().__init__(model, arch, tokenizer=None, precision=precision, **kw)
         self.head = head_module.eval().requires_grad_(False).to(self.device)
         self.scale = float(scale)

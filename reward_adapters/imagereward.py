@@ -22,13 +22,22 @@ from torch import nn
 from reward_adapters.base import Reward, register_reward
 from reward_adapters.openclip_backbone import PRECISIONS
 from reward_adapters.preprocess import OPENAI_MEAN, OPENAI_STD, normalize, resize_shortest_center_crop
-from reward_adapters.weights import WeightsNotFoundError, cached, load_state_dict, resolve_weights
+from reward_adapters.weights import (
+    CACHE_ENV,
+    WeightsNotFoundError,
+    cached,
+    check_tokenizer_vocab,
+    hub_cache_dir,
+    load_state_dict,
+    resolve_weights,
+)
 
 IR_MEAN = 0.16717362830052426
 IR_STD = 1.0333394966054072
 IR_HUB_REPO = "THUDM/ImageReward"
 IR_FILE = "ImageReward.pt"
 TEXT_MAX_LENGTH = 35
+TOKENIZER_ID = "bert-base-uncased"
 
 
 def imagereward_configs():
@@ -121,6 +130,24 @@ def convert_imagereward_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, tor
     return out
 
 
+def load_bert_tokenizer(repo: str = TOKENIZER_ID):
+    """ImageReward's BERT tokenizer from a hub id or local directory, hub cache ``$LRM_CACHE_DIR/hf`` when set."""
+    from transformers import BertTokenizer
+
+    hub_cache = hub_cache_dir()
+    try:
+        return check_tokenizer_vocab(BertTokenizer.from_pretrained(repo, cache_dir=hub_cache), repo, "BertTokenizer")
+    except OSError as e:
+        where = f"{CACHE_ENV}/hf = {hub_cache}" if hub_cache else f"the HF cache (HF_HOME; {CACHE_ENV} not set)"
+        dl = f"huggingface-cli download {repo} vocab.txt tokenizer_config.json" + (
+            f" --cache-dir {hub_cache}" if hub_cache else "")
+        raise WeightsNotFoundError(
+            f"ImageReward needs the {repo} tokenizer (vocab.txt), not found offline ({str(e).splitlines()[0]}). "
+            f"Looked in: {where}. Run `{dl}` on a machine with internet and copy that cache over, or pass "
+            "tokenizer='path/to/tokenizer_dir' (or a BertTokenizer object)."
+        ) from e
+
+
 @register_reward("imagereward")
 class ImageRewardReward(Reward):
     """ImageReward v1.0 human-preference reward (text-image), batched.
@@ -128,7 +155,8 @@ class ImageRewardReward(Reward):
     Args:
         weights: path to ``ImageReward.pt`` (or its directory); default ``$LRM_CACHE_DIR/imagereward/`` then
             the hub repo THUDM/ImageReward.
-        tokenizer: an HF BERT tokenizer; default ``BertTokenizer.from_pretrained("bert-base-uncased")``.
+        tokenizer: an HF BERT tokenizer, or a hub id / local directory to load one from; default
+            ``BertTokenizer.from_pretrained("bert-base-uncased", cache_dir=$LRM_CACHE_DIR/hf)``.
         model: inject an ``ImageRewardModel`` (tests use tiny configs of the same classes).
         precision: "fp32", "bf16" or "fp16" (autocast on CUDA).
     """
@@ -137,7 +165,7 @@ class ImageRewardReward(Reward):
     modality = "text-image"
     differentiable = True
 
-    def __init__(self, weights: str | None = None, tokenizer: Callable | None = None,
+    def __init__(self, weights: str | None = None, tokenizer: Callable | str | None = None,
                  model: ImageRewardModel | None = None, precision: str = "fp32", **kw):
         super().__init__(**kw)
         if precision not in PRECISIONS:
@@ -162,18 +190,8 @@ class ImageRewardReward(Reward):
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            from transformers import BertTokenizer
-
-            try:
-                self._tokenizer = BertTokenizer.from_pretrained("bert-base-uncased")
-            except OSError as e:
-                raise WeightsNotFoundError(
-                    "ImageReward needs the bert-base-uncased tokenizer (vocab.txt), not found offline "
-                    f"({str(e).splitlines()[0]}). Run `huggingface-cli download bert-base-uncased vocab.txt "
-                    "tokenizer_config.json` on a machine with internet and copy HF_HOME over, or pass "
-                    "tokenizer=BertTokenizer('path/to/vocab.txt')."
-                ) from e
+        if self._tokenizer is None or isinstance(self._tokenizer, str):
+            self._tokenizer = load_bert_tokenizer(self._tokenizer or TOKENIZER_ID)
         return self._tokenizer
 
     def autocast(self):

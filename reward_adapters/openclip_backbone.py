@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from reward_adapters.base import Reward
-from reward_adapters.weights import WeightsNotFoundError, cached
+from reward_adapters.weights import CACHE_ENV, WeightsNotFoundError, cached, open_clip_cache_dir
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -24,17 +24,25 @@ def require_open_clip():
 
 def create_open_clip(arch: str, pretrained: str | None, device: torch.device, state_dict_path=None,
                      strict_keys: bool = True) -> nn.Module:
-    """An open_clip model built once per process: ``pretrained`` tag, or random + a state dict file."""
+    """An open_clip model built once per process: ``pretrained`` tag (or weights file), or random + a state dict.
+
+    Tags download into ``$LRM_CACHE_DIR/open_clip`` when the variable is set (open_clip's ``cache_dir=``).
+    """
     open_clip = require_open_clip()
+    oc_cache = open_clip_cache_dir()
 
     def build():
         try:
-            model = open_clip.create_model(arch, pretrained=pretrained, device="cpu")
+            model = open_clip.create_model(arch, pretrained=pretrained, device="cpu", cache_dir=oc_cache)
         except Exception as e:  # unknown tag, offline hub, missing file: all end the same way
+            where = (f"cache_dir={oc_cache} (${CACHE_ENV}/open_clip)" if oc_cache else
+                     f"open_clip's default cache (${CACHE_ENV} not set)")
+            fill = (f"open_clip.create_model('{arch}', pretrained='{pretrained}'"
+                    + (f", cache_dir='{oc_cache}')" if oc_cache else ")"))
             raise WeightsNotFoundError(
-                f"open_clip could not load {arch!r} with pretrained={pretrained!r}: {e}. Offline, download the "
-                f"weights on a machine with internet (open_clip.create_model('{arch}', pretrained='{pretrained}') "
-                "fills the HF cache) and copy the HF cache over, or pass pretrained=<path to the .bin/.safetensors>."
+                f"open_clip could not load {arch!r} with pretrained={pretrained!r}: {e}. Looked in: {where}. "
+                f"Offline, run {fill} on a machine with internet and copy that cache directory here (or set "
+                f"{CACHE_ENV} to a copy of it), or pass pretrained=<path to the .bin/.safetensors>."
             ) from e
         if state_dict_path is not None:
             from reward_adapters.weights import load_state_dict
@@ -47,7 +55,7 @@ def create_open_clip(arch: str, pretrained: str | None, device: torch.device, st
                                  f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")
         return model.eval().requires_grad_(False).to(device)
 
-    return cached(("open_clip", arch, pretrained, str(state_dict_path), str(device)), build)
+    return cached(("open_clip", arch, pretrained, str(state_dict_path), str(device), oc_cache), build)
 
 
 class TextCache:
@@ -87,7 +95,7 @@ class OpenCLIPReward(Reward):
     @property
     def tokenizer(self) -> Callable:
         if self._tokenizer is None:
-            self._tokenizer = require_open_clip().get_tokenizer(self.arch)
+            self._tokenizer = require_open_clip().get_tokenizer(self.arch, cache_dir=open_clip_cache_dir())
         return self._tokenizer
 
     @property

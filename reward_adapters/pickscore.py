@@ -15,7 +15,7 @@ from torch import nn
 from reward_adapters.base import Reward, register_reward
 from reward_adapters.openclip_backbone import PRECISIONS, TextCache
 from reward_adapters.preprocess import OPENAI_MEAN, OPENAI_STD, normalize, resize_shortest_center_crop
-from reward_adapters.weights import WeightsNotFoundError, cached
+from reward_adapters.weights import CACHE_ENV, WeightsNotFoundError, cached, check_tokenizer_vocab, hub_cache_dir
 
 MODEL_ID = "yuvalkirstain/PickScore_v1"
 PROCESSOR_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -27,13 +27,17 @@ def _features(out) -> torch.Tensor:
 
 
 def _load_hf(kind: str, repo: str, loader: Callable):
+    """``loader(repo, cache_dir=$LRM_CACHE_DIR/hf)`` (HF default cache when unset); offline errors say the fix."""
+    hub_cache = hub_cache_dir()
     try:
-        return loader(repo)
+        return loader(repo, cache_dir=hub_cache)
     except (OSError, ValueError) as e:
+        where = f"{CACHE_ENV}/hf = {hub_cache}" if hub_cache else f"the HF cache (HF_HOME; {CACHE_ENV} not set)"
+        dl = f"huggingface-cli download {repo}" + (f" --cache-dir {hub_cache}" if hub_cache else "")
         raise WeightsNotFoundError(
             f"could not load the PickScore {kind} from {repo!r} ({type(e).__name__}: {str(e).splitlines()[0]}). "
-            f"Offline, run `huggingface-cli download {repo}` on a machine with internet and copy the HF cache "
-            f"(HF_HOME) over, or pass a local directory as {'model_id' if kind == 'model' else 'processor_id'}=..."
+            f"Looked in: {where}. Offline, run `{dl}` on a machine with internet and copy that cache over, or pass "
+            f"a local directory as {'model_id' if kind == 'model' else 'processor_id'}=..."
         ) from e
 
 
@@ -62,8 +66,8 @@ class PickScoreReward(Reward):
         if model is None:
             from transformers import CLIPModel
 
-            model = cached(("pickscore", model_id, str(self.device)), lambda: _load_hf(
-                "model", model_id, lambda r: CLIPModel.from_pretrained(r)).eval().requires_grad_(False).to(self.device))
+            model = cached(("pickscore", model_id, str(self.device), hub_cache_dir()), lambda: _load_hf(
+                "model", model_id, CLIPModel.from_pretrained).eval().requires_grad_(False).to(self.device))
         self.model = model.eval().requires_grad_(False).to(self.device)
         self._tokenizer = tokenizer
         self.processor_id = processor_id
@@ -73,7 +77,8 @@ class PickScoreReward(Reward):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = _load_hf("tokenizer", self.processor_id, AutoTokenizer.from_pretrained)
+            self._tokenizer = _load_hf("tokenizer", self.processor_id, lambda r, **kw: check_tokenizer_vocab(
+                AutoTokenizer.from_pretrained(r, **kw), r, "the PickScore tokenizer"))
         return self._tokenizer
 
     def _tokens(self, texts: list[str]) -> dict:
