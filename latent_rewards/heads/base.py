@@ -109,6 +109,9 @@ class ConvLRM(nn.Module):
     # ---- forward ---------------------------------------------------------------------------------------
     def _films(self, t: torch.Tensor | None, batch: int, device, repeat: int = 1):
         if self.film is None:
+            if t is not None:
+                raise ValueError(f"{type(self).__name__} is not noise-aware (timestep_cond=False): do not pass t, or "
+                                 "build the head with timestep_cond=True")
             return None
         if t is None:
             t = torch.zeros(batch, device=device)

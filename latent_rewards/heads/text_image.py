@@ -29,6 +29,11 @@ class TextImagePaper(nn.Module):
     q = W_q f, k = W_k u, v = W_v u (no biases); softmax(q k / sqrt(d)) over ONE key is exactly 1, so the
     attention output is v = W_v u and the reward **does not depend on the image at all** (gradients to the
     image trunk are exactly zero). Kept only to document and ablate that flaw; use ``text-image-cnn``.
+
+    Shared head options: ``width`` / ``depth`` / ``patch`` / ``norm_groups`` as in ``ConvLRM``; ensembles through
+    ``create_lrm(..., ensemble=K)``. Timestep conditioning is refused (``timestep_cond=True`` or a ``t`` argument
+    raise): FiLM of the trunk could not reach an output that ignores the trunk, so a "noise-aware" variant would
+    be the same text-only function of ``c`` with dead parameters.
     """
 
     modality = "text-image"
@@ -36,8 +41,16 @@ class TextImagePaper(nn.Module):
     timestep_cond = False
 
     def __init__(self, in_channels: int = 4, text_dim: int = 384, width: int = 128, depth: int = 1, patch: int = 4,
-                 patch_padding: int | None = None, norm_groups: int = GN_GROUPS):
+                 patch_padding: int | None = None, norm_groups: int = GN_GROUPS, timestep_cond: bool = False,
+                 timestep_emb_dim: int = 128, video: str | None = None):
         super().__init__()
+        if timestep_cond:
+            raise ValueError("text-image-cnn-paper cannot be timestep-conditioned: its output does not depend on the "
+                             "latents (Tab. 11 attends to one key), so there is no noisy input to condition; use "
+                             "text-image-cnn with timestep_cond=True")
+        if video is not None:
+            raise ValueError("text-image-cnn-paper takes image latents; use text-video-* for videos")
+        del timestep_emb_dim  # accepted with the other shared options; only used by timestep-conditioned heads
         self.in_channels = in_channels
         self.text_dim = text_dim
         self.width = width
@@ -54,6 +67,8 @@ class TextImagePaper(nn.Module):
 
     def forward(self, latents: torch.Tensor, text_emb: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None, t: torch.Tensor | None = None) -> torch.Tensor:
+        if t is not None:
+            raise ValueError("text-image-cnn-paper is not noise-aware (timestep_cond=False): do not pass t")
         if latents.dim() != 4 or latents.shape[1] != self.in_channels:
             raise ValueError(f"latents must be (B, {self.in_channels}, H, W), got {tuple(latents.shape)}")
         if text_emb is None or text_emb.dim() != 3 or text_emb.shape[-1] != self.text_dim:

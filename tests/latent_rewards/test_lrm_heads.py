@@ -39,10 +39,12 @@ def test_unknown_name_lists_available():
         create_lrm("imag-cnn")
 
 
+@pytest.mark.parametrize("ensemble", [1, 2])
 @pytest.mark.parametrize("name", [n for n in list_lrms()])
-def test_smoke_forward_backward_every_param_gets_grad(name):
+def test_smoke_forward_backward_every_param_gets_grad(name, ensemble):
     torch.manual_seed(0)
-    model = _small(name)
+    model = _small(name, ensemble=ensemble)
+    assert isinstance(model, EnsembleLRM) == (ensemble > 1)
     x, tok, mask = _inputs(name)
     x.requires_grad_(True)
     y = model(x, tok, mask)
@@ -54,12 +56,20 @@ def test_smoke_forward_backward_every_param_gets_grad(name):
             assert p.grad.abs().sum() > 0, f"{name}: {pname} got a zero gradient"
     if name != "text-image-cnn-paper":
         assert x.grad.abs().sum() > 0
+    # A head built without timestep conditioning refuses t instead of ignoring it.
+    with pytest.raises(ValueError, match="not noise-aware"):
+        model(x, tok, mask, t=torch.full((3,), 500.0))
 
 
-@pytest.mark.parametrize("name", [n for n in list_lrms() if n != "text-image-cnn-paper"])
+@pytest.mark.parametrize("name", [n for n in list_lrms()])
 def test_timestep_conditioning_changes_output_with_t(name):
     torch.manual_seed(0)
-    model = _small(name, timestep_cond=True)
+    if name == "text-image-cnn-paper":  # its output ignores the latents: nothing to condition, so it refuses
+        with pytest.raises(ValueError, match="cannot be timestep-conditioned.*use text-image-cnn"):
+            _small(name, timestep_cond=True)
+        assert _small(name, timestep_cond=False, timestep_emb_dim=64).timestep_cond is False
+        return
+    model = _small(name, timestep_cond=True, timestep_emb_dim=64)
     x, tok, mask = _inputs(name)
     # FiLM starts at zero: a fresh noise-aware head equals the clean head for every t.
     assert torch.allclose(model(x, tok, mask, t=torch.zeros(3)), model(x, tok, mask, t=torch.full((3,), 900.0)))
