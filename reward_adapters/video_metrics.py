@@ -37,6 +37,12 @@ class TemporalFlickering(Reward):
         return (255.0 - mae) / 255.0
 
 
+# cv2.calcOpticalFlowFarneback settings (OpenCV's tutorial values) and the top fraction of magnitudes kept.
+FARNEBACK_PARAMS = {"pyr_scale": 0.5, "levels": 3, "winsize": 15, "iterations": 3, "poly_n": 5, "poly_sigma": 1.2,
+                    "flags": 0}
+TOP_FRACTION = 0.05
+
+
 def farneback_pair_scores(video_uint8: np.ndarray) -> np.ndarray:
     """Per consecutive pair: mean of the top 5% optical-flow magnitudes (pixels), Farneback flow.
 
@@ -48,10 +54,9 @@ def farneback_pair_scores(video_uint8: np.ndarray) -> np.ndarray:
     gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in video_uint8]
     out = []
     for a, b in zip(gray[:-1], gray[1:]):
-        flow = cv2.calcOpticalFlowFarneback(a, b, None, pyr_scale=0.5, levels=3, winsize=15, iterations=3,
-                                            poly_n=5, poly_sigma=1.2, flags=0)
+        flow = cv2.calcOpticalFlowFarneback(a, b, None, **FARNEBACK_PARAMS)
         mag = np.sqrt((flow.astype(np.float64) ** 2).sum(axis=-1)).ravel()
-        k = max(1, int(0.05 * mag.size))
+        k = max(1, int(TOP_FRACTION * mag.size))
         out.append(float(np.mean(np.partition(mag, mag.size - k)[-k:])))
     return np.asarray(out)
 

@@ -208,3 +208,79 @@ def test_process_pool_matches_serial():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="executor"):
         create_reward("jpeg-compressibility", executor="gpu")
+
+
+def test_composite_mixes_text_image_image_and_text_video_on_shapes_videos():
+    """shapes-color (text-image) + brightness (image, 3 frames) + shapes-direction (text-video) on Shapes videos:
+    the composite is the hand-weighted sum of the components called alone, and prompts reach only text parts."""
+    from shapes import ShapesWorld
+
+    px, caps, _ = ShapesWorld(32, num_frames=6, seed=1).batch(range(4))  # (4, 6, 3, 32, 32)
+    spec = {"shapes-color": 1.0, "brightness": {"weight": -0.5, "frames": "first-middle-last"},
+            "shapes-direction": 2.0}
+    comp = create_reward("composite", rewards=spec)
+    assert comp.modality == "text-video" and not comp.differentiable
+    color = create_reward("shapes-color")(px, caps)
+    bright = create_reward("brightness", frames="first-middle-last")(px)
+    direction = create_reward("shapes-direction")(px, caps)
+    # the components carry signal: correct colors and directions on the world's own videos
+    assert (color > 0.5).all() and (direction > 0.9).all() and (bright > 0).all()
+    want = 1.0 * color - 0.5 * bright + 2.0 * direction
+    torch.testing.assert_close(comp(px, caps), want, rtol=0, atol=1e-6)
+    # swapping prompts moves only the text components
+    wrong = caps[1:] + caps[:1]
+    delta = (create_reward("shapes-color")(px, wrong) - color) + 2.0 * (
+        create_reward("shapes-direction")(px, wrong) - direction)
+    torch.testing.assert_close(comp(px, wrong) - comp(px, caps), delta, rtol=0, atol=1e-5)
+    # which prompts and pixels each component receives
+    seen = {}
+    for key, r in zip(comp.keys, comp.components):
+        for meth in ("score_images", "score_videos"):
+            def spy(pixels, prompts, _orig=getattr(r, meth), _key=key):
+                seen[_key] = (tuple(pixels.shape), prompts)
+                return _orig(pixels, prompts)
+
+            setattr(r, meth, spy)
+    rewards, info = comp.ddpo(px, caps, {"step": 3})
+    torch.testing.assert_close(rewards, want, rtol=0, atol=1e-6)
+    assert seen["brightness"] == ((4 * 3, 3, 32, 32), None)  # 3 frames per video, batched; no prompts
+    assert seen["shapes-color"] == ((4, 6, 3, 32, 32), caps)  # reads videos whole
+    assert seen["shapes-direction"] == ((4, 6, 3, 32, 32), caps)
+    torch.testing.assert_close(info["components"]["brightness"], bright)
+    with pytest.raises(ValueError, match="prompts are required"):
+        comp(px)
+
+
+def test_motion_magnitude_matches_direct_farneback_on_known_shift():
+    """A smooth texture shifted by (dx, dy) = (2, 1) px per frame: the reward equals cv2.calcOpticalFlowFarneback
+    with the adapter's parameters + mean of the top 5% magnitudes, averaged over pairs, at a 256-px short side."""
+    from reward_adapters.video_metrics import FARNEBACK_PARAMS, TOP_FRACTION
+
+    params = {"pyr_scale": 0.5, "levels": 3, "winsize": 15, "iterations": 3, "poly_n": 5, "poly_sigma": 1.2, "flags": 0}
+    assert FARNEBACK_PARAMS == params and TOP_FRACTION == 0.05
+    H, W, T, dx, dy, pad = 64, 80, 4, 2, 1, 12
+    rng = np.random.default_rng(0)
+    big = cv2.GaussianBlur(rng.random((H + 2 * pad, W + 2 * pad, 3)).astype(np.float32), (0, 0), 2.0)
+    big = ((big - big.min()) / (big.max() - big.min()) * 255).round().astype(np.uint8)
+    # frame t shows the texture moved by t * (dx, dy): content at x in frame 0 is at x + t*dx in frame t
+    video = np.stack([big[pad - t * dy:pad - t * dy + H, pad - t * dx:pad - t * dx + W] for t in range(T)])
+    gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in video]
+    pair_scores = []
+    for a, b in zip(gray[:-1], gray[1:]):
+        flow = cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+        mag = np.hypot(flow[..., 0].astype(np.float64), flow[..., 1].astype(np.float64)).ravel()
+        k = int(0.05 * H * W)  # 256 of 5120
+        pair_scores.append(np.sort(mag)[::-1][:k].mean())
+        # the flow recovers the shift in the interior
+        assert np.median(flow[pad:-pad, pad:-pad, 0]) == pytest.approx(dx, abs=0.1)
+        assert np.median(flow[pad:-pad, pad:-pad, 1]) == pytest.approx(dy, abs=0.1)
+    scale = min(H, W) / 256.0
+    expect = float(np.mean(pair_scores)) / scale
+    assert expect == pytest.approx(np.hypot(dx, dy) / scale, rel=0.25)  # near the true 2.24 px per frame
+    pixels = torch.from_numpy(video).permute(0, 3, 1, 2).float().div(255)[None]  # (1, T, 3, H, W)
+    r = create_reward("motion-magnitude", executor="serial")
+    assert r(pixels).item() == pytest.approx(expect, rel=1e-6)
+    # dynamic degree: moving when >= round(4 T / 16) pairs exceed 6 px at 256 px (1.5 px here)
+    moving = float(sum(s > 6.0 * scale for s in pair_scores) >= max(1, round(4 * T / 16)))
+    assert moving == 1.0
+    assert create_reward("motion-magnitude", mode="dynamic-degree")(pixels).item() == moving
