@@ -15,11 +15,18 @@ it, this equals the same formula on the eps prediction and on the x0 prediction 
 The null caption used for CFG and caption dropout is ``cfg_null = (tokens (1, L0, D), mask (1, L0))``,
 e.g. the text encoder's embedding of ``""``; by default a single all-zero token. It is padded with masked
 zeros (or truncated) to the caption length at call time.
+
+``use_text_mask=False`` calls the network without the caption padding mask, as the diffusers pipelines call
+Stable Diffusion, ModelScope and SD3 (they attend to all ``max_length`` CLIP/T5 hidden states, padding included);
+captions and the null caption must then be encoded with that ``max_length`` (SD: 77).
+``Denoiser.from_diffusers`` loads such a model from a diffusers repo / directory.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,11 +44,14 @@ class Denoiser(nn.Module):
         schedule: ``DDPMSchedule`` or ``FlowSchedule``.
         parameterization: one of ``PARAMETERIZATIONS`` (``"eps"``, ``"v"``, ``"conjugate_v"``, ``"x0"``, ``"flow"``).
         cfg_null: ``(tokens (1, L0, D), mask (1, L0) bool)`` of the null caption; ``None`` = one zero token.
+        use_text_mask: pass the caption padding mask to the network (``False``: attend to padding tokens too,
+            as diffusers' pipelines do for SD-class models).
     """
 
     def __init__(self, model: nn.Module, schedule: Any, parameterization: str,
-                 cfg_null: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 cfg_null: tuple[torch.Tensor, torch.Tensor] | None = None, use_text_mask: bool = True):
         super().__init__()
+        self.use_text_mask = bool(use_text_mask)
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"unknown parameterization {parameterization!r}; choose one of {PARAMETERIZATIONS}")
         self.model = model
@@ -89,7 +99,7 @@ class Denoiser(nn.Module):
         t = _as_timesteps(t, x_t).to(x_t.device)
         dtype = self.dtype
         tokens = text_tokens.to(x_t.device, dtype)
-        mask = None if text_mask is None else text_mask.to(x_t.device).bool()
+        mask = None if (text_mask is None or not self.use_text_mask) else text_mask.to(x_t.device).bool()
         if self.is_video:
             # UNet3DConditionModel has no encoder mask: zero the padding tokens (keys/values without bias -> 0).
             if mask is not None:
@@ -168,7 +178,7 @@ class Denoiser(nn.Module):
         """What ``denoiser.json`` records next to the diffusers weights."""
         return {"model_class": type(self.model).__name__, "parameterization": self.parameterization,
                 "schedule": self.schedule.to_dict(), "cfg": "imagen: uncond + s * (cond - uncond)",
-                "video_layout": "(B, T, C, h, w)" if self.is_video else None}
+                "video_layout": "(B, T, C, h, w)" if self.is_video else None, "use_text_mask": self.use_text_mask}
 
     def save_pretrained(self, directory, fp16: bool = False) -> None:
         """diffusers ``save_pretrained`` (safetensors) + ``denoiser.json`` + ``null_text.safetensors``."""
@@ -211,4 +221,117 @@ class Denoiser(nn.Module):
         if (directory / "null_text.safetensors").exists():
             t = load_tensors(directory / "null_text.safetensors")
             null = (t["tokens"], t["mask"].bool())
-        return cls(model, schedule_from_dict(meta["schedule"]), meta["parameterization"], cfg_null=null).to(device)
+        return cls(model, schedule_from_dict(meta["schedule"]), meta["parameterization"], cfg_null=null,
+                   use_text_mask=meta.get("use_text_mask", True)).to(device)
+
+    @classmethod
+    def from_diffusers(cls, path_or_id: str | os.PathLike, subfolder: str | None = "unet",
+                       scheduler_subfolder: str | None = "scheduler", text_encoder: Any = None,
+                       parameterization: str | None = None, schedule: Any = None, use_text_mask: bool = False,
+                       cache_dir: str | None = None, revision: str | None = None,
+                       device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "Denoiser":
+        """A Denoiser from a diffusers pipeline repo / directory (``runwayml/stable-diffusion-v1-5``,
+        ``ali-vilab/text-to-video-ms-1.7b``, a ``save_pretrained`` directory, ...).
+
+        1. The network: ``<subfolder>/config.json`` names the class (``UNet2DConditionModel``,
+           ``UNet3DConditionModel`` or ``SD3Transformer2DModel``; ``subfolder="transformer"`` for SD3).
+        2. The schedule and parameterisation from ``<scheduler_subfolder>/scheduler_config.json``: a DDPM-family
+           scheduler gives ``DDPMSchedule.from_diffusers`` and ``prediction_type`` epsilon -> ``"eps"``,
+           v_prediction -> ``"v"``, sample -> ``"x0"``; a flow-matching scheduler gives ``FlowSchedule`` and
+           ``"flow"``. ``schedule=`` / ``parameterization=`` override what the config says (both given: the
+           scheduler config is not read).
+        3. The null caption for CFG: ``text_encoder([""])`` (an ``lrm.text.TextEncoder`` or any callable returning
+           ``.tokens (1, L, D)`` / ``.mask (1, L)``); its width must equal the network's text width. ``None``:
+           one zero token (not what the model was trained with).
+
+        ``cache_dir`` defaults to ``$LRM_CACHE_DIR`` (else the hub's cache). Offline, a model that is neither a
+        local directory nor in the cache raises ``OSError`` naming the file looked for and how to provide it.
+        """
+        import diffusers
+
+        from distill.schedules import DDPMSchedule, FlowSchedule
+
+        cache_dir = cache_dir or os.environ.get("LRM_CACHE_DIR")
+        src = str(path_or_id)
+        kw = dict(cache_dir=cache_dir, revision=revision)
+
+        def where(sub: str | None, filename: str) -> str:
+            rel = f"{sub}/{filename}" if sub else filename
+            if Path(src).is_dir():
+                return f"{Path(src) / rel} (local directory)"
+            if Path(src).is_absolute() or src.startswith((".", "~")):
+                return f"{Path(src) / rel} (no such local directory)"
+            return (f"{rel} of hub repo {src!r} (cache_dir={cache_dir or 'the hub default'}, "
+                    f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')})")
+
+        def not_found(sub: str | None, filename: str, err: Exception) -> OSError:
+            return OSError(
+                f"Could not load the diffusers {'model' if filename == 'config.json' else 'scheduler'} of "
+                f"{src!r}: looked for {where(sub, filename)}: {err}\n"
+                "Offline? On a connected machine run `huggingface-cli download REPO --local-dir DIR` (or "
+                "pipeline.save_pretrained(DIR)) and pass DIR, or set LRM_CACHE_DIR to a hub cache that holds the "
+                "repo. For a bare model directory pass subfolder=None (and schedule= / parameterization=).")
+
+        # 1. network class + weights
+        try:
+            model_cfg = diffusers.UNet2DConditionModel.load_config(  # reads config.json of any model
+                src, subfolder=subfolder, **kw)
+        except (OSError, ValueError) as e:
+            raise not_found(subfolder, "config.json", e) from None
+        name = model_cfg.get("_class_name")
+        if name not in SUPPORTED_DIFFUSERS_MODELS:
+            raise ValueError(f"{where(subfolder, 'config.json')} describes {name!r}; Denoiser.from_diffusers "
+                             f"supports {list(SUPPORTED_DIFFUSERS_MODELS)} (pass subfolder='transformer' for SD3)")
+        model_cls = getattr(diffusers, name)
+        try:
+            model = model_cls.from_pretrained(src, subfolder=subfolder, torch_dtype=dtype, **kw)
+        except OSError as e:
+            raise not_found(subfolder, "diffusion_pytorch_model.safetensors", e) from None
+
+        # 2. schedule + parameterisation
+        if schedule is None or parameterization is None:
+            try:
+                sch_cfg = diffusers.DDPMScheduler.load_config(  # reads scheduler_config.json of any scheduler
+                    src, subfolder=scheduler_subfolder, **kw)
+            except (OSError, ValueError) as e:
+                raise not_found(scheduler_subfolder, "scheduler_config.json", e) from None
+            sch_name = str(sch_cfg.get("_class_name", ""))
+            is_flow = "FlowMatch" in sch_name
+            if schedule is None:
+                schedule = FlowSchedule.from_diffusers(sch_cfg) if is_flow else DDPMSchedule.from_diffusers(sch_cfg)
+            if parameterization is None:
+                if is_flow:
+                    parameterization = "flow"
+                else:
+                    pred = sch_cfg.get("prediction_type", "epsilon")
+                    if pred not in PREDICTION_TYPES:
+                        raise ValueError(f"{sch_name} prediction_type {pred!r} is not supported; supported: "
+                                         f"{list(PREDICTION_TYPES)} (or pass parameterization=)")
+                    parameterization = PREDICTION_TYPES[pred]
+
+        # 3. null caption
+        null = None
+        if text_encoder is not None:
+            emb = text_encoder([""])
+            tokens, mask = emb.tokens[:1].detach().float().cpu(), emb.mask[:1].bool().cpu()
+            cfg = model.config
+            dim = getattr(cfg, "cross_attention_dim", None) or getattr(cfg, "joint_attention_dim", None)
+            if dim is not None and int(dim) != tokens.shape[-1]:
+                raise ValueError(f"the text encoder {getattr(text_encoder, 'name', type(text_encoder).__name__)!r} "
+                                 f"gives {tokens.shape[-1]}-d tokens but {name} of {src!r} takes {dim}-d "
+                                 "encoder_hidden_states; use the pipeline's own text encoder")
+            null = (tokens, mask)
+        return cls(model.to(device), schedule, parameterization, cfg_null=null, use_text_mask=use_text_mask).to(device)
+
+
+# Models whose forward the Denoiser knows how to call (see ``Denoiser.forward``).
+SUPPORTED_DIFFUSERS_MODELS = ("UNet2DConditionModel", "UNet3DConditionModel", "SD3Transformer2DModel")
+# diffusers ``prediction_type`` -> our parameterisation.
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+def is_diffusers_dir(path: str | os.PathLike) -> bool:
+    """A diffusers pipeline directory (``model_index.json``) or one with ``unet/`` / ``transformer/`` configs."""
+    p = Path(path)
+    return p.is_dir() and any((p / f).is_file() for f in ("model_index.json", "unet/config.json",
+                                                           "transformer/config.json"))
