@@ -12,14 +12,47 @@ from lrm.config import ConfigError
 from lrm.run import get_logger
 
 
-def build_teacher(cfg: DistillConfig, device: torch.device):
+def build_text_encoder(cfg: DistillConfig, device: torch.device):
+    """``lrm.text.TextEncoder(cfg.text_encoder, max_length=cfg.text_max_length)``."""
+    from lrm.text import TextEncoder
+
+    return TextEncoder(cfg.text_encoder, max_length=cfg.text_max_length, device=device)
+
+
+def teacher_is_diffusers(cfg: DistillConfig) -> bool:
+    """Whether ``cfg.teacher`` names a diffusers pipeline (a directory with ``model_index.json`` / ``unet/`` /
+    ``transformer/``, or a hub id) rather than a Shapes teacher or a ``Denoiser.save_pretrained`` directory."""
+    from pathlib import Path
+
+    from distill.denoiser import is_diffusers_dir
+
+    if cfg.teacher in ("shapes-image", "shapes-video"):
+        return False
+    path = Path(cfg.teacher)
+    if (path / "denoiser.json").is_file():
+        return False
+    return is_diffusers_dir(path) or not path.exists()
+
+
+def build_teacher(cfg: DistillConfig, device: torch.device, text_encoder: Any = None):
+    """The teacher ``Denoiser``: a Shapes teacher, a ``Denoiser.save_pretrained`` directory, or a diffusers
+    pipeline directory / hub id (``Denoiser.from_diffusers``; its null caption is ``text_encoder([""])``, built
+    from ``cfg.text_encoder`` / ``cfg.text_max_length`` when not given)."""
+    from pathlib import Path
+
     from distill.denoiser import Denoiser
 
     if cfg.teacher in ("shapes-image", "shapes-video"):
         from distill.models import load_shapes_teacher
 
         return load_shapes_teacher(cfg.teacher.split("-")[1], device=device)
-    return Denoiser.from_pretrained(cfg.teacher, device=device)
+    if not teacher_is_diffusers(cfg):
+        return Denoiser.from_pretrained(cfg.teacher, device=device)
+    sub = cfg.teacher_subfolder
+    if sub is None:
+        sub = "transformer" if (Path(cfg.teacher) / "transformer" / "config.json").is_file() else "unet"
+    text_encoder = text_encoder if text_encoder is not None else build_text_encoder(cfg, device)
+    return Denoiser.from_diffusers(cfg.teacher, subfolder=sub or None, text_encoder=text_encoder, device=device)
 
 
 def build_vae(cfg: DistillConfig, device: torch.device):
@@ -30,32 +63,49 @@ def build_vae(cfg: DistillConfig, device: torch.device):
     return VAE.from_pretrained(cfg.vae, subfolder=cfg.vae_subfolder, device=device)
 
 
-def build_data(cfg: DistillConfig, vae: Any, device: torch.device, video: bool = False) -> DistillData:
-    """Data latents: the LatentCache ``data_cache``, else ``num_data`` encoded Shapes world samples."""
+def build_data(cfg: DistillConfig, vae: Any, device: torch.device, video: bool = False,
+               text_encoder: Any = None) -> DistillData:
+    """Data latents: the LatentCache ``data_cache``, else ``num_data`` encoded Shapes world samples (captions
+    encoded by ``text_encoder``, default ``build_text_encoder(cfg)``)."""
     if cfg.data_cache is not None:
         data = DistillData.from_cache(cfg.data_cache)
         from data_cache import LatentCache
 
         vae.latent_space.check_compatible(LatentCache.open(cfg.data_cache).latent_space, f"cache {cfg.data_cache}")
         return data
-    from lrm.text import TextEncoder
-
     frames = cfg.num_frames if video else None
-    return DistillData.from_shapes(cfg.num_data, vae, TextEncoder(cfg.text_encoder, device=device),
-                                   num_frames=frames, seed=cfg.data_seed, progress=cfg.progress)
+    text_encoder = text_encoder if text_encoder is not None else build_text_encoder(cfg, device)
+    return DistillData.from_shapes(cfg.num_data, vae, text_encoder, num_frames=frames, seed=cfg.data_seed,
+                                   progress=cfg.progress)
 
 
-def build_lrm(cfg: DistillConfig, data: DistillData, vae: Any, device: torch.device):
+def text_identity(cfg: DistillConfig, text_encoder: Any = None) -> dict:
+    """The identity of the text encoder behind the data's caption embeddings: the cache's record with
+    ``data_cache``, else ``text_encoder.identity()`` (default: ``build_text_encoder(cfg)``)."""
+    if cfg.data_cache is not None:
+        from data_cache import LatentCache
+
+        return dict(LatentCache.open(cfg.data_cache).text_encoder)
+    if text_encoder is None:
+        text_encoder = build_text_encoder(cfg, torch.device("cpu"))
+    return text_encoder.identity()
+
+
+def build_lrm(cfg: DistillConfig, data: DistillData, vae: Any, device: torch.device, text_encoder: Any = None):
+    """The L_FT reward: a frozen ``LatentReward`` (checked against the VAE's latent space and, for text heads,
+    against the text encoder of the data's captions) or a ``ConcurrentLRM``; ``None`` without use_lrm_ft."""
     if not cfg.use_lrm_ft:
         return None
     if cfg.lrm_mode == "frozen":
         if cfg.lrm_path is None:
             raise ConfigError("use_lrm_ft=true with lrm_mode=frozen needs lrm_path (a LatentReward directory from "
-                              "`lrm train-lrm`), or set lrm_mode=concurrent")
+                              "`lrm train`), or set lrm_mode=concurrent")
         from latent_rewards import LatentReward
 
         lrm = LatentReward.from_pretrained(cfg.lrm_path, device=device)
         lrm.latent_space.check_compatible(vae.latent_space, f"latents of VAE {cfg.vae!r}")
+        if lrm.needs_text:
+            lrm.check_inputs(text_encoder=text_identity(cfg, text_encoder))
         return lrm
     from distill.lrm_ft import ConcurrentLRM
     from latent_rewards import create_lrm
@@ -77,10 +127,13 @@ def build_trainer(cfg: DistillConfig) -> DistillTrainer:
 
     acc = Accelerator(cpu=(cfg.device == "cpu"))
     device = acc.device if cfg.device in ("auto", "cpu") else torch.device(cfg.device)
-    teacher = build_teacher(cfg, device)
+    # One text encoder for the teacher's null caption, the data captions and the LRM check (loaded only if needed).
+    needs_text = teacher_is_diffusers(cfg) or cfg.data_cache is None
+    text = build_text_encoder(cfg, device) if needs_text else None
+    teacher = build_teacher(cfg, device, text_encoder=text)
     vae = build_vae(cfg, device)
-    data = build_data(cfg, vae, device, video=teacher.is_video)
-    lrm = build_lrm(cfg, data, vae, device)
+    data = build_data(cfg, vae, device, video=teacher.is_video, text_encoder=text)
+    lrm = build_lrm(cfg, data, vae, device, text_encoder=text)
     return DistillTrainer(cfg, teacher, data, lrm=lrm, vae=vae, accelerator=acc)
 
 

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 LatentRewardFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 
@@ -66,11 +67,18 @@ class ConcurrentLRM:
             else text_conditioned
         self.max_grad_norm = max_grad_norm
 
+    def _forward(self, head: nn.Module, latents: torch.Tensor, text_tokens: torch.Tensor | None,
+                 text_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.text_conditioned:
+            return head(latents, text_tokens, text_mask)
+        return head(latents)
+
     def __call__(self, latents: torch.Tensor, text_tokens: torch.Tensor | None = None,
                  text_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.text_conditioned:
-            return self.head(latents, text_tokens, text_mask)
-        return self.head(latents)
+        """R^l(latents, c), differentiable in the latents. Under DDP (``head`` wrapped by the trainer) this calls
+        the wrapped module directly: reward calls (L_FT) need no gradient all-reduce on the head."""
+        head = self.head.module if isinstance(self.head, DistributedDataParallel) else self.head
+        return self._forward(head, latents, text_tokens, text_mask)
 
     @torch.no_grad()
     def pixel_targets(self, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -85,7 +93,7 @@ class ConcurrentLRM:
         x = latents.detach().float()
         if targets is None:
             targets = self.pixel_targets(x, prompts)
-        pred = self(x, text_tokens, text_mask).float()
+        pred = self._forward(self.head, x, text_tokens, text_mask).float()  # DDP-wrapped: gradients all-reduced
         return F.mse_loss(pred, targets)
 
     def step(self, latents: torch.Tensor, text_tokens: torch.Tensor | None, text_mask: torch.Tensor | None,

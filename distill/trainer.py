@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -42,17 +43,29 @@ LOG_COLUMNS = ["step", "loss_g", "loss_vsd", "loss_cd", "loss_ft", "lrm_reward",
 
 @dataclass
 class DistillConfig:
+    """Everything ``DistillTrainer`` / ``lrm distill`` needs; per-process sizes, steps in generator steps.
+
+    Multi-process: **DDP only** (``accelerate launch`` / ``torchrun`` with the default multi-GPU or multi-CPU
+    backend). The student, fake score and concurrent LRM head are wrapped by DDP after their optimizers are
+    built; FSDP and DeepSpeed would shard the parameters those optimizers hold, so they are refused.
+    """
+
     # ---- run -------------------------------------------------------------------------------------------
     run_dir: str = opt("runs/distill", "output directory: config.yaml, log.txt, log.csv, checkpoint/, samples/, "
                                       "student/")
     seed: int = opt(0, "random seed (per process: seed + process index)")
     device: str = opt("auto", "'auto' (cuda if available), 'cuda', 'cuda:N' or 'cpu' (single process only)")
     # ---- models and data (used by `lrm distill`; the Python API takes objects) ---------------------------
-    teacher: str = opt("shapes-image", "'shapes-image' / 'shapes-video' (the built-in world's teachers) or a "
-                                       "Denoiser directory written by Denoiser.save_pretrained")
+    teacher: str = opt("shapes-image", "'shapes-image' / 'shapes-video' (the built-in world's teachers), a "
+                                       "Denoiser directory written by Denoiser.save_pretrained, or a diffusers "
+                                       "pipeline directory / hub id (Denoiser.from_diffusers)")
+    teacher_subfolder: str | None = opt(None, "model subfolder of a diffusers teacher; None: 'transformer' if the "
+                                              "directory has one, else 'unet'; '' for a bare model directory")
     vae: str = opt("shapes", "'shapes' (built-in VAE) or a diffusers AutoencoderKL path / hub id")
     vae_subfolder: str | None = opt(None, "subfolder of the VAE inside a pipeline repo (e.g. 'vae')")
     text_encoder: str = opt("all-MiniLM-L6-v2", "text encoder name or path (lrm.text.TextEncoder)")
+    text_max_length: int = opt(32, "caption length in tokens (padded/truncated) for the data captions and the "
+                                   "teacher's null caption; Stable Diffusion's CLIP: 77")
     data_cache: str | None = opt(None, "LatentCache directory with data latents + text; None: encode samples of the "
                                        "Shapes world")
     num_data: int = opt(2048, "Shapes world samples encoded as data latents (when data_cache is None)")
@@ -133,6 +146,13 @@ class DistillConfig:
             raise ConfigError(f"need 0 <= vsd_t_min < vsd_t_max <= 1, got {self.vsd_t_min}, {self.vsd_t_max}")
         if not 0.0 <= self.cd_ema_decay <= 1.0:
             raise ConfigError(f"cd_ema_decay must be in [0, 1], got {self.cd_ema_decay}")
+        if self.text_max_length < 1:
+            raise ConfigError(f"text_max_length must be >= 1, got {self.text_max_length}")
+        for env, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+            if os.environ.get(env, "false").lower() in ("1", "true", "yes"):
+                raise ConfigError(f"{env}={os.environ[env]}: distillation supports DDP only, not {what} (the "
+                                  "optimizers hold unsharded parameters). Run `accelerate launch` with the default "
+                                  "multi-GPU (DDP) config, or torchrun")
 
     @property
     def timesteps(self) -> list[int]:
@@ -206,7 +226,8 @@ class DistillData:
 def _student_from_teacher(teacher: Denoiser, parameterization: str) -> Denoiser:
     null = (teacher.null_tokens.detach().cpu(), teacher.null_mask.detach().cpu())
     kind = teacher.parameterization if parameterization == "homogeneous" else "x0"
-    student = Denoiser(copy.deepcopy(teacher.model), teacher.schedule, kind, cfg_null=null)
+    student = Denoiser(copy.deepcopy(teacher.model), teacher.schedule, kind, cfg_null=null,
+                       use_text_mask=teacher.use_text_mask)
     return student.to(teacher.device).requires_grad_(True).train()
 
 
@@ -232,6 +253,11 @@ class DistillTrainer:
         if accelerator is None:
             accelerator = Accelerator(cpu=(cfg.device == "cpu"))
         self.accelerator = acc = accelerator
+        dist = str(getattr(acc.distributed_type, "value", acc.distributed_type))
+        if dist != "NO" and not dist.startswith("MULTI_"):
+            raise ConfigError(f"accelerate distributed_type={dist}: DistillTrainer supports DDP only (single process, "
+                              "MULTI_GPU or MULTI_CPU); FSDP / DeepSpeed / XLA / Megatron are not supported. Use the "
+                              "default `accelerate config` (multi-GPU) or torchrun")
         self.device = acc.device if cfg.device in ("auto", "cpu") else torch.device(cfg.device)
         if cfg.bf16 and self.device.type != "cuda":
             raise ConfigError(f"bf16=true needs a CUDA device (got {self.device}); set bf16: false on CPU")
@@ -262,6 +288,12 @@ class DistillTrainer:
             self.lrm.to(self.device).eval().requires_grad_(False)
         if self.concurrent:
             self.lrm.head.to(self.device)
+        if not self.teacher.use_text_mask and self.teacher.null_tokens.shape[1] != self.data.text_tokens.shape[1]:
+            raise ConfigError(
+                f"the teacher attends to padding tokens (use_text_mask=False, as diffusers' SD pipelines do), so its "
+                f"null caption ({self.teacher.null_tokens.shape[1]} tokens) and the data captions "
+                f"({self.data.text_tokens.shape[1]} tokens) must have the same length; encode both with one "
+                "text_max_length (77 for Stable Diffusion's CLIP)")
         self.vae = vae
         self.grid = ddim_grid(self.teacher.schedule.num_train_timesteps, cfg.cd_ddim_steps, device=self.device)
         self.timesteps = cfg.timesteps
@@ -271,10 +303,13 @@ class DistillTrainer:
                                        weight_decay=cfg.weight_decay)
         self.opt_f = torch.optim.AdamW(self.fake.model.parameters(), lr=cfg.lr_fake, betas=betas,
                                        weight_decay=cfg.weight_decay) if self.fake is not None else None
-        if acc.num_processes > 1:  # DDP: gradients of the trained networks are all-reduced
+        if acc.num_processes > 1:  # DDP: gradients of every trained network are all-reduced
             self.student.model = acc.prepare_model(self.student.model)
             if self.fake is not None:
                 self.fake.model = acc.prepare_model(self.fake.model)
+            if self.concurrent:  # else each rank's LRM would fit only its own samples and drift apart
+                self.lrm.head = acc.prepare_model(self.lrm.head)
+                self.lrm.optimizer = acc.prepare_optimizer(self.lrm.optimizer)
         self.step = 0
         self.history: list[dict[str, float]] = []
         self._last: list[tuple[DistillData, torch.Tensor]] = []  # (batch, x_hat) of the last generator step
@@ -490,7 +525,7 @@ class DistillTrainer:
         if self.target is not None:
             modules["target"] = self.target.shadow.model
         if self.concurrent:
-            modules["lrm_head"] = self.lrm.head
+            modules["lrm_head"] = self._unwrap(self.lrm.head)
             optims["lrm"] = self.lrm.optimizer
         return modules, optims
 
@@ -498,21 +533,56 @@ class DistillTrainer:
     def checkpoint_dir(self) -> Path:
         return Path(self.config.run_dir) / "checkpoint"
 
+    def _rng_path(self, directory: Path) -> Path:
+        return Path(directory) / f"rng_rank{self.accelerator.process_index}.safetensors"
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        st = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            st["cuda"] = torch.cuda.get_rng_state(self.device)
+        return st
+
     def save_checkpoint(self) -> Path | None:
-        self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return None
-        modules, optims = self._state()
-        return save_training_state(self.checkpoint_dir, self.step, modules=modules, optimizers=optims,
-                                   extra={"config": dataclasses.asdict(self.config)})
+        """Main process: models, optimizers, step, its RNG (``state.*``); every other rank adds its own torch RNG
+        state as ``rng_rank{i}.safetensors`` so a resumed DDP run continues each rank's random stream."""
+        from lrm.io import save_tensors
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = None
+        if acc.is_main_process:
+            modules, optims = self._state()
+            path = save_training_state(self.checkpoint_dir, self.step, modules=modules, optimizers=optims,
+                                       extra={"config": dataclasses.asdict(self.config),
+                                              "num_processes": acc.num_processes})
+        if acc.num_processes > 1:
+            acc.wait_for_everyone()  # the new checkpoint directory is in place
+            if not acc.is_main_process:
+                save_tensors(self._rng_path(self.checkpoint_dir), self._rng_state())
+            acc.wait_for_everyone()
+        return path
 
     def load_checkpoint(self, directory: str | Path | None = None) -> int:
-        """Restore models, optimizers, step and RNG; returns the step."""
+        """Restore models, optimizers, step and RNG; returns the step.
+
+        Rank 0 gets the RNG of ``state.safetensors``; rank i > 0 its ``rng_rank{i}.safetensors``, or (checkpoint
+        from another number of processes, or written before the rank files) a fresh seed from step and rank."""
+        from lrm.io import load_tensors
+
         modules, optims = self._state()
-        st = load_training_state(directory or self.checkpoint_dir, modules=modules, optimizers=optims,
-                                 map_location=self.device)
-        if self.accelerator.num_processes > 1:  # each process continues its own stream
-            seed_everything(self.config.seed + self.accelerator.process_index + 1000003 * st["step"])
+        directory = Path(directory or self.checkpoint_dir)
+        st = load_training_state(directory, modules=modules, optimizers=optims, map_location=self.device)
+        acc = self.accelerator
+        if acc.num_processes > 1 and not acc.is_main_process:  # each process continues its own stream
+            found = find_checkpoint(directory)
+            rng = self._rng_path(found) if found is not None else None
+            if rng is not None and rng.is_file() and st["extra"].get("num_processes") == acc.num_processes:
+                t = load_tensors(rng)
+                torch.set_rng_state(t["torch"])
+                if "cuda" in t and self.device.type == "cuda":
+                    torch.cuda.set_rng_state(t["cuda"], self.device)
+            else:
+                seed_everything(self.config.seed + acc.process_index + 1000003 * st["step"])
         self.step = int(st["step"])
         return self.step
 
