@@ -126,7 +126,7 @@ class DenoiserGenerator:
 
     @torch.no_grad()
     def __call__(self, noise: torch.Tensor, text_tokens=None, text_mask=None, seeds: list[int] | None = None):
-        from distill.samplers import ddim_sample, stochastic_sample, student_sample, step_mean
+        from distill.samplers import ddim_sample, step_mean, stochastic_sample, student_sample
 
         g = self._generator(seeds, noise.device)
         if self.sampler == "ddim":

@@ -149,6 +149,67 @@ def best_of_n_curve(proxy: Sequence[float], gold: Sequence[float], ns: Sequence[
     return pd.DataFrame(rows)
 
 
+def bon_kl(n: int | np.ndarray) -> np.ndarray | float:
+    """KL(best-of-n || base) = log n - (n - 1) / n (Stiennon et al. 2020; Gao et al. 2022, Eq. 1)."""
+    return bon_distance(n) ** 2
+
+
+def best_of_n_by_prompt(samples: pd.DataFrame, proxy: str, gold: str | Sequence[str],
+                        ns: Sequence[int] | None = None, group: str = "prompt_id") -> pd.DataFrame:
+    """Best-of-n per prompt (selection by ``proxy`` within one prompt's pool), averaged over prompts.
+
+    ``samples`` holds one row per sample with a ``group`` column (the prompt) and the score columns. Every
+    prompt's pool must have the same size N; ``ns`` defaults to 1, 2, 4, ... <= N. For each n the unbiased
+    estimator (``best_of_n_estimate``) is applied to each prompt's pool and the estimates are averaged.
+
+    Returns one row per n: ``n``, ``kl`` = log n - (n-1)/n, ``d`` = sqrt(kl), ``proxy`` (E max of n proxy scores),
+    ``gold`` (E gold of the proxy-best of n, for the first ``gold`` column), one column per further gold column
+    (its own name), ``*_se`` standard errors over prompts, ``n_prompts`` and ``pool``.
+    """
+    golds = [gold] if isinstance(gold, str) else list(gold)
+    if not golds:
+        raise ValueError("gold must name at least one column")
+    missing = [c for c in [group, proxy, *golds] if c not in samples]
+    if missing:
+        raise ValueError(f"samples has no column(s) {missing}; columns: {list(samples.columns)}")
+    pools = [g for _, g in samples.groupby(group, sort=True)]
+    sizes = sorted({len(g) for g in pools})
+    if len(sizes) != 1:
+        raise ValueError(f"every prompt needs a pool of the same size N, got sizes {sizes}")
+    N = sizes[0]
+    ns = [2**k for k in range(int(math.log2(N)) + 1)] if ns is None else [int(n) for n in ns]
+    out_names = ["gold"] + golds[1:]
+    rows = []
+    for n in ns:
+        row: dict = {"n": n, "kl": float(bon_kl(n)), "d": float(bon_distance(n))}
+        per = {"proxy": [best_of_n_estimate(g[proxy], g[proxy], n) for g in pools]}
+        for name, col in zip(out_names, golds):
+            per[name] = [best_of_n_estimate(g[proxy], g[col], n) for g in pools]
+        for name, v in per.items():
+            a = np.asarray(v, dtype=np.float64)
+            row[name] = float(a.mean())
+            row[f"{name}_se"] = float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else float("nan")
+        row.update(n_prompts=len(pools), pool=N)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def fit_best_of_n(table: pd.DataFrame, cols: Sequence[str] | None = None) -> dict[str, dict]:
+    """R_bon fits ``r0 + d(alpha - beta d)`` of each reward column of a ``best_of_n_by_prompt`` table, anchored at
+    r0 = the n = 1 value; keys ``bon/<col>`` (the names ``eval.report.plot_bon`` reads)."""
+    if cols is None:
+        cols = [c for c in table.columns if (c in ("gold", "proxy") or c.startswith("gold/"))]
+    base = table[table["n"] == 1]
+    out = {}
+    for c in cols:
+        ok = np.isfinite(table["d"].to_numpy(float)) & np.isfinite(table[c].to_numpy(float))
+        r0 = float(base[c].iloc[0]) if len(base) else None
+        if int((ok & (table["d"].to_numpy(float) > 0)).sum()) < 2:
+            continue  # two points with d > 0 are needed for alpha and beta
+        out[f"bon/{c}"] = fit_overoptimization(table["d"][ok], table[c][ok], form="bon", r0=r0).to_dict()
+    return out
+
+
 # ---- early stopping ----------------------------------------------------------------------------------
 
 def recommend_early_stop(steps: Sequence[int], gold: Sequence[float] | None = None,
@@ -216,3 +277,84 @@ def recommend_early_stop(steps: Sequence[int], gold: Sequence[float] | None = No
         "cannot recommend a checkpoint from the optimised proxy alone (it rises by construction): pass gold "
         "rewards, a held-out reward (holdout=) with the proxy, or d with d_budget="
     )
+
+
+def recommend_proxy_stop(steps: Sequence[int], d: Sequence[float], proxy: Sequence[float] | None = None,
+                         d_budget: float | None = None, min_slope_frac: float | None = None) -> dict:
+    """Which checkpoint to keep WITHOUT the gold reward: from the distance d and the optimised proxy only.
+
+    Rules (at least one must be set; with both, the earlier checkpoint wins):
+      * "kl-budget" (``d_budget``): the last checkpoint with d <= d_budget.
+      * "proxy-slope" (``min_slope_frac`` in (0, 1], needs ``proxy``): walking the checkpoints in order, the
+        marginal proxy gain per unit distance from the last kept checkpoint a to checkpoint j is
+        s_j = (p_j - p_a) / (d_j - d_a); the first interval's slope s_1 is the initial rate. Stop at the first j
+        with s_j < min_slope_frac * s_1 and keep a. Checkpoints that are no farther than the last kept one
+        (d_j <= d_a, e.g. estimator noise) are skipped. If the proxy does not rise on the first interval,
+        keep the first checkpoint. (Gao et al.'s gold curves bend down where the proxy's return per unit KL has
+        fallen off; the threshold is relative, so it needs no reward units.)
+    Returns a dict with ``rule``, ``index``, ``step``, ``d``, ``proxy`` (when given), ``reason`` and
+    ``uses_gold: False``; the per-rule picks are under ``kl_budget`` / ``proxy_slope``.
+    """
+    steps = np.asarray(steps)
+    n = steps.size
+    if n == 0:
+        raise ValueError("no checkpoints given")
+    dd = np.asarray(d, dtype=np.float64).ravel()
+    if dd.size != n:
+        raise ValueError(f"d has {dd.size} values for {n} checkpoints")
+    if not np.isfinite(dd).all():
+        raise ValueError("d must be finite at every checkpoint for a proxy-only recommendation (no d estimate?)")
+    p = None
+    if proxy is not None:
+        p = np.asarray(proxy, dtype=np.float64).ravel()
+        if p.size != n:
+            raise ValueError(f"proxy has {p.size} values for {n} checkpoints")
+    if d_budget is None and min_slope_frac is None:
+        raise ValueError("set d_budget and/or min_slope_frac for a proxy-only recommendation")
+    picks: dict[str, dict] = {}
+    if d_budget is not None:
+        if not d_budget > 0:
+            raise ValueError(f"d_budget must be > 0, got {d_budget}")
+        ok = np.nonzero(dd <= d_budget)[0]
+        if ok.size == 0:
+            raise ValueError(f"no checkpoint has d <= d_budget={d_budget} (min d {dd.min():.4g})")
+        i = int(ok[-1])
+        picks["kl_budget"] = {"index": i, "reason": f"last checkpoint with d = sqrt(KL) <= {d_budget:g}"}
+    if min_slope_frac is not None:
+        if not 0 < min_slope_frac <= 1:
+            raise ValueError(f"min_slope_frac must be in (0, 1], got {min_slope_frac}")
+        if p is None or not np.isfinite(p).all():
+            raise ValueError("the proxy-slope rule needs finite proxy rewards at every checkpoint")
+        a, s_ref, stop, reason = 0, None, None, None
+        for j in range(1, n):
+            if dd[j] <= dd[a] + 1e-12:
+                continue
+            s = (p[j] - p[a]) / (dd[j] - dd[a])
+            if s_ref is None:
+                s_ref = s
+                if s_ref <= 0:
+                    stop, reason = j, "the proxy does not rise on the first interval; keep the first checkpoint"
+                    break
+            elif s < min_slope_frac * s_ref:
+                stop = j
+                reason = (f"proxy gain per unit d falls to {s:.3g} (< {min_slope_frac:g} x the initial {s_ref:.3g}) "
+                          f"from step {int(steps[a])} to step {int(steps[j])}; keep step {int(steps[a])}")
+                break
+            a = j
+        if reason is None:
+            reason = f"proxy gain per unit d stays above {min_slope_frac:g} x its initial rate; keep the last " \
+                     "checkpoint that moved farther"
+        picks["proxy_slope"] = {"index": int(a), "reason": reason, "initial_slope": s_ref,
+                                "stopped_at_step": None if stop is None else int(steps[stop])}
+    for v in picks.values():
+        v["step"] = int(steps[v["index"]])
+        v["d"] = float(dd[v["index"]])
+    key = min(picks, key=lambda k: picks[k]["index"])
+    i = picks[key]["index"]
+    rule = "+".join(k.replace("_", "-") for k in picks) if len(picks) > 1 else key.replace("_", "-")
+    out = {"rule": rule, "index": i, "step": int(steps[i]), "d": float(dd[i]), "uses_gold": False,
+           "reason": picks[key]["reason"] + (f" (earlier of {' and '.join(picks)})" if len(picks) > 1 else ""),
+           **picks}
+    if p is not None:
+        out["proxy"] = float(p[i])
+    return out

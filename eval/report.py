@@ -4,7 +4,8 @@
 
 - a study table ``study.csv`` (one row per checkpoint: ``step``, ``d``, ``gold/*``, ``proxy/*``, ``acc/*``,
   ``diversity`` with ``*_ci_low``/``*_ci_high``) -> plots of reward vs step and vs d with the fitted Gao et al.
-  curves from ``fits.json``, the peak-gold marker and the early-stopping recommendation (``early_stop.json``);
+  curves from ``fits.json``, the peak-gold marker and the early-stopping recommendations (``early_stop.json``,
+  which may use gold, and the gold-free ``early_stop_proxy.json``);
 - a best-of-n table ``bon.csv`` (``n``, ``d``, ``gold``, ``proxy``) -> reward vs d_bon with the R_bon fit;
 - a single evaluation ``summary.csv`` (``metric``, ``mean``, ``ci_low``, ``ci_high``) -> a bar chart with CIs;
 - every CSV (or Parquet without a CSV twin) and small JSON file as a table;
@@ -77,7 +78,8 @@ def _grid(n: int, plt, width: float = 5.2, height: float = 3.6):
     return fig, list(axes.flat[:n])
 
 
-def plot_vs_step(study: pd.DataFrame, out: Path, early: dict | None = None) -> Path | None:
+def plot_vs_step(study: pd.DataFrame, out: Path, early: dict | None = None,
+                 early_proxy: dict | None = None) -> Path | None:
     """One panel per reward (gold, proxy), one panel for all accuracies, one for diversity."""
     cols = _metric_cols(study)
     if not cols or "step" not in study:
@@ -110,7 +112,11 @@ def plot_vs_step(study: pd.DataFrame, out: Path, early: dict | None = None) -> P
             ax.plot([x[i]], [study[c][i]], marker="*", markersize=16, color="#d62728", linestyle="none",
                     label=f"peak gold (step {int(x[i])})")
         if early is not None and "step" in early:
-            ax.axvline(early["step"], color="#d62728", linestyle="--", linewidth=1, label="recommended stop")
+            ax.axvline(early["step"], color="#d62728", linestyle="--", linewidth=1,
+                       label=f"recommended stop ({early.get('rule', '?')})")
+        if early_proxy is not None and "step" in early_proxy:
+            ax.axvline(early_proxy["step"], color="#555", linestyle=":", linewidth=1.5,
+                       label=f"proxy-only stop ({early_proxy.get('rule', '?')})")
         ax.set_xlabel("fine-tuning step (optimizer steps)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
@@ -129,7 +135,8 @@ def _fit_curve(fit: dict, d: np.ndarray) -> np.ndarray:
     return f(d)
 
 
-def plot_vs_d(study: pd.DataFrame, fits: dict, out: Path, d_note: str = "") -> Path | None:
+def plot_vs_d(study: pd.DataFrame, fits: dict, out: Path, d_note: str = "",
+              early_proxy: dict | None = None) -> Path | None:
     cols = [c for c in _metric_cols(study) if _kind(c) in ("gold", "proxy")]
     if not cols or "d" not in study or not study["d"].notna().any():
         return None
@@ -159,6 +166,9 @@ def plot_vs_d(study: pd.DataFrame, fits: dict, out: Path, d_note: str = "") -> P
             if _kind(c) == "gold" and math.isfinite(peak_d) and peak_d <= span:
                 ax.plot([peak_d], [fit["peak_reward"]], marker="*", markersize=16, color="#d62728", linestyle="none",
                         label=f"fitted peak gold (d={peak_d:.3g})")
+        if early_proxy is not None and early_proxy.get("d") is not None:
+            ax.axvline(early_proxy["d"], color="#555", linestyle=":", linewidth=1.5,
+                       label=f"proxy-only stop (d={early_proxy['d']:.3g})")
         ax.set_xlabel("d = sqrt(KL to reference) (sqrt nats)" + (f" {d_note}" if d_note else ""))
         ax.set_ylabel(_label(c))
         ax.set_title(f"{_label(c)} vs distance d")
@@ -297,8 +307,31 @@ def _study_highlights(root: Path) -> str:
     early = root / "early_stop.json"
     if early.exists():
         e = json.loads(early.read_text())
-        parts.append(f"<p><b>Early-stopping recommendation</b> ({html.escape(str(e.get('rule')))}): keep step "
+        uses = " &mdash; uses the gold reward, known only in a study" if e.get("rule") == "peak-gold" else ""
+        parts.append(f"<p><b>Early-stopping recommendation</b> ({html.escape(str(e.get('rule')))}{uses}): keep step "
                      f"<b>{e.get('step')}</b> &mdash; {html.escape(str(e.get('reason', '')))}</p>")
+    early_p = root / "early_stop_proxy.json"
+    if early_p.exists():
+        e = json.loads(early_p.read_text())
+        gold_note = (f"; gold there, measured afterwards: {_fmt(e['gold_at_stop'])}" if e.get("gold_at_stop")
+                     is not None else "")
+        parts.append(f"<p><b>Proxy-only early-stopping recommendation</b> ({html.escape(str(e.get('rule')))}, from "
+                     f"d and {html.escape(str(e.get('proxy_column') or 'd only'))}, no gold reward): keep step "
+                     f"<b>{e.get('step')}</b> (d = {_fmt(e.get('d'))}) &mdash; {html.escape(str(e.get('reason', '')))}"
+                     f"{html.escape(gold_note)}</p>")
+    bon_p = root / "bon.csv"
+    if bon_p.exists():
+        b = pd.read_csv(bon_p)
+        if len(b) and {"n", "d", "gold"} <= set(b.columns):
+            first, last = b.iloc[0], b.iloc[-1]
+            pool = int(last["pool"]) if "pool" in b else int(last["n"])
+            proxy = (f", proxy {_fmt(float(first['proxy']))} &rarr; {_fmt(float(last['proxy']))}"
+                     if "proxy" in b else "")
+            parts.append(f"<p><b>Best-of-n</b> (initial model, pool of {pool} per prompt, unbiased estimator): "
+                         f"n = 1 &rarr; {int(last['n'])} moves d_bon from 0 to {_fmt(float(last['d']))}, gold "
+                         f"{_fmt(float(first['gold']))} &rarr; {_fmt(float(last['gold']))}{proxy}. d_bon is the "
+                         "analytic best-of-n KL, not the fine-tuning d estimator: compare the shapes of the two "
+                         "curves, not their d values.</p>")
     fits_p = root / "fits.json"
     if fits_p.exists():
         fits = json.loads(fits_p.read_text())
@@ -335,6 +368,8 @@ def write_report(run_dir: str | Path, title: str | None = None) -> Path:
 
     fits = json.loads((root / "fits.json").read_text()) if (root / "fits.json").exists() else {}
     early = json.loads((root / "early_stop.json").read_text()) if (root / "early_stop.json").exists() else None
+    early_p = root / "early_stop_proxy.json"
+    early_proxy = json.loads(early_p.read_text()) if early_p.exists() else None
     d_note = ""
     if (root / "study.json").exists():
         sj = json.loads((root / "study.json").read_text())
@@ -342,16 +377,16 @@ def write_report(run_dir: str | Path, title: str | None = None) -> Path:
             d_note = f"[σ = {sj['kl_sigma']:g}]"
     if (root / "study.csv").exists():
         study = pd.read_csv(root / "study.csv").sort_values("step").reset_index(drop=True)
-        p = plot_vs_step(study, plots_dir / "reward_vs_step.png", early)
+        p = plot_vs_step(study, plots_dir / "reward_vs_step.png", early, early_proxy)
         if p:
             plots.append(("Rewards, accuracy and diversity vs fine-tuning step", p))
-        p = plot_vs_d(study, fits, plots_dir / "reward_vs_d.png", d_note)
+        p = plot_vs_d(study, fits, plots_dir / "reward_vs_d.png", d_note, early_proxy)
         if p:
             plots.append(("Rewards vs distance from the reference, with fitted Gao et al. curves", p))
     if (root / "bon.csv").exists():
         p = plot_bon(pd.read_csv(root / "bon.csv"), fits, plots_dir / "best_of_n.png")
         if p:
-            plots.append(("Best-of-n", p))
+            plots.append(("Best-of-n from the initial model: reward vs d_bon, with the R_bon fit", p))
     if (root / "summary.csv").exists() and not (root / "study.csv").exists():
         p = plot_summary(pd.read_csv(root / "summary.csv"), plots_dir / "summary.png", title=root.name)
         if p:
@@ -382,7 +417,8 @@ def write_report(run_dir: str | Path, title: str | None = None) -> Path:
     if plots:
         out.append("<h2>Plots</h2>")
         for caption, p in plots:
-            out.append(f"<h3>{html.escape(caption)}</h3><img class='plot' src='{_rel(p, root)}' alt='{html.escape(caption)}'>")
+            out.append(f"<h3>{html.escape(caption)}</h3><img class='plot' src='{_rel(p, root)}' "
+                       f"alt='{html.escape(caption)}'>")
     if images:
         out.append("<h2>Samples</h2>")
         out.append("<p class='meta'>one figure per checkpoint / folder; rows are prompts, columns are seeds</p>"

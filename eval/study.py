@@ -9,7 +9,9 @@ noise (``eval.kl``, at ``kl_sigma``). Checkpoint step 0 is usually the reference
 
 Writes to ``out_dir``: ``checkpoints/step_XXXXXX/`` (each evaluation: tables, preview grid), ``study.csv``
 and ``.parquet`` (one row per checkpoint, means with CIs), ``fits.json`` (Gao et al. RL fits of every gold
-and proxy reward vs d), ``peak.json``, ``early_stop.json``, ``study.json`` and ``report.html``.
+and proxy reward vs d), ``peak.json``, ``early_stop.json`` (peak gold when a gold column exists),
+``early_stop_proxy.json`` (a recommendation that does not look at gold: ``eval.overopt.recommend_proxy_stop``
+from d and the optimised proxy), ``study.json`` and ``report.html``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from eval.evaluate import EvalResult, evaluate
-from eval.overopt import fit_overoptimization, recommend_early_stop
+from eval.overopt import fit_overoptimization, recommend_early_stop, recommend_proxy_stop
 
 
 @dataclass
@@ -34,6 +36,7 @@ class StudyResult:
     early_stop: dict | None
     out_dir: Path
     report: Path | None
+    early_stop_proxy: dict | None = None  # the proxy-only (gold-free) recommendation
 
 
 def _row(step: int, res: EvalResult, extra: dict) -> dict:
@@ -68,6 +71,8 @@ def run_study(
     gold: str | None = None,
     holdout: str | None = None,
     d_budget: float | None = None,
+    stop_proxy: str | None = None,
+    min_slope_frac: float | None = None,
     title: str | None = None,
     write_html: bool = True,
     **evaluate_kwargs: Any,
@@ -83,7 +88,12 @@ def run_study(
         gold: the gold column that decides the peak and early stopping (default: the first gold reward).
         holdout: a proxy-like column not optimised by the run (e.g. "proxy/lrm-b"), used for the divergence
             rule when there is no gold reward.
-        d_budget: KL budget for the fallback early-stopping rule.
+        d_budget: d budget (sqrt nats, the study's own d) of the proxy-only rule (and of the fallback rule of
+            ``early_stop.json`` when there is neither gold nor a held-out column).
+        stop_proxy: the optimised reward column for the proxy-only rule (default: the first proxy column
+            other than ``holdout``).
+        min_slope_frac: proxy-only rule: stop once the proxy's gain per unit d falls below this fraction of its
+            initial rate (``recommend_proxy_stop``). With neither this nor ``d_budget``: no proxy-only rule.
         **evaluate_kwargs: passed to ``eval.evaluate.evaluate`` (gold_rewards, proxy_rewards, decode, ...).
     """
     from lrm.io import write_json
@@ -149,8 +159,24 @@ def run_study(
         write_json(out / "early_stop.json", early)
     except ValueError as e:
         log.warning("no early-stopping recommendation: %s", e)
+    early_proxy = None
+    if d_budget is not None or min_slope_frac is not None:
+        pcol = stop_proxy or (proxy_cols[0] if proxy_cols else None)
+        if pcol is not None and pcol not in table:
+            raise ValueError(f"stop_proxy={pcol!r} is not a column of the study; reward columns: {reward_cols}")
+        try:
+            early_proxy = recommend_proxy_stop(table["step"], table["d"], None if pcol is None else table[pcol],
+                                               d_budget=d_budget,
+                                               min_slope_frac=min_slope_frac if pcol is not None else None)
+            early_proxy["proxy_column"] = pcol
+            if gold is not None:  # how the gold-free pick fares, measured afterwards (not used by the rule)
+                early_proxy["gold_at_stop"] = float(table[gold][early_proxy["index"]])
+            write_json(out / "early_stop_proxy.json", early_proxy)
+        except ValueError as e:
+            log.warning("no proxy-only early-stopping recommendation: %s", e)
     meta = {"n_checkpoints": len(table), "prompts": list(prompts), "fit_form": fit_form, "gold": gold,
-            "holdout": holdout, "d_budget": d_budget, "d_source": sorted(set(table["d_source"])),
+            "holdout": holdout, "d_budget": d_budget, "min_slope_frac": min_slope_frac,
+            "d_source": sorted(set(table["d_source"])),
             "kl_sigma": evaluate_kwargs.get("kl_sigma", 1.0) if reference is not None else None}
     write_json(out / "study.json", meta)
     report = None
@@ -159,4 +185,5 @@ def run_study(
 
         report = write_report(out, title=title)
         log.info("wrote %s", report)
-    return StudyResult(table=table, fits=fits, peak=peak, early_stop=early, out_dir=out, report=report)
+    return StudyResult(table=table, fits=fits, peak=peak, early_stop=early, out_dir=out, report=report,
+                       early_stop_proxy=early_proxy)

@@ -52,7 +52,8 @@ def test_study_recovers_curve_and_peak(tmp_path):
     res = run_study(cks, ["a red circle", "two blue squares"], tmp_path / "study", reference=const_gen(0.0),
                     kl_sigma=8.0, n_per_prompt=2, seeds=0, gold_rewards={"exact": ExactGold()},
                     proxy_rewards={"mean": lambda z, t, m: z[:, :3].flatten(1).mean(1)},
-                    decode=lambda z: z[:, :3], text_encoder=tiny_text, n_bootstrap=20, progress=False)
+                    decode=lambda z: z[:, :3], text_encoder=tiny_text, n_bootstrap=20, progress=False,
+                    d_budget=1.3, min_slope_frac=0.25)
     t = res.table
     assert list(t["step"]) == [0, 100, 200, 300, 400, 500, 600]
     assert np.allclose(t["d"], [2 * s for s in shifts])
@@ -64,6 +65,14 @@ def test_study_recovers_curve_and_peak(tmp_path):
     # observed peak: among d = 0, .2, .6, 1.2, 2, 3, 4 the best R_RL is at d = 2 (step 400)
     assert res.peak["observed"]["step"] == 400
     assert res.early_stop["rule"] == "peak-gold" and res.early_stop["step"] == 400
+    # gold-free rule: the proxy (0.25 + shift = 0.25 + d/2) is linear in d, so its slope never falls and the
+    # d budget decides: last d <= 1.3 is d = 1.2 (step 300), short of the gold peak at step 400
+    ep = res.early_stop_proxy
+    assert ep["rule"] == "kl-budget+proxy-slope" and ep["step"] == 300 and ep["proxy_column"] == "proxy/mean"
+    assert ep["proxy_slope"]["step"] == 600 and ep["uses_gold"] is False
+    assert ep["gold_at_stop"] == pytest.approx(float(t["gold/exact"][3]))
+    assert json.loads((tmp_path / "study" / "early_stop_proxy.json").read_text())["step"] == 300
+    assert "Proxy-only early-stopping recommendation" in res.report.read_text()
     assert t["extra/lr"].eq(1e-4).all()
     out = tmp_path / "study"
     for name in ("study.csv", "study.parquet", "fits.json", "peak.json", "early_stop.json", "report.html",
@@ -114,3 +123,20 @@ def test_report_on_plain_eval_dir(tmp_path):
     assert "log.parquet" in text and "loss" in text and "meta.json" in text
     with pytest.raises(FileNotFoundError, match="does not exist"):
         write_report(tmp_path / "missing")
+
+
+def test_report_shows_best_of_n(tmp_path):
+    from eval.overopt import bon_kl, fit_best_of_n
+
+    run = tmp_path / "bon"
+    run.mkdir()
+    ns = np.array([1, 2, 4, 8])
+    d = np.sqrt(bon_kl(ns))
+    bon = pd.DataFrame({"n": ns, "kl": d ** 2, "d": d, "proxy": 0.1 + d, "gold": 0.1 + d * (0.5 - 0.3 * d),
+                        "pool": 8})
+    bon.to_csv(run / "bon.csv", index=False)
+    (run / "fits.json").write_text(json.dumps(fit_best_of_n(bon)))
+    text = write_report(run).read_text()
+    assert "plots/best_of_n.png" in _html_images(run / "report.html") and (run / "plots" / "best_of_n.png").exists()
+    assert "Best-of-n</b> (initial model, pool of 8 per prompt" in text
+    assert "bon/gold" in text  # the R_bon fit row in the fitted-curves table
