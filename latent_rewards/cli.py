@@ -61,25 +61,35 @@ def _train(cfg: TrainConfig) -> None:
     print(json.dumps({"out_dir": str(out), "val": res.metrics, "ridge_baseline": res.baseline_metrics}, indent=2))
 
 
+def _is_training_data(lrm, data) -> bool:
+    """Whether ``data`` is the data the LRM was trained on (same cache directory, same number of records)."""
+    td = lrm.metadata.get("training_data", {})
+    src, here = str(td.get("source", "")), str(data.source)
+    if not (src.startswith("cache:") and here.startswith("cache:")) or td.get("num_samples") != len(data):
+        return False
+    return Path(src[len("cache:"):]).resolve() == Path(here[len("cache:"):]).resolve()
+
+
 def _evaluate(cfg: EvaluateConfig) -> None:
     from data_cache import LatentCache
     from latent_rewards.data import LatentData
     from latent_rewards.pretrained import LatentReward
-    from latent_rewards.train import evaluate
+    from latent_rewards.train import evaluate, train_val_split
     from lrm.run import resolve_device
 
     lrm = LatentReward.from_pretrained(cfg.lrm_dir, device=resolve_device(cfg.device))
     cache = LatentCache.open(cfg.cache_dir)
     data = LatentData.from_cache(cache, cfg.reward or lrm.reward_name)
-    idx = None
-    if cfg.split == "val":
-        from latent_rewards.train import train_val_split
-
+    # The ridge baseline is refit on the LRM's training split whenever that split can be rebuilt from this data
+    # (split=val, or the training cache itself); otherwise evaluate() copies the checkpoint's baseline metrics.
+    idx = train_idx = None
+    if cfg.split == "val" or _is_training_data(lrm, data):
         tr_cfg = lrm.metadata.get("training", {})
-        _, idx = train_val_split(data, tr_cfg.get("val_fraction", 0.1), tr_cfg.get("seed", 0))
+        train_idx, val_idx = train_val_split(data, tr_cfg.get("val_fraction", 0.1), tr_cfg.get("seed", 0))
+        idx = val_idx if cfg.split == "val" else None
     data = data.to(lrm.target_mean.device)
     res = evaluate(lrm, data, out_dir=cfg.out_dir or Path(cfg.lrm_dir) / "eval", indices=idx,
-                   batch_size=cfg.batch_size)
+                   batch_size=cfg.batch_size, baseline_train_indices=train_idx)
     print(json.dumps(res, indent=2))
 
 

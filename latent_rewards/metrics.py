@@ -100,9 +100,13 @@ def ridge_baseline(train_latents: torch.Tensor, train_y: torch.Tensor, val_laten
                                 "uses_text": train_text is not None}
 
 
-def calibration_plot(pred, target, path: str | Path, title: str = "LRM calibration", units: str = "reward",
-                     baseline=None) -> Path:
-    """Scatter of predicted vs true reward on held-out data with the y = x line, saved as PNG."""
+def calibration_figure(pred, target, title: str = "LRM calibration", units: str = "reward", baseline=None,
+                       baseline_metrics: dict | None = None):
+    """Scatter of predicted vs true reward with the y = x line (a matplotlib Figure).
+
+    ``baseline``: the ridge baseline's predictions on the same rows (drawn in grey). ``baseline_metrics``: its
+    metrics when only those are known (e.g. copied from a checkpoint): named in the legend, no points.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,16 +119,28 @@ def calibration_plot(pred, target, path: str | Path, title: str = "LRM calibrati
         b = _np(baseline)
         mb = regression_metrics(b, y)
         ax.scatter(y, b, s=6, alpha=0.35, color="tab:gray",
-                   label=f"ridge baseline (Spearman {mb['spearman']:.3f})")
+                   label=f"ridge baseline (Spearman {mb['spearman']:.3f}, R² {mb['r2']:.3f})")
+    elif baseline_metrics is not None:
+        ax.plot([], [], " ", label=f"ridge baseline, training run's split (Spearman "
+                                   f"{baseline_metrics['spearman']:.3f}, R² {baseline_metrics['r2']:.3f})")
     ax.scatter(y, p, s=6, alpha=0.5, color="tab:blue",
                label=f"LRM (Spearman {m['spearman']:.3f}, R² {m['r2']:.3f})")
     lo, hi = float(min(y.min(), p.min())), float(max(y.max(), p.max()))
     ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
     ax.set_xlabel(f"true {units}")
     ax.set_ylabel(f"predicted {units}")
-    ax.set_title(f"{title} (n = {m['n']})")
+    ax.set_title(f"{title} (n = {m['n']})", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def calibration_plot(pred, target, path: str | Path, title: str = "LRM calibration", units: str = "reward",
+                     baseline=None, baseline_metrics: dict | None = None) -> Path:
+    """``calibration_figure`` saved as PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = calibration_figure(pred, target, title, units, baseline, baseline_metrics)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

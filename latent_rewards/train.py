@@ -389,24 +389,57 @@ def _write_log(path: Path, rows: list[dict]) -> None:
 
 
 def evaluate(lrm: LatentReward, data: LatentData, out_dir: str | Path | None = None,
-             indices: np.ndarray | None = None, batch_size: int = 1024) -> dict[str, Any]:
-    """Metrics of a trained LRM on ``data`` (all rows, or ``indices``), in reward units; writes metrics.json +
-    calibration.png to ``out_dir``. Checks the data's latent space and text encoder first."""
+             indices: np.ndarray | None = None, batch_size: int = 1024,
+             baseline_train_indices: np.ndarray | None = None) -> dict[str, Any]:
+    """Metrics of a trained LRM on ``data`` (all rows, or ``indices``), in reward units, beside the ridge baseline;
+    writes eval_metrics.json + eval_calibration.png to ``out_dir``. Checks the data's latent space and text
+    encoder first.
+
+    The ridge baseline is refit on ``baseline_train_indices`` (rows of ``data``: the LRM's training split) and
+    scored on the same rows as the LRM. Without them the training data is not at hand, so the baseline's metrics
+    are copied from the checkpoint (``metadata["metrics"]["ridge_baseline"]``: its training run's held-out split,
+    not these rows); ``ridge_baseline["source"]`` says which.
+    """
     lrm.check_inputs(latent_space=data.latent_space, text_encoder=data.text_encoder if lrm.needs_text else None)
     if data.reward_name != lrm.reward_name:
         log.warning("evaluating LRM for %r on reward %r", lrm.reward_name, data.reward_name)
+    full = data
     if indices is not None:
         data = data.subset(indices)
     pred = lrm.predict(data.latents, data.text_tokens if lrm.needs_text else None,
                        data.text_mask if lrm.needs_text else None, batch_size=batch_size).numpy()
     y = data.target.numpy()
+    metrics = regression_metrics(pred, y)
+    baseline_pred = None
+    if baseline_train_indices is not None:
+        tr = torch.as_tensor(np.asarray(baseline_train_indices), dtype=torch.long)
+        text = full.has_text  # as in fit: pooled text joins the features of text-conditioned rewards
+        baseline_pred, info = ridge_baseline(full.latents[tr.to(full.latents.device)],
+                                             full.target[tr.to(full.target.device)], data.latents,
+                                             full.text_pooled[tr.to(full.text_pooled.device)] if text else None,
+                                             data.text_pooled if text else None)
+        baseline = {**regression_metrics(baseline_pred, y), **info, "num_train": int(len(tr)),
+                    "source": "refit on the training split, scored on the same rows as the LRM"}
+    else:
+        stored = lrm.metadata.get("metrics", {}).get("ridge_baseline")
+        baseline = None if stored is None else {
+            **stored, "source": "checkpoint metadata (the training run's held-out split, not these rows)"}
+        if baseline is None:
+            log.warning("no ridge baseline: the training data is not given and the checkpoint records none")
     res = {"reward": data.reward_name, "lrm_reward": lrm.reward_name, "num_samples": len(y),
-           "metrics": regression_metrics(pred, y)}
+           "metrics": metrics, "ridge_baseline": baseline}
+    if baseline is not None:
+        log.info("LRM Spearman %.4f R2 %.4f | ridge baseline (%s) Spearman %.4f R2 %.4f", metrics["spearman"],
+                 metrics["r2"], "refit" if baseline_pred is not None else "from checkpoint", baseline["spearman"],
+                 baseline["r2"])
     if out_dir is not None:
         from lrm.io import write_json
 
         out_dir = Path(out_dir)
         write_json(out_dir / "eval_metrics.json", res)
-        calibration_plot(pred, y, out_dir / "eval_calibration.png", title=f"LRM vs {data.reward_name}",
-                         units=data.reward_name)
+        title = f"LRM vs {data.reward_name}"
+        if baseline is not None:
+            title += f"; ridge Spearman {baseline['spearman']:.3f}"
+        calibration_plot(pred, y, out_dir / "eval_calibration.png", title=title, units=data.reward_name,
+                         baseline=baseline_pred, baseline_metrics=None if baseline_pred is not None else baseline)
     return res

@@ -45,6 +45,16 @@ def test_train_and_evaluate_on_a_cache(shapes_cache, tmp_path, capsys):
     assert ev["num_samples"] == meta["training_data"]["num_val"]
     assert ev["metrics"]["spearman"] == pytest.approx(meta["metrics"]["val"]["spearman"], abs=1e-3)
     assert (tmp_path / "ev" / "eval_calibration.png").exists()
+    # The ridge baseline is refit on the same train split: the training run's baseline, on the same rows.
+    assert ev["ridge_baseline"]["source"].startswith("refit")
+    assert ev["ridge_baseline"]["spearman"] == pytest.approx(meta["metrics"]["ridge_baseline"]["spearman"], abs=1e-6)
+    assert json.loads(capsys.readouterr().out)["ridge_baseline"] == ev["ridge_baseline"]
+    # All rows of the training cache: still refit on its train split.
+    assert main(["evaluate", "--lrm_dir", str(out), "--cache_dir", str(shapes_cache), "--out_dir",
+                 str(tmp_path / "ev_all")]) == 0
+    ev_all = json.loads(capsys.readouterr().out)
+    assert ev_all["num_samples"] == 128 and ev_all["ridge_baseline"]["source"].startswith("refit")
+    assert ev_all["ridge_baseline"]["num_train"] == meta["training_data"]["num_train"]
 
 
 def test_train_config_errors(capsys):

@@ -78,6 +78,47 @@ def test_fit_learns_synthetic_target_and_beats_nothing(tmp_path):
     assert (tmp_path / "eval" / "eval_calibration.png").exists()
 
 
+def test_evaluate_reports_the_ridge_baseline(tmp_path, monkeypatch):
+    import latent_rewards.train as train_mod
+
+    data = _image_data(n=300)
+    res = fit(data, head="image-cnn", head_kwargs=SMALL, steps=20, batch_size=32, eval_every=10, progress=False,
+              out_dir=tmp_path / "lrm")
+    lrm = LatentReward.from_pretrained(tmp_path / "lrm")
+    plots = []
+    real_plot = train_mod.calibration_plot
+    monkeypatch.setattr(train_mod, "calibration_plot", lambda *a, **kw: plots.append(kw) or real_plot(*a, **kw))
+    # 1. training data at hand: ridge refit on the same train split, scored on the same rows as the LRM.
+    ev = evaluate(lrm, data, out_dir=tmp_path / "ev", indices=res.val_idx, baseline_train_indices=res.train_idx)
+    rb = ev["ridge_baseline"]
+    assert rb["source"].startswith("refit") and rb["num_train"] == len(res.train_idx)
+    for k in ("spearman", "r2", "mse"):
+        assert rb[k] == pytest.approx(res.baseline_metrics[k], rel=1e-6, abs=1e-9)
+    assert rb["spearman"] == pytest.approx(regression_metrics(res.baseline_pred, data.target[res.val_idx])["spearman"])
+    assert np.allclose(plots[-1]["baseline"], res.baseline_pred)  # grey points on the calibration plot
+    assert f"ridge Spearman {rb['spearman']:.3f}" in plots[-1]["title"]
+    saved = __import__("json").loads((tmp_path / "ev" / "eval_metrics.json").read_text())
+    assert saved["ridge_baseline"]["spearman"] == pytest.approx(rb["spearman"])
+    # 2. no training data: the checkpoint's baseline metrics are copied and named as such.
+    ev2 = evaluate(lrm, data.subset(res.val_idx[:20]), out_dir=tmp_path / "ev2")
+    stored = lrm.metadata["metrics"]["ridge_baseline"]
+    assert ev2["ridge_baseline"]["spearman"] == stored["spearman"] and "checkpoint" in ev2["ridge_baseline"]["source"]
+    assert plots[-1]["baseline"] is None and plots[-1]["baseline_metrics"]["spearman"] == stored["spearman"]
+    assert f"ridge Spearman {stored['spearman']:.3f}" in plots[-1]["title"]
+
+
+def test_calibration_figure_names_the_baseline():
+    from latent_rewards.metrics import calibration_figure
+
+    y = np.linspace(0, 1, 20)
+    fig = calibration_figure(y + 0.01, y, title="t", baseline=y[::-1])
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels[0] == "ridge baseline (Spearman -1.000, R² -3.000)" and labels[1].startswith("LRM (Spearman 1.000")
+    fig = calibration_figure(y, y, baseline_metrics={"spearman": 0.5, "r2": 0.25})
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels[0] == "ridge baseline, training run's split (Spearman 0.500, R² 0.250)"
+
+
 def test_fit_text_reward_needs_both_inputs():
     data = _text_data()
     res = fit(data, head="text-image-cnn", head_kwargs=SMALL, steps=400, batch_size=64, eval_every=100,
