@@ -166,6 +166,10 @@ def _draw(canvas: np.ndarray, shape: str, cx: float, cy: float, r: float, rgb: t
 class ShapesWorld:
     """Deterministic generator of captioned Shapes images (``num_frames=None``) or videos.
 
+    Limits of the world: all shapes of one sample share one kind and one color (and, in videos, one motion
+    direction and speed), and a position is named only for a single shape (``count == 1``); captions and
+    rewards therefore never ask about mixed kinds or colors, or where each of several shapes is.
+
     Args:
         image_size: 32 (default) or 64 pixels square.
         num_frames: None for images, else frames per video (default for videos: 16).
