@@ -10,6 +10,22 @@ One trainer step (``FinetuneTrainer.train_step``):
                  samples), advantages, then ``inner_epochs`` x (samples / train_batch_size) PPO optimizer steps on
                  the last ``ddpo_grad_steps`` transitions (+ distillation losses per optimizer step).
   then, with ``distill_losses: [vsd]``, ``fake_updates`` fake-score steps (DMD2).
+
+KL / reference regularisation (``beta_kl`` > 0) toward the frozen initial student pi_ref (a copy of ``init``);
+the logged ``kl`` column is the estimate below, the loss adds ``beta_kl * kl``:
+  method=ddpo    the per-step Gaussian KL of the two chains at the sampled states (both transitions have the same
+                 std sigma_t): KL_t = ||mu_theta(x_t, t) - mu_ref(x_t, t)||^2 / (2 sigma_t^2), summed over elements.
+                 Penalty: sum of KL_t over the trained (last ``ddpo_grad_steps``) transitions, re-evaluated with the
+                 current weights at every PPO step and differentiated through mu_theta only (the pathwise part of
+                 the chain-rule KL, as DPOK's KL regulariser; Fan et al. 2023). Logged ``kl``: the full-chain
+                 sum_t KL_t of the sampling policy, mean over samples (``eval.kl.gaussian_chain_kl``'s estimator).
+  method=lrm     ||x_hat_theta - x_hat_ref||^2 / 2, summed over elements, mean over the batch, with x_hat_ref the
+                 frozen initial student's x0 prediction at the SAME backward-simulated state x_t (same noise, same
+                 t): the smoothed-output KL of ``eval.kl.smoothed_output_kl`` at sigma = 1 (one scaled-latent unit)
+                 for the one-step prediction. An upper bound on the smoothed KL of the one-step outputs; it is not
+                 the KL of the deployed k-step sampler.
+  method=direct  the same on the last student step of the k-step sample: x_hat_ref is the initial student's x0
+                 prediction at the last step's input state (detached), x_hat_theta the student's (with graph).
 Logged per step (log.csv): gold reward (pixel reward of decoded samples), proxy reward (LRM, method=lrm), step
 time, peak GPU memory of the step, cumulative device-seconds; every ``eval_every`` steps the gold reward of the
 k-step sampler on a fixed evaluation set (same noise, same prompts, for every method).
@@ -33,6 +49,7 @@ import torch.nn as nn
 
 from distill.cd import cd_loss, consistency_output, ddim_grid
 from distill.ddpo import (
+    DDPOSamples,
     PerPromptStatTracker,
     global_advantages,
     ppo_loss,
@@ -44,7 +61,7 @@ from distill.denoiser import Denoiser
 from distill.direct import FRAME_SUBSAMPLING, PIXEL_CLAMPS, direct_reward_loss, sample_with_grad
 from distill.ema import EMA
 from distill.lrm_ft import lrm_ft_loss
-from distill.samplers import STUDENT_TIMESTEPS
+from distill.samplers import STUDENT_TIMESTEPS, gaussian_log_prob, step_mean, stochastic_sample
 from distill.vsd import backward_simulation, fake_score_loss, vsd_loss
 from lrm.checkpoint import find_checkpoint, load_training_state, save_training_state
 from lrm.config import ConfigError, opt
@@ -53,7 +70,7 @@ from lrm.run import get_logger, prepare_run_dir, resolve_device, seed_everything
 METHODS = ("lrm", "ddpo", "direct")
 DISTILL_LOSSES = ("vsd", "cd")
 LOG_COLUMNS = ["step", "method", "gold_reward", "proxy_reward", "eval_gold_reward", "loss", "loss_ft", "loss_vsd",
-               "loss_cd", "loss_fake", "approx_kl", "clipfrac", "adv_std", "grad_norm", "optimizer_steps",
+               "loss_cd", "loss_fake", "kl", "approx_kl", "clipfrac", "adv_std", "grad_norm", "optimizer_steps",
                "samples", "step_time_s", "gpu_seconds", "peak_mem_mb", "lr"]
 
 
@@ -100,6 +117,10 @@ class FinetuneConfig:
                                               "student call and the decoder")
     # ---- LRM -------------------------------------------------------------------------------------------
     beta_ft: float = opt(1.0, "weight of L_FT = -R^l(x_hat, c) (DOLLAR beta_FT), in 1 / reward units")
+    # ---- regularisation toward the initial model ---------------------------------------------------------
+    beta_kl: float = opt(0.0, "weight of the KL / reference penalty toward the frozen initial student (0 = off; "
+                              "ddpo: per-step Gaussian chain KL, lrm / direct: ||x_hat - x_hat_ref||^2 / 2 of the "
+                              "one-step x0 prediction; see the module doc), in reward units per nat")
     # ---- DDPO ------------------------------------------------------------------------------------------
     sample_batch_size: int = opt(16, "ddpo: chains per sample batch")
     num_sample_batches: int = opt(2, "ddpo: sample batches per trainer step (rewards of batch i are computed "
@@ -189,6 +210,8 @@ class FinetuneConfig:
             raise ConfigError(f"distill_losses {bad} unknown; valid: {list(DISTILL_LOSSES)}")
         if "vsd" in self.distill_losses and self.fake_updates < 1:
             raise ConfigError(f"fake_updates must be >= 1 with vsd, got {self.fake_updates}")
+        if self.beta_kl < 0:
+            raise ConfigError(f"beta_kl must be >= 0 (a penalty weight; 0 = off), got {self.beta_kl}")
         if self.adv_clip <= 0 or self.clip_range <= 0:
             raise ConfigError(f"adv_clip and clip_range must be > 0, got {self.adv_clip}, {self.clip_range}")
 
@@ -273,6 +296,11 @@ class FinetuneTrainer:
                                 cfg_null=null)
         self.student = self.student.to(self.device).requires_grad_(True).train()
         self.schedule = self.student.schedule
+        # frozen initial student pi_ref of the KL / reference penalty (beta_kl > 0 only: it costs a model copy)
+        self.ref: Denoiser | None = None
+        if cfg.beta_kl > 0:
+            self.ref = Denoiser(copy.deepcopy(init.model).to(self.device), init.schedule, init.parameterization,
+                                cfg_null=null).to(self.device).eval().requires_grad_(False)
         if cfg.gradient_checkpointing:
             if getattr(self.student.model, "_supports_gradient_checkpointing", False):
                 self.student.model.enable_gradient_checkpointing()
@@ -398,13 +426,57 @@ class FinetuneTrainer:
             logs["loss_cd"] = float(l_cd.detach())
         return loss, logs, x_hat
 
-    def _graded_x_hat(self, tok, mask) -> torch.Tensor:
-        """DMD2 backward simulation: the student's x0 at a random one of its k steps, with a graph."""
+    def _graded_state(self, tok, mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DMD2 backward simulation: ``(x_t, t, x_hat)``, the student's x0 at a random one of its k steps (with a
+        graph) and the state it was predicted from."""
         B = tok.shape[0]
         k = int(torch.randint(len(self.timesteps), (1,))) if len(self.timesteps) > 1 else 0
         x, t = backward_simulation(lambda x, t: self.student_x0(x, t, tok, mask), self._noise(B), self.timesteps,
                                    self.schedule, k)
-        return self.student_x0(x, t, tok, mask)
+        return x, t, self.student_x0(x, t, tok, mask)
+
+    def _graded_x_hat(self, tok, mask) -> torch.Tensor:
+        return self._graded_state(tok, mask)[2]
+
+    # ---- KL / reference penalty (beta_kl) -------------------------------------------------------------------
+    @torch.no_grad()
+    def ref_x0(self, x_t: torch.Tensor, t: torch.Tensor, tok: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The frozen initial student's x0 map at ``(x_t, t)`` (same consistency function as ``student_x0``)."""
+        if self.ref is None:
+            raise RuntimeError("no reference model: set beta_kl > 0")
+        with self.autocast():
+            x0 = self.ref.x0(x_t, t, tok, mask)
+        return consistency_output(x_t, x0.float(), t, self.config.sigma_data, self.config.timestep_scaling)
+
+    @staticmethod
+    def x0_kl(x_hat: torch.Tensor, x_ref: torch.Tensor) -> torch.Tensor:
+        """Per-sample ``||x_hat - x_ref||^2 / 2`` (summed over elements), ``(B,)``: the smoothed-output KL at
+        sigma = 1 of the one-step prediction (module doc); differentiable in ``x_hat``."""
+        return (x_hat.float() - x_ref.detach().float()).pow(2).flatten(1).sum(1) / 2
+
+    @staticmethod
+    def chain_step_kl(mu: torch.Tensor, mu_ref: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Per-sample ``||mu - mu_ref||^2 / (2 sigma^2)`` of one Gaussian transition, ``(B,)``."""
+        return (mu.float() - mu_ref.detach().float()).pow(2).flatten(1).sum(1) / (2 * sigma ** 2)
+
+    @torch.no_grad()
+    def _sample_ddpo(self, noise, tok, mask, prompts) -> tuple[DDPOSamples, torch.Tensor | None, torch.Tensor | None]:
+        """One DDPO sample batch; with a reference also its means at every sampled state ``(B, K, ...)`` and the
+        per-sample full-chain KL ``(B,)`` of the sampling policy."""
+        cfg = self.config
+        if self.ref is None:
+            with self.autocast():
+                s = sample_chain(self.student, noise, tok, mask, prompts, self.timesteps, cfg.eta, cfg.final_timestep)
+            return s, None, None
+        with self.autocast():  # sample_chain's own call, keeping the per-step means
+            traj = stochastic_sample(self.student, noise, tok, mask, list(self.timesteps), eta=cfg.eta, grad_steps=0,
+                                     final_timestep=cfg.final_timestep)
+            ref_means = [step_mean(self.ref, x, int(t), int(sp), tok, mask, cfg.eta)[0].float()
+                         for x, t, sp in zip(traj.latents[:-1], traj.timesteps, traj.prev_timesteps)]
+        s = DDPOSamples(torch.stack(traj.latents, 1), traj.log_probs.detach(), traj.timesteps, traj.prev_timesteps,
+                        tok, mask, list(prompts))
+        kl = sum(self.chain_step_kl(m, r, float(sd)) for m, r, sd in zip(traj.means, ref_means, traj.stds))
+        return s, torch.stack(ref_means, 1), kl
 
     def _optimizer_step(self) -> float:
         cfg = self.config
@@ -422,10 +494,14 @@ class FinetuneTrainer:
         """L = beta_ft * -R^l(x_hat, c) (+ distillation losses on the same x_hat); one optimizer step."""
         cfg = self.config
         tok, mask, prompts, lat = self._batch(cfg.batch_size)
-        x_hat = self._graded_x_hat(tok, mask)
+        x_t, t, x_hat = self._graded_state(tok, mask)
         l_ft, r = lrm_ft_loss(self.lrm, x_hat, tok, mask)
         l_d, logs, _ = self._distill_terms(x_hat, tok, mask, lat)
         loss = cfg.beta_ft * l_ft + l_d
+        if self.ref is not None:  # KL / reference penalty on the one-step prediction, same state x_t
+            kl = self.x0_kl(x_hat, self.ref_x0(x_t.detach(), t, tok, mask)).mean()
+            loss = loss + cfg.beta_kl * kl
+            logs["kl"] = float(kl.detach())
         loss.backward()
         logs.update(loss=float(loss.detach()), loss_ft=float(l_ft.detach()), proxy_reward=float(r.mean()),
                     grad_norm=self._optimizer_step(), samples=cfg.batch_size)
@@ -436,12 +512,23 @@ class FinetuneTrainer:
         """L = -R(Dec(x0), c) with x0 from the k-step sampler, graph on the last K steps; one optimizer step."""
         cfg = self.config
         tok, mask, prompts, lat = self._batch(cfg.batch_size)
-        x0 = sample_with_grad(lambda x, t: self.student_x0(x, t, tok, mask), self._noise(cfg.batch_size),
-                              self.timesteps, self.schedule, cfg.direct_grad_steps, cfg.gradient_checkpointing)
+        last: dict[str, torch.Tensor] = {}
+
+        def f(x, t):
+            last["x"], last["t"] = x, t  # the last call is the final step's input state
+            return self.student_x0(x, t, tok, mask)
+
+        x0 = sample_with_grad(f, self._noise(cfg.batch_size), self.timesteps, self.schedule, cfg.direct_grad_steps,
+                              cfg.gradient_checkpointing)
+        x_last, t_last = last["x"].detach(), last["t"]
         l_r, r = direct_reward_loss(x0, self.vae, self.gold_reward, prompts, cfg.frames, cfg.num_random_frames,
                                     cfg.gradient_checkpointing, cfg.pixel_clamp)
         l_d, logs, _ = self._distill_terms(None, tok, mask, lat)
         loss = l_r + l_d
+        if self.ref is not None:  # KL / reference penalty on the last step's x0 prediction
+            kl = self.x0_kl(x0, self.ref_x0(x_last, t_last, tok, mask)).mean()
+            loss = loss + cfg.beta_kl * kl
+            logs["kl"] = float(kl.detach())
         loss.backward()
         logs.update(loss=float(loss.detach()), gold_reward=float(r.mean()), grad_norm=self._optimizer_step(),
                     samples=cfg.batch_size)
@@ -464,12 +551,13 @@ class FinetuneTrainer:
         cfg = self.config
         # 1-2. sample batches; each batch's reward runs in the worker while the next one samples
         self.student.eval()
-        batches = []
+        batches, ref_means, chain_kl = [], [], []
         for _ in range(cfg.num_sample_batches):
             tok, mask, prompts, _ = self._batch(cfg.sample_batch_size)
-            with self.autocast():
-                s = sample_chain(self.student, self._noise(cfg.sample_batch_size), tok, mask, prompts,
-                                 self.timesteps, cfg.eta, cfg.final_timestep)
+            s, rm, kl = self._sample_ddpo(self._noise(cfg.sample_batch_size), tok, mask, prompts)
+            if rm is not None:
+                ref_means.append(rm)
+                chain_kl.append(kl)
             s.latents, s.log_probs = s.latents.float(), s.log_probs.float()
             with torch.no_grad():
                 s.rewards = self._reward_job(s.x0, prompts)
@@ -485,6 +573,7 @@ class FinetuneTrainer:
         adv = torch.as_tensor(adv, dtype=torch.float32, device=self.device)
         samples = _concat_samples(batches)
         N = len(samples)
+        ref_all = torch.cat(ref_means) if ref_means else None  # (N, K, ...) reference means at the sampled states
         # 4. inner epochs of PPO on the last ddpo_grad_steps transitions
         steps_idx = trained_step_indices(len(self.timesteps), cfg.ddpo_grad_steps)
         infos: dict[str, list[float]] = {"approx_kl": [], "clipfrac": [], "loss": [], "grad_norm": []}
@@ -497,11 +586,22 @@ class FinetuneTrainer:
                 a = adv[idx.to(self.device)]
                 total = 0.0
                 for k in steps_idx:
-                    with self.autocast():
-                        lp = transition_log_prob(self.student, sub, k, cfg.eta)
-                    loss, info = ppo_loss(lp, sub.log_probs[:, k], a, cfg.clip_range, cfg.adv_clip)
-                    (loss / len(steps_idx)).backward()
-                    total += float(loss.detach()) / len(steps_idx)
+                    if ref_all is None:
+                        with self.autocast():
+                            lp = transition_log_prob(self.student, sub, k, cfg.eta)
+                        loss, info = ppo_loss(lp, sub.log_probs[:, k], a, cfg.clip_range, cfg.adv_clip)
+                        (loss / len(steps_idx)).backward()
+                        total += float(loss.detach()) / len(steps_idx)
+                    else:  # transition_log_prob's computation, keeping mu_theta for the per-step KL
+                        t, sp = int(sub.timesteps[k]), int(sub.prev_timesteps[k])
+                        with self.autocast():
+                            mu, sigma, _ = step_mean(self.student, sub.latents[:, k], t, sp, sub.text_tokens,
+                                                     sub.text_mask, cfg.eta)
+                            lp = gaussian_log_prob(sub.latents[:, k + 1].detach(), mu, sigma)
+                        loss, info = ppo_loss(lp, sub.log_probs[:, k], a, cfg.clip_range, cfg.adv_clip)
+                        kl_k = self.chain_step_kl(mu, ref_all[idx.to(self.device), k], sigma).mean()
+                        (loss / len(steps_idx) + cfg.beta_kl * kl_k).backward()
+                        total += float(loss.detach()) / len(steps_idx) + cfg.beta_kl * float(kl_k.detach())
                     infos["approx_kl"].append(info["approx_kl"])
                     infos["clipfrac"].append(info["clipfrac"])
                 l_d, dlogs, _ = self._distill_terms(None, sub.text_tokens, sub.text_mask,
@@ -517,6 +617,8 @@ class FinetuneTrainer:
         self._last = (samples.x0, samples.prompts, samples.text_tokens, samples.text_mask)
         logs.update({k: float(np.mean(v)) for k, v in infos.items() if v})
         logs.update(gold_reward=float(rewards.mean()), adv_std=float(adv.std()), samples=N)
+        if chain_kl:
+            logs["kl"] = float(torch.cat(chain_kl).mean())
         return logs
 
     def fake_score_step(self) -> float:
@@ -664,9 +766,9 @@ class FinetuneTrainer:
         opt_per_step = (per_step // cfg.train_batch_size * cfg.inner_epochs if cfg.method == "ddpo" else 1)
         self.logger.info(
             "finetune method=%s: %d steps x %d samples (%d optimizer steps each); student %d-step %s; gold reward "
-            "%s; distill losses %s; device %s; run dir %s", cfg.method, total, per_step, opt_per_step,
-            len(self.timesteps), self.timesteps, cfg.gold_reward, cfg.distill_losses or "none", self.device,
-            cfg.run_dir)
+            "%s; distill losses %s; beta_kl %g; device %s; run dir %s", cfg.method, total, per_step, opt_per_step,
+            len(self.timesteps), self.timesteps, cfg.gold_reward, cfg.distill_losses or "none", cfg.beta_kl,
+            self.device, cfg.run_dir)
         if not resumed:
             r0 = self.evaluate()
             self._log_row({"step": 0, "method": cfg.method, "eval_gold_reward": r0, "gpu_seconds": 0.0,
