@@ -40,7 +40,8 @@ def _unflatten_optimizer(prefix: str, tensors: dict, meta: dict) -> dict:
     m = meta[prefix]
     state = {}
     for pid, entry in m["state"].items():
-        state[int(pid)] = {k: (tensors[f"{prefix}.state.{pid}.{k}"] if v == "__tensor__" else v) for k, v in entry.items()}
+        state[int(pid)] = {k: (tensors[f"{prefix}.state.{pid}.{k}"] if v == "__tensor__" else v)
+                           for k, v in entry.items()}
     return {"state": state, "param_groups": m["param_groups"]}
 
 

@@ -39,7 +39,8 @@ def check_pixels(x: torch.Tensor, name: str = "pixels", allow_video: bool = True
 def check_prompts(prompts, batch_size: int, required: bool, name: str = "prompts") -> list[str] | None:
     if prompts is None:
         if required:
-            raise ValueError(f"{name} are required for this text-conditioned reward: pass a list of {batch_size} strings")
+            raise ValueError(f"{name} are required for this text-conditioned reward: pass a list of {batch_size} "
+                             "strings")
         return None
     if isinstance(prompts, str):
         raise TypeError(f"{name} must be a list of strings, not one string")

@@ -48,7 +48,8 @@ class LatentSpace:
         return cls(**known)
 
     def short(self) -> str:
-        return f"{self.vae_id}@{self.vae_hash[:12]} (C={self.latent_channels}, /{self.downsample}, scale={self.scaling_factor:.4g})"
+        return (f"{self.vae_id}@{self.vae_hash[:12]} (C={self.latent_channels}, /{self.downsample}, "
+                f"scale={self.scaling_factor:.4g})")
 
     def check_compatible(self, other: "LatentSpace", what: str = "these latents") -> None:
         """Raise ``LatentSpaceMismatchError`` unless ``other`` is the same space."""
@@ -91,7 +92,8 @@ class VAE(torch.nn.Module):
         self.vae = vae.eval().requires_grad_(False)
         cfg = vae.config
         self.vae_id = vae_id
-        self.scaling_factor = float(scaling_factor if scaling_factor is not None else getattr(cfg, "scaling_factor", 1.0))
+        sc = scaling_factor if scaling_factor is not None else getattr(cfg, "scaling_factor", 1.0)
+        self.scaling_factor = float(sc)
         sf = shift_factor if shift_factor is not None else getattr(cfg, "shift_factor", None)
         self.shift_factor = float(sf or 0.0)
         self.chunk_size = chunk_size
@@ -156,7 +158,8 @@ class VAE(torch.nn.Module):
         enabled = self.autocast_bf16 and self.device.type == "cuda"
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
 
-    def encode(self, pixels: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(self, pixels: torch.Tensor, sample: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
         check_pixels(pixels, "pixels")
         video = pixels.dim() == 5
         B = pixels.shape[0]
