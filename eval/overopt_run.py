@@ -10,14 +10,21 @@ One run (``run_overopt`` without ``sweep``):
      (pixel) reward, proxy (the LRM as optimised, and its ensemble mean), Shapes accuracy, diversity, and the
      distance d = sqrt(KL) from the step-0 model (smoothed-output KL for the deployed k-step sampler under
      shared noise, or the exact chain KL with ``eval_sampler: stochastic``); Gao et al. RL fits, peak-gold
-     checkpoint, early-stopping recommendation and ``study/report.html`` with sample grids per checkpoint.
+     checkpoint (``early_stop.json``: uses gold, which only a study knows), a gold-free early-stopping
+     recommendation from d and the optimised proxy (``early_stop_proxy.json``: ``d_budget`` / ``stop_slope_frac``)
+     and ``study/report.html`` with sample grids per checkpoint;
+  4. best-of-n (``bon_n`` > 0): a pool of ``bon_n`` fixed-seed samples per evaluation prompt from the step-0 model,
+     scored by proxy and gold; the unbiased best-of-n estimator per prompt for n = 1, 2, 4, ... <= bon_n, at
+     d = sqrt(KL_bon) = sqrt(log n - (n - 1)/n) -> ``study/bon.csv``, the R_bon(d) = d(alpha - beta d) fits
+     (``bon/gold``, ``bon/proxy`` in ``study/fits.json``) and a best-of-n plot in the report.
 
 Layout of a run directory::
 
     RUN/config.yaml, log.txt, summary.json (written last: a finished run), report.html -> study/report.html
     RUN/shared/cache-*/        latent cache (gold reward)          RUN/shared/lrm-*/  fitted LRM(s)
     RUN/finetune/              trainer run dir (log.csv, checkpoint/, samples/), students/step_XXXXXX/
-    RUN/study/                 study.csv, fits.json, peak.json, early_stop.json, report.html, plots/, checkpoints/
+    RUN/study/                 study.csv, fits.json, peak.json, early_stop.json, early_stop_proxy.json, report.html,
+                               plots/, checkpoints/, bon.csv + bon_pool/ (bon_n > 0)
 
 A sweep (``sweep: {key: [v1, v2, ...]}``; several keys = their product) runs one sub-run per value in
 ``RUN/<key>=<value>/`` (same layout, the cache and LRMs shared through ``RUN/shared``: an LRM is fitted once per
@@ -25,9 +32,10 @@ distinct LRM setting), skips sub-runs that already have ``summary.json``, and wr
 value), ``RUN/plots/sweep_*.png`` (gold and proxy vs d per value; alpha and beta vs proxy size when the swept key
 is an LRM size) and ``RUN/report.html``.
 
-There is no KL-penalty coefficient in ``distill.finetune.FinetuneConfig``; the regularisers it has are the
-distillation losses toward the teacher (``finetune.distill_losses: [vsd]`` / ``[cd]`` with ``finetune.beta_vsd`` /
-``finetune.beta_cd``, the pretraining-loss analogue); sweep those through the ``finetune.*`` keys.
+Regularisers to sweep: ``beta_kl`` (the KL / reference penalty of ``distill.finetune.FinetuneConfig.beta_kl``
+toward the frozen initial student: per-step Gaussian chain KL for ddpo, one-step x0-prediction distance for
+lrm / direct), and the distillation losses toward the teacher (``finetune.distill_losses: [vsd]`` / ``[cd]`` with
+``finetune.beta_vsd`` / ``finetune.beta_cd``, the pretraining-loss analogue) through the ``finetune.*`` keys.
 """
 
 from __future__ import annotations
@@ -77,6 +85,8 @@ class OveroptConfig:
     lr: float = opt(1e-4, "student learning rate (AdamW)")
     batch_size: int = opt(16, "samples per optimizer step (lrm / direct); ddpo: see finetune.sample_batch_size")
     beta_ft: float = opt(1.0, "weight of L_FT = -R^l (method=lrm), in 1 / reward units")
+    beta_kl: float = opt(0.0, "KL / reference penalty toward the frozen initial student (distill.finetune "
+                              "FinetuneConfig.beta_kl; 0 = off); sweep it as beta_kl")
     max_grad_norm: float = opt(1.0, "gradient clipping of the student (0 = off)")
     num_prompts: int = opt(64, "Shapes captions in the fine-tuning prompt pool")
     finetune: dict = opt({}, "any other distill.finetune.FinetuneConfig field, e.g. {distill_losses: [cd], "
@@ -111,6 +121,13 @@ class OveroptConfig:
         "student", "student: the deployed k-step sampler, d from the smoothed-output KL to the step-0 model under "
                    "shared noise (kl_sigma); stochastic: the DDIM(eta) chain, d from the exact chain KL")
     kl_sigma: float = opt(1.0, "smoothing std (scaled-latent units) of the smoothed-output KL")
+    d_budget: float | None = opt(None, "gold-free early stopping: the last checkpoint with d <= d_budget (sqrt nats, "
+                                       "the study's own d estimator); None = off")
+    stop_slope_frac: float | None = opt(
+        0.25, "gold-free early stopping: stop once the optimised proxy's gain per unit d falls below this fraction of "
+              "its initial rate (eval.overopt.recommend_proxy_stop); None = off")
+    bon_n: int = opt(0, "best-of-n pool: samples per evaluation prompt drawn from the step-0 model (seeds seed, "
+                        "seed+1, ...), best-of-n for n = 1, 2, 4, ... <= bon_n; 0 = off, else >= 4 (needs a proxy)")
     stop_on: str | None = opt(None, "study column that decides the peak checkpoint and early stopping (default "
                                     "gold/<gold_reward>; e.g. acc/all or gold/temporal-flickering when the gold reward "
                                     "itself can be gamed)")
@@ -141,6 +158,18 @@ class OveroptConfig:
             raise ConfigError(f"cache_size={self.cache_size} < lrm_train_size={self.lrm_train_size}; raise cache_size")
         if self.kl_sigma <= 0:
             raise ConfigError(f"kl_sigma must be > 0, got {self.kl_sigma}")
+        if self.beta_kl < 0:
+            raise ConfigError(f"beta_kl must be >= 0 (a penalty weight), got {self.beta_kl}")
+        if self.d_budget is not None and not self.d_budget > 0:
+            raise ConfigError(f"d_budget must be > 0 (or null for off), got {self.d_budget}")
+        if self.stop_slope_frac is not None and not 0 < self.stop_slope_frac <= 1:
+            raise ConfigError(f"stop_slope_frac must be in (0, 1] (or null for off), got {self.stop_slope_frac}")
+        if self.bon_n != 0 and self.bon_n < 4:
+            raise ConfigError(f"bon_n must be 0 (off) or >= 4 (n = 1, 2, 4: two points with d > 0 for the R_bon fit), "
+                              f"got {self.bon_n}")
+        if self.bon_n and self.method != "lrm" and self.lrm_path is None:
+            raise ConfigError(f"bon_n={self.bon_n} selects by a proxy LRM: use method=lrm or set lrm_path (method="
+                              f"{self.method} optimises the gold reward itself)")
         if not isinstance(self.sweep, dict):
             raise ConfigError(f"sweep must map config keys to lists of values, got {self.sweep!r}")
         if self.stop_on is not None and not self.stop_on.startswith(("gold/", "proxy/", "acc/")) \
@@ -181,7 +210,8 @@ class OveroptConfig:
                     teacher=self.teacher, gold_reward=self.gold_reward,
                     gold_reward_kwargs=dict(self.gold_reward_kwargs),
                     lrm_path=None, num_prompts=self.num_prompts, num_frames=self.num_frames, steps=self.steps,
-                    lr=self.lr, batch_size=self.batch_size, beta_ft=self.beta_ft, max_grad_norm=self.max_grad_norm,
+                    lr=self.lr, batch_size=self.batch_size, beta_ft=self.beta_ft, beta_kl=self.beta_kl,
+                    max_grad_norm=self.max_grad_norm,
                     eval_every=0, num_eval=min(32, self.num_eval_prompts * self.n_per_prompt), ckpt_every=0,
                     sample_every=0, resume=True, progress=self.progress)
         clash = sorted(set(self.finetune) & (set(mine) - {"num_eval"}))
@@ -253,9 +283,8 @@ def sweep_key_check(sweep: dict) -> None:
             close = difflib.get_close_matches(key, valid, n=1)
             raise ConfigError(f"unknown sweep key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "") +
                               f"; valid: {', '.join(valid)}, finetune.<FinetuneConfig field>, "
-                              "lrm_fit.<FitConfig field>. (There is no KL coefficient in FinetuneConfig; sweep "
-                              "finetune.beta_cd / finetune.beta_vsd with distill_losses for a teacher-anchored "
-                              "regulariser.)")
+                              "lrm_fit.<FitConfig field>. (The KL / reference penalty is beta_kl; "
+                              "finetune.beta_cd / finetune.beta_vsd with distill_losses anchor to the teacher.)")
 
 
 def _fmt_value(v: Any) -> str:
@@ -474,10 +503,56 @@ def study_checkpoints(cfg: OveroptConfig, run_dir: Path, device, timesteps: list
     return gen(), reference
 
 
+def step0_generator(cfg: OveroptConfig, run_dir: Path, device, timesteps: list[int]):
+    """The initial (step-0) student under the study's sampler, without a reference (best-of-n pool)."""
+    from distill.denoiser import Denoiser
+    from eval.generators import DenoiserGenerator
+
+    students = _student_dirs(run_dir / "finetune" / "students")
+    if not students or students[0][0] != 0:
+        raise RuntimeError(f"no step-0 student in {run_dir / 'finetune' / 'students'}; the fine-tuning did not run")
+    den = Denoiser.from_pretrained(students[0][1], device=device).eval()
+    return DenoiserGenerator(den, sampler=cfg.eval_sampler, timesteps=timesteps,
+                             eta=float(cfg.finetune.get("eta", 1.0)))
+
+
+def best_of_n_sweep(cfg: OveroptConfig, generator, prompts: list[str], gold: dict, proxy, out_dir: Path, vae, text,
+                    latent_shape, device, log=None) -> tuple[pd.DataFrame, dict]:
+    """Step 4: pool of ``cfg.bon_n`` samples per prompt -> ``out_dir/bon.csv`` and the R_bon fits.
+
+    The pool uses seeds ``cfg.seed, cfg.seed + 1, ...`` (its first ``n_per_prompt`` samples are the study's own
+    step-0 samples); each prompt's pool is scored by the optimised proxy and the gold reward(s); best-of-n is
+    estimated per prompt without bias (``eval.overopt.best_of_n_by_prompt``) and averaged over prompts.
+    Returns ``(table, fits)`` with fits keyed ``bon/gold``, ``bon/proxy`` (and ``bon/gold/<extra>``).
+    """
+    from eval.evaluate import evaluate
+    from eval.overopt import best_of_n_by_prompt, fit_best_of_n
+
+    if log:
+        log.info("best-of-n: %d prompts x %d samples from the step-0 model", len(prompts), cfg.bon_n)
+    res = evaluate(generator, prompts, n_per_prompt=cfg.bon_n, seeds=cfg.seed, gold_rewards=gold,
+                   proxy_rewards={"lrm": proxy}, decode=vae, text_encoder=text, latent_shape=latent_shape,
+                   keyframe_stride=cfg.keyframe_stride, batch_size=cfg.eval_batch_size, device=device, n_bootstrap=0,
+                   n_preview=0, progress=cfg.progress, name="best-of-n pool (step 0)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res.save(out_dir / "bon_pool")
+    gold_cols = [f"gold/{cfg.gold_reward}"] + [f"gold/{n}" for n in gold if n != cfg.gold_reward]
+    table = best_of_n_by_prompt(res.samples, "proxy/lrm", gold_cols)
+    table.to_csv(out_dir / "bon.csv", index=False)
+    fits = fit_best_of_n(table)
+    if log:
+        f = fits.get("bon/gold")
+        log.info("best-of-n: gold %.4g (n=1) -> %.4g (n=%d) at d_bon %.3g%s", table["gold"].iloc[0],
+                 table["gold"].iloc[-1], int(table["n"].iloc[-1]), table["d"].iloc[-1],
+                 "" if f is None else f"; R_bon fit alpha {f['alpha']:.3g}, beta {f['beta']:.3g}")
+    return table, fits
+
+
 def evaluate_run(cfg: OveroptConfig, run_dir: Path, lrm, latent_shape, timesteps, device, vae, text, log=None):
     from eval.evaluate import shapes_accuracy_rewards
     from eval.generators import shapes_prompts
     from eval.study import run_study
+    from lrm.io import write_json
     from reward_adapters import create_reward
 
     video = cfg.is_video
@@ -496,17 +571,36 @@ def evaluate_run(cfg: OveroptConfig, run_dir: Path, lrm, latent_shape, timesteps
 
         if isinstance(lrm.model, EnsembleLRM):  # comparable across ensemble_lambda values
             proxy["lrm-mean"] = ProxyView(lrm, "mean")
+    bon_fits: dict = {}
+    if cfg.bon_n:
+        if lrm is None:
+            raise ConfigError(f"bon_n={cfg.bon_n} needs a proxy LRM (method=lrm or lrm_path)")
+        _, bon_fits = best_of_n_sweep(cfg, step0_generator(cfg, run_dir, device, timesteps), prompts, gold,
+                                      proxy["lrm"], run_dir / "study", vae, text, latent_shape, device, log)
     checkpoints, reference = study_checkpoints(cfg, run_dir, device, timesteps)
     title = f"overoptimization: {cfg.method} on {'proxy LRM of ' if lrm is not None else ''}{cfg.gold_reward} " \
             f"({run_dir.name})"
-    return run_study(checkpoints, prompts, run_dir / "study", reference=reference, fit_form="rl",
-                     gold=cfg.stop_on or f"gold/{cfg.gold_reward}", title=title, write_html=cfg.report,
-                     n_per_prompt=cfg.n_per_prompt, seeds=cfg.seed, gold_rewards=gold, proxy_rewards=proxy,
-                     decode=vae, text_encoder=text, latent_shape=latent_shape,
-                     accuracy_rewards=shapes_accuracy_rewards(video) if cfg.accuracy else None,
-                     keyframe_stride=cfg.keyframe_stride, kl_sigma=cfg.kl_sigma, batch_size=cfg.eval_batch_size,
-                     device=device, n_bootstrap=cfg.n_bootstrap, n_preview=min(cfg.num_eval_prompts, 6) *
-                     cfg.n_per_prompt, progress=cfg.progress)
+    # gold-free rule: the optimised reward (the LRM; for ddpo / direct the gold reward is the training signal)
+    stop_proxy = "proxy/lrm" if lrm is not None else f"gold/{cfg.gold_reward}"
+    res = run_study(checkpoints, prompts, run_dir / "study", reference=reference, fit_form="rl",
+                    gold=cfg.stop_on or f"gold/{cfg.gold_reward}", d_budget=cfg.d_budget, stop_proxy=stop_proxy,
+                    min_slope_frac=cfg.stop_slope_frac, title=title, write_html=False,
+                    n_per_prompt=cfg.n_per_prompt, seeds=cfg.seed, gold_rewards=gold, proxy_rewards=proxy,
+                    decode=vae, text_encoder=text, latent_shape=latent_shape,
+                    accuracy_rewards=shapes_accuracy_rewards(video) if cfg.accuracy else None,
+                    keyframe_stride=cfg.keyframe_stride, kl_sigma=cfg.kl_sigma, batch_size=cfg.eval_batch_size,
+                    device=device, n_bootstrap=cfg.n_bootstrap, n_preview=min(cfg.num_eval_prompts, 6) *
+                    cfg.n_per_prompt, progress=cfg.progress)
+    if bon_fits:
+        res.fits.update(bon_fits)
+        write_json(run_dir / "study" / "fits.json", res.fits)
+    if cfg.report:
+        from eval.report import write_report
+
+        res.report = write_report(run_dir / "study", title=title)
+        if log:
+            log.info("wrote %s", res.report)
+    return res
 
 
 # ---- one run --------------------------------------------------------------------------------------------------
@@ -577,6 +671,7 @@ def run_single(cfg: OveroptConfig, shared: Path | None = None) -> dict[str, Any]
                "lrm_dir": None if lrm_dir is None else str(lrm_dir), "lrm_params": n_params,
                "lrm_val": None if lrm_metrics is None else lrm_metrics.get("val"),
                "n_checkpoints": int(len(res.table)), "peak": res.peak, "early_stop": res.early_stop,
+               "early_stop_proxy": res.early_stop_proxy,
                "fits": res.fits, "finetune": ft, "times_s": times,
                "report": None if res.report is None else str(res.report)}
     write_json(run_dir / "summary.json", summary)
@@ -584,8 +679,9 @@ def run_single(cfg: OveroptConfig, shared: Path | None = None) -> dict[str, Any]
         (run_dir / "report.html").write_text(
             "<!doctype html><meta charset='utf-8'><meta http-equiv='refresh' content='0; url=study/report.html'>"
             "<a href='study/report.html'>study/report.html</a>\n")
-    log.info("done %s: peak gold %s, early stop %s, times %s", run_dir, res.peak.get("observed"),
+    log.info("done %s: peak gold %s, early stop %s, proxy-only stop %s, times %s", run_dir, res.peak.get("observed"),
              None if res.early_stop is None else res.early_stop.get("step"),
+             None if res.early_stop_proxy is None else res.early_stop_proxy.get("step"),
              {k: round(v, 1) for k, v in times.items()})
     return summary
 
@@ -624,6 +720,13 @@ def _sweep_row(assign: dict, summary: dict, run_dir: Path, gold_col: str) -> dic
             row[f"{name}_fit_peak_d"] = f["peak_d"]
     es = summary.get("early_stop") or {}
     row["early_stop_step"] = es.get("step")
+    ep = summary.get("early_stop_proxy") or {}
+    row["proxy_stop_step"], row["proxy_stop_d"] = ep.get("step"), ep.get("d")
+    row["gold_at_proxy_stop"] = ep.get("gold_at_stop")
+    for name in ("gold", "proxy"):
+        f = (summary.get("fits") or {}).get(f"bon/{name}")
+        if f:
+            row[f"bon_{name}_alpha"], row[f"bon_{name}_beta"] = f["alpha"], f["beta"]
     return row
 
 
@@ -785,10 +888,12 @@ def run_overopt(cfg: OveroptConfig) -> dict[str, Any]:
     if s.get("skipped"):
         print(f"{cfg.run_dir} is finished (summary.json exists); delete it to run again")
     else:
-        print(json.dumps({k: s[k] for k in ("run_dir", "n_checkpoints", "peak", "early_stop", "times_s", "report")},
+        print(json.dumps({k: s.get(k) for k in ("run_dir", "n_checkpoints", "peak", "early_stop", "early_stop_proxy",
+                                                "times_s", "report")},
                          indent=1, default=str))
     return s
 
 
 __all__ = ["OveroptConfig", "run_overopt", "run_single", "run_sweep", "sweep_key_check", "build_gold_cache",
-           "fit_proxy", "finetune_with_checkpoints", "ProxyView", "LRM_KEYS", "LRM_SIZE_KEYS"]
+           "fit_proxy", "finetune_with_checkpoints", "best_of_n_sweep", "step0_generator", "ProxyView", "LRM_KEYS",
+           "LRM_SIZE_KEYS"]
