@@ -48,7 +48,11 @@ log = get_logger("lrm.data_cache")
 
 
 # ---- objects from config ------------------------------------------------------------------------------
-def make_source(cfg: SourceConfig, generator: Callable | None = None) -> PixelSource | GeneratorSource:
+def make_source(cfg: SourceConfig, generator: Callable | None = None,
+                device: torch.device | str | None = None) -> PixelSource | GeneratorSource:
+    """The source a config names. A generator source resolves ``cfg.generator`` ("module:callable") by import path
+    at run time, or uses the ``generator`` callable given in Python; either gets ``cfg.generator_kwargs`` (and
+    ``device`` when it takes one)."""
     resize = tuple(cfg.resize) if cfg.resize else None
     frames = cfg.num_frames or None
     if cfg.type == "shapes":
@@ -59,12 +63,13 @@ def make_source(cfg: SourceConfig, generator: Callable | None = None) -> PixelSo
     if cfg.type == "folder":
         return FolderSource(cfg.path, cfg.captions_file, cfg.file_column, cfg.caption_column, cfg.video, resize,
                             frames, cfg.convert_rgb)
+    opts = {"kwargs": cfg.generator_kwargs, "factory": cfg.generator_factory, "device": device}
     if generator is None:
         if not cfg.generator:
-            raise ValueError("a generator source needs source.generator='package.module:function' (CLI) or a "
+            raise ValueError("a generator source needs source.generator='package.module:callable' (CLI) or a "
                              "callable passed as build_cache(cfg, source=fn)")
-        return GeneratorSource(import_callable(cfg.generator), cfg.seed, name=cfg.generator)
-    return GeneratorSource(generator, cfg.seed)
+        return GeneratorSource(import_callable(cfg.generator), cfg.seed, name=cfg.generator, **opts)
+    return GeneratorSource(generator, cfg.seed, **opts)
 
 
 def load_vae(name: str, subfolder: str = "", device: torch.device | str = "cpu", bf16: bool = False) -> VAE:
@@ -73,11 +78,17 @@ def load_vae(name: str, subfolder: str = "", device: torch.device | str = "cpu",
     return VAE.from_pretrained(name, subfolder=subfolder or None, device=device, autocast_bf16=bf16)
 
 
-def resolve_rewards(names: list[str], device: torch.device) -> list[Any]:
-    """Rewards by registry name. Model rewards go to ``device``; NumPy/OpenCV rewards stay on the CPU, where
-    the build scores them in a thread pool beside the GPU work."""
+def resolve_rewards(names: list[str], device: torch.device, options: dict[str, dict[str, Any]] | None = None
+                    ) -> list[Any]:
+    """Rewards by registry name, built with ``create_reward(name, **options[name])``. Model rewards go to
+    ``device``; NumPy/OpenCV rewards stay on the CPU, where the build scores them in a thread pool beside the
+    GPU work."""
     if not names:
         return []
+    options = options or {}
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise ValueError(f"reward options for {unknown}, which are not among the rewards {names}")
     try:
         from reward_adapters import NumpyReward, create_reward
     except ImportError:
@@ -87,7 +98,7 @@ def resolve_rewards(names: list[str], device: torch.device) -> list[Any]:
         ) from None
     out = []
     for n in names:
-        r = create_reward(n)
+        r = create_reward(n, **options.get(n, {}))
         if torch.device(device).type != "cpu" and not isinstance(r, NumpyReward) and hasattr(r, "to"):
             r = r.to(device) or r
         out.append(r)
@@ -397,13 +408,16 @@ def _dist_info(rank: int | None, world_size: int | None):
 
 
 def _header(cfg: BuildCacheConfig, source, space: LatentSpace, te_identity: dict, rewards: list[Any],
-            text_shape: tuple[int, int], source_from_cfg: bool = True) -> dict[str, Any]:
+            text_shape: tuple[int, int], source_from_cfg: bool = True,
+            reward_options: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    opts = reward_options or [{} for _ in rewards]
     return {
         "format": st.FORMAT, "format_version": st.FORMAT_VERSION, "toolkit_version": lrm.__version__,
         "latent_space": space.to_dict(), "text_encoder": te_identity,
         "rewards": {r.name: {**reward_info(r), "column": st.reward_column(r.name), "storage": "shard",
-                             "pixels_from": "decoded" if isinstance(source, GeneratorSource) else "source"}
-                    for r in rewards},
+                             "pixels_from": "decoded" if isinstance(source, GeneratorSource) else "source",
+                             **({"options": o} if o else {})}
+                    for r, o in zip(rewards, opts)},
         # how add-reward re-reads the source; None when the source object was passed in directly
         "source": source.describe(), "source_config": config_to_dict(cfg.source) if source_from_cfg else None,
         "is_video": bool(source.is_video) if source.is_video is not None else None,
@@ -412,6 +426,19 @@ def _header(cfg: BuildCacheConfig, source, space: LatentSpace, te_identity: dict
         "sample_latents": cfg.sample_latents, "num_records_planned": None, "shards": [], "sidecars": {},
         "complete": False, "counts": {},
     }
+
+
+def holds_cache(root: Path) -> bool:
+    return st.manifest_path(root).exists() or (root / st.SHARD_DIR).exists()
+
+
+def check_out_dir(cfg: BuildCacheConfig) -> None:
+    """Refuse to build into a directory that already holds a cache unless resuming or overwriting (run first, so a
+    refused build touches nothing there)."""
+    root = Path(cfg.out_dir)
+    if holds_cache(root) and not (cfg.resume or cfg.overwrite):
+        raise st.CacheError(f"{root} already holds a cache; pass --resume true to continue or extend it, "
+                            "or --overwrite true to delete it, or choose another out_dir")
 
 
 def check_resume_compatible(manifest: dict[str, Any], header: dict[str, Any], root: Path) -> None:
@@ -427,6 +454,10 @@ def check_resume_compatible(manifest: dict[str, Any], header: dict[str, Any], ro
     if old != new:
         raise st.CacheError(f"cache {root} scores rewards {old} during the build, this build asks for {new}; "
                             "resume with the same rewards and add others with `lrm cache add-reward`")
+    for k, v in header["rewards"].items():
+        if manifest["rewards"][k].get("options", {}) != v.get("options", {}):
+            raise st.CacheError(f"cache {root} scores {k!r} with options {manifest['rewards'][k].get('options', {})}, "
+                                f"this build with {v.get('options', {})}; resume with the original reward_options")
     for k in ("source", "latent_dtype", "text_dtype", "text_shape", "shard_size", "batch_size", "sample_latents"):
         if manifest.get(k) != header.get(k):
             raise st.CacheError(f"cache {root} has {k}={manifest.get(k)!r} but this build has {header.get(k)!r}; "
@@ -636,11 +667,12 @@ def build_cache(cfg: BuildCacheConfig, *, source: Callable | PixelSource | Gener
     if isinstance(source, (PixelSource, GeneratorSource)):
         src = source
     else:
-        src = make_source(cfg.source, generator=source)
+        src = make_source(cfg.source, generator=source, device=device)
     vae = vae if vae is not None else load_vae(cfg.vae, cfg.vae_subfolder, device, cfg.vae_bf16)
     te = text_encoder if text_encoder is not None else TextEncoder(cfg.text_encoder, cfg.text_max_length,
                                                                    device=device)
-    reward_objs = list(rewards) if rewards is not None else resolve_rewards(cfg.rewards, device)
+    reward_objs = list(rewards) if rewards is not None else resolve_rewards(cfg.rewards, device, cfg.reward_options)
+    reward_opts = None if rewards is not None else [cfg.reward_options.get(n, {}) for n in cfg.rewards]
     names = [r.name for r in reward_objs]
     if len(set(names)) != len(names):
         raise ValueError(f"two rewards share a name: {names}")
@@ -654,19 +686,16 @@ def build_cache(cfg: BuildCacheConfig, *, source: Callable | PixelSource | Gener
                              f"{src.num_records} records")
         num_records = num_records or src.num_records
     header = _header(cfg, src, vae.latent_space, te.identity(), reward_objs, (te.max_length, te.dim),
-                     source_from_cfg=not isinstance(source, (PixelSource, GeneratorSource)))
+                     source_from_cfg=not isinstance(source, (PixelSource, GeneratorSource)), reward_options=reward_opts)
 
     # 2. create / check / recover the directory (rank 0), then everyone reads the manifest
     if rank == 0:
-        if st.manifest_path(root).exists() or (root / st.SHARD_DIR).exists():
-            if cfg.overwrite:
-                for sub in (st.SHARD_DIR, st.JOURNAL_DIR, st.REWARD_DIR):
-                    shutil.rmtree(root / sub, ignore_errors=True)
-                for f in (st.MANIFEST, st.REJECTS):
-                    (root / f).unlink(missing_ok=True)
-            elif not cfg.resume:
-                raise st.CacheError(f"{root} already holds a cache; pass --resume true to continue or extend it, "
-                                    "or --overwrite true to delete it, or choose another out_dir")
+        check_out_dir(cfg)
+        if cfg.overwrite and holds_cache(root):
+            for sub in (st.SHARD_DIR, st.JOURNAL_DIR, st.REWARD_DIR, st.ADD_REWARD_RUNS):
+                shutil.rmtree(root / sub, ignore_errors=True)
+            for f in (st.MANIFEST, st.REJECTS):
+                (root / f).unlink(missing_ok=True)
         if st.manifest_path(root).exists():
             manifest = st.read_manifest(root)
             check_resume_compatible(manifest, header, root)

@@ -3,20 +3,58 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import os
 import sys
+from pathlib import Path
+from typing import Any, Iterator
 
 from data_cache.config import AddRewardConfig, BuildCacheConfig, StatsConfig, VerifyConfig
 from lrm.cli import add_config_command
 
+LOGGER = "lrm.data_cache"
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def run_dir(path: str | Path, cfg: Any) -> Iterator[Path]:
+    """``config.yaml`` + ``log.txt`` in ``path`` (lrm.run.prepare_run_dir) for the command's duration; rank 0 only
+    under accelerate. The log handler is removed afterwards so later commands in the process do not write there."""
+    from lrm.run import prepare_run_dir
+
+    if not _is_rank0():
+        yield Path(path)
+        return
+    out = prepare_run_dir(path, cfg, logger_name=LOGGER)
+    log_path = str((out / "log.txt").resolve())
+    try:
+        yield out
+    finally:
+        logger = logging.getLogger(LOGGER)
+        for h in list(logger.handlers):
+            if getattr(h, "baseFilename", None) == log_path:
+                logger.removeHandler(h)
+                h.close()
+
 
 def _build(cfg: BuildCacheConfig) -> None:
-    from data_cache.build import build_cache
+    from data_cache.build import build_cache, check_out_dir
+    from lrm.run import get_logger
 
-    out = build_cache(cfg)
-    m = out["manifest"]
-    print(f"cache {cfg.out_dir}: {m['counts']['records']} records ({out['records_written']} written now, "
-          f"{out['records_per_s']:.1f} records/s), rejects {m['counts']['rejects']}, complete={m['complete']}")
+    if _is_rank0():
+        check_out_dir(cfg)  # a refused build leaves an existing cache's config.yaml alone
+    with run_dir(cfg.out_dir, cfg):
+        out = build_cache(cfg)
+        m = out["manifest"]
+        msg = (f"cache {cfg.out_dir}: {m['counts']['records']} records ({out['records_written']} written now, "
+               f"{out['records_per_s']:.1f} records/s), rejects {m['counts']['rejects']}, complete={m['complete']}")
+        get_logger(LOGGER).info(msg)
+    print(msg)
 
 
 def _verify(cfg: VerifyConfig) -> None:
@@ -34,9 +72,17 @@ def _verify(cfg: VerifyConfig) -> None:
 
 
 def _add_reward(cfg: AddRewardConfig) -> None:
+    from data_cache import storage as st
     from data_cache.ops import add_reward
 
-    res = add_reward(cfg)
+    root = Path(cfg.cache_dir)
+    st.read_manifest(root)  # not a cache: fail before creating anything in it
+    if not cfg.reward:
+        from lrm.config import ConfigError
+
+        raise ConfigError("name the reward to add: --reward NAME")
+    with run_dir(root / st.ADD_REWARD_RUNS / st.safe_name(cfg.reward), cfg):
+        res = add_reward(cfg)
     print(json.dumps(res, indent=2))
 
 

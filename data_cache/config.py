@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from lrm.config import ConfigError, opt
 
@@ -27,7 +28,14 @@ class SourceConfig:
     video: bool = opt(False, "dataset/folder: records are videos")
     resize: list[int] = opt([], "dataset/folder: resize every frame to [H, W] (empty = keep; then sizes must match)")
     convert_rgb: bool = opt(False, "dataset/folder: convert grayscale/RGBA to RGB instead of rejecting the record")
-    generator: str = opt("", "generator: 'package.module:function' with fn(n, seed) -> (latents, prompts)")
+    generator: str = opt("", "generator: 'package.module:callable', resolved at run time: fn(n, seed, "
+                             "**generator_kwargs) -> (latents (n, C, h, w) or (n, T, C, h, w), n prompts); a "
+                             "`device` parameter not set in generator_kwargs receives the build's device")
+    generator_kwargs: dict[str, Any] = opt({}, "generator: keyword arguments for the callable (a YAML mapping: "
+                                               "--source.generator_kwargs '{steps: 2, checkpoint: runs/student}')")
+    generator_factory: bool = opt(False, "generator: the callable is a factory, called once as "
+                                         "factory(**generator_kwargs) and returning fn(n, seed) (load a teacher/"
+                                         "student once, then sample per batch)")
 
     def __post_init__(self):
         if self.num_samples < 0:
@@ -40,6 +48,13 @@ class SourceConfig:
             raise ConfigError(f"source.resize must be [H, W], got {self.resize}")
         if self.num_frames < 0:
             raise ConfigError(f"source.num_frames must be >= 0, got {self.num_frames}")
+        if self.type != "generator" and (self.generator or self.generator_kwargs or self.generator_factory):
+            raise ConfigError(f"source.generator / generator_kwargs / generator_factory are set but source.type is "
+                              f"{self.type!r}; set source.type generator or drop them")
+        if self.generator and (":" not in self.generator or not all(self.generator.partition(":")[::2])):
+            raise ConfigError(f"source.generator={self.generator!r} must be 'package.module:callable'")
+        _check_json("source.generator_kwargs", self.generator_kwargs,
+                    "pass non-JSON objects through Python: build_cache(cfg, source=functools.partial(fn, ...))")
 
 
 @dataclass
@@ -51,6 +66,9 @@ class BuildCacheConfig:
     text_encoder: str = opt("all-MiniLM-L6-v2", "text encoder name or path (lrm.text.TextEncoder)")
     text_max_length: int = opt(32, "text tokens per prompt (padded/truncated)")
     rewards: list[str] = opt([], "reward names (reward_adapters registry) scored on every record")
+    reward_options: dict[str, dict[str, Any]] = opt(
+        {}, "create_reward options per reward name, e.g. {clip-score: {arch: ViT-B-32}, brightness: {frames: first}}; "
+            "recorded in the manifest (a resume must use the same)")
     latent_dtype: Literal["float16", "float32"] = opt("float16", "storage dtype of latents")
     text_dtype: Literal["float16", "float32"] = opt("float16", "storage dtype of text embeddings")
     sample_latents: bool = opt(False, "store a posterior sample instead of the posterior mean")
@@ -77,12 +95,15 @@ class BuildCacheConfig:
             raise ConfigError("resume and overwrite exclude each other: pick one")
         if len(set(self.rewards)) != len(self.rewards):
             raise ConfigError(f"rewards lists a name twice: {self.rewards}")
+        check_reward_options(self.reward_options, self.rewards)
 
 
 @dataclass
 class AddRewardConfig:
     cache_dir: str = opt("runs/cache", "cache directory")
     reward: str = opt("", "reward name (reward_adapters registry)")
+    reward_options: dict[str, dict[str, Any]] = opt(
+        {}, "create_reward options for the reward, keyed by its name: {composite: {rewards: {brightness: 2.0}}}")
     pixels_from: Literal["auto", "decode", "source"] = opt(
         "auto", "pixels to score: decode the cached latents with the VAE, re-read the source, or auto (source when "
                 "it is still available and unchanged, else decode)")
@@ -95,6 +116,26 @@ class AddRewardConfig:
     def __post_init__(self):
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_reward_options(self.reward_options, [self.reward] if self.reward else [])
+
+
+def _check_json(key: str, value: Any, fix: str) -> None:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{key} must be JSON-serialisable (it is recorded in the cache manifest): {e}; "
+                          f"{fix}") from None
+
+
+def check_reward_options(options: dict[str, Any], names: list[str]) -> None:
+    """``reward_options`` keys must be rewards of the command, values mappings of create_reward options."""
+    for name, opts in options.items():
+        if name not in names:
+            raise ConfigError(f"reward_options has options for {name!r}, which is not a reward of this command "
+                              f"(rewards: {names}); add it to the rewards or fix the name")
+        if not isinstance(opts, dict):
+            raise ConfigError(f"reward_options[{name!r}] must be a mapping of create_reward options, got {opts!r}")
+    _check_json("reward_options", options, "pass reward objects through Python: build_cache(cfg, rewards=[...])")
 
 
 @dataclass

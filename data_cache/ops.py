@@ -91,16 +91,23 @@ def add_reward(cfg: AddRewardConfig, reward: Any | None = None, vae: VAE | None 
     root = Path(cfg.cache_dir)
     manifest = st.read_manifest(root)
     device = resolve_device(cfg.device)
+    options: dict[str, Any] = {}
     if reward is None:
         if not cfg.reward:
             raise ValueError("name the reward to add: --reward NAME")
-        reward = resolve_rewards([cfg.reward], device)[0]
+        options = dict(cfg.reward_options.get(cfg.reward, {}))
+        reward = resolve_rewards([cfg.reward], device, cfg.reward_options)[0]
     info = reward_info(reward)
     name = reward.name
     existing = manifest["rewards"].get(name)
     if existing is not None and (existing.get("storage") != "sidecar" or existing["version"] != info["version"]):
         raise st.CacheError(f"cache {root} already has reward {name!r} (version {existing['version']}); caches are "
                             "append-only: register the new scorer under another name")
+    if existing is not None and existing.get("options", {}) != options:
+        raise st.CacheError(f"cache {root} is being scored with {name!r} under options {existing.get('options', {})}; "
+                            f"continue with those, not {options}")
+    log.info("add-reward %s to %s (%d records, pixels_from=%s, options %s)", name, root,
+             manifest.get("counts", {}).get("records", 0), cfg.pixels_from, options)
     is_video = len(manifest["latent_shape"] or []) == 4
     from data_cache.build import check_reward_modality
 
@@ -129,7 +136,7 @@ def add_reward(cfg: AddRewardConfig, reward: Any | None = None, vae: VAE | None 
 
         LatentSpace.from_dict(manifest["latent_space"]).check_compatible(vae.latent_space, what="the decoding VAE")
     manifest["rewards"][name] = {**info, "column": st.reward_column(name), "storage": "sidecar",
-                                 "pixels_from": mode}
+                                 "pixels_from": mode, **({"options": options} if options else {})}
     manifest.setdefault("sidecars", {}).setdefault(name, [])
     st.write_manifest(root, manifest)
 
@@ -194,6 +201,8 @@ def add_reward(cfg: AddRewardConfig, reward: Any | None = None, vae: VAE | None 
         st.write_manifest(root, manifest)
     bar.close()
     st.rebuild_rejects_log(root, manifest)
+    log.info("add-reward %s: %d shards scored (%d from the source, %d decoded), %d missing", name, len(todo),
+             counts["source"], counts["decoded"], manifest["counts"]["missing_rewards"].get(name, 0))
     return {"reward": name, "shards_scored": len(todo), "seconds": time.perf_counter() - t0,
             "pixels": counts, "missing": manifest["counts"]["missing_rewards"].get(name, 0)}
 

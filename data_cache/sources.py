@@ -307,27 +307,53 @@ class FolderSource(PixelSource):
 
 
 class GeneratorSource:
-    """Samples from a generator ``fn(n, seed) -> (latents (n, C, h, w) or (n, T, C, h, w), prompts)``.
+    """Samples from a generator ``fn(n, seed, **kwargs) -> (latents (n, C, h, w) or (n, T, C, h, w), prompts)``.
 
-    A batch starting at record ``start`` is drawn with seed ``seed * 1_000_003 + start``, so a resumed
-    build regenerates identical records.
+    On-policy data for the LRM (DOLLAR Alg. 1): ``fn`` is typically a teacher or student sampler from
+    ``distill``, named in the config by import path so that data_cache never imports distill. A batch
+    starting at record ``start`` is drawn with seed ``seed * 1_000_003 + start``, so a resumed build
+    regenerates identical records.
+
+    Args:
+        fn: the sampler (or, with ``factory=True``, a factory called once as ``fn(**kwargs)`` that returns the
+            sampler ``(n, seed) -> (latents, prompts)``: load a model once, sample per batch).
+        kwargs: keyword arguments for ``fn`` (recorded in the manifest's source description).
+        device: passed as ``device=`` when ``fn`` takes a ``device`` parameter and ``kwargs`` do not set it.
     """
 
     kind = "latents"
 
-    def __init__(self, fn: Callable[[int, int], tuple[torch.Tensor, list[str]]], seed: int = 0,
-                 name: str | None = None, is_video: bool | None = None):
-        self.fn = fn
+    def __init__(self, fn: Callable[..., Any], seed: int = 0, name: str | None = None,
+                 is_video: bool | None = None, kwargs: dict[str, Any] | None = None, factory: bool = False,
+                 device: str | torch.device | None = None):
         self.seed = int(seed)
         self.name = name or f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__name__)}"
         self.is_video = is_video
+        self.kwargs = dict(kwargs or {})
+        self.factory = bool(factory)
+        call_kw = dict(self.kwargs)
+        if device is not None and "device" not in call_kw and _takes_param(fn, "device"):
+            call_kw["device"] = str(device)
+        if self.factory:
+            sampler = fn(**call_kw)
+            if not callable(sampler):
+                raise TypeError(f"generator factory {self.name} returned {type(sampler).__name__}, expected a "
+                                "callable fn(n, seed) -> (latents, prompts)")
+            self.fn, self._call_kw = sampler, {}
+        else:
+            self.fn, self._call_kw = fn, call_kw
 
     @property
     def num_records(self) -> int | None:
         return None
 
     def describe(self) -> dict[str, Any]:
-        return {"type": "generator", "callable": self.name, "seed": self.seed}
+        d: dict[str, Any] = {"type": "generator", "callable": self.name, "seed": self.seed}
+        if self.kwargs:  # only when set, so caches described before these options existed still resume
+            d["kwargs"] = dict(self.kwargs)
+        if self.factory:
+            d["factory"] = True
+        return d
 
     def source_id(self, index: int) -> str:
         return f"generator:{self.seed}:{index}"
@@ -336,7 +362,7 @@ class GeneratorSource:
         return self.seed * 1_000_003 + start
 
     def generate(self, start: int, n: int) -> tuple[torch.Tensor, list[str]]:
-        latents, prompts = self.fn(n, self.batch_seed(start))
+        latents, prompts = self.fn(n, self.batch_seed(start), **self._call_kw)
         if not isinstance(latents, torch.Tensor) or latents.dim() not in (4, 5) or latents.shape[0] != n:
             raise ValueError(f"generator {self.name} returned latents of shape "
                              f"{getattr(latents, 'shape', type(latents))} for n={n}; expected (n, C, h, w) or "
@@ -347,8 +373,18 @@ class GeneratorSource:
         return latents, prompts
 
 
+def _takes_param(fn: Callable, name: str) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins, some C callables
+        return False
+    return name in params  # an explicit parameter only: **kwargs may not expect a device
+
+
 def import_callable(spec: str) -> Callable:
-    """``"package.module:function"`` -> the function (for generator sources named in a config)."""
+    """``"package.module:function"`` (or ``module:Class.method``) -> the callable (generators named in a config)."""
     if ":" not in spec:
         raise ValueError(f"generator {spec!r} must be written 'package.module:function'")
     mod, _, attr = spec.partition(":")

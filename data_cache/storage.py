@@ -6,6 +6,8 @@ A cache directory holds::
     journal/rank-00003.json            shards committed by one rank since the last merge (atomic writes)
     shards/shard-<start>-<end>-r<rank>.arrow
     rewards/<reward>/<shard stem>.arrow   columns added later by ``add-reward`` (one per shard)
+    config.yaml, log.txt               the last ``lrm cache build`` command's config and the build log
+    add-reward/<reward>/{config.yaml,log.txt}   the same for each ``lrm cache add-reward``
     rejects.jsonl                      every rejected record or missing reward, rebuilt from the shards
 
 Commit protocol (crash safe at any point, SIGKILL included):
@@ -37,6 +39,7 @@ MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 JOURNAL_DIR = "journal"
 REWARD_DIR = "rewards"
+ADD_REWARD_RUNS = "add-reward"  # config.yaml + log.txt of each `lrm cache add-reward` run
 REJECTS = "rejects.jsonl"
 _SHARD_RE = re.compile(r"^shard-(\d{10})-(\d{10})-r(\d{3})\.arrow$")
 

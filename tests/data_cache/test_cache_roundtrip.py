@@ -112,11 +112,12 @@ def test_cli_stats_and_build(tmp_path, capsys):
                                create_reward("colorfulness")(pixels, captions).float(), rtol=1e-5, atol=1e-5)
     assert main(["cache", "stats", "--cache_dir", d]) == 0
     assert '"records": 4' in capsys.readouterr().out
-    # an existing cache is not silently rebuilt
-    from data_cache import CacheError
-
-    with pytest.raises(CacheError, match="--resume"):
-        main(["cache", "build", "--out_dir", d, "--source.num_samples", "4", "--device", "cpu", "--progress", "false"])
+    # an existing cache is not silently rebuilt: a one-line error, exit 2, its config.yaml left alone
+    before = (tmp_path / "cli-cache" / "config.yaml").read_text()
+    assert main(["cache", "build", "--out_dir", d, "--source.num_samples", "5", "--device", "cpu", "--progress",
+                 "false"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (tmp_path / "cli-cache" / "config.yaml").read_text() == before
 
 
 def test_dataset_source_with_image_feature(vae, text_encoder, small_cfg, tmp_path):
