@@ -157,3 +157,32 @@ def test_image_only_latent_reward_drives_the_ft_term(tmp_path):
     assert row["loss_ft"] == pytest.approx(-row["lrm_reward"])
     s1 = params(tr.student.model)
     assert any(not torch.equal(s0[k], s1[k]) for k in s0)
+
+
+def test_video_unet3d_student_learns_teacher_frozen(tmp_path):
+    """A tiny UNet3DConditionModel video teacher, (B, T, C, h, w) latents, 2 steps of VSD + CD + FT."""
+    from diffusers import UNet3DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet3DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=8, attention_head_dim=4, norm_num_groups=8)
+    teacher = Denoiser(unet, DDPMSchedule(), "conjugate_v")
+    g = torch.Generator().manual_seed(1)
+    data = DistillData(torch.randn(6, 3, 4, 8, 8, generator=g), torch.randn(6, 5, 8, generator=g),
+                       torch.ones(6, 5, dtype=torch.bool), [f"video {i}" for i in range(6)])
+    video_lrm = lambda x, tok, mask: x.mean(dim=(1, 2, 3, 4))  # noqa: E731
+    before = params(teacher.model)
+    tr = DistillTrainer(cfg(tmp_path, use_lrm_ft=True, batch_size=2, fake_updates=1, cd_teacher_steps=1), teacher,
+                        data, lrm=video_lrm)
+    assert tr.student.is_video and tr.latent_shape == (3, 4, 8, 8)
+    s0 = params(tr.student.model)
+    hist = tr.train()
+    assert [h["step"] for h in hist] == [1, 2]
+    assert all(math.isfinite(h[k]) for h in hist for k in ("loss_vsd", "loss_cd", "loss_ft", "loss_fake"))
+    assert all(torch.equal(before[k], v) for k, v in params(teacher.model).items())
+    s1 = params(tr.student.model)
+    assert any(not torch.equal(s0[k], s1[k]) for k in s0)
+    x = tr.sample(torch.randn(2, 3, 4, 8, 8), data.text_tokens[:2], data.text_mask[:2])
+    assert x.shape == (2, 3, 4, 8, 8) and torch.isfinite(x).all()

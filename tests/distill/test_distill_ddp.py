@@ -1,0 +1,77 @@
+"""DistillTrainer under torchrun with 2 CPU processes (DDP through accelerate): the concurrently trained LRM head
+and the student stay identical across ranks, and a resumed run continues every rank's random stream."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+SCRIPT = textwrap.dedent("""
+    import json, os, sys, torch
+    from diffusers import UNet2DConditionModel
+    from distill.denoiser import Denoiser
+    from distill.lrm_ft import ConcurrentLRM
+    from distill.schedules import DDPMSchedule
+    from distill.trainer import DistillConfig, DistillData, DistillTrainer
+    from lrm.latent_space import VAE
+
+    root = sys.argv[1]
+    vae = VAE.shapes()
+
+    def trainer(run, steps, ckpt_every):
+        torch.manual_seed(0)  # same teacher and head init on every rank (DDP also broadcasts rank 0's)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8, attention_head_dim=4,
+            norm_num_groups=8)
+        head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 1), torch.nn.Flatten(0))
+        lrm = ConcurrentLRM(head, torch.optim.Adam(head.parameters(), lr=1e-2),
+                            lambda px, prompts: px.mean(dim=(1, 2, 3)), vae, text_conditioned=False)
+        g = torch.Generator().manual_seed(1)
+        data = DistillData(torch.randn(16, 4, 8, 8, generator=g), torch.randn(16, 5, 8, generator=g),
+                           torch.ones(16, 5, dtype=torch.bool), [f"p{i}" for i in range(16)])
+        cfg = DistillConfig(run_dir=os.path.join(root, run), device="cpu", steps=steps, batch_size=2,
+                            fake_updates=1, cd_teacher_steps=1, use_lrm_ft=True, lrm_mode="concurrent",
+                            ckpt_every=ckpt_every, sample_every=0, progress=False, tensorboard=False,
+                            lr_student=1e-3, lr_fake=1e-3)
+        return DistillTrainer(cfg, Denoiser(unet, DDPMSchedule(), "conjugate_v"), data, lrm=lrm), head
+
+    tr, head = trainer("full", 3, 0)
+    full = tr.train()
+    head_w = float(sum(p.double().sum() for p in head.parameters()))
+    student_w = float(sum(p.double().sum() for p in tr.student.model.parameters()))
+    trainer("cut", 2, 2)[0].train()  # "killed" after the step-2 checkpoint
+    resumed = trainer("cut", 3, 2)[0].train()
+    keys = ("loss_g", "loss_vsd", "loss_cd", "loss_ft", "loss_fake", "loss_lrm")
+    print("RESULT", json.dumps({"rank": os.environ["RANK"], "head": head_w, "student": student_w,
+                                "full": [[r[k] for k in keys] for r in full],
+                                "resumed": [[r["step"]] + [r[k] for k in keys] for r in resumed]}))
+""")
+
+
+@pytest.mark.slow
+def test_distill_under_torchrun_two_processes(tmp_path):
+    script = tmp_path / "ddp_distill.py"
+    script.write_text(SCRIPT)
+    root = Path(__file__).resolve().parents[2]
+    env = {"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = {r["rank"]: r for r in (json.loads(line.split("RESULT ", 1)[1]) for line in run.stdout.splitlines()
+                                  if line.startswith("RESULT "))}
+    assert sorted(res) == ["0", "1"]
+    # replicas agree: the LRM head and the student are all-reduced (the head saw different samples on each rank)
+    assert res["0"]["head"] == pytest.approx(res["1"]["head"], abs=1e-9)
+    assert res["0"]["student"] == pytest.approx(res["1"]["student"], abs=1e-9)
+    # the ranks drew different batches, so their local losses differ
+    assert res["0"]["full"][0] != res["1"]["full"][0]
+    # resume: each rank's step 3 equals its uninterrupted step 3 (its own RNG stream came back)
+    for rank in ("0", "1"):
+        step, *losses = res[rank]["resumed"][0]
+        assert step == 3
+        assert losses == pytest.approx(res[rank]["full"][2], rel=1e-5, abs=1e-7), rank
