@@ -243,6 +243,8 @@ class Denoiser(nn.Module):
         3. The null caption for CFG: ``text_encoder([""])`` (an ``lrm.text.TextEncoder`` or any callable returning
            ``.tokens (1, L, D)`` / ``.mask (1, L)``); its width must equal the network's text width. ``None``:
            one zero token (not what the model was trained with).
+        4. ``use_text_mask=False`` (default): the network sees all caption tokens, padding included, as diffusers'
+           pipelines call these models; encode captions with the null caption's length (SD's CLIP: 77).
 
         ``cache_dir`` defaults to ``$LRM_CACHE_DIR`` (else the hub's cache). Offline, a model that is neither a
         local directory nor in the cache raises ``OSError`` naming the file looked for and how to provide it.
