@@ -51,6 +51,11 @@ class EvalConfig:
     proxy_rewards: list[str] = opt([], "LatentReward directories (from `lrm train`) scored on the latents")
     accuracy: bool = opt(True, "Shapes attribute accuracy from the shapes-* rewards (prompts must be Shapes captions)")
     keyframe_stride: int = opt(20, "diversity keyframes: every Nth frame (DOLLAR Eq. 27)")
+    diversity_features: Literal["pixels", "pooled", "vae"] = opt(
+        "pixels", "features of the Vendi diversity (cosine kernel): pixels (raw, DOLLAR Eq. 27), pooled (pixels "
+                  "average-pooled to diversity_pool x diversity_pool: insensitive to pixel noise) or vae (the VAE "
+                  "encoder's latents of the decoded pixels)")
+    diversity_pool: int = opt(8, "diversity_features=pooled: pooled size in pixels per side")
     n_bootstrap: int = opt(1000, "bootstrap resamples (over prompts) for the 95% confidence intervals")
     # ---- models and runtime --------------------------------------------------------------------------------
     vae: str = opt("shapes", "'shapes' (shipped Shapes VAE) or a diffusers AutoencoderKL path / hub id")
@@ -71,6 +76,8 @@ class EvalConfig:
             raise ConfigError(f"kl_sigma must be > 0, got {self.kl_sigma}")
         if self.pixel_noise < 0:
             raise ConfigError(f"pixel_noise must be >= 0, got {self.pixel_noise}")
+        if self.diversity_pool < 1:
+            raise ConfigError(f"diversity_pool must be >= 1, got {self.diversity_pool}")
         if self.image_size not in (32, 64):
             raise ConfigError(f"image_size must be 32 or 64 (the Shapes world), got {self.image_size}")
         if self.generator == "shapes-data" and self.reference not in (None, "shapes-data"):
@@ -120,7 +127,7 @@ def build_generators(cfg: EvalConfig, vae, device):
 
 def run_eval(cfg: EvalConfig):
     """Build everything from the config, evaluate, save tables + preview, write the report."""
-    from eval.evaluate import evaluate, shapes_accuracy_rewards
+    from eval.evaluate import diversity_embedding, evaluate, shapes_accuracy_rewards
     from eval.generators import shapes_prompts
     from lrm.latent_space import VAE
     from lrm.run import get_logger, prepare_run_dir, resolve_device, seed_everything
@@ -160,12 +167,13 @@ def run_eval(cfg: EvalConfig):
     latent_shape = (C, cfg.image_size // ds, cfg.image_size // ds)
     if cfg.video:
         latent_shape = (cfg.num_frames,) + latent_shape
-    log.info("evaluating %s on %d prompts x %d samples (latents %s, gold %s, proxy %s)", generator, len(prompts),
-             cfg.n_per_prompt, latent_shape, gold_names, list(proxy))
+    log.info("evaluating %s on %d prompts x %d samples (latents %s, gold %s, proxy %s, diversity on %s)", generator,
+             len(prompts), cfg.n_per_prompt, latent_shape, gold_names, list(proxy), cfg.diversity_features)
     res = evaluate(generator, prompts, n_per_prompt=cfg.n_per_prompt, seeds=cfg.seed, gold_rewards=gold,
                    proxy_rewards=proxy, decode=vae, text_encoder=text, latent_shape=latent_shape,
                    accuracy_rewards=shapes_accuracy_rewards(cfg.video) if cfg.accuracy else None,
                    keyframe_stride=cfg.keyframe_stride, reference=reference, kl_sigma=cfg.kl_sigma,
+                   diversity_features=diversity_embedding(cfg.diversity_features, vae, cfg.diversity_pool),
                    batch_size=cfg.batch_size, device=device, n_bootstrap=cfg.n_bootstrap,
                    n_preview=min(len(prompts), 8) * cfg.n_per_prompt, name=str(generator))
     res.meta["generator"] = repr(generator)

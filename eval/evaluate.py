@@ -42,6 +42,63 @@ def shapes_accuracy_rewards(video: bool = False, **options) -> dict[str, Callabl
     return {a: create_reward(f"shapes-{a}", **options) for a in attrs}
 
 
+# ---- diversity embeddings ------------------------------------------------------------------------------
+
+DIVERSITY_FEATURES = ("pixels", "pooled", "vae")
+
+
+class PooledPixels:
+    """Diversity features: pixels average-pooled to ``size`` x ``size`` (layout and colour; blind to pixel noise,
+    which inflates raw-pixel Vendi when samples degrade into noise). ``(n, 3, H, W) -> (n, 3 size^2)``."""
+
+    def __init__(self, size: int = 8):
+        if size < 1:
+            raise ValueError(f"pool size must be >= 1, got {size}")
+        self.size = int(size)
+        self.name = f"pooled{self.size}"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(x).float()
+        return torch.nn.functional.adaptive_avg_pool2d(x, self.size).flatten(1)
+
+
+class VAEFeatures:
+    """Diversity features: the VAE encoder's (deterministic) latents of the pixels, flattened: ``(n, 3, H, W) ->
+    (n, C h w)``."""
+
+    name = "vae"
+
+    def __init__(self, vae):
+        if not hasattr(vae, "encode"):
+            raise ValueError("VAEFeatures needs a VAE with .encode(pixels) (lrm.latent_space.VAE)")
+        self.vae = vae
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        dev = getattr(self.vae, "device", "cpu")
+        return self.vae.encode(torch.as_tensor(x).float().to(dev)).float().cpu().flatten(1)
+
+
+def diversity_embedding(name: str, vae: Any = None, pool_size: int = 8) -> Callable | None:
+    """The ``diversity_features`` callable of ``evaluate`` for a config name: "pixels" (None: raw pixels),
+    "pooled" (``PooledPixels(pool_size)``) or "vae" (``VAEFeatures(vae)``)."""
+    if name == "pixels":
+        return None
+    if name == "pooled":
+        return PooledPixels(pool_size)
+    if name == "vae":
+        if vae is None:
+            raise ValueError("diversity_features='vae' needs the VAE (pass vae=)")
+        return VAEFeatures(vae)
+    raise ValueError(f"diversity_features must be one of {DIVERSITY_FEATURES}, got {name!r}")
+
+
+def features_name(features: Callable | None) -> str:
+    if features is None:
+        return "pixels"
+    return str(getattr(features, "name", getattr(features, "__name__", type(features).__name__)))
+
+
 # ---- generator protocol ------------------------------------------------------------------------------
 
 def _accepts(fn: Callable, name: str) -> bool:
@@ -216,7 +273,9 @@ def evaluate(
             attribute's threshold (``accuracy_threshold``: one float, a dict per attribute, or None for
             ``SHAPES_ACCURACY_THRESHOLDS`` / 0.5). Only attributes the prompt names are scored (others are
             NaN); ``acc/all`` = every named attribute correct.
-        diversity_features: None = Vendi on raw pixels, else an embedding ``(n, 3, H, W) -> (n, D)``.
+        diversity_features: None = Vendi on raw pixels, else an embedding ``(n, 3, H, W) -> (n, D)``, e.g.
+            ``diversity_embedding("pooled")`` / ``diversity_embedding("vae", vae)``; its ``name`` is recorded as
+            ``meta["diversity_features"]``.
         keyframe_stride: DOLLAR Eq. 27 keyframe spacing for videos (every 20th frame).
         reference: optional reference generator; with it the per-sample smoothed-output KL (shared noise,
             ``kl_sigma``) is recorded as ``kl`` and d = sqrt(mean KL) in the summary.
@@ -369,7 +428,8 @@ def evaluate(
     meta = {"name": name, "n_prompts": len(prompts), "n_per_prompt": n_per_prompt, "seeds": seed_list,
             "latent_shape": list(latent_shape), "batch_size": batch_size, "device": str(device),
             "nfe": nfe_val, "generation_time_s": gen_time, "kl_sigma": kl_sigma if reference is not None else None,
-            "keyframe_stride": keyframe_stride, "accuracy_thresholds": thresholds,
+            "keyframe_stride": keyframe_stride, "diversity_features": features_name(diversity_features),
+            "accuracy_thresholds": thresholds,
             "bootstrap": {"n": n_bootstrap, "ci": ci, "unit": "prompt"},
             "gold_rewards": sorted(gold_rewards), "proxy_rewards": sorted(proxy_rewards),
             "accuracy_attributes": sorted(accuracy_rewards)}
