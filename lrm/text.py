@@ -49,17 +49,30 @@ class TextEncoder(torch.nn.Module):
         pooling: ``"mean"`` (masked mean of tokens), ``"cls"`` (first token) or ``"model"`` (the model's
             own pooler output, e.g. CLIP's first EOS token; T5 has none). Default: model for CLIP, mean otherwise.
         cache_dir: hub cache (default ``$LRM_CACHE_DIR`` or the hub's default).
+        subfolder: load the model from this subfolder of ``name_or_path`` (a diffusers pipeline: ``"text_encoder"``,
+            ``"text_encoder_2"``); the tokenizer then comes from ``tokenizer_subfolder``. A local pipeline directory
+            (``text_encoder/config.json`` and no top-level ``config.json``) is recognised without it.
     """
 
     def __init__(self, name_or_path: str = DEFAULT_TEXT_ENCODER, max_length: int = 32, pooling: str | None = None,
-                 cache_dir: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+                 cache_dir: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 subfolder: str | None = None, tokenizer_subfolder: str = "tokenizer"):
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         path = _resolve_path(name_or_path)
         cache_dir = cache_dir or os.environ.get("LRM_CACHE_DIR")
         local = Path(path).expanduser()
-        if path.startswith((os.sep, ".", "~")) or local.exists():  # a directory, not a hub id
+        if subfolder is None and (local / "text_encoder" / "config.json").is_file() \
+                and not (local / "config.json").is_file():
+            subfolder = "text_encoder"  # a diffusers pipeline directory: text_encoder/ + tokenizer/
+        if subfolder is not None:
+            # pipeline layout (local or hub): model in SUBFOLDER/, tokenizer in TOKENIZER_SUBFOLDER/
+            model_kw = {"subfolder": subfolder}
+            tok_kw = {"subfolder": tokenizer_subfolder}
+        else:
+            model_kw, tok_kw = {}, {}
+        if subfolder is None and (path.startswith((os.sep, ".", "~")) or local.exists()):  # a directory, not a hub id
             if not (local / "config.json").is_file():
                 what = f"{local / 'config.json'} is missing" if local.is_dir() else f"{local} does not exist"
                 raise FileNotFoundError(
@@ -68,19 +81,19 @@ class TextEncoder(torch.nn.Module):
                     "connected machine), or a hub id such as openai/clip-vit-large-patch14")
             path = str(local)
         try:
-            config = AutoConfig.from_pretrained(path, cache_dir=cache_dir)
-            self.tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
+            config = AutoConfig.from_pretrained(path, cache_dir=cache_dir, **model_kw)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir, **tok_kw)
             if config.model_type in CLIP_MODEL_TYPES:  # a whole CLIP (its text tower is loaded) or a text tower
                 from transformers import CLIPTextModel
 
-                model = CLIPTextModel.from_pretrained(path, cache_dir=cache_dir, dtype=dtype)
+                model = CLIPTextModel.from_pretrained(path, cache_dir=cache_dir, dtype=dtype, **model_kw)
             elif config.model_type in T5_ENCODERS:
                 import transformers
 
                 cls = getattr(transformers, T5_ENCODERS[config.model_type])
-                model = cls.from_pretrained(path, cache_dir=cache_dir, dtype=dtype)
+                model = cls.from_pretrained(path, cache_dir=cache_dir, dtype=dtype, **model_kw)
             else:
-                model = AutoModel.from_pretrained(path, cache_dir=cache_dir, dtype=dtype)
+                model = AutoModel.from_pretrained(path, cache_dir=cache_dir, dtype=dtype, **model_kw)
         except OSError as e:
             where = path if Path(path).exists() else f"the Hugging Face hub (cache: {cache_dir or 'default'})"
             raise OSError(

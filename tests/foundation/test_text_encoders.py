@@ -91,3 +91,20 @@ def test_missing_encoder_says_where_and_how(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty/config\.json is missing"):
         TextEncoder(str(tmp_path / "empty"))
+
+
+def test_diffusers_pipeline_layout_text_encoder_and_tokenizer_subfolders(tiny_dirs, tmp_path):
+    """A pipeline directory (text_encoder/ + tokenizer/, as Stable Diffusion ships) loads like the flat directory."""
+    flat = TextEncoder(tiny_dirs["clip"], max_length=16)
+    pipe = tmp_path / "pipe"
+    (pipe / "tokenizer").mkdir(parents=True)
+    shutil.copytree(tiny_dirs["clip"], pipe / "text_encoder", ignore=shutil.ignore_patterns(*TOKENIZER_FILES))
+    for f in TOKENIZER_FILES:
+        shutil.copy(f"{tiny_dirs['clip']}/{f}", pipe / "tokenizer" / f)
+    assert not (pipe / "text_encoder" / "vocab.txt").exists()
+    for enc in (TextEncoder(str(pipe), max_length=16), TextEncoder(str(pipe), max_length=16, subfolder="text_encoder")):
+        assert enc.model_type == "clip_text_model" and enc.pooling == "model"
+        a, b = enc(PROMPTS), flat(PROMPTS)
+        torch.testing.assert_close(a.tokens, b.tokens)
+        torch.testing.assert_close(a.pooled, b.pooled)
+        assert torch.equal(a.mask, b.mask)
