@@ -341,9 +341,11 @@ def recommend_proxy_stop(steps: Sequence[int], d: Sequence[float], proxy: Sequen
                           f"from step {int(steps[a])} to step {int(steps[j])}; keep step {int(steps[a])}")
                 break
             a = j
-        if reason is None:
-            reason = f"proxy gain per unit d stays above {min_slope_frac:g} x its initial rate; keep the last " \
-                     "checkpoint that moved farther"
+        if reason is None and a < n - 1:
+            reason = (f"proxy gain per unit d stays above {min_slope_frac:g} x its initial rate, and the checkpoints "
+                      f"after step {int(steps[a])} are no farther from the initial model; keep step {int(steps[a])}")
+        elif reason is None:
+            reason = f"proxy gain per unit d stays above {min_slope_frac:g} x its initial rate; keep the last one"
         picks["proxy_slope"] = {"index": int(a), "reason": reason, "initial_slope": s_ref,
                                 "stopped_at_step": None if stop is None else int(steps[stop])}
     for v in picks.values():
