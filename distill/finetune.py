@@ -293,14 +293,15 @@ class FinetuneTrainer:
         null = (init.null_tokens.detach().cpu(), init.null_mask.detach().cpu())
         # copy, then move: the caller's init stays where it is (it may be large and kept on the CPU)
         self.student = Denoiser(copy.deepcopy(init.model).to(self.device), init.schedule, init.parameterization,
-                                cfg_null=null)
+                                cfg_null=null, use_text_mask=init.use_text_mask)
         self.student = self.student.to(self.device).requires_grad_(True).train()
         self.schedule = self.student.schedule
         # frozen initial student pi_ref of the KL / reference penalty (beta_kl > 0 only: it costs a model copy)
         self.ref: Denoiser | None = None
         if cfg.beta_kl > 0:
             self.ref = Denoiser(copy.deepcopy(init.model).to(self.device), init.schedule, init.parameterization,
-                                cfg_null=null).to(self.device).eval().requires_grad_(False)
+                                cfg_null=null, use_text_mask=init.use_text_mask).to(self.device).eval()
+            self.ref.requires_grad_(False)
         if cfg.gradient_checkpointing:
             if getattr(self.student.model, "_supports_gradient_checkpointing", False):
                 self.student.model.enable_gradient_checkpointing()

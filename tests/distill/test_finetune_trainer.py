@@ -179,3 +179,20 @@ def test_method_lrm_with_an_image_only_latent_reward(tmp_path, vae):
     assert len(train_rows) == 1 and train_rows[0]["step"] == "1"
     assert float(train_rows[0]["loss_ft"]) == pytest.approx(-float(train_rows[0]["proxy_reward"]))
     assert abs(float(train_rows[0]["loss"])) < float("inf")
+
+
+def test_student_and_reference_keep_the_init_text_mask_convention(tmp_path, vae):
+    """A diffusers-loaded teacher attends to caption padding (use_text_mask=False): its students must too."""
+    from reward_adapters import create_reward
+
+    init = tiny_denoiser()
+    init.use_text_mask = False
+    tr = FinetuneTrainer(_cfg(tmp_path, "direct", steps=1, eval_every=0, beta_kl=0.1), init, pool(),
+                         create_reward("brightness"), vae)
+    assert tr.student.use_text_mask is False and tr.ref.use_text_mask is False
+    x = torch.randn(2, 4, 8, 8)
+    tok, mask = torch.randn(2, 5, 24), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    t = torch.tensor([999, 999])
+    with torch.no_grad():  # padding is attended to: the output equals the all-ones-mask output
+        torch.testing.assert_close(tr.student(x, t, tok, mask), tr.student(x, t, tok, torch.ones_like(mask)))
+    tr.close()
