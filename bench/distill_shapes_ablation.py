@@ -8,7 +8,12 @@ Per row, on held-out prompts (Shapes world seed 1), against the 50-step CFG teac
   gold      the pixel reward the LRM targets (the configs' ``pixel_reward``, default colorfulness)
 Writes ``OUT/ablation.json`` and ``OUT/ablation.md``, sample grids in ``OUT/<row>/``.
 
+``--video``: the same rows on the 16-frame video teacher (``shapes-video``, a ``video-frame-avg`` LRM, batch 16 unless
+``--batch_size``), adherence including motion direction, Vendi per DOLLAR Eq. 27 (mean over keyframes, every 4th
+frame), frame strips instead of grids.
+
     PYTHONPATH=. python3 bench/distill_shapes_ablation.py --out runs/distill_ablation [--steps 300]
+    PYTHONPATH=. python3 bench/distill_shapes_ablation.py --video --out runs/distill_ablation_video
 """
 
 from __future__ import annotations
@@ -58,7 +63,10 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16, help="held-out prompts")
     ap.add_argument("--per_prompt", type=int, default=8, help="samples per prompt (Vendi is over these)")
     ap.add_argument("--teacher_cfg", type=float, default=7.5, help="CFG scale of the 50-step teacher (Imagen form)")
-    ap.add_argument("--teacher", default="shapes-image", help="override the teacher (a Denoiser dir for tests)")
+    ap.add_argument("--teacher", default=None,
+                    help="override the teacher (a Denoiser dir for tests; default shapes-image / shapes-video)")
+    ap.add_argument("--video", action="store_true", help="16-frame video teacher and student")
+    ap.add_argument("--keyframe_stride", type=int, default=4, help="video Vendi: every Nth frame is a keyframe")
     ap.add_argument("--num_data", type=int, default=None, help="override the configs' number of data latents")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
@@ -66,30 +74,36 @@ def main() -> None:
     from distill.cli import build_data, build_lrm, build_teacher, build_vae
     from distill.samplers import ddim_sample
     from distill.trainer import DistillConfig, DistillData, DistillTrainer
-    from eval.vendi import vendi_score
+    from eval.vendi import keyframe_diversity
     from lrm.config import load_config
     from lrm.io import write_json
     from lrm.run import resolve_device
     from lrm.text import TextEncoder
     from reward_adapters import create_reward
     from shapes import ShapesWorld
-    from shapes.grid import save_grid
+    from shapes.grid import save_grid, save_video_strip
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
     rows = ROWS if args.rows == "all" else [r for r in ROWS if r[1] in args.rows.split(",")]
     t_start = time.perf_counter()
+    kind = "video" if args.video else "image"
+    # the configs are written for the image student; --video swaps teacher, frames, LRM head and batch size
+    world_over = {"teacher": args.teacher or f"shapes-{kind}"}
+    if args.video:
+        world_over.update(num_frames=16, lrm_head="video-frame-avg", batch_size=16)
+    if args.num_data:
+        world_over["num_data"] = args.num_data
 
-    base = load_config(DistillConfig, ROOT / f"configs/distill_shapes_ablation_{rows[0][1]}.yaml",
-                       {"teacher": args.teacher, **({"num_data": args.num_data} if args.num_data else {})})
+    base = load_config(DistillConfig, ROOT / f"configs/distill_shapes_ablation_{rows[0][1]}.yaml", world_over)
     teacher = build_teacher(base, device)
     vae = build_vae(base, device)
     data = build_data(base, vae, device, video=teacher.is_video)
     text_encoder = TextEncoder(base.text_encoder, device=device)
 
     # Held-out prompts, each repeated per_prompt times with fixed noise shared by every generator.
-    world = ShapesWorld(seed=1)
+    world = ShapesWorld(seed=1, num_frames=16 if args.video else None)
     prompts: list[str] = []
     i = 0
     while len(prompts) < args.prompts:
@@ -106,12 +120,15 @@ def main() -> None:
     gold = create_reward(base.pixel_reward, device=str(device))
 
     def score(latents: torch.Tensor, name: str) -> dict:
-        pixels = vae.decode(latents.float())  # (N, 3, H, W)
-        save_grid(pixels[: 8 * args.per_prompt].cpu(), out / f"{name}.png", nrow=args.per_prompt, scale=2)
+        pixels = vae.decode(latents.float())  # (N, 3, H, W) or (N, T, 3, H, W)
+        if args.video:
+            save_video_strip(pixels[:8].cpu(), out / f"{name}.png", frames=8, scale=2)
+        else:
+            save_grid(pixels[: 8 * args.per_prompt].cpu(), out / f"{name}.png", nrow=args.per_prompt, scale=2)
         groups = pixels.view(args.prompts, args.per_prompt, *pixels.shape[1:])
         return {"adherence": float(adherence(pixels, all_prompts).mean()),
                 "gold": float(gold(pixels, all_prompts).mean()),
-                "vendi": float(sum(vendi_score(gp.cpu()) for gp in groups) / len(groups))}
+                "vendi": float(sum(keyframe_diversity(gp.cpu(), args.keyframe_stride) for gp in groups) / len(groups))}
 
     with torch.no_grad():
         t_lat, t_time = timed(lambda: ddim_sample(teacher, noise, tok, mask, num_steps=50,
@@ -119,9 +136,36 @@ def main() -> None:
     results = {"teacher": {"name": f"teacher (50 DDIM x CFG {args.teacher_cfg})", "seconds": t_time,
                            "network_calls": 100, **score(t_lat, "teacher")}}
     print(f"teacher: {results['teacher']}", flush=True)
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+
+    def write_outputs() -> str:
+        """ablation.json + ablation.md with the rows done so far (a run cut off by a time limit keeps them)."""
+        total = time.perf_counter() - t_start
+        write_json(out / "ablation.json", {"kind": kind, "device": device_name, "total_seconds": total,
+                                           "prompts": args.prompts, "per_prompt": args.per_prompt,
+                                           "gold_reward": base.pixel_reward, "results": results})
+        t = results["teacher"]
+        lines = [f"Shapes {kind} ablation on {device_name} ({args.prompts} held-out prompts x {args.per_prompt} "
+                 f"samples; gold = {base.pixel_reward}; total {total:.0f} s)", "",
+                 "| generator | NFE | sample s | speedup | adherence | vs teacher | Vendi | gold | train s |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+                 f"| {t['name']} | 100 | {t['seconds']:.3f} | 1.0x | {t['adherence']:.3f} | 100% | {t['vendi']:.2f} | "
+                 f"{t['gold']:.2f} | - |"]
+        for _, suffix in rows:
+            if suffix not in results:
+                continue
+            r = results[suffix]
+            lines.append(f"| {r['name']} | {r['network_calls']} | {r['seconds']:.3f} | {r['speedup']:.1f}x | "
+                         f"{r['adherence']:.3f} | {100 * r['adherence_vs_teacher']:.0f}% | {r['vendi']:.2f} | "
+                         f"{r['gold']:.2f} | {r['train_seconds']:.0f} |")
+        text = "\n".join(lines) + "\n"
+        (out / "ablation.md").write_text(text)
+        return text
+
+    write_outputs()
 
     for name, suffix in rows:
-        over = {"teacher": args.teacher, "device": str(device), "progress": False, "tensorboard": False,
+        over = {**world_over, "device": str(device), "progress": False, "tensorboard": False,
                 "run_dir": str(out / suffix), "resume": False}
         if args.steps is not None:
             over["steps"] = args.steps
@@ -142,29 +186,12 @@ def main() -> None:
         r["adherence_vs_teacher"] = r["adherence"] / max(results["teacher"]["adherence"], 1e-12)
         results[suffix] = r
         print(f"{name}: {json.dumps({k: v for k, v in r.items() if k != 'final_losses'})}", flush=True)
+        write_outputs()
         tr = lrm = None  # free the networks before the next row
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    total = time.perf_counter() - t_start
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    write_json(out / "ablation.json", {"device": device_name, "total_seconds": total, "prompts": args.prompts,
-                                       "per_prompt": args.per_prompt, "gold_reward": base.pixel_reward,
-                                       "results": results})
-    t = results["teacher"]
-    lines = [f"Shapes image ablation on {device_name} ({args.prompts} held-out prompts x {args.per_prompt} samples; "
-             f"gold = {base.pixel_reward}; total {total:.0f} s)", "",
-             "| generator | NFE | sample s | speedup | adherence | vs teacher | Vendi | gold | train s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-             f"| {t['name']} | 100 | {t['seconds']:.3f} | 1.0x | {t['adherence']:.3f} | 100% | {t['vendi']:.2f} | "
-             f"{t['gold']:.2f} | - |"]
-    for _, suffix in rows:
-        r = results[suffix]
-        lines.append(f"| {r['name']} | {r['network_calls']} | {r['seconds']:.3f} | {r['speedup']:.1f}x | "
-                     f"{r['adherence']:.3f} | {100 * r['adherence_vs_teacher']:.0f}% | {r['vendi']:.2f} | "
-                     f"{r['gold']:.2f} | {r['train_seconds']:.0f} |")
-    (out / "ablation.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_outputs())
 
 
 if __name__ == "__main__":
