@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -67,6 +68,9 @@ def main() -> None:
                     help="override the teacher (a Denoiser dir for tests; default shapes-image / shapes-video)")
     ap.add_argument("--video", action="store_true", help="16-frame video teacher and student")
     ap.add_argument("--keyframe_stride", type=int, default=4, help="video Vendi: every Nth frame is a keyframe")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="DistillConfig override for every row (YAML value), e.g. --set beta_ft=0.05 "
+                         "--set lrm_mode=frozen --set lrm_path=runs/lrm-colorfulness; repeatable")
     ap.add_argument("--num_data", type=int, default=None, help="override the configs' number of data latents")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
@@ -95,6 +99,11 @@ def main() -> None:
         world_over.update(num_frames=16, lrm_head="video-frame-avg", batch_size=16)
     if args.num_data:
         world_over["num_data"] = args.num_data
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        world_over[key.strip()] = yaml.safe_load(value)
 
     base = load_config(DistillConfig, ROOT / f"configs/distill_shapes_ablation_{rows[0][1]}.yaml", world_over)
     teacher = build_teacher(base, device)
