@@ -395,14 +395,19 @@ class _Loader(threading.Thread):
 
 
 # ---- the build ------------------------------------------------------------------------------------------
-def _dist_info(rank: int | None, world_size: int | None):
-    """(rank, world_size, device or None, barrier); accelerate only when launched with several processes."""
+def _dist_info(rank: int | None, world_size: int | None, cpu: bool = False):
+    """(rank, world_size, device or None, barrier); accelerate only when launched with several processes.
+    ``cpu``: the build runs on the CPU (accelerate then needs ``cpu=True`` to start gloo; without it every process
+    of a CPU launch would take itself for rank 0 of 1)."""
     if rank is not None:
         return rank, world_size or 1, None, lambda: None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
-        state = PartialState()
+        state = PartialState(cpu=cpu)
+        if state.num_processes == 1:
+            raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but accelerate found one process; launch with "
+                               "`accelerate launch` or `torchrun` (and --device cpu on a machine without GPUs)")
         return state.process_index, state.num_processes, state.device, state.wait_for_everyone
     return 0, 1, None, lambda: None
 
@@ -660,8 +665,9 @@ def build_cache(cfg: BuildCacheConfig, *, source: Callable | PixelSource | Gener
     """
     t_start = time.perf_counter()
     root = Path(cfg.out_dir)
-    rank, world, dist_device, barrier = _dist_info(rank, world_size)
-    device = dist_device if dist_device is not None else resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
+    rank, world, dist_device, barrier = _dist_info(rank, world_size, cpu=device.type == "cpu")
+    device = dist_device if dist_device is not None else device
 
     # 1. objects
     if isinstance(source, (PixelSource, GeneratorSource)):
@@ -758,9 +764,9 @@ def build_cache(cfg: BuildCacheConfig, *, source: Callable | PixelSource | Gener
         raise writer.error
     barrier()
     if rank == 0 and finalize:
-        manifest = finalize_cache(root)
-    else:
-        manifest = st.read_manifest(root)
+        finalize_cache(root)
+    barrier()  # every rank returns the merged manifest, not one read before rank 0 finished it
+    manifest = st.read_manifest(root)
     elapsed = time.perf_counter() - t_start
     return {"manifest": manifest, "records_written": writer.records, "indices_processed": todo,
             "seconds": elapsed, "records_per_s": writer.records / max(elapsed, 1e-9), "gpu_stage_s": gpu_s,
