@@ -8,6 +8,8 @@
 # both sides of every ratio see the same load; absolute times are those of a shared GPU. Each job has its own
 # time limit and log (RESULTS_DIR/logs/NAME.log); RESULTS_DIR/status gets one line per finished job (rc, seconds).
 # Everything runs from the repository root with PYTHONPATH=. (no install needed besides the dependencies).
+# On one H200 (2026-12-01) the lanes took 10-15 min each, the two ablations longest (1-2 s per generator step when
+# sharing the GPU; their rows are written as they finish, so a cut run keeps what it did).
 set -u
 R=${1:?usage: bench/run_all.sh RESULTS_DIR [LANES]}
 shift
@@ -42,12 +44,13 @@ lane_B() {
         --run_dir "$R/overopt_jpeg" --progress false
 }
 lane_C() {
-    job ablation_image 600 $PY bench/distill_shapes_ablation.py --out "$R/ablation_image"
+    job ablation_image 900 $PY bench/distill_shapes_ablation.py --out "$R/ablation_image" --steps 100
     job overopt_motion 720 $PY -m lrm.cli overopt --config configs/overopt_shapes_motion.yaml \
         --run_dir "$R/overopt_motion" --progress false --cache_workers 6
 }
 lane_D() {
-    job ablation_video 720 $PY bench/distill_shapes_ablation.py --video --out "$R/ablation_video"
+    job ablation_video 1200 $PY bench/distill_shapes_ablation.py --video --out "$R/ablation_video" --steps 60 \
+        --prompts 8 --per_prompt 4
 }
 
 for lane in $LANES; do
