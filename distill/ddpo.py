@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from distill.samplers import step_log_prob, stochastic_sample
+from distill.samplers import gaussian_log_prob, step_mean, stochastic_sample
 
 
 class PerPromptStatTracker:
@@ -128,6 +128,13 @@ class DDPOSamples:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
+    @classmethod
+    def from_trajectory(cls, traj, text_tokens: torch.Tensor, text_mask: torch.Tensor | None,
+                        prompts: list[str]) -> "DDPOSamples":
+        """Stack a ``samplers.SampleTrajectory`` (K + 1 latents) for re-evaluation."""
+        return cls(torch.stack(traj.latents, 1), traj.log_probs.detach(), traj.timesteps, traj.prev_timesteps,
+                   text_tokens, text_mask, list(prompts))
+
     def resolve_rewards(self) -> torch.Tensor:
         if isinstance(self.rewards, Future):
             self.rewards = self.rewards.result()
@@ -151,8 +158,7 @@ def sample_chain(denoiser, noise: torch.Tensor, text_tokens: torch.Tensor, text_
     traj = stochastic_sample(denoiser, noise, text_tokens, text_mask, list(timesteps), eta=eta,
                              guidance_scale=guidance_scale, generator=generator, grad_steps=0,
                              final_timestep=final_timestep)
-    return DDPOSamples(torch.stack(traj.latents, 1), traj.log_probs.detach(), traj.timesteps, traj.prev_timesteps,
-                       text_tokens, text_mask, list(prompts))
+    return DDPOSamples.from_trajectory(traj, text_tokens, text_mask, prompts)
 
 
 def trained_step_indices(num_steps: int, grad_steps: int) -> list[int]:
@@ -163,13 +169,21 @@ def trained_step_indices(num_steps: int, grad_steps: int) -> list[int]:
     return list(range(num_steps - grad_steps, num_steps))
 
 
+def transition_mean_log_prob(denoiser, samples: DDPOSamples, k: int, eta: float = 1.0,
+                             guidance_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(log p_theta(x_{k+1} | x_k) (B,), mu_theta, sigma)`` of transition ``k`` under the current weights (the
+    mean is what a per-step KL to a reference chain needs)."""
+    t, s = int(samples.timesteps[k]), int(samples.prev_timesteps[k])
+    mu, sigma, _ = step_mean(denoiser, samples.latents[:, k], t, s, samples.text_tokens, samples.text_mask, eta,
+                             guidance_scale)
+    return gaussian_log_prob(samples.latents[:, k + 1].detach(), mu, sigma), mu, sigma
+
+
 def transition_log_prob(denoiser, samples: DDPOSamples, k: int, eta: float = 1.0,
                         guidance_scale: float | None = None) -> torch.Tensor:
     """log p_theta(x_{k+1} | x_k) of transition ``k`` of ``samples`` under the current weights, ``(B,)``."""
-    t, s = int(samples.timesteps[k]), int(samples.prev_timesteps[k])
-    return step_log_prob(denoiser, samples.latents[:, k], samples.latents[:, k + 1], t, s, samples.text_tokens,
-                         samples.text_mask, eta=eta, guidance_scale=guidance_scale)
+    return transition_mean_log_prob(denoiser, samples, k, eta, guidance_scale)[0]
 
 
 __all__ = ["PerPromptStatTracker", "global_advantages", "ppo_loss", "reinforce_loss", "DDPOSamples",
-           "sample_chain", "trained_step_indices", "transition_log_prob"]
+           "sample_chain", "trained_step_indices", "transition_log_prob", "transition_mean_log_prob"]

@@ -53,15 +53,14 @@ from distill.ddpo import (
     PerPromptStatTracker,
     global_advantages,
     ppo_loss,
-    sample_chain,
     trained_step_indices,
-    transition_log_prob,
+    transition_mean_log_prob,
 )
 from distill.denoiser import Denoiser
 from distill.direct import FRAME_SUBSAMPLING, PIXEL_CLAMPS, direct_reward_loss, sample_with_grad
 from distill.ema import EMA
 from distill.lrm_ft import lrm_ft_loss
-from distill.samplers import STUDENT_TIMESTEPS, gaussian_log_prob, step_mean, stochastic_sample
+from distill.samplers import STUDENT_TIMESTEPS, step_mean, stochastic_sample
 from distill.vsd import backward_simulation, fake_score_loss, vsd_loss
 from lrm.checkpoint import find_checkpoint, load_training_state, save_training_state
 from lrm.config import ConfigError, opt
@@ -412,7 +411,7 @@ class FinetuneTrainer:
         null_t, null_m = self.teacher.null_text(B, L)
         if "vsd" in cfg.distill_losses:
             if x_hat is None:
-                x_hat = self._graded_x_hat(tok, mask)
+                x_hat = self._graded_state(tok, mask)[2]
             l_vsd, _ = vsd_loss(x_hat, self.teacher, self.fake, tok, mask, null_t, null_m, cfg.real_guidance,
                                 autocast=self.autocast)
             loss = loss + cfg.beta_vsd * l_vsd
@@ -435,9 +434,6 @@ class FinetuneTrainer:
         x, t = backward_simulation(lambda x, t: self.student_x0(x, t, tok, mask), self._noise(B), self.timesteps,
                                    self.schedule, k)
         return x, t, self.student_x0(x, t, tok, mask)
-
-    def _graded_x_hat(self, tok, mask) -> torch.Tensor:
-        return self._graded_state(tok, mask)[2]
 
     # ---- KL / reference penalty (beta_kl) -------------------------------------------------------------------
     @torch.no_grad()
@@ -465,17 +461,15 @@ class FinetuneTrainer:
         """One DDPO sample batch; with a reference also its means at every sampled state ``(B, K, ...)`` and the
         per-sample full-chain KL ``(B,)`` of the sampling policy."""
         cfg = self.config
-        if self.ref is None:
-            with self.autocast():
-                s = sample_chain(self.student, noise, tok, mask, prompts, self.timesteps, cfg.eta, cfg.final_timestep)
-            return s, None, None
-        with self.autocast():  # sample_chain's own call, keeping the per-step means
+        with self.autocast():  # the stochastic chain (ddpo.sample_chain), keeping the trajectory's per-step means
             traj = stochastic_sample(self.student, noise, tok, mask, list(self.timesteps), eta=cfg.eta, grad_steps=0,
                                      final_timestep=cfg.final_timestep)
+        s = DDPOSamples.from_trajectory(traj, tok, mask, prompts)
+        if self.ref is None:
+            return s, None, None
+        with self.autocast():
             ref_means = [step_mean(self.ref, x, int(t), int(sp), tok, mask, cfg.eta)[0].float()
                          for x, t, sp in zip(traj.latents[:-1], traj.timesteps, traj.prev_timesteps)]
-        s = DDPOSamples(torch.stack(traj.latents, 1), traj.log_probs.detach(), traj.timesteps, traj.prev_timesteps,
-                        tok, mask, list(prompts))
         kl = sum(self.chain_step_kl(m, r, float(sd)) for m, r, sd in zip(traj.means, ref_means, traj.stds))
         return s, torch.stack(ref_means, 1), kl
 
@@ -587,22 +581,15 @@ class FinetuneTrainer:
                 a = adv[idx.to(self.device)]
                 total = 0.0
                 for k in steps_idx:
-                    if ref_all is None:
-                        with self.autocast():
-                            lp = transition_log_prob(self.student, sub, k, cfg.eta)
-                        loss, info = ppo_loss(lp, sub.log_probs[:, k], a, cfg.clip_range, cfg.adv_clip)
-                        (loss / len(steps_idx)).backward()
-                        total += float(loss.detach()) / len(steps_idx)
-                    else:  # transition_log_prob's computation, keeping mu_theta for the per-step KL
-                        t, sp = int(sub.timesteps[k]), int(sub.prev_timesteps[k])
-                        with self.autocast():
-                            mu, sigma, _ = step_mean(self.student, sub.latents[:, k], t, sp, sub.text_tokens,
-                                                     sub.text_mask, cfg.eta)
-                            lp = gaussian_log_prob(sub.latents[:, k + 1].detach(), mu, sigma)
-                        loss, info = ppo_loss(lp, sub.log_probs[:, k], a, cfg.clip_range, cfg.adv_clip)
-                        kl_k = self.chain_step_kl(mu, ref_all[idx.to(self.device), k], sigma).mean()
-                        (loss / len(steps_idx) + cfg.beta_kl * kl_k).backward()
-                        total += float(loss.detach()) / len(steps_idx) + cfg.beta_kl * float(kl_k.detach())
+                    with self.autocast():
+                        lp, mu, sigma = transition_mean_log_prob(self.student, sub, k, cfg.eta)
+                    loss, info = ppo_loss(lp, sub.log_probs[:, k], a, cfg.clip_range, cfg.adv_clip)
+                    loss = loss / len(steps_idx)
+                    if ref_all is not None:  # per-step KL to the reference chain at the sampled state
+                        loss = loss + cfg.beta_kl * self.chain_step_kl(mu, ref_all[idx.to(self.device), k],
+                                                                       sigma).mean()
+                    loss.backward()
+                    total += float(loss.detach())
                     infos["approx_kl"].append(info["approx_kl"])
                     infos["clipfrac"].append(info["clipfrac"])
                 l_d, dlogs, _ = self._distill_terms(None, sub.text_tokens, sub.text_mask,
@@ -626,7 +613,7 @@ class FinetuneTrainer:
         """DMD2: the fake score learns the current student's samples with the teacher objective."""
         tok, mask, _, _ = self._batch(self.config.batch_size)
         with torch.no_grad():
-            x_hat = self._graded_x_hat(tok, mask)
+            x_hat = self._graded_state(tok, mask)[2]
         self.fake.train()
         loss = fake_score_loss(self.fake, x_hat, tok, mask, autocast=self.autocast)
         loss.backward()
