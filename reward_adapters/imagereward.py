@@ -23,11 +23,9 @@ from reward_adapters.base import Reward, register_reward
 from reward_adapters.openclip_backbone import PRECISIONS
 from reward_adapters.preprocess import OPENAI_MEAN, OPENAI_STD, normalize, resize_shortest_center_crop
 from reward_adapters.weights import (
-    CACHE_ENV,
-    WeightsNotFoundError,
     cached,
     check_tokenizer_vocab,
-    hub_cache_dir,
+    load_from_hub,
     load_state_dict,
     resolve_weights,
 )
@@ -134,18 +132,9 @@ def load_bert_tokenizer(repo: str = TOKENIZER_ID):
     """ImageReward's BERT tokenizer from a hub id or local directory, hub cache ``$LRM_CACHE_DIR/hf`` when set."""
     from transformers import BertTokenizer
 
-    hub_cache = hub_cache_dir()
-    try:
-        return check_tokenizer_vocab(BertTokenizer.from_pretrained(repo, cache_dir=hub_cache), repo, "BertTokenizer")
-    except OSError as e:
-        where = f"{CACHE_ENV}/hf = {hub_cache}" if hub_cache else f"the HF cache (HF_HOME; {CACHE_ENV} not set)"
-        dl = f"huggingface-cli download {repo} vocab.txt tokenizer_config.json" + (
-            f" --cache-dir {hub_cache}" if hub_cache else "")
-        raise WeightsNotFoundError(
-            f"ImageReward needs the {repo} tokenizer (vocab.txt), not found offline ({str(e).splitlines()[0]}). "
-            f"Looked in: {where}. Run `{dl}` on a machine with internet and copy that cache over, or pass "
-            "tokenizer='path/to/tokenizer_dir' (or a BertTokenizer object)."
-        ) from e
+    return load_from_hub(f"ImageReward's {repo} tokenizer (vocab.txt)", repo, lambda r, **kw: check_tokenizer_vocab(
+        BertTokenizer.from_pretrained(r, **kw), r, "BertTokenizer"), "tokenizer",
+        files="vocab.txt tokenizer_config.json")
 
 
 @register_reward("imagereward")

@@ -15,7 +15,7 @@ from torch import nn
 from reward_adapters.base import Reward, register_reward
 from reward_adapters.openclip_backbone import PRECISIONS, TextCache
 from reward_adapters.preprocess import OPENAI_MEAN, OPENAI_STD, normalize, resize_shortest_center_crop
-from reward_adapters.weights import CACHE_ENV, WeightsNotFoundError, cached, check_tokenizer_vocab, hub_cache_dir
+from reward_adapters.weights import cached, check_tokenizer_vocab, hub_cache_dir, load_from_hub
 
 MODEL_ID = "yuvalkirstain/PickScore_v1"
 PROCESSOR_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -27,18 +27,7 @@ def _features(out) -> torch.Tensor:
 
 
 def _load_hf(kind: str, repo: str, loader: Callable):
-    """``loader(repo, cache_dir=$LRM_CACHE_DIR/hf)`` (HF default cache when unset); offline errors say the fix."""
-    hub_cache = hub_cache_dir()
-    try:
-        return loader(repo, cache_dir=hub_cache)
-    except (OSError, ValueError) as e:
-        where = f"{CACHE_ENV}/hf = {hub_cache}" if hub_cache else f"the HF cache (HF_HOME; {CACHE_ENV} not set)"
-        dl = f"huggingface-cli download {repo}" + (f" --cache-dir {hub_cache}" if hub_cache else "")
-        raise WeightsNotFoundError(
-            f"could not load the PickScore {kind} from {repo!r} ({type(e).__name__}: {str(e).splitlines()[0]}). "
-            f"Looked in: {where}. Offline, run `{dl}` on a machine with internet and copy that cache over, or pass "
-            f"a local directory as {'model_id' if kind == 'model' else 'processor_id'}=..."
-        ) from e
+    return load_from_hub(f"the PickScore {kind}", repo, loader, "model_id" if kind == "model" else "processor_id")
 
 
 @register_reward("pickscore")

@@ -109,6 +109,23 @@ def resolve_weights(filename: str, *, path: str | os.PathLike | None = None, hub
     )
 
 
+def load_from_hub(what: str, repo: str, loader: Callable, option: str, files: str = "") -> Any:
+    """``loader(repo, cache_dir=$LRM_CACHE_DIR/hf)`` (the HF default cache when unset) for a hub id or a local
+    directory; a failure (offline, missing files) raises ``WeightsNotFoundError`` naming ``what``, where it looked,
+    the ``huggingface-cli download`` to run (of ``files`` only, when given) and the ``option`` for a local path."""
+    hub_cache = hub_cache_dir()
+    try:
+        return loader(repo, cache_dir=hub_cache)
+    except (OSError, ValueError) as e:
+        where = f"{CACHE_ENV}/hf = {hub_cache}" if hub_cache else f"the HF cache (HF_HOME; {CACHE_ENV} not set)"
+        dl = f"huggingface-cli download {repo}{' ' + files if files else ''}" + (
+            f" --cache-dir {hub_cache}" if hub_cache else "")
+        raise WeightsNotFoundError(
+            f"could not load {what} from {repo!r} ({_first_line(e)}). Looked in: {where}. Offline, run `{dl}` on a "
+            f"machine with internet and copy that cache over, or pass a local directory as {option}=..."
+        ) from e
+
+
 def check_tokenizer_vocab(tok: Any, repo: str, what: str) -> Any:
     """transformers 5 builds a tokenizer holding only its special tokens when the vocab file is missing
     (e.g. ``BertTokenizer.from_pretrained`` offline) instead of raising; refuse such a tokenizer."""
