@@ -1,5 +1,10 @@
-"""Cost of LRMs on a GPU: (a) training throughput and time to Spearman 0.9 on a 100k-sample synthetic cache;
-(b) one reward-gradient step w.r.t. video latents through the LRM vs through VAE decoder + ViT-H-14 CLIP reward.
+"""Cost of LRMs on a GPU: (a) training throughput and time to Spearman 0.9 on 100k samples; (b) one
+reward-gradient step w.r.t. video latents through the LRM vs through VAE decoder + ViT-H-14 CLIP reward.
+
+(a) runs on each of ``--train_data``: ``shapes-cache`` = a 100k-record ``data_cache`` cache of Shapes images with
+their JPEG compressibility, built with ``build_cache`` (Shapes VAE) into ``--cache_dir`` (reused / resumed when it
+exists) and read back with ``LatentData.from_cache``; ``synthetic`` = in-memory 4x32x32 latents with a known
+nonlinear target (a larger latent than the Shapes world's 4x8x8).
 
     PYTHONPATH=. python3 bench/latent_rewards_cost.py --out runs/bench/lrm_cost.json
     PYTHONPATH=. python3 bench/latent_rewards_cost.py --part grad --frames 12,24 --channels 4   # a quick subset
@@ -47,11 +52,27 @@ def synthetic_cache(n: int, shape: tuple[int, int, int], seed: int = 0) -> Laten
     return LatentData(x, y, prompts=prompts, reward_name="synthetic", source=f"synthetic {n} x {shape}")
 
 
-def bench_train(args, device) -> dict:
-    shape = tuple(int(v) for v in args.latent_shape.split(","))
+def shapes_cache(args, device) -> LatentData:
+    """``args.n_train`` Shapes images with ``jpeg-compressibility`` in a data_cache cache at ``args.cache_dir``."""
+    from data_cache import BuildCacheConfig, LatentCache, SourceConfig, build_cache
+
+    root = Path(args.cache_dir)
+    cfg = BuildCacheConfig(out_dir=str(root), source=SourceConfig(type="shapes", num_samples=args.n_train),
+                           rewards=["jpeg-compressibility"], batch_size=1024, shard_size=8192,
+                           num_workers=args.cache_workers, device=str(device), resume=root.exists(), progress=False,
+                           latent_dtype="float32")
+    build_cache(cfg)
+    return LatentData.from_cache(LatentCache.open(root), "jpeg-compressibility")
+
+
+def bench_train(args, device, source: str) -> dict:
     t0 = time.perf_counter()
-    data = synthetic_cache(args.n_train, shape)
-    print(f"[train] synthetic cache {args.n_train} x {shape} built in {time.perf_counter() - t0:.1f}s", flush=True)
+    if source == "shapes-cache":
+        data = shapes_cache(args, device)
+    else:
+        data = synthetic_cache(args.n_train, tuple(int(v) for v in args.latent_shape.split(",")))
+    shape = tuple(data.latents.shape[1:])
+    print(f"[train] {source}: {len(data.target)} x {shape} ready in {time.perf_counter() - t0:.1f}s", flush=True)
     patch = 4 if shape[-1] >= 16 else 2
     head_kwargs = {"patch": patch, "width": 128}
 
@@ -88,7 +109,7 @@ def bench_train(args, device) -> dict:
                     progress=False, checkpoint_every=0)
     res = fit(data, cfg)
     hit = next((r for r in res.history if r["val_spearman"] >= 0.9), None)
-    out = {"n": args.n_train, "latent_shape": list(shape), "head": "image-cnn", "head_kwargs": head_kwargs,
+    out = {"data": source, "n": len(data.target), "latent_shape": list(shape), "source": data.source, "head": "image-cnn", "head_kwargs": head_kwargs,
            "throughput_latents_per_s": {str(k): v for k, v in through.items()},
            "fit_batch": args.fit_batch, "time_to_spearman_0.9_s": None if hit is None else hit["elapsed_s"],
            "steps_to_spearman_0.9": None if hit is None else hit["step"],
@@ -220,7 +241,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["all", "train", "grad"], default="all")
     p.add_argument("--out", default="runs/bench/lrm_cost.json")
-    p.add_argument("--n_train", type=int, default=100_000, help="(a) synthetic cache size")
+    p.add_argument("--train_data", type=lambda s: s.split(","), default=["shapes-cache", "synthetic"],
+                   help="(a) data sets, comma list: shapes-cache, synthetic")
+    p.add_argument("--n_train", type=int, default=100_000, help="(a) samples per data set")
+    p.add_argument("--cache_dir", default="/tmp/lrm_cost_shapes_cache", help="(a) where the Shapes cache is built")
+    p.add_argument("--cache_workers", type=int, default=8, help="(a) rendering processes of the cache build")
     p.add_argument("--latent_shape", default="4,32,32", help="(a) C,h,w of the synthetic latents")
     p.add_argument("--train_batch_sizes", type=ints, default=[256, 1024, 4096])
     p.add_argument("--throughput_steps", type=int, default=200)
@@ -240,8 +265,10 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     result = {"device": torch.cuda.get_device_name(0), "args": vars(args)}
     if args.part in ("all", "train"):
-        result["train"] = bench_train(args, device)
-        torch.cuda.empty_cache()
+        result["train"] = {}
+        for source in args.train_data:
+            result["train"][source] = bench_train(args, device, source)
+            torch.cuda.empty_cache()
     if args.part in ("all", "grad"):
         result["grad"] = bench_grad(args, device)
     out = Path(args.out)
@@ -249,9 +276,8 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(result, indent=2))
 
     print(f"\n== {result['device']} ==")
-    if "train" in result:
-        tr = result["train"]
-        print(f"(a) image-cnn on {tr['n']} x {tr['latent_shape']} latents: throughput "
+    for tr in result.get("train", {}).values():
+        print(f"(a) image-cnn on {tr['data']}, {tr['n']} x {tr['latent_shape']} latents: throughput "
               + ", ".join(f"batch {k}: {v:,.0f}/s" for k, v in tr["throughput_latents_per_s"].items())
               + f"; time to val Spearman 0.9: {tr['time_to_spearman_0.9_s']} s (step {tr['steps_to_spearman_0.9']}),"
               f" final {tr['final_val_spearman']:.4f} (ridge {tr['ridge_val_spearman']:.4f})")

@@ -3,7 +3,9 @@
 L_FT(theta) = -mean R^l(x_hat_theta, c), with x_hat_theta the student's one-step x0 prediction: no decoder and
 no pixel reward in the graph. The LRM is either frozen (a pretrained ``latent_rewards.LatentReward`` or any
 callable ``lrm(latents, text_tokens, text_mask) -> (B,)``) or trained concurrently (``ConcurrentLRM``) on the
-union of data latents and generated latents, regressing the pixel reward of their decodings (Eq. 10).
+union of data latents and generated latents, regressing the pixel reward of their decodings (Eq. 10) on
+standardised targets (running mean / std of every target seen, as ``latent_rewards.fit`` standardises), and
+answering in the pixel reward's units.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 LatentRewardFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
@@ -45,8 +48,42 @@ def lrm_ft_loss(lrm: LatentRewardFn, x_hat: torch.Tensor, text_tokens: torch.Ten
     return -r.mean(), r.detach()
 
 
+class TargetStats(nn.Module):
+    """Running count, sum and sum of squares (float64 buffers, so they are saved with a training checkpoint) of
+    the concurrent LRM's targets; under ``torch.distributed`` every rank adds the targets of all ranks."""
+
+    def __init__(self):
+        super().__init__()
+        for name in ("count", "total", "total_sq"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, targets: torch.Tensor) -> None:
+        t = targets.detach().to(self.count.device, torch.float64).reshape(-1)
+        sums = torch.stack([t.new_tensor(float(t.numel())), t.sum(), (t * t).sum()])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums)
+        self.count += sums[0]
+        self.total += sums[1]
+        self.total_sq += sums[2]
+
+    def mean_std(self) -> tuple[float, float]:
+        """``(mean, std)`` of the targets so far; ``(0, 1)`` (no standardisation) before two targets are seen,
+        and a constant target keeps std 1."""
+        n = float(self.count)
+        if n < 2:
+            return 0.0, 1.0
+        mean = float(self.total) / n
+        var = max(float(self.total_sq) / n - mean * mean, 0.0)
+        return mean, (var ** 0.5 if var > 1e-12 else 1.0)
+
+
 class ConcurrentLRM:
     """An LRM head trained alongside the student (Alg. 1 lines 15-17).
+
+    The head regresses standardised targets ``(R - mean) / std`` (running statistics of every target it was
+    trained on, ``stats``); calling the LRM returns ``head(x) * std + mean``, i.e. rewards in the pixel reward's
+    units, so ``beta_ft`` keeps its meaning (1 / reward units) whatever the reward's scale.
 
     Args:
         head: ``nn.Module`` called as ``head(latents, text_emb, text_mask)`` (text heads) or ``head(latents)``
@@ -55,10 +92,12 @@ class ConcurrentLRM:
         pixel_reward: ``reward(pixels, prompts) -> (B,)``, pixels in [0, 1] (a ``reward_adapters`` reward).
         vae: ``lrm.latent_space.VAE`` (``.decode(latents) -> pixels``) for the pixel reward targets.
         text_conditioned: pass text to the head; default: ``head.needs_text`` if present, else True.
+        standardize: regress standardised targets (default); ``False`` regresses raw rewards.
     """
 
     def __init__(self, head: nn.Module, optimizer: torch.optim.Optimizer, pixel_reward: Callable[..., torch.Tensor],
-                 vae: Any, text_conditioned: bool | None = None, max_grad_norm: float | None = 1.0):
+                 vae: Any, text_conditioned: bool | None = None, max_grad_norm: float | None = 1.0,
+                 standardize: bool = True):
         self.head = head
         self.optimizer = optimizer
         self.pixel_reward = pixel_reward
@@ -66,6 +105,8 @@ class ConcurrentLRM:
         self.text_conditioned = bool(getattr(head, "needs_text", True)) if text_conditioned is None \
             else text_conditioned
         self.max_grad_norm = max_grad_norm
+        self.standardize = standardize
+        self.stats = TargetStats()
 
     def _forward(self, head: nn.Module, latents: torch.Tensor, text_tokens: torch.Tensor | None,
                  text_mask: torch.Tensor | None) -> torch.Tensor:
@@ -73,12 +114,16 @@ class ConcurrentLRM:
             return head(latents, text_tokens, text_mask)
         return head(latents)
 
+    def _mean_std(self) -> tuple[float, float]:
+        return self.stats.mean_std() if self.standardize else (0.0, 1.0)
+
     def __call__(self, latents: torch.Tensor, text_tokens: torch.Tensor | None = None,
                  text_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """R^l(latents, c), differentiable in the latents. Under DDP (``head`` wrapped by the trainer) this calls
-        the wrapped module directly: reward calls (L_FT) need no gradient all-reduce on the head."""
+        """R^l(latents, c) in reward units, differentiable in the latents. Under DDP (``head`` wrapped by the
+        trainer) this calls the wrapped module directly: reward calls (L_FT) need no gradient all-reduce."""
         head = self.head.module if isinstance(self.head, DistributedDataParallel) else self.head
-        return self._forward(head, latents, text_tokens, text_mask)
+        mean, std = self._mean_std()
+        return self._forward(head, latents, text_tokens, text_mask) * std + mean
 
     @torch.no_grad()
     def pixel_targets(self, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -89,19 +134,23 @@ class ConcurrentLRM:
 
     def loss(self, latents: torch.Tensor, text_tokens: torch.Tensor | None, text_mask: torch.Tensor | None,
              prompts: list[str], targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Eq. 10: ``mean (R^l(x) - R(Dec(x), c))^2`` on detached latents."""
+        """Eq. 10 on detached latents: ``mean (head(x) - (R(Dec(x), c) - mean) / std)^2`` with the current
+        statistics (``step`` adds the batch's targets to them first)."""
         x = latents.detach().float()
         if targets is None:
             targets = self.pixel_targets(x, prompts)
+        mean, std = self._mean_std()
         pred = self._forward(self.head, x, text_tokens, text_mask).float()  # DDP-wrapped: gradients all-reduced
-        return F.mse_loss(pred, targets)
+        return F.mse_loss(pred, (targets - mean) / std)
 
     def step(self, latents: torch.Tensor, text_tokens: torch.Tensor | None, text_mask: torch.Tensor | None,
              prompts: list[str]) -> float:
         """One optimizer step on Eq. 10; clears gradients the FT loss may have left on the head first."""
         self.head.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(latents, text_tokens, text_mask, prompts)
+        targets = self.pixel_targets(latents.detach(), prompts)
+        self.stats.to(targets.device).update(targets)
+        loss = self.loss(latents, text_tokens, text_mask, prompts, targets=targets)
         loss.backward()
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.max_grad_norm)

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -70,6 +71,9 @@ class TrainTeacherConfig:
     seed: int = opt(0, "random seed (training data world seed; evaluation uses seed + 1000)")
     device: str = opt("auto", "auto, cpu or cuda")
     resume: bool = opt(True, "resume from OUT_DIR/checkpoint if it exists")
+    init_from: str | None = opt(None, "start from a saved teacher's weights (a Denoiser directory, e.g. "
+                                      "distill/weights/teacher-video or an earlier OUT_DIR/teacher) instead of a "
+                                      "random init: train a shipped teacher further; a checkpoint in OUT_DIR wins")
 
     def __post_init__(self):
         if self.kind not in DEFAULTS:
@@ -212,6 +216,23 @@ def teacher_loss(denoiser, batch_x0: torch.Tensor, tokens: torch.Tensor, mask: t
     return F.mse_loss(out.float(), target(batch_x0, eps, t, denoiser.schedule, denoiser.parameterization))
 
 
+def init_weights(unet: torch.nn.Module, ema: torch.nn.Module, path: str | Path, device) -> None:
+    """Copy a saved teacher's weights (``Denoiser.save_pretrained`` layout) into ``unet`` and its EMA copy;
+    the architecture must match (same kind and width)."""
+    from distill.denoiser import Denoiser
+
+    init = Denoiser.from_pretrained(path, device=device).model
+    a, b = ({k: json.loads(json.dumps(v)) for k, v in m.config.items() if not k.startswith("_")} for m in (init, unet))
+    if type(init) is not type(unet) or a != b:
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise ValueError(f"init_from={str(path)!r} holds a {type(init).__name__} whose config differs from the one "
+                         f"this run builds ({type(unet).__name__}) in {diff}; use the same kind and width")
+    state = {k: v.float() for k, v in init.state_dict().items()}
+    unet.load_state_dict(state)
+    ema.load_state_dict(state)
+    log.info("initialised from the teacher in %s", path)
+
+
 def train_teacher(cfg: TrainTeacherConfig) -> Path:
     from distill.denoiser import Denoiser
     from distill.schedules import DDPMSchedule
@@ -243,6 +264,8 @@ def train_teacher(cfg: TrainTeacherConfig) -> Path:
     if cfg.resume and find_checkpoint(ckpt_dir) is not None:
         start = load_training_state(ckpt_dir, {"unet": unet, "ema": ema}, {"unet": optim}, {"unet": sched})["step"]
         log.info("resumed from %s at step %d", ckpt_dir, start)
+    elif cfg.init_from:
+        init_weights(unet, ema, cfg.init_from, device)
     log.info("%s teacher: %s, %d parameters (%.1f MB as %s), %s objective, %s DDPM; %d steps x %d %ss on %s",
              cfg.kind, type(unet).__name__, n_params, n_params * (2 if cfg.fp16_weights else 4) / 1e6,
              "fp16" if cfg.fp16_weights else "fp32", cfg.parameterization, cfg.beta_schedule, cfg.steps,

@@ -288,6 +288,7 @@ class DistillTrainer:
             self.lrm.to(self.device).eval().requires_grad_(False)
         if self.concurrent:
             self.lrm.head.to(self.device)
+            self.lrm.stats.to(self.device)
         if not self.teacher.use_text_mask and self.teacher.null_tokens.shape[1] != self.data.text_tokens.shape[1]:
             raise ConfigError(
                 f"the teacher attends to padding tokens (use_text_mask=False, as diffusers' SD pipelines do), so its "
@@ -526,6 +527,7 @@ class DistillTrainer:
             modules["target"] = self.target.shadow.model
         if self.concurrent:
             modules["lrm_head"] = self._unwrap(self.lrm.head)
+            modules["lrm_target_stats"] = self.lrm.stats
             optims["lrm"] = self.lrm.optimizer
         return modules, optims
 

@@ -77,3 +77,22 @@ def test_train_teacher_recipe_tiny_cpu(tmp_path, monkeypatch, kind):
     x = torch.randn((1, 4, 4, 8, 8) if kind == "video" else (1, 4, 8, 8))
     with torch.no_grad():
         assert torch.isfinite(d.x0(x, 500, torch.randn(1, 32, 384), guidance_scale=3.5)).all()
+
+
+def test_train_teacher_init_from_a_saved_teacher(tmp_path):
+    from safetensors.torch import load_file
+
+    kw = dict(kind="image", num_samples=8, steps=2, batch_size=4, eval_samples=2, eval_steps=2,
+              guidance_scales=[1.0], workers=1, device="cpu")
+    first = train_teacher(TrainTeacherConfig(out_dir=str(tmp_path / "a"), width=16, **kw))
+    # lr 0: the run's weights stay those it started from, so the saved teacher equals the one it was given
+    again = train_teacher(TrainTeacherConfig(out_dir=str(tmp_path / "b"), width=16, lr=0.0, init_from=str(first),
+                                             **kw))
+    w0 = load_file(first / "diffusion_pytorch_model.safetensors")
+    w1 = load_file(again / "diffusion_pytorch_model.safetensors")
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    fresh = train_teacher(TrainTeacherConfig(out_dir=str(tmp_path / "c"), width=16, lr=0.0, **kw))
+    w2 = load_file(fresh / "diffusion_pytorch_model.safetensors")
+    assert not all(torch.equal(w0[k], w2[k]) for k in w0)  # without init_from the start is a new random init
+    with pytest.raises(ValueError, match="config differs"):
+        train_teacher(TrainTeacherConfig(out_dir=str(tmp_path / "d"), width=8, init_from=str(first), **kw))

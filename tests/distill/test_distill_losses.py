@@ -198,6 +198,35 @@ def test_concurrent_lrm_regresses_pixel_reward():
     assert last < 0.05 * first
 
 
+def test_concurrent_lrm_standardises_targets_and_answers_in_reward_units():
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Linear(4, 1), nn.Flatten(0))
+    head.needs_text = False
+
+    class IdVAE:
+        def decode(self, z, clamp=True):
+            return z
+
+    reward = lambda pixels, prompts: 1000.0 + 50.0 * pixels.sum(dim=1)  # far from unit scale
+    c = ConcurrentLRM(head, torch.optim.Adam(head.parameters(), lr=0.05), reward, IdVAE())
+    x = torch.randn(64, 4)
+    y = reward(x, None)
+    for _ in range(300):
+        c.step(x, None, None, [""] * 64)
+    mean, std = c.stats.mean_std()
+    assert math.isclose(mean, float(y.double().mean()), rel_tol=1e-9)
+    assert math.isclose(std, float(y.double().std(unbiased=False)), rel_tol=1e-6)
+    # the head regresses (y - mean) / std; calling the LRM gives rewards in the reward's units
+    assert float((head(x) - (y - mean) / std).abs().max()) < 0.05
+    assert float((c(x) - y).abs().max()) < 0.05 * std
+    x.requires_grad_(True)
+    c(x).sum().backward()  # d(reward)/dx = 50 per input in reward units
+    assert torch.allclose(x.grad, torch.full_like(x, 50.0), rtol=0.05)
+    raw = ConcurrentLRM(head, torch.optim.Adam(head.parameters(), lr=0.05), reward, IdVAE(), standardize=False)
+    raw.step(x, None, None, [""] * 64)
+    assert torch.allclose(raw(x), head(x))  # no rescaling when standardize=False
+
+
 def test_ema_update_by_hand():
     a, b = nn.Linear(2, 1), nn.Linear(2, 1)
     with torch.no_grad():
