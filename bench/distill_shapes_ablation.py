@@ -38,6 +38,8 @@ ROWS = [  # (row name, config file suffix)
     ("VSD+CD (2 steps)", "vsd_cd_2step"),
     ("VSD+CD (1 step)", "vsd_cd_1step"),
 ]
+# a row-per-process run:  for r in cd_only vsd_only ...; do ... --rows $r --out OUT/$r & done; wait
+#                          then  bench/distill_shapes_ablation.py --out OUT --merge OUT/cd_only OUT/vsd_only ...
 
 
 def timed(fn, repeats: int = 3) -> tuple[torch.Tensor, float]:
@@ -53,6 +55,49 @@ def timed(fn, repeats: int = 3) -> tuple[torch.Tensor, float]:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return out, sorted(times)[len(times) // 2]
+
+
+def write_tables(out: Path, meta: dict, results: dict) -> str:
+    """``out/ablation.json`` (meta + results) and ``out/ablation.md`` (the table, rows in ``ROWS`` order)."""
+    from lrm.io import write_json
+
+    write_json(out / "ablation.json", {**meta, "results": results})
+    t = results["teacher"]
+    lines = [f"Shapes {meta['kind']} ablation on {meta['device']} ({meta['prompts']} held-out prompts x "
+             f"{meta['per_prompt']} samples; gold = {meta['gold_reward']}; total {meta['total_seconds']:.0f} s)", "",
+             "| generator | NFE | sample s | speedup | adherence | vs teacher | Vendi | gold | train s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+             f"| {t['name']} | 100 | {t['seconds']:.3f} | 1.0x | {t['adherence']:.3f} | 100% | {t['vendi']:.2f} | "
+             f"{t['gold']:.2f} | - |"]
+    for _, suffix in ROWS:
+        if suffix not in results:
+            continue
+        r = results[suffix]
+        lines.append(f"| {r['name']} | {r['network_calls']} | {r['seconds']:.3f} | {r['speedup']:.1f}x | "
+                     f"{r['adherence']:.3f} | {100 * r['adherence_vs_teacher']:.0f}% | {r['vendi']:.2f} | "
+                     f"{r['gold']:.2f} | {r['train_seconds']:.0f} |")
+    text = "\n".join(lines) + "\n"
+    (out / "ablation.md").write_text(text)
+    return text
+
+
+def merge(out: Path, parts: list[str]) -> str:
+    """One table from runs of disjoint ``--rows`` (e.g. one process per row): every part's teacher row must be
+    the same measurement setup (same teacher, prompts and noise); the first part's teacher row is kept, and each
+    row keeps the speedup / adherence ratio measured against the teacher in its own process."""
+    runs = [json.loads((Path(p) / "ablation.json").read_text()) for p in parts]
+    keys = ("kind", "prompts", "per_prompt", "gold_reward")
+    for p, r in zip(parts[1:], runs[1:]):
+        if any(r[k] != runs[0][k] for k in keys):
+            raise SystemExit(f"--merge: {p} differs from {parts[0]} in {[k for k in keys if r[k] != runs[0][k]]}")
+    results = {"teacher": runs[0]["results"]["teacher"]}
+    for r in runs:
+        results.update({k: v for k, v in r["results"].items() if k != "teacher"})
+    meta = {**{k: runs[0][k] for k in (*keys, "device")}, "total_seconds": max(r["total_seconds"] for r in runs),
+            "merged_from": parts,
+            "teacher_adherence_per_part": [r["results"]["teacher"]["adherence"] for r in runs]}
+    out.mkdir(parents=True, exist_ok=True)
+    return write_tables(out, meta, results)
 
 
 def main() -> None:
@@ -73,14 +118,18 @@ def main() -> None:
                          "--set lrm_mode=frozen --set lrm_path=runs/lrm-colorfulness; repeatable")
     ap.add_argument("--num_data", type=int, default=None, help="override the configs' number of data latents")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                    help="only merge the ablation.json of earlier runs (e.g. one per row) into --out")
     args = ap.parse_args()
+    if args.merge:
+        print(merge(Path(args.out), args.merge))
+        return
 
     from distill.cli import build_data, build_lrm, build_teacher, build_vae
     from distill.samplers import ddim_sample
     from distill.trainer import DistillConfig, DistillData, DistillTrainer
     from eval.vendi import keyframe_diversity
     from lrm.config import load_config
-    from lrm.io import write_json
     from lrm.run import resolve_device
     from lrm.text import TextEncoder
     from reward_adapters import create_reward
@@ -149,27 +198,9 @@ def main() -> None:
 
     def write_outputs() -> str:
         """ablation.json + ablation.md with the rows done so far (a run cut off by a time limit keeps them)."""
-        total = time.perf_counter() - t_start
-        write_json(out / "ablation.json", {"kind": kind, "device": device_name, "total_seconds": total,
-                                           "prompts": args.prompts, "per_prompt": args.per_prompt,
-                                           "gold_reward": base.pixel_reward, "results": results})
-        t = results["teacher"]
-        lines = [f"Shapes {kind} ablation on {device_name} ({args.prompts} held-out prompts x {args.per_prompt} "
-                 f"samples; gold = {base.pixel_reward}; total {total:.0f} s)", "",
-                 "| generator | NFE | sample s | speedup | adherence | vs teacher | Vendi | gold | train s |",
-                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-                 f"| {t['name']} | 100 | {t['seconds']:.3f} | 1.0x | {t['adherence']:.3f} | 100% | {t['vendi']:.2f} | "
-                 f"{t['gold']:.2f} | - |"]
-        for _, suffix in rows:
-            if suffix not in results:
-                continue
-            r = results[suffix]
-            lines.append(f"| {r['name']} | {r['network_calls']} | {r['seconds']:.3f} | {r['speedup']:.1f}x | "
-                         f"{r['adherence']:.3f} | {100 * r['adherence_vs_teacher']:.0f}% | {r['vendi']:.2f} | "
-                         f"{r['gold']:.2f} | {r['train_seconds']:.0f} |")
-        text = "\n".join(lines) + "\n"
-        (out / "ablation.md").write_text(text)
-        return text
+        meta = {"kind": kind, "device": device_name, "total_seconds": time.perf_counter() - t_start,
+                "prompts": args.prompts, "per_prompt": args.per_prompt, "gold_reward": base.pixel_reward}
+        return write_tables(out, meta, results)
 
     write_outputs()
 

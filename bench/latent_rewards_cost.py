@@ -109,7 +109,8 @@ def bench_train(args, device, source: str) -> dict:
                     progress=False, checkpoint_every=0)
     res = fit(data, cfg)
     hit = next((r for r in res.history if r["val_spearman"] >= 0.9), None)
-    out = {"data": source, "n": len(data.target), "latent_shape": list(shape), "source": data.source, "head": "image-cnn", "head_kwargs": head_kwargs,
+    out = {"data": source, "n": len(data.target), "latent_shape": list(shape), "source": data.source,
+           "head": "image-cnn", "head_kwargs": head_kwargs,
            "throughput_latents_per_s": {str(k): v for k, v in through.items()},
            "fit_batch": args.fit_batch, "time_to_spearman_0.9_s": None if hit is None else hit["elapsed_s"],
            "steps_to_spearman_0.9": None if hit is None else hit["step"],

@@ -118,7 +118,8 @@ def write_report(out: Path, rows: list[dict], total: float, args) -> str:
                      f"{r['pairwise_accuracy']:.4f} | {r['best_step']} | {r['train_time_s']:.1f} | "
                      f"{'yes' if r['pass'] else 'no'} |")
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    md = (f"# LRMs on the Shapes world\n\nDevice: {device}. Images: {args.n_images}, videos: {args.n_videos} x "
+    n_img = '-' if args.skip_images else args.n_images
+    md = (f"# LRMs on the Shapes world\n\nDevice: {device}. Images: {n_img}, videos: {args.n_videos} x "
           f"{args.num_frames} frames; {args.mismatch:.0%} of captions name a wrong color/direction. Split by prompt "
           f"(10% held out). Total {total:.0f}s.\n\n" + "\n".join(lines) + "\n"
           + ("\n" + "\n".join(notes) + "\n" if notes else ""))
