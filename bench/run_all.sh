@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU benchmark and Shapes experiment of BENCHMARKS.md in one go, on one GPU, in five concurrent lanes.
 #
-#   bench/run_all.sh RESULTS_DIR [LANES]      # LANES: any of A1 A2 B C D (default), T, I, L
+#   bench/run_all.sh RESULTS_DIR [LANES]      # LANES: any of A1 A2 B C D (default), T V I L K
 #
 # The lanes share the GPU (and the host's cores): A1/A2 hold the real-size cost benchmarks, B/C/D the Shapes-world
 # experiments (tiny models that leave most of the GPU idle). Timings are ratios measured inside one process, so
 # both sides of every ratio see the same load; absolute times are those of a shared GPU. Each job has its own
 # time limit and log (RESULTS_DIR/logs/NAME.log); RESULTS_DIR/status gets one line per finished job (rc, seconds).
 # Everything runs from the repository root with PYTHONPATH=. (no install needed besides the dependencies).
-# Opt-in lanes: T trains the video teacher further from the shipped one (TEACHER_MIN minutes, default 10) and runs
-# the video ablation on the result; I is the image ablation alone; L the video LRMs (incl. text-video rows) and the
-# LRM training cost. The ablations of C, D, T and I run one process per row and merge the rows at the end.
+# Opt-in lanes: T trains the video teacher further (from TEACHER_INIT, default the shipped one; TEACHER_MIN minutes,
+# default 10); V the video ablation on TEACHER_DIR (default the shipped teacher); I the image ablation alone; L the
+# video LRMs (incl. text-video rows); K the LRM training cost (100k-record Shapes cache + synthetic). The ablations of C, D, T and I run one process per row and merge the rows at the end.
 # On one H200 (2026-12-01) the lanes took 10-15 min each, the two ablations longest (1-2 s per generator step when
 # sharing the GPU; their rows are written as they finish, so a cut run keeps what it did).
 set -u
@@ -66,19 +66,24 @@ lane_C() {
 lane_D() {
     ablation ablation_video 900 --video --steps 60 --prompts 8 --per_prompt 4
 }
-lane_T() {
-    job teacher_video $(( ${TEACHER_MIN:-10} * 60 + 240 )) $PY -m lrm.cli shapes train-teacher --kind video \
-        --out_dir "$R/teacher_video" --init_from distill/weights/teacher-video --max_minutes "${TEACHER_MIN:-10}" \
-        --steps 20000 --batch_size 96 --num_samples 40000 --workers 6
-    ablation ablation_video 720 --video --steps 60 --prompts 8 --per_prompt 4 --teacher "$R/teacher_video/teacher"
+lane_T() {  # the video teacher trained further from the shipped one, TEACHER_MIN minutes (default 10)
+    job teacher_video $(( ${TEACHER_MIN:-10} * 60 + 120 )) $PY -m lrm.cli shapes train-teacher --kind video \
+        --out_dir "$R/teacher_video" --init_from "${TEACHER_INIT:-distill/weights/teacher-video}" \
+        --max_minutes "${TEACHER_MIN:-10}" --steps 20000 --batch_size 96 --num_samples 24000 --workers 6
+}
+lane_V() {  # the video ablation on TEACHER_DIR (default: the shipped teacher)
+    ablation ablation_video 540 --video --steps 60 --prompts 8 --per_prompt 4 \
+        ${TEACHER_DIR:+--teacher "$TEACHER_DIR"}
 }
 lane_I() {
-    ablation ablation_image 720 --steps 100
+    ablation ablation_image 540 --steps 100
 }
 lane_L() {
-    job lrm_shapes_video 900 $PY bench/latent_rewards_shapes.py --out "$R/lrm_shapes_video" --workers 6 \
-        --skip_images --no_ablations --n_videos 12000 --video_reward motion-magnitude,temporal-flickering \
+    job lrm_shapes_video 540 $PY bench/latent_rewards_shapes.py --out "$R/lrm_shapes_video" --workers 6 \
+        --skip_images --no_ablations --n_videos 10000 --video_reward motion-magnitude,temporal-flickering \
         --text_video_reward shapes-direction,shapes-adherence --text_video_loss mse,mse+rank
+}
+lane_K() {
     job lrm_cost_train 480 $PY bench/latent_rewards_cost.py --part train --out "$R/lrm_cost_train.json" \
         --cache_workers 6
 }
