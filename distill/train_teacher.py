@@ -336,7 +336,8 @@ def train_teacher(cfg: TrainTeacherConfig) -> Path:
     size = sum(f.stat().st_size for f in out.iterdir())
     metrics.update(
         kind=cfg.kind, parameters=n_params, teacher_bytes=size, steps=step + 1 if cfg.steps > start else start,
-        target_steps=cfg.steps, stopped_early_at=stopped_early, batch_size=cfg.batch_size, its_per_second=its,
+        target_steps=cfg.steps, stopped_early_at=stopped_early, init_from=cfg.init_from, batch_size=cfg.batch_size,
+        its_per_second=its,
         train_seconds=train_seconds, data_seconds=data_seconds, pool_size=N,
         unique_captions=len(pool["captions"]), loss_curve_every_50=losses, device=str(device),
         guidance_form="imagen: uncond + s * (cond - uncond)", parameterization=cfg.parameterization,
