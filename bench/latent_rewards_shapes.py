@@ -151,9 +151,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--video_reward", default="motion-magnitude",
                    help="motion-magnitude, temporal-flickering, or both as a comma list (one video-3d-cnn row each)")
-    p.add_argument("--text_video_reward", default="shapes-direction",
+    p.add_argument("--text_video_reward", default="shapes-direction,shapes-adherence",
                    help="text-video rewards, comma list: shapes-direction, shapes-adherence (one row each)")
-    p.add_argument("--text_video_loss", default="mse",
+    p.add_argument("--text_video_loss", default="mse,mse+rank",
                    help="fit loss of the text-video rows, comma list of mse, mse+rank, rank (one row per loss)")
     p.add_argument("--skip_images", action="store_true", help="only the video cache and video rows")
     p.add_argument("--no_ablations", action="store_true", help="skip Tab. 11 / frame-averaging ablations")

@@ -8,11 +8,12 @@
 # both sides of every ratio see the same load; absolute times are those of a shared GPU. Each job has its own
 # time limit and log (RESULTS_DIR/logs/NAME.log); RESULTS_DIR/status gets one line per finished job (rc, seconds).
 # Everything runs from the repository root with PYTHONPATH=. (no install needed besides the dependencies).
-# Opt-in lanes: T trains the video teacher further (from TEACHER_INIT, default the shipped one; TEACHER_MIN minutes,
-# default 10); V the video ablation on TEACHER_DIR (default the shipped teacher); I the image ablation alone; L the
-# video LRMs (incl. text-video rows); K the LRM training cost (100k-record Shapes cache + synthetic). The ablations of C, D, T and I run one process per row and merge the rows at the end.
-# On one H200 (2026-12-01) the lanes took 10-15 min each, the two ablations longest (1-2 s per generator step when
-# sharing the GPU; their rows are written as they finish, so a cut run keeps what it did).
+# Lanes that fit one 10-minute device call each: T trains the video teacher further (from TEACHER_INIT, default the
+# shipped one, for TEACHER_MIN whole minutes, default 10); V is the video ablation on TEACHER_DIR (default the shipped
+# teacher); I the image ablation; L the video and text-video LRMs; K the LRM training cost (100k-record cache).
+# C = I + the motion overoptimization study, D = V. An ablation runs one process per row (tiny launch-bound nets
+# leave the GPU mostly idle) and merges the rows' tables at the end; on one H200 (2026-12-01) six concurrent image
+# rows took 72-138 s, video rows 125-221 s.
 set -u
 R=${1:?usage: bench/run_all.sh RESULTS_DIR [LANES]}
 shift
@@ -59,24 +60,24 @@ lane_B() {
         --run_dir "$R/overopt_jpeg" --progress false
 }
 lane_C() {
-    ablation ablation_image 900 --steps 100
+    lane_I
     job overopt_motion 720 $PY -m lrm.cli overopt --config configs/overopt_shapes_motion.yaml \
         --run_dir "$R/overopt_motion" --progress false --cache_workers 6
 }
 lane_D() {
-    ablation ablation_video 900 --video --steps 60 --prompts 8 --per_prompt 4
+    lane_V
 }
-lane_T() {  # the video teacher trained further from the shipped one, TEACHER_MIN minutes (default 10)
+lane_T() {
     job teacher_video $(( ${TEACHER_MIN:-10} * 60 + 120 )) $PY -m lrm.cli shapes train-teacher --kind video \
         --out_dir "$R/teacher_video" --init_from "${TEACHER_INIT:-distill/weights/teacher-video}" \
         --max_minutes "${TEACHER_MIN:-10}" --steps 20000 --batch_size 96 --num_samples 24000 --workers 6
 }
-lane_V() {  # the video ablation on TEACHER_DIR (default: the shipped teacher)
-    ablation ablation_video 540 --video --steps 60 --prompts 8 --per_prompt 4 \
+lane_V() {
+    ablation ablation_video 720 --video --steps 60 --prompts 8 --per_prompt 4 \
         ${TEACHER_DIR:+--teacher "$TEACHER_DIR"}
 }
 lane_I() {
-    ablation ablation_image 540 --steps 100
+    ablation ablation_image 720 --steps 100
 }
 lane_L() {
     job lrm_shapes_video 540 $PY bench/latent_rewards_shapes.py --out "$R/lrm_shapes_video" --workers 6 \
