@@ -86,14 +86,15 @@ def merge(out: Path, parts: list[str]) -> str:
     the same measurement setup (same teacher, prompts and noise); the first part's teacher row is kept, and each
     row keeps the speedup / adherence ratio measured against the teacher in its own process."""
     runs = [json.loads((Path(p) / "ablation.json").read_text()) for p in parts]
-    keys = ("kind", "prompts", "per_prompt", "gold_reward")
+    keys = ("kind", "teacher", "prompts", "per_prompt", "gold_reward")
     for p, r in zip(parts[1:], runs[1:]):
-        if any(r[k] != runs[0][k] for k in keys):
-            raise SystemExit(f"--merge: {p} differs from {parts[0]} in {[k for k in keys if r[k] != runs[0][k]]}")
+        differ = [k for k in keys if r.get(k) != runs[0].get(k)]
+        if differ:
+            raise SystemExit(f"--merge: {p} differs from {parts[0]} in {differ}")
     results = {"teacher": runs[0]["results"]["teacher"]}
     for r in runs:
         results.update({k: v for k, v in r["results"].items() if k != "teacher"})
-    meta = {**{k: runs[0][k] for k in (*keys, "device")}, "total_seconds": max(r["total_seconds"] for r in runs),
+    meta = {**{k: runs[0].get(k) for k in (*keys, "device")}, "total_seconds": max(r["total_seconds"] for r in runs),
             "merged_from": parts,
             "teacher_adherence_per_part": [r["results"]["teacher"]["adherence"] for r in runs]}
     out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +199,8 @@ def main() -> None:
 
     def write_outputs() -> str:
         """ablation.json + ablation.md with the rows done so far (a run cut off by a time limit keeps them)."""
-        meta = {"kind": kind, "device": device_name, "total_seconds": time.perf_counter() - t_start,
+        meta = {"kind": kind, "teacher": world_over["teacher"], "device": device_name,
+                "total_seconds": time.perf_counter() - t_start,
                 "prompts": args.prompts, "per_prompt": args.per_prompt, "gold_reward": base.pixel_reward}
         return write_tables(out, meta, results)
 
