@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark and Shapes experiment of BENCHMARKS.md in one go, on one GPU, in five concurrent lanes.
 #
-#   bench/run_all.sh RESULTS_DIR [LANES]      # LANES: any of A1 A2 B C D (default), T V I L K
+#   bench/run_all.sh RESULTS_DIR [LANES]      # LANES: any of A1 A2 B C D (default), T P V I L K
 #
 # The lanes share the GPU (and the host's cores): A1/A2 hold the real-size cost benchmarks, B/C/D the Shapes-world
 # experiments (tiny models that leave most of the GPU idle). Timings are ratios measured inside one process, so
@@ -9,7 +9,8 @@
 # time limit and log (RESULTS_DIR/logs/NAME.log); RESULTS_DIR/status gets one line per finished job (rc, seconds).
 # Everything runs from the repository root with PYTHONPATH=. (no install needed besides the dependencies).
 # Lanes that fit one 10-minute device call each: T trains the video teacher further (from TEACHER_INIT, default the
-# shipped one, for TEACHER_MIN whole minutes, default 10); V is the video ablation on TEACHER_DIR (default the shipped
+# shipped one, for TEACHER_MIN whole minutes, default 10); P trains two video teachers from scratch side by side, with
+# and without temporal position embeddings (same budget); V is the video ablation on TEACHER_DIR (default the shipped
 # teacher); I the image ablation; L the video and text-video LRMs; K the LRM training cost (100k-record cache).
 # C = I + the motion overoptimization study, D = V. An ablation runs one process per row (tiny launch-bound nets
 # leave the GPU mostly idle) and merges the rows' tables at the end; on one H200 (2026-12-01) six concurrent image
@@ -71,6 +72,15 @@ lane_T() {
     job teacher_video $(( ${TEACHER_MIN:-10} * 60 + 120 )) $PY -m lrm.cli shapes train-teacher --kind video \
         --out_dir "$R/teacher_video" --init_from "${TEACHER_INIT:-distill/weights/teacher-video}" \
         --max_minutes "${TEACHER_MIN:-10}" --steps 20000 --batch_size 96 --num_samples 24000 --workers 6
+}
+lane_P() {  # A/B from scratch: the video teacher with and without temporal position embeddings, same budget
+    local pe
+    for pe in true false; do
+        job "teacher_video_pe_$pe" $(( ${TEACHER_MIN:-10} * 60 + 120 )) $PY -m lrm.cli shapes train-teacher \
+            --kind video --out_dir "$R/teacher_video_pe_$pe" --temporal_pos_embed "$pe" \
+            --max_minutes "${TEACHER_MIN:-10}" --steps 20000 --batch_size 96 --num_samples 24000 --workers 4 &
+    done
+    wait
 }
 lane_V() {
     ablation ablation_video 720 --video --steps 60 --prompts 8 --per_prompt 4 \

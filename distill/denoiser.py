@@ -178,7 +178,15 @@ class Denoiser(nn.Module):
         """What ``denoiser.json`` records next to the diffusers weights."""
         return {"model_class": type(self.model).__name__, "parameterization": self.parameterization,
                 "schedule": self.schedule.to_dict(), "cfg": "imagen: uncond + s * (cond - uncond)",
-                "video_layout": "(B, T, C, h, w)" if self.is_video else None, "use_text_mask": self.use_text_mask}
+                "video_layout": "(B, T, C, h, w)" if self.is_video else None, "use_text_mask": self.use_text_mask,
+                **({"temporal_pos_embed": n} if (n := self._temporal_pos_embed()) else {})}
+
+    def _temporal_pos_embed(self) -> int:
+        if not self.is_video:
+            return 0
+        from distill.models import temporal_pos_embed
+
+        return temporal_pos_embed(self.model)
 
     def save_pretrained(self, directory, fp16: bool = False) -> None:
         """diffusers ``save_pretrained`` (safetensors) + ``denoiser.json`` + ``null_text.safetensors``."""
@@ -217,6 +225,10 @@ class Denoiser(nn.Module):
         if model_cls is None:
             raise ValueError(f"diffusers has no model class {meta['model_class']!r} (from {meta_path})")
         model = model_cls.from_pretrained(str(directory), torch_dtype=dtype).to(device)
+        if meta.get("temporal_pos_embed"):
+            from distill.models import add_temporal_pos_embed
+
+            add_temporal_pos_embed(model, int(meta["temporal_pos_embed"]))
         null = None
         if (directory / "null_text.safetensors").exists():
             t = load_tensors(directory / "null_text.safetensors")

@@ -33,19 +33,60 @@ def shapes_image_unet(latent_channels: int = 4, sample_size: int = 8, text_dim: 
 
 
 def shapes_video_unet(latent_channels: int = 4, sample_size: int = 8, text_dim: int = 384, width: int = 40,
-                      layers_per_block: int = 1, heads: int = 8, norm_num_groups: int = 8):
-    """A tiny ``UNet3DConditionModel`` (spatial + temporal attention/convs) for ``16 x (4, 8, 8)`` videos."""
+                      layers_per_block: int = 1, heads: int = 8, norm_num_groups: int = 8,
+                      temporal_pos_embed: int = 0):
+    """A tiny ``UNet3DConditionModel`` (spatial + temporal attention/convs) for ``16 x (4, 8, 8)`` videos;
+    ``temporal_pos_embed > 0`` adds frame-index embeddings for up to that many frames
+    (``add_temporal_pos_embed``)."""
     from diffusers import UNet3DConditionModel
 
     if width % norm_num_groups or width % heads:
         raise ValueError(f"width {width} must be divisible by norm_num_groups {norm_num_groups} and heads {heads}")
-    return UNet3DConditionModel(
+    unet = UNet3DConditionModel(
         sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
         block_out_channels=(width, 2 * width), layers_per_block=layers_per_block,
         down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
         up_block_types=("CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
         cross_attention_dim=text_dim, attention_head_dim=heads, norm_num_groups=norm_num_groups,
     )
+    return add_temporal_pos_embed(unet, temporal_pos_embed) if temporal_pos_embed else unet
+
+
+def _temporal_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+
+    return [b for m in model.modules() if isinstance(m, TransformerTemporalModel) for b in m.transformer_blocks]
+
+
+def add_temporal_pos_embed(model: torch.nn.Module, max_frames: int) -> torch.nn.Module:
+    """Give every temporal transformer block of a diffusers video UNet sinusoidal frame-index embeddings
+    (``BasicTransformerBlock.pos_embed``, added to the normed frames before temporal self-attention).
+
+    diffusers' ``UNet3DConditionModel`` builds its temporal attention without them, so attention alone cannot
+    tell frame order; only the temporal convolutions can. The embeddings are fixed (no parameters) and not in the
+    state dict, so weights stay diffusers-compatible; ``Denoiser`` records ``temporal_pos_embed`` in
+    ``denoiser.json`` and re-adds them on load. In place; returns ``model``."""
+    from diffusers.models.embeddings import SinusoidalPositionalEmbedding
+
+    blocks = _temporal_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no temporal transformer blocks (TransformerTemporalModel)")
+    param = next(model.parameters())
+    for b in blocks:
+        pe = SinusoidalPositionalEmbedding(b.norm1.normalized_shape[0], max_seq_length=max_frames)
+        table = pe.pe
+        del pe._buffers["pe"]
+        pe.register_buffer("pe", table.to(param.device, param.dtype), persistent=False)
+        b.pos_embed = pe
+    return model
+
+
+def temporal_pos_embed(model: torch.nn.Module) -> int:
+    """The frame count ``add_temporal_pos_embed`` gave ``model`` (0: none)."""
+    for b in _temporal_blocks(model):
+        if getattr(b, "pos_embed", None) is not None:
+            return int(b.pos_embed.pe.shape[1])
+    return 0
 
 
 def load_shapes_teacher(kind: str = "image", device: str | torch.device = "cpu"):

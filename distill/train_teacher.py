@@ -60,6 +60,9 @@ class TrainTeacherConfig:
     width: int = opt(0, "UNet base width; 0 = default (image 48, video 40)")
     num_samples: int = opt(0, "training pool size (images or videos); 0 = default (image 100000, video 10000)")
     num_frames: int = opt(16, "frames per video (video teacher)")
+    temporal_pos_embed: bool = opt(False, "video: sinusoidal frame-index embeddings in the temporal attention "
+                                          "(diffusers' UNet3DConditionModel has none; distill.models."
+                                          "add_temporal_pos_embed), recorded in denoiser.json")
     eval_samples: int = opt(32, "held-out captions sampled for the metrics (one sample each per guidance scale)")
     eval_steps: int = opt(50, "DDIM steps of the evaluation samples")
     guidance_scales: list[float] = opt([1.0, 3.5, 7.5], "Imagen-form CFG scales evaluated (1 = no guidance)")
@@ -195,7 +198,8 @@ def build_teacher_unet(cfg: TrainTeacherConfig, latent_channels: int = 4, text_d
         return shapes_image_unet(latent_channels, 8, text_dim, width=cfg.width,
                                  heads=4 if cfg.width % 4 == 0 else 1, norm_num_groups=math.gcd(cfg.width, 16))
     return shapes_video_unet(latent_channels, 8, text_dim, width=cfg.width, heads=8 if cfg.width % 8 == 0 else 1,
-                             norm_num_groups=math.gcd(cfg.width, 8))
+                             norm_num_groups=math.gcd(cfg.width, 8),
+                             temporal_pos_embed=max(64, cfg.num_frames) if cfg.temporal_pos_embed else 0)
 
 
 def teacher_loss(denoiser, batch_x0: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
@@ -218,15 +222,18 @@ def teacher_loss(denoiser, batch_x0: torch.Tensor, tokens: torch.Tensor, mask: t
 
 def init_weights(unet: torch.nn.Module, ema: torch.nn.Module, path: str | Path, device) -> None:
     """Copy a saved teacher's weights (``Denoiser.save_pretrained`` layout) into ``unet`` and its EMA copy;
-    the architecture must match (same kind and width)."""
+    the architecture must match (same kind, width and temporal_pos_embed)."""
     from distill.denoiser import Denoiser
+    from distill.models import temporal_pos_embed
 
     init = Denoiser.from_pretrained(path, device=device).model
-    a, b = ({k: json.loads(json.dumps(v)) for k, v in m.config.items() if not k.startswith("_")} for m in (init, unet))
+    a, b = ({k: json.loads(json.dumps(v)) for k, v in m.config.items() if not k.startswith("_")}
+            | {"temporal_pos_embed": temporal_pos_embed(m)} for m in (init, unet))
     if type(init) is not type(unet) or a != b:
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         raise ValueError(f"init_from={str(path)!r} holds a {type(init).__name__} whose config differs from the one "
-                         f"this run builds ({type(unet).__name__}) in {diff}; use the same kind and width")
+                         f"this run builds ({type(unet).__name__}) in {diff}; use the same kind, width and "
+                         "temporal_pos_embed")
     state = {k: v.float() for k, v in init.state_dict().items()}
     unet.load_state_dict(state)
     ema.load_state_dict(state)

@@ -96,3 +96,45 @@ def test_train_teacher_init_from_a_saved_teacher(tmp_path):
     assert not all(torch.equal(w0[k], w2[k]) for k in w0)  # without init_from the start is a new random init
     with pytest.raises(ValueError, match="config differs"):
         train_teacher(TrainTeacherConfig(out_dir=str(tmp_path / "d"), width=8, init_from=str(first), **kw))
+
+
+def test_temporal_pos_embed_changes_the_video_unet_and_survives_save_load(tmp_path):
+    import json
+
+    from distill.models import add_temporal_pos_embed, temporal_pos_embed
+    from distill.train_teacher import init_weights
+
+    torch.manual_seed(0)
+    plain = shapes_video_unet(width=8, heads=8, norm_num_groups=8, text_dim=16)
+    with_pe = shapes_video_unet(width=8, heads=8, norm_num_groups=8, text_dim=16, temporal_pos_embed=32)
+    assert temporal_pos_embed(plain) == 0 and temporal_pos_embed(with_pe) == 32
+    assert plain.state_dict().keys() == with_pe.state_dict().keys()  # fixed embeddings, not in the weights
+    with_pe.load_state_dict(plain.state_dict())
+    x, tok = torch.randn(2, 4, 6, 8, 8), torch.randn(2, 3, 16)  # (B, C, T, h, w) as diffusers takes it
+    with torch.no_grad():
+        a = plain(x, 500, encoder_hidden_states=tok).sample
+        b = with_pe(x, 500, encoder_hidden_states=tok).sample
+    assert not torch.allclose(a, b, atol=1e-4)  # the frame index now reaches the temporal attention
+
+    d = Denoiser(with_pe, DDPMSchedule(), "conjugate_v")
+    d.save_pretrained(tmp_path / "t")
+    meta = json.loads((tmp_path / "t" / "denoiser.json").read_text())
+    assert meta["temporal_pos_embed"] == 32
+    xv, m = torch.randn(2, 6, 4, 8, 8), torch.ones(2, 3, dtype=torch.bool)  # Denoiser layout (B, T, C, h, w)
+    loaded = Denoiser.from_pretrained(tmp_path / "t")
+    assert temporal_pos_embed(loaded.model) == 32
+    with torch.no_grad():
+        assert torch.equal(d(xv, torch.tensor([500, 500]), tok, m), loaded(xv, torch.tensor([500, 500]), tok, m))
+    # an init_from teacher must have the same temporal embeddings as the run's network
+    with pytest.raises(ValueError, match="temporal_pos_embed"):
+        init_weights(plain, shapes_video_unet(width=8, heads=8, norm_num_groups=8, text_dim=16), tmp_path / "t",
+                     "cpu")
+    with pytest.raises(ValueError, match="no temporal transformer"):
+        add_temporal_pos_embed(shapes_image_unet(width=16, heads=4, norm_num_groups=16, text_dim=16), 16)
+    # the recipe's option builds and ships it
+    cfg = TrainTeacherConfig(kind="video", out_dir=str(tmp_path / "run"), width=8, num_samples=4, num_frames=4,
+                             steps=1, batch_size=2, eval_samples=2, eval_steps=2, guidance_scales=[1.0], workers=1,
+                             device="cpu", temporal_pos_embed=True)
+    out = train_teacher(cfg)
+    assert json.loads((out / "denoiser.json").read_text())["temporal_pos_embed"] == 64
+    assert temporal_pos_embed(Denoiser.from_pretrained(out).model) == 64
