@@ -67,15 +67,17 @@ class TargetStats(nn.Module):
         self.total += sums[1]
         self.total_sq += sums[2]
 
-    def mean_std(self) -> tuple[float, float]:
-        """``(mean, std)`` of the targets so far; ``(0, 1)`` (no standardisation) before two targets are seen,
-        and a constant target keeps std 1."""
-        n = float(self.count)
-        if n < 2:
-            return 0.0, 1.0
-        mean = float(self.total) / n
-        var = max(float(self.total_sq) / n - mean * mean, 0.0)
-        return mean, (var ** 0.5 if var > 1e-12 else 1.0)
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)`` of the targets so far as float64 0-d tensors on the buffers' device (no host sync: this
+        runs on every reward call; 0-d tensors leave a float32 output float32); ``(0, 1)`` (no standardisation) before two targets are seen, and a constant
+        target keeps std 1."""
+        n = self.count.clamp_min(1)
+        mean = self.total / n
+        var = (self.total_sq / n - mean * mean).clamp_min(0)
+        seen = self.count >= 2
+        mean = torch.where(seen, mean, torch.zeros_like(mean))
+        std = torch.where(seen & (var > 1e-12), var.sqrt(), torch.ones_like(var))
+        return mean, std
 
 
 class ConcurrentLRM:
@@ -114,16 +116,19 @@ class ConcurrentLRM:
             return head(latents, text_tokens, text_mask)
         return head(latents)
 
-    def _mean_std(self) -> tuple[float, float]:
-        return self.stats.mean_std() if self.standardize else (0.0, 1.0)
+    def _scaled(self, out: torch.Tensor) -> torch.Tensor:
+        """Head output -> reward units."""
+        if not self.standardize:
+            return out
+        mean, std = self.stats.mean_std()
+        return out * std.to(out.device) + mean.to(out.device)
 
     def __call__(self, latents: torch.Tensor, text_tokens: torch.Tensor | None = None,
                  text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """R^l(latents, c) in reward units, differentiable in the latents. Under DDP (``head`` wrapped by the
         trainer) this calls the wrapped module directly: reward calls (L_FT) need no gradient all-reduce."""
         head = self.head.module if isinstance(self.head, DistributedDataParallel) else self.head
-        mean, std = self._mean_std()
-        return self._forward(head, latents, text_tokens, text_mask) * std + mean
+        return self._scaled(self._forward(head, latents, text_tokens, text_mask))
 
     @torch.no_grad()
     def pixel_targets(self, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -139,9 +144,11 @@ class ConcurrentLRM:
         x = latents.detach().float()
         if targets is None:
             targets = self.pixel_targets(x, prompts)
-        mean, std = self._mean_std()
         pred = self._forward(self.head, x, text_tokens, text_mask).float()  # DDP-wrapped: gradients all-reduced
-        return F.mse_loss(pred, (targets - mean) / std)
+        if self.standardize:
+            mean, std = self.stats.mean_std()
+            targets = (targets - mean.to(targets.device)) / std.to(targets.device)
+        return F.mse_loss(pred, targets)
 
     def step(self, latents: torch.Tensor, text_tokens: torch.Tensor | None, text_mask: torch.Tensor | None,
              prompts: list[str]) -> float:
@@ -149,7 +156,7 @@ class ConcurrentLRM:
         self.head.train()
         self.optimizer.zero_grad(set_to_none=True)
         targets = self.pixel_targets(latents.detach(), prompts)
-        self.stats.to(targets.device).update(targets)
+        self.stats.update(targets)
         loss = self.loss(latents, text_tokens, text_mask, prompts, targets=targets)
         loss.backward()
         if self.max_grad_norm:

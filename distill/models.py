@@ -74,9 +74,7 @@ def add_temporal_pos_embed(model: torch.nn.Module, max_frames: int) -> torch.nn.
     param = next(model.parameters())
     for b in blocks:
         pe = SinusoidalPositionalEmbedding(b.norm1.normalized_shape[0], max_seq_length=max_frames)
-        table = pe.pe
-        del pe._buffers["pe"]
-        pe.register_buffer("pe", table.to(param.device, param.dtype), persistent=False)
+        pe.register_buffer("pe", pe.pe.to(param.device, param.dtype), persistent=False)  # not in the state dict
         b.pos_embed = pe
     return model
 

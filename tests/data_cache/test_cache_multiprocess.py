@@ -3,10 +3,6 @@ accelerate). Each rank writes its own shards, rank 0 merges one manifest, and th
 single-process build of the same config. (Before build.py passed ``cpu=True`` to accelerate, every process of a CPU
 launch took itself for rank 0 of 1: rank 1 refused the directory rank 0 had just created.)"""
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +10,7 @@ import pytest
 
 from data_cache import LatentCache, verify_cache
 from data_cache import storage as st
+from tests.torchrun import torchrun
 
 N, SHARD, BATCH = 47, 6, 4  # 8 units (the last one short), batches not aligned to shards
 REWARDS = ["brightness", "jpeg-compressibility"]
@@ -23,12 +20,6 @@ def _args(out: Path) -> list[str]:
     return ["cache", "build", "--out_dir", str(out), "--source.num_samples", str(N), "--vae", "shapes",
             "--shard_size", str(SHARD), "--batch_size", str(BATCH), "--num_workers", "1", "--prefetch_batches", "2",
             "--device", "cpu", "--progress", "false", "--rewards", "[" + ", ".join(REWARDS) + "]"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _by_source_id(cache: LatentCache) -> dict[str, dict]:
@@ -43,14 +34,8 @@ def _by_source_id(cache: LatentCache) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_build_under_torchrun_two_processes(tmp_path):
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update({"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})
     multi_dir = tmp_path / "multi"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "lrm.cli", *_args(multi_dir)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180, cwd=root)
+    proc = torchrun(["-m", "lrm.cli", *_args(multi_dir)], timeout=180)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     # both ranks report the merged manifest (rank 1 waits for rank 0's merge): all records, complete
     summaries = [ln for ln in proc.stdout.splitlines() if ln.startswith(f"cache {multi_dir}:")]

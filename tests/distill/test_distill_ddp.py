@@ -1,13 +1,11 @@
 """DistillTrainer under torchrun with 2 CPU processes (DDP through accelerate): the concurrently trained LRM head
 and the student stay identical across ranks, and a resumed run continues every rank's random stream."""
 
-import json
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+
+from tests.torchrun import results, torchrun
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys, torch
@@ -57,13 +55,9 @@ SCRIPT = textwrap.dedent("""
 def test_distill_under_torchrun_two_processes(tmp_path):
     script = tmp_path / "ddp_distill.py"
     script.write_text(SCRIPT)
-    root = Path(__file__).resolve().parents[2]
-    env = {"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    run = torchrun([str(script), str(tmp_path)], timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    res = {r["rank"]: r for r in (json.loads(line.split("RESULT ", 1)[1]) for line in run.stdout.splitlines()
-                                  if line.startswith("RESULT "))}
+    res = {r["rank"]: r for r in results(run.stdout)}
     assert sorted(res) == ["0", "1"]
     # replicas agree: the LRM head and the student are all-reduced (the head saw different samples on each rank)
     assert res["0"]["head"] == pytest.approx(res["1"]["head"], abs=1e-9)

@@ -1,12 +1,10 @@
 """fit under torchrun with 2 CPU processes (DDP through accelerate): ranks agree and the run differs from 1 process."""
 
-import json
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+
+from tests.torchrun import results, torchrun
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys, torch
@@ -22,20 +20,13 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _results(out: str) -> list[dict]:
-    return [json.loads(line.split("RESULT ", 1)[1]) for line in out.splitlines() if line.startswith("RESULT ")]
-
-
 @pytest.mark.slow
 def test_fit_under_torchrun_two_processes(tmp_path):
     script = tmp_path / "ddp_fit.py"
     script.write_text(SCRIPT)
-    root = Path(__file__).resolve().parents[2]
-    env = {"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
-                           capture_output=True, text=True, env=env, timeout=180)
+    multi = torchrun([str(script)], timeout=180)
     assert multi.returncode == 0, multi.stderr[-2000:]
-    ranks = _results(multi.stdout)
+    ranks = results(multi.stdout)
     assert sorted(r["rank"] for r in ranks) == ["0", "1"]
     assert ranks[0]["w"] == pytest.approx(ranks[1]["w"], abs=1e-6)  # DDP keeps the replicas identical
     assert ranks[0]["steps"] == [5, 10, 15]
@@ -46,4 +37,4 @@ def test_fit_under_torchrun_two_processes(tmp_path):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         exec(compile(SCRIPT, "ddp_fit.py", "exec"), {"__name__": "__main__"})
-    assert abs(ranks[0]["w"] - _results(buf.getvalue())[0]["w"]) > 1e-6
+    assert abs(ranks[0]["w"] - results(buf.getvalue())[0]["w"]) > 1e-6
