@@ -69,8 +69,8 @@ class TargetStats(nn.Module):
 
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mean, std)`` of the targets so far as float64 0-d tensors on the buffers' device (no host sync: this
-        runs on every reward call; 0-d tensors leave a float32 output float32); ``(0, 1)`` (no standardisation) before two targets are seen, and a constant
-        target keeps std 1."""
+        runs on every reward call; 0-d tensors leave a float32 output float32); ``(0, 1)`` (no standardisation)
+        before two targets are seen, and a constant target keeps std 1."""
         n = self.count.clamp_min(1)
         mean = self.total / n
         var = (self.total_sq / n - mean * mean).clamp_min(0)

@@ -27,7 +27,7 @@ def test_fit_under_torchrun_two_processes(tmp_path):
     multi = torchrun([str(script)], timeout=180)
     assert multi.returncode == 0, multi.stderr[-2000:]
     ranks = results(multi.stdout)
-    assert sorted(r["rank"] for r in ranks) == ["0", "1"]
+    assert sorted(r["rank"] for r in ranks) == ["0", "1"], multi.stdout[-2000:] + multi.stderr[-2000:]
     assert ranks[0]["w"] == pytest.approx(ranks[1]["w"], abs=1e-6)  # DDP keeps the replicas identical
     assert ranks[0]["steps"] == [5, 10, 15]
     # the same run in one process (in this interpreter) ends elsewhere: gradients were averaged over 2 ranks
