@@ -43,7 +43,10 @@ ROWS = [  # (row name, config file suffix)
 
 
 def timed(fn, repeats: int = 3) -> tuple[torch.Tensor, float]:
-    """Median wall-clock seconds of ``fn()`` (after one warm-up call), CUDA-synchronised."""
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` calls after one warm-up call, CUDA-synchronised;
+    ``repeats=0``: the one (cold) call's time."""
+    if repeats == 0:
+        return _timed_once(fn)
     out = fn()
     times = []
     for _ in range(repeats):
@@ -57,6 +60,73 @@ def timed(fn, repeats: int = 3) -> tuple[torch.Tensor, float]:
     return out, sorted(times)[len(times) // 2]
 
 
+def _timed_once(fn) -> tuple[torch.Tensor, float]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def heldout_prompts(n: int, video: bool) -> list[str]:
+    """The first ``n`` distinct captions of the held-out Shapes world (seed 1)."""
+    from shapes import ShapesWorld
+
+    world = ShapesWorld(seed=1, num_frames=16 if video else None)
+    prompts: list[str] = []
+    i = 0
+    while len(prompts) < n:
+        c = world.sample(i).caption
+        if c not in prompts:
+            prompts.append(c)
+        i += 1
+    return prompts
+
+
+STUDENT_TIMESTEPS = {4: [999, 749, 499, 249], 2: [999, 499], 1: [999]}
+
+
+def retime(meta: dict, results: dict, device: torch.device, teacher_cfg: float, repeats: int = 3) -> dict:
+    """Sampling wall-clock of teacher and students measured again in this one process, alone on the device.
+
+    The rows' own timings come from processes that share the GPU (one per row), so their speedups mix in the
+    other rows' load. Every student here has the teacher's architecture, so a k-step student sample costs what
+    ``student_sample`` with the teacher's network and the student's k timesteps costs: this times that against
+    the 50-step CFG teacher on the same batch and noise, and returns the rows with ``seconds`` / ``speedup``
+    replaced (the concurrent measurements kept as ``seconds_concurrent`` / ``speedup_concurrent``)."""
+    from distill.cli import build_teacher
+    from distill.samplers import ddim_sample, student_sample
+    from distill.trainer import DistillConfig
+    from lrm.config import load_config
+    from lrm.text import TextEncoder
+
+    if "latent_shape" not in meta:
+        raise SystemExit("--retime: the ablation.json has no latent_shape (written by an older version); rerun it")
+    cfg = load_config(DistillConfig, ROOT / "configs/distill_shapes_ablation_cd_only.yaml",
+                      {"teacher": meta["teacher"]})
+    teacher = build_teacher(cfg, device)
+    prompts = [p for p in heldout_prompts(meta["prompts"], meta["kind"] == "video") for _ in range(meta["per_prompt"])]
+    emb = TextEncoder(cfg.text_encoder, device=device)(prompts)
+    tok, mask = emb.tokens.to(device), emb.mask.to(device)
+    noise = torch.randn((len(prompts), *meta["latent_shape"]), generator=torch.Generator().manual_seed(1234))
+    noise = noise.to(device)
+    with torch.no_grad():
+        _, t_time = timed(lambda: ddim_sample(teacher, noise, tok, mask, num_steps=50, guidance_scale=teacher_cfg),
+                          repeats)
+        student_time = {k: timed(lambda: student_sample(teacher, noise, tok, mask, timesteps=ts), repeats)[1]
+                        for k, ts in STUDENT_TIMESTEPS.items()}
+    out = {"teacher": {**results["teacher"], "seconds_concurrent": results["teacher"]["seconds"], "seconds": t_time}}
+    for key, r in results.items():
+        if key == "teacher":
+            continue
+        s = student_time[r["network_calls"]]
+        out[key] = {**r, "seconds_concurrent": r["seconds"], "speedup_concurrent": r["speedup"],
+                    "seconds": s, "speedup": t_time / s}
+    return out
+
+
 def write_tables(out: Path, meta: dict, results: dict) -> str:
     """``out/ablation.json`` (meta + results) and ``out/ablation.md`` (the table, rows in ``ROWS`` order)."""
     from lrm.io import write_json
@@ -64,7 +134,8 @@ def write_tables(out: Path, meta: dict, results: dict) -> str:
     write_json(out / "ablation.json", {**meta, "results": results})
     t = results["teacher"]
     lines = [f"Shapes {meta['kind']} ablation on {meta['device']} ({meta['prompts']} held-out prompts x "
-             f"{meta['per_prompt']} samples; gold = {meta['gold_reward']}; total {meta['total_seconds']:.0f} s)", "",
+             f"{meta['per_prompt']} samples; gold = {meta['gold_reward']}; total {meta['total_seconds']:.0f} s"
+             + ("; sampling times retimed alone in one process" if meta.get("timing") else "") + ")", "",
              "| generator | NFE | sample s | speedup | adherence | vs teacher | Vendi | gold | train s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
              f"| {t['name']} | 100 | {t['seconds']:.3f} | 1.0x | {t['adherence']:.3f} | 100% | {t['vendi']:.2f} | "
@@ -81,12 +152,13 @@ def write_tables(out: Path, meta: dict, results: dict) -> str:
     return text
 
 
-def merge(out: Path, parts: list[str]) -> str:
+def merge(out: Path, parts: list[str], retime_device: torch.device | None = None, teacher_cfg: float = 7.5) -> str:
     """One table from runs of disjoint ``--rows`` (e.g. one process per row): every part's teacher row must be
     the same measurement setup (same teacher, prompts and noise); the first part's teacher row is kept, and each
-    row keeps the speedup / adherence ratio measured against the teacher in its own process."""
+    row keeps the adherence ratio measured against the teacher in its own process. With ``retime_device`` the
+    sampling times are measured again in this process (``retime``), else each row keeps its own speedup."""
     runs = [json.loads((Path(p) / "ablation.json").read_text()) for p in parts]
-    keys = ("kind", "teacher", "prompts", "per_prompt", "gold_reward")
+    keys = ("kind", "teacher", "prompts", "per_prompt", "gold_reward", "latent_shape")
     for p, r in zip(parts[1:], runs[1:]):
         differ = [k for k in keys if r.get(k) != runs[0].get(k)]
         if differ:
@@ -97,6 +169,9 @@ def merge(out: Path, parts: list[str]) -> str:
     meta = {**{k: runs[0].get(k) for k in (*keys, "device")}, "total_seconds": max(r["total_seconds"] for r in runs),
             "merged_from": parts,
             "teacher_adherence_per_part": [r["results"]["teacher"]["adherence"] for r in runs]}
+    if retime_device is not None:
+        results = retime(meta, results, retime_device, teacher_cfg)
+        meta["timing"] = f"retimed alone in the merge process on {retime_device}"
     out.mkdir(parents=True, exist_ok=True)
     return write_tables(out, meta, results)
 
@@ -119,11 +194,18 @@ def main() -> None:
                          "--set lrm_mode=frozen --set lrm_path=runs/lrm-colorfulness; repeatable")
     ap.add_argument("--num_data", type=int, default=None, help="override the configs' number of data latents")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--timing_repeats", type=int, default=2,
+                    help="timed sampling calls after a warm-up (median); 0: time the one evaluation call")
     ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                     help="only merge the ablation.json of earlier runs (e.g. one per row) into --out")
+    ap.add_argument("--retime", action="store_true",
+                    help="with --merge: measure the sampling times again in the merge process (see retime())")
     args = ap.parse_args()
     if args.merge:
-        print(merge(Path(args.out), args.merge))
+        from lrm.run import resolve_device
+
+        print(merge(Path(args.out), args.merge, resolve_device(args.device) if args.retime else None,
+                    args.teacher_cfg))
         return
 
     from distill.cli import build_data, build_lrm, build_teacher, build_vae
@@ -134,7 +216,6 @@ def main() -> None:
     from lrm.run import resolve_device
     from lrm.text import TextEncoder
     from reward_adapters import create_reward
-    from shapes import ShapesWorld
     from shapes.grid import save_grid, save_video_strip
 
     out = Path(args.out)
@@ -162,15 +243,7 @@ def main() -> None:
     text_encoder = TextEncoder(base.text_encoder, device=device)
 
     # Held-out prompts, each repeated per_prompt times with fixed noise shared by every generator.
-    world = ShapesWorld(seed=1, num_frames=16 if args.video else None)
-    prompts: list[str] = []
-    i = 0
-    while len(prompts) < args.prompts:
-        c = world.sample(i).caption
-        if c not in prompts:
-            prompts.append(c)
-        i += 1
-    all_prompts = [p for p in prompts for _ in range(args.per_prompt)]
+    all_prompts = [p for p in heldout_prompts(args.prompts, args.video) for _ in range(args.per_prompt)]
     emb = text_encoder(all_prompts)
     tok, mask = emb.tokens.to(device), emb.mask.to(device)
     g = torch.Generator().manual_seed(1234)
@@ -191,7 +264,7 @@ def main() -> None:
 
     with torch.no_grad():
         t_lat, t_time = timed(lambda: ddim_sample(teacher, noise, tok, mask, num_steps=50,
-                                                  guidance_scale=args.teacher_cfg), repeats=2)
+                                                  guidance_scale=args.teacher_cfg), args.timing_repeats)
     results = {"teacher": {"name": f"teacher (50 DDIM x CFG {args.teacher_cfg})", "seconds": t_time,
                            "network_calls": 100, **score(t_lat, "teacher")}}
     print(f"teacher: {results['teacher']}", flush=True)
@@ -201,7 +274,8 @@ def main() -> None:
         """ablation.json + ablation.md with the rows done so far (a run cut off by a time limit keeps them)."""
         meta = {"kind": kind, "teacher": world_over["teacher"], "device": device_name,
                 "total_seconds": time.perf_counter() - t_start,
-                "prompts": args.prompts, "per_prompt": args.per_prompt, "gold_reward": base.pixel_reward}
+                "prompts": args.prompts, "per_prompt": args.per_prompt, "gold_reward": base.pixel_reward,
+                "latent_shape": list(data.latents.shape[1:])}
         return write_tables(out, meta, results)
 
     write_outputs()
@@ -220,7 +294,7 @@ def main() -> None:
         t0 = time.perf_counter()
         hist = tr.train()
         train_s = time.perf_counter() - t0
-        s_lat, s_time = timed(lambda: tr.sample(noise, tok, mask))
+        s_lat, s_time = timed(lambda: tr.sample(noise, tok, mask), args.timing_repeats)
         r = {"name": name, "config": f"configs/distill_shapes_ablation_{suffix}.yaml", "steps": cfg.steps,
              "train_seconds": train_s, "seconds": s_time, "network_calls": len(tr.timesteps),
              "speedup": t_time / s_time, **score(s_lat, suffix),

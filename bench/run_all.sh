@@ -11,7 +11,9 @@
 # Lanes that fit one 10-minute device call each: T trains the video teacher further (from TEACHER_INIT, default the
 # shipped one, for TEACHER_MIN whole minutes, default 10); P trains two video teachers from scratch side by side, with
 # and without temporal position embeddings (same budget); V is the video ablation on TEACHER_DIR (default the shipped
-# teacher); I the image ablation; L the video and text-video LRMs; K the LRM training cost (100k-record cache).
+# teacher; VIDEO_STEPS generator steps, default 60); I the image ablation (IMAGE_STEPS, default 100; both take
+# PROMPTS x PER_PROMPT held-out samples and LRM_BETAS, see ablation()); L the video and text-video LRMs; K the LRM
+# training cost (100k-record cache).
 # C = I + the motion overoptimization study, D = V. An ablation runs one process per row (tiny launch-bound nets
 # leave the GPU mostly idle) and merges the rows' tables at the end; on one H200 (2026-12-01) six concurrent image
 # rows took 72-138 s, video rows 125-221 s.
@@ -35,14 +37,21 @@ job() {  # job NAME SECONDS CMD...
 
 ABLATION_ROWS="cd_only vsd_only vsd_cd vsd_cd_lrm vsd_cd_2step vsd_cd_1step"
 ablation() {  # ablation NAME SECONDS ARGS...: one process per row (tiny launch-bound nets), then one merged table
-    local name=$1 limit=$2 row parts=()
+    # whose sampling times are measured again in the merge process, alone on the GPU (--retime). LRM_BETAS="b ..."
+    # adds VSD+CD+LRM runs at beta_ft = b beside the table's row (NAME_beta_b/, same prompts and noise).
+    local name=$1 limit=$2 row b parts=()
     shift 2
     for row in $ABLATION_ROWS; do
-        job "${name}_$row" "$limit" $PY bench/distill_shapes_ablation.py --out "$R/$name/$row" --rows "$row" "$@" &
+        job "${name}_$row" "$limit" $PY bench/distill_shapes_ablation.py --out "$R/$name/$row" --rows "$row" \
+            --timing_repeats 0 "$@" &
         parts+=("$R/$name/$row")
     done
+    for b in ${LRM_BETAS:-}; do
+        job "${name}_beta_$b" "$limit" $PY bench/distill_shapes_ablation.py --out "$R/${name}_beta_$b" \
+            --rows vsd_cd_lrm --timing_repeats 0 --set "beta_ft=$b" "$@" &
+    done
     wait
-    job "${name}_merge" 60 $PY bench/distill_shapes_ablation.py --out "$R/$name" --merge "${parts[@]}"
+    job "${name}_merge" 120 $PY bench/distill_shapes_ablation.py --out "$R/$name" --merge "${parts[@]}" --retime
 }
 
 lane_A1() {
@@ -83,11 +92,11 @@ lane_P() {  # A/B from scratch: the video teacher with and without temporal posi
     wait
 }
 lane_V() {
-    ablation ablation_video 720 --video --steps 60 --prompts 8 --per_prompt 4 \
-        ${TEACHER_DIR:+--teacher "$TEACHER_DIR"}
+    ablation ablation_video 720 --video --steps "${VIDEO_STEPS:-60}" --prompts "${PROMPTS:-8}" \
+        --per_prompt "${PER_PROMPT:-4}" ${TEACHER_DIR:+--teacher "$TEACHER_DIR"}
 }
 lane_I() {
-    ablation ablation_image 720 --steps 100
+    ablation ablation_image 720 --steps "${IMAGE_STEPS:-100}" --prompts "${PROMPTS:-16}" --per_prompt "${PER_PROMPT:-8}"
 }
 lane_L() {
     job lrm_shapes_video 540 $PY bench/latent_rewards_shapes.py --out "$R/lrm_shapes_video" --workers 6 \

@@ -1,0 +1,61 @@
+"""bench/distill_shapes_ablation.py's merge of one-process-per-row runs and its single-process retiming."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("ablation_bench", ROOT / "bench/distill_shapes_ablation.py")
+ablation = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ablation)
+
+META = {"kind": "image", "teacher": "shapes-image", "device": "cpu", "prompts": 1, "per_prompt": 1,
+        "gold_reward": "colorfulness", "latent_shape": [4, 8, 8], "total_seconds": 10.0}
+
+
+def _row(name, calls, seconds, adherence, teacher_seconds=2.0):
+    return {"name": name, "network_calls": calls, "seconds": seconds, "speedup": teacher_seconds / seconds,
+            "adherence": adherence, "adherence_vs_teacher": adherence / 0.8, "vendi": 1.0, "gold": 40.0,
+            "train_seconds": 5.0}
+
+
+def _part(tmp_path, name, rows, teacher_adherence=0.8, **meta):
+    d = tmp_path / name
+    d.mkdir()
+    teacher = {"name": "teacher", "seconds": 2.0, "network_calls": 100, "adherence": teacher_adherence,
+               "vendi": 1.0, "gold": 45.0}
+    (d / "ablation.json").write_text(json.dumps({**META, **meta, "results": {"teacher": teacher, **rows}}))
+    return str(d)
+
+
+def test_merge_keeps_every_row_and_refuses_other_setups(tmp_path):
+    a = _part(tmp_path, "a", {"cd_only": _row("CD only (4 steps)", 4, 0.1, 0.78)})
+    b = _part(tmp_path, "b", {"vsd_cd_1step": _row("VSD+CD (1 step)", 1, 0.05, 0.72)}, teacher_adherence=0.81)
+    text = ablation.merge(tmp_path / "m", [a, b])
+    merged = json.loads((tmp_path / "m/ablation.json").read_text())
+    assert set(merged["results"]) == {"teacher", "cd_only", "vsd_cd_1step"}
+    assert merged["teacher_adherence_per_part"] == [0.8, 0.81]
+    # rows in ROWS order: CD only before the 1-step row; the ratio column is the row's own
+    assert text.index("CD only") < text.index("VSD+CD (1 step)")
+    assert "| 98% |" in text and "| 90% |" in text
+    c = _part(tmp_path, "c", {"vsd_only": _row("VSD only (4 steps)", 4, 0.1, 0.7)}, latent_shape=[4, 16, 16])
+    with pytest.raises(SystemExit, match="latent_shape"):
+        ablation.merge(tmp_path / "m2", [a, c])
+
+
+def test_retime_measures_teacher_and_students_in_one_process():
+    rows = {"teacher": {"name": "teacher", "seconds": 9.0, "network_calls": 100, "adherence": 0.8},
+            "vsd_cd": _row("VSD+CD (4 steps)", 4, 1.0, 0.8), "vsd_cd_1step": _row("VSD+CD (1 step)", 1, 1.0, 0.7)}
+    out = ablation.retime(META, rows, torch.device("cpu"), 7.5, repeats=0)
+    t = out["teacher"]["seconds"]
+    assert out["teacher"]["seconds_concurrent"] == 9.0 and t != 9.0
+    for key in ("vsd_cd", "vsd_cd_1step"):
+        assert out[key]["seconds_concurrent"] == 1.0 and out[key]["speedup_concurrent"] == 2.0
+        assert out[key]["speedup"] == pytest.approx(t / out[key]["seconds"])
+        assert out[key]["adherence"] == rows[key]["adherence"]  # only the timing changes
+    assert out["vsd_cd"]["speedup"] > 1.0  # 4 network calls against the teacher's 100
+    with pytest.raises(SystemExit, match="latent_shape"):
+        ablation.retime({k: v for k, v in META.items() if k != "latent_shape"}, rows, torch.device("cpu"), 7.5)
