@@ -138,14 +138,14 @@ def write_tables(out: Path, meta: dict, results: dict) -> str:
              + ("; sampling times retimed alone in one process" if meta.get("timing") else "") + ")", "",
              "| generator | NFE | sample s | speedup | adherence | vs teacher | Vendi | gold | train s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-             f"| {t['name']} | 100 | {t['seconds']:.3f} | 1.0x | {t['adherence']:.3f} | 100% | {t['vendi']:.2f} | "
+             f"| {t['name']} | 100 | {t['seconds']:.3f} | 1.0x | {t['adherence']:.3f} | 100% | {t['vendi']:.3f} | "
              f"{t['gold']:.2f} | - |"]
     for _, suffix in ROWS:
         if suffix not in results:
             continue
         r = results[suffix]
         lines.append(f"| {r['name']} | {r['network_calls']} | {r['seconds']:.3f} | {r['speedup']:.1f}x | "
-                     f"{r['adherence']:.3f} | {100 * r['adherence_vs_teacher']:.0f}% | {r['vendi']:.2f} | "
+                     f"{r['adherence']:.3f} | {100 * r['adherence_vs_teacher']:.1f}% | {r['vendi']:.3f} | "
                      f"{r['gold']:.2f} | {r['train_seconds']:.0f} |")
     text = "\n".join(lines) + "\n"
     (out / "ablation.md").write_text(text)
@@ -158,7 +158,7 @@ def merge(out: Path, parts: list[str], retime_device: torch.device | None = None
     row keeps the adherence ratio measured against the teacher in its own process. With ``retime_device`` the
     sampling times are measured again in this process (``retime``), else each row keeps its own speedup."""
     runs = [json.loads((Path(p) / "ablation.json").read_text()) for p in parts]
-    keys = ("kind", "teacher", "prompts", "per_prompt", "gold_reward", "latent_shape")
+    keys = ("kind", "teacher", "prompts", "per_prompt", "gold_reward", "latent_shape", "overrides")
     for p, r in zip(parts[1:], runs[1:]):
         differ = [k for k in keys if r.get(k) != runs[0].get(k)]
         if differ:
@@ -270,12 +270,14 @@ def main() -> None:
     print(f"teacher: {results['teacher']}", flush=True)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
 
+    overrides = dict(item.split("=", 1) for item in args.set)  # as given (the configs hold the rest)
+
     def write_outputs() -> str:
         """ablation.json + ablation.md with the rows done so far (a run cut off by a time limit keeps them)."""
         meta = {"kind": kind, "teacher": world_over["teacher"], "device": device_name,
                 "total_seconds": time.perf_counter() - t_start,
                 "prompts": args.prompts, "per_prompt": args.per_prompt, "gold_reward": base.pixel_reward,
-                "latent_shape": list(data.latents.shape[1:])}
+                "latent_shape": list(data.latents.shape[1:]), "overrides": overrides}
         return write_tables(out, meta, results)
 
     write_outputs()

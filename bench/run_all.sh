@@ -11,12 +11,12 @@
 # Lanes that fit one 10-minute device call each: T trains the video teacher further (from TEACHER_INIT, default the
 # shipped one, for TEACHER_MIN whole minutes, default 10); P trains two video teachers from scratch side by side, with
 # and without temporal position embeddings (same budget); V is the video ablation on TEACHER_DIR (default the shipped
-# teacher; VIDEO_STEPS generator steps, default 60); I the image ablation (IMAGE_STEPS, default 100; both take
+# teacher; VIDEO_STEPS generator steps, default 90); I the image ablation (IMAGE_STEPS, default 240; both take
 # PROMPTS x PER_PROMPT held-out samples and LRM_BETAS, see ablation()); L the video and text-video LRMs; K the LRM
 # training cost (100k-record cache).
 # C = I + the motion overoptimization study, D = V. An ablation runs one process per row (tiny launch-bound nets
-# leave the GPU mostly idle) and merges the rows' tables at the end; on one H200 (2026-12-01) six concurrent image
-# rows took 72-138 s, video rows 125-221 s.
+# leave the GPU mostly idle) and merges the rows' tables at the end; on one H200 (2026-12-02) seven concurrent image
+# rows took 155-356 s, eight video rows 193-369 s (each lane fits one 10-minute device call).
 set -u
 R=${1:?usage: bench/run_all.sh RESULTS_DIR [LANES]}
 shift
@@ -93,11 +93,12 @@ lane_P() {  # A/B from scratch: the video teacher with and without temporal posi
     wait
 }
 lane_V() {
-    ablation ablation_video 720 --video --steps "${VIDEO_STEPS:-60}" --prompts "${PROMPTS:-8}" \
-        --per_prompt "${PER_PROMPT:-4}" ${TEACHER_DIR:+--teacher "$TEACHER_DIR"}
+    ablation ablation_video 720 --video --steps "${VIDEO_STEPS:-90}" --prompts "${PROMPTS:-16}" \
+        --per_prompt "${PER_PROMPT:-8}" ${TEACHER_DIR:+--teacher "$TEACHER_DIR"}
 }
-lane_I() {
-    ablation ablation_image 720 --steps "${IMAGE_STEPS:-100}" --prompts "${PROMPTS:-16}" --per_prompt "${PER_PROMPT:-8}"
+lane_I() {  # the image rows at learning rates 3e-5 (BENCHMARKS.md, 2026-12-02: 1e-4 drifted off the captions)
+    ablation ablation_image 720 --steps "${IMAGE_STEPS:-240}" --prompts "${PROMPTS:-16}" --per_prompt "${PER_PROMPT:-8}" \
+        --set lr_student=3e-5 --set lr_fake=3e-5
 }
 lane_L() {
     job lrm_shapes_video 540 $PY bench/latent_rewards_shapes.py --out "$R/lrm_shapes_video" --workers 6 \

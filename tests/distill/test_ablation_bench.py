@@ -40,7 +40,7 @@ def test_merge_keeps_every_row_and_refuses_other_setups(tmp_path):
     assert merged["teacher_adherence_per_part"] == [0.8, 0.81]
     # rows in ROWS order: CD only before the 1-step row; the ratio column is the row's own
     assert text.index("CD only") < text.index("VSD+CD (1 step)")
-    assert "| 98% |" in text and "| 90% |" in text
+    assert "| 97.5% |" in text and "| 90.0% |" in text
     c = _part(tmp_path, "c", {"vsd_only": _row("VSD only (4 steps)", 4, 0.1, 0.7)}, latent_shape=[4, 16, 16])
     with pytest.raises(SystemExit, match="latent_shape"):
         ablation.merge(tmp_path / "m2", [a, c])
