@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from distill.trainer import DistillConfig, DistillData, DistillTrainer
+from distill.trainer import DistillConfig, DistillData, DistillTrainer, make_accelerator
 from lrm.config import ConfigError
 from lrm.run import get_logger
 
@@ -123,9 +123,7 @@ def build_lrm(cfg: DistillConfig, data: DistillData, vae: Any, device: torch.dev
 
 def build_trainer(cfg: DistillConfig) -> DistillTrainer:
     """Teacher, VAE, data latents and LRM from the config -> a ready ``DistillTrainer``."""
-    from accelerate import Accelerator
-
-    acc = Accelerator(cpu=(cfg.device == "cpu"))
+    acc = make_accelerator(cfg)
     device = acc.device if cfg.device in ("auto", "cpu") else torch.device(cfg.device)
     # One text encoder for the teacher's null caption, the data captions and the LRM check (loaded only if needed).
     needs_text = teacher_is_diffusers(cfg) or cfg.data_cache is None

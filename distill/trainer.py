@@ -45,16 +45,17 @@ LOG_COLUMNS = ["step", "loss_g", "loss_vsd", "loss_cd", "loss_ft", "lrm_reward",
 class DistillConfig:
     """Everything ``DistillTrainer`` / ``lrm distill`` needs; per-process sizes, steps in generator steps.
 
-    Multi-process: **DDP only** (``accelerate launch`` / ``torchrun`` with the default multi-GPU or multi-CPU
-    backend). The student, fake score and concurrent LRM head are wrapped by DDP after their optimizers are
-    built; FSDP and DeepSpeed would shard the parameters those optimizers hold, so they are refused.
+    Multi-process (``accelerate launch`` / ``torchrun``): DDP by default (the student, fake score and concurrent
+    LRM head replicated, gradients all-reduced); ``fsdp: true`` (or ``accelerate launch --use_fsdp``) shards the
+    student, fake score and CD target with FSDP2 instead (``distill.fsdp``; the frozen teacher and the small LRM head
+    stay replicated). Checkpoints have one format for all three. DeepSpeed is refused.
     """
 
     # ---- run -------------------------------------------------------------------------------------------
     run_dir: str = opt("runs/distill", "output directory: config.yaml, log.txt, log.csv, checkpoint/, samples/, "
                                       "student/")
     seed: int = opt(0, "random seed (per process: seed + process index)")
-    device: str = opt("auto", "'auto' (cuda if available), 'cuda', 'cuda:N' or 'cpu' (single process only)")
+    device: str = opt("auto", "'auto' (cuda if available), 'cuda', 'cuda:N' (single process) or 'cpu'")
     # ---- models and data (used by `lrm distill`; the Python API takes objects) ---------------------------
     teacher: str = opt("shapes-image", "'shapes-image' / 'shapes-video' (the built-in world's teachers), a "
                                        "Denoiser directory written by Denoiser.save_pretrained, or a diffusers "
@@ -120,6 +121,8 @@ class DistillConfig:
     max_grad_norm: float = opt(10.0, "gradient clipping (L2 norm) for student and fake score; 0 = off")
     warmup_steps: int = opt(0, "linear learning-rate warm-up, in generator steps")
     bf16: bool = opt(False, "bf16 autocast for network calls (CUDA only; losses and VSD gradient stay fp32)")
+    fsdp: bool = opt(False, "multi-process: shard student, fake score and CD target with FSDP2 (one unit per "
+                            "UNet / transformer block) instead of DDP replicas; the teacher stays replicated")
     gradient_checkpointing: bool = opt(False, "activation checkpointing in the student and fake score")
     # ---- logging ---------------------------------------------------------------------------------------
     log_every: int = opt(10, "log to log.txt every N steps (log.csv gets every step)")
@@ -148,11 +151,10 @@ class DistillConfig:
             raise ConfigError(f"cd_ema_decay must be in [0, 1], got {self.cd_ema_decay}")
         if self.text_max_length < 1:
             raise ConfigError(f"text_max_length must be >= 1, got {self.text_max_length}")
-        for env, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-            if os.environ.get(env, "false").lower() in ("1", "true", "yes"):
-                raise ConfigError(f"{env}={os.environ[env]}: distillation supports DDP only, not {what} (the "
-                                  "optimizers hold unsharded parameters). Run `accelerate launch` with the default "
-                                  "multi-GPU (DDP) config, or torchrun")
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes"):
+            raise ConfigError(f"ACCELERATE_USE_DEEPSPEED={os.environ['ACCELERATE_USE_DEEPSPEED']}: distillation "
+                              "runs under DDP or FSDP, not DeepSpeed. Run `accelerate launch` with the multi-GPU "
+                              "(DDP) or FSDP config, or torchrun (fsdp: true for FSDP)")
 
     @property
     def timesteps(self) -> list[int]:
@@ -223,6 +225,28 @@ class DistillData:
         return cls(torch.cat(lat), torch.cat(toks), torch.cat(masks), prompts)
 
 
+def make_accelerator(cfg: DistillConfig):
+    """The run's ``accelerate.Accelerator``: CPU processes when ``device`` is 'cpu', or 'auto' without CUDA (so
+    that torchrun on a CPU host gives gloo DDP / FSDP, not N unrelated single-process runs in one run_dir)."""
+    from accelerate import Accelerator
+
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    acc = Accelerator(cpu=cpu)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and acc.num_processes != world:
+        raise ConfigError(f"WORLD_SIZE={world} but accelerate set up {acc.num_processes} process(es); launch with "
+                          "`accelerate launch` or `torchrun` and leave device at 'auto' (or 'cuda' / 'cpu')")
+    return acc
+
+
+def _with_model(d: Denoiser, model: nn.Module) -> Denoiser:
+    """A shallow copy of ``d`` (same schedule, null caption, parameterisation) around another ``model``."""
+    view = copy.copy(d)
+    view._modules = dict(d._modules)
+    view._modules["model"] = model
+    return view
+
+
 def _student_from_teacher(teacher: Denoiser, parameterization: str) -> Denoiser:
     null = (teacher.null_tokens.detach().cpu(), teacher.null_mask.detach().cpu())
     kind = teacher.parameterization if parameterization == "homogeneous" else "x0"
@@ -247,17 +271,16 @@ class DistillTrainer:
 
     def __init__(self, config: DistillConfig, teacher: Denoiser, data: DistillData, lrm: Any = None,
                  vae: Any = None, accelerator: Any = None):
-        from accelerate import Accelerator
-
         self.config = cfg = config
         if accelerator is None:
-            accelerator = Accelerator(cpu=(cfg.device == "cpu"))
+            accelerator = make_accelerator(cfg)
         self.accelerator = acc = accelerator
         dist = str(getattr(acc.distributed_type, "value", acc.distributed_type))
-        if dist != "NO" and not dist.startswith("MULTI_"):
-            raise ConfigError(f"accelerate distributed_type={dist}: DistillTrainer supports DDP only (single process, "
-                              "MULTI_GPU or MULTI_CPU); FSDP / DeepSpeed / XLA / Megatron are not supported. Use the "
-                              "default `accelerate config` (multi-GPU) or torchrun")
+        if dist not in ("NO", "FSDP") and not dist.startswith("MULTI_"):
+            raise ConfigError(f"accelerate distributed_type={dist}: DistillTrainer runs in one process, under DDP "
+                              "(MULTI_GPU / MULTI_CPU) or FSDP; DeepSpeed / XLA / Megatron are not supported. Use "
+                              "the multi-GPU or FSDP `accelerate config`, or torchrun")
+        self.fsdp = (cfg.fsdp or dist == "FSDP") and acc.num_processes > 1
         self.device = acc.device if cfg.device in ("auto", "cpu") else torch.device(cfg.device)
         if cfg.bf16 and self.device.type != "cuda":
             raise ConfigError(f"bf16=true needs a CUDA device (got {self.device}); set bf16: false on CPU")
@@ -272,6 +295,8 @@ class DistillTrainer:
         self.student = _student_from_teacher(self.teacher, cfg.parameterization)
         self.fake = copy.deepcopy(self.teacher).requires_grad_(True).train() if cfg.use_vsd else None
         self.target = EMA(self.student, cfg.cd_ema_decay) if cfg.use_cd else None
+        # FSDP: save_student writes the gathered weights through this unsharded copy (main process, CPU)
+        self._plain_student = copy.deepcopy(self.student.model).cpu() if self.fsdp and acc.is_main_process else None
         if cfg.gradient_checkpointing:
             for m in (self.student, self.fake):
                 if m is None:
@@ -299,18 +324,32 @@ class DistillTrainer:
         self.grid = ddim_grid(self.teacher.schedule.num_train_timesteps, cfg.cd_ddim_steps, device=self.device)
         self.timesteps = cfg.timesteps
 
+        if self.fsdp:  # before the optimizers: they must hold the sharded parameters
+            from torch.distributed.device_mesh import init_device_mesh
+
+            from distill import fsdp
+
+            mesh = init_device_mesh(self.device.type, (acc.num_processes,))
+            for m in (self.student, self.fake, self.target.shadow if self.target is not None else None):
+                if m is not None:
+                    fsdp.shard(m.model, mesh)
         betas = (cfg.adam_beta1, cfg.adam_beta2)
         self.opt_g = torch.optim.AdamW(self.student.model.parameters(), lr=cfg.lr_student, betas=betas,
                                        weight_decay=cfg.weight_decay)
         self.opt_f = torch.optim.AdamW(self.fake.model.parameters(), lr=cfg.lr_fake, betas=betas,
                                        weight_decay=cfg.weight_decay) if self.fake is not None else None
-        if acc.num_processes > 1:  # DDP: gradients of every trained network are all-reduced
+        if acc.num_processes > 1 and not self.fsdp:  # DDP: gradients of every trained network are all-reduced
             self.student.model = acc.prepare_model(self.student.model)
             if self.fake is not None:
                 self.fake.model = acc.prepare_model(self.fake.model)
-            if self.concurrent:  # else each rank's LRM would fit only its own samples and drift apart
+        if acc.num_processes > 1 and self.concurrent:  # else each rank's LRM would fit only its own samples
+            if self.fsdp:  # a small head: replicated (torch DDP, whatever accelerate's plugin would do)
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                self.lrm.head = nn.parallel.DistributedDataParallel(self.lrm.head, device_ids=ids)
+            else:
                 self.lrm.head = acc.prepare_model(self.lrm.head)
                 self.lrm.optimizer = acc.prepare_optimizer(self.lrm.optimizer)
+        self._draws = 0  # graded-step draws in this generator step (FSDP: the same on every rank)
         self.step = 0
         self.history: list[dict[str, float]] = []
         self._last: list[tuple[DistillData, torch.Tensor]] = []  # (batch, x_hat) of the last generator step
@@ -324,7 +363,35 @@ class DistillTrainer:
         return nullcontext()
 
     def _unwrap(self, m: nn.Module) -> nn.Module:
-        return self.accelerator.unwrap_model(m)
+        if isinstance(m, nn.parallel.DistributedDataParallel):
+            return m.module
+        return m if self.fsdp else self.accelerator.unwrap_model(m)
+
+    def _no_sync(self, model: nn.Module, last: bool):
+        """Gradient accumulation: no gradient communication before the last micro-batch."""
+        if last:
+            if self.fsdp:
+                from distill import fsdp
+
+                fsdp.set_gradient_sync(model, True)
+            return nullcontext()
+        if self.fsdp:
+            from distill import fsdp
+
+            fsdp.set_gradient_sync(model, False)
+            return nullcontext()
+        return self.accelerator.no_sync(model)
+
+    def _clip(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """Clip the gradients of ``model`` to ``max_norm`` (0: measure only); returns the total norm."""
+        params = model.parameters()
+        if self.fsdp:
+            from distill import fsdp
+
+            return fsdp.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+        if max_norm > 0:
+            return self.accelerator.clip_grad_norm_(params, max_norm)
+        return torch.nn.utils.clip_grad_norm_(params, float("inf"))
 
     def _set_lr(self) -> float:
         cfg = self.config
@@ -351,7 +418,13 @@ class DistillTrainer:
         """Backward simulation: noise -> the input of the graded student step (a random step of k)."""
         B = batch.latents.shape[0]
         noise = torch.randn((B, *self.latent_shape), device=self.device)
-        k = int(torch.randint(len(self.timesteps), (1,))) if len(self.timesteps) > 1 else 0
+        k = 0
+        if len(self.timesteps) > 1 and self.fsdp:  # k student calls are collectives: every rank draws the same k
+            self._draws += 1
+            g = torch.Generator().manual_seed((self.config.seed * 1_000_003 + self.step) * 1009 + self._draws)
+            k = int(torch.randint(len(self.timesteps), (1,), generator=g))
+        elif len(self.timesteps) > 1:
+            k = int(torch.randint(len(self.timesteps), (1,)))
         return backward_simulation(lambda x, t: self.student_x0(x, t, batch.text_tokens, batch.text_mask),
                                    noise, self.timesteps, self.teacher.schedule, k)
 
@@ -410,8 +483,7 @@ class DistillTrainer:
                 ts.append(t_s)
             n = len(xs)
             # One graded student call for the VSD/FT sample and the CD prediction.
-            sync = nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(self.student.model)
-            with sync:
+            with self._no_sync(self.student.model, micro == cfg.grad_accum - 1):
                 f = self.student_x0(torch.cat(xs), torch.cat(ts), tok.repeat(n, *[1] * (tok.dim() - 1)),
                                     mask.repeat(n, 1))
                 parts = f.split(B)
@@ -443,23 +515,23 @@ class DistillTrainer:
                 acc.backward(loss / cfg.grad_accum)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
-        params = self.student.model.parameters()
-        gn = acc.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else \
-            torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        gn = self._clip(self.student.model, cfg.max_grad_norm)
         self.opt_g.step()
         self.opt_g.zero_grad(set_to_none=True)
         if self.target is not None:
+            if self.fsdp:  # the EMA pairs up shards: both networks sharded, none left gathered by a forward
+                from distill import fsdp
+
+                fsdp.reshard(self.target.shadow.model)
+                fsdp.reshard(self.student.model)
             self.target.update(self._unwrap_denoiser(self.student))
         sums["grad_norm_g"] = float(gn)
         return sums
 
     def _unwrap_denoiser(self, d: Denoiser) -> Denoiser:
-        if self.accelerator.num_processes == 1:
+        if self.accelerator.num_processes == 1 or self.fsdp:
             return d
-        view = copy.copy(d)  # shallow: same parameters, plain module (matches the EMA copy's names)
-        view._modules = dict(d._modules)
-        view._modules["model"] = self._unwrap(d.model)
-        return view
+        return _with_model(d, self._unwrap(d.model))  # plain module: matches the EMA copy's names
 
     def fake_score_step(self, reuse_last: bool = True) -> float:
         """Lines 12-13: one optimizer step of the fake score on the teacher objective at sg(x_hat)."""
@@ -476,14 +548,13 @@ class DistillTrainer:
             else:
                 batch = self.sample_batch()
                 x_hat = self.generate(batch)
-            sync = nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(self.fake.model)
-            with sync:
+            with self._no_sync(self.fake.model, micro == cfg.grad_accum - 1):
                 loss = fake_score_loss(self.fake, x_hat, batch.text_tokens, batch.text_mask, min_frac=cfg.vsd_t_min,
                                        max_frac=cfg.vsd_t_max, autocast=self.autocast)
                 acc.backward(loss / cfg.grad_accum)
             total += float(loss.detach()) / cfg.grad_accum
         if cfg.max_grad_norm > 0:
-            acc.clip_grad_norm_(self.fake.model.parameters(), cfg.max_grad_norm)
+            self._clip(self.fake.model, cfg.max_grad_norm)
         self.opt_f.step()
         self.opt_f.zero_grad(set_to_none=True)
         return total
@@ -503,6 +574,7 @@ class DistillTrainer:
     def train_step(self) -> dict[str, float]:
         """One iteration of Alg. 1 (generator, fake score x fake_updates, concurrent LRM)."""
         t0 = time.perf_counter()
+        self._draws = 0
         row = self.generator_step()
         if self.config.use_vsd:
             fl = [self.fake_score_step(reuse_last=(i == 0)) for i in range(self.config.fake_updates)]
@@ -531,6 +603,23 @@ class DistillTrainer:
             optims["lrm"] = self.lrm.optimizer
         return modules, optims
 
+    def _sharded(self) -> dict[str, nn.Module]:
+        """The FSDP-sharded networks by checkpoint name."""
+        nets = {"student": self.student.model}
+        if self.fake is not None:
+            nets["fake"] = self.fake.model
+        if self.target is not None:
+            nets["target"] = self.target.shadow.model
+        return nets
+
+    def _fsdp_full(self, modules: dict, optims: dict) -> tuple[dict, dict]:
+        """Collective: the sharded networks' and their optimizers' full states (rank 0 gets the tensors)."""
+        from distill import fsdp
+
+        nets = self._sharded()
+        return ({k: fsdp.full_state(m) if k in nets else m for k, m in modules.items()},
+                {k: fsdp.full_optim_state(nets[k], o) if k in nets else o for k, o in optims.items()})
+
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.config.run_dir) / "checkpoint"
@@ -552,8 +641,10 @@ class DistillTrainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         path = None
+        modules, optims = self._state()
+        if self.fsdp:  # collectives on every rank: the full tensors land on rank 0
+            modules, optims = self._fsdp_full(modules, optims)
         if acc.is_main_process:
-            modules, optims = self._state()
             path = save_training_state(self.checkpoint_dir, self.step, modules=modules, optimizers=optims,
                                        extra={"config": dataclasses.asdict(self.config),
                                               "num_processes": acc.num_processes})
@@ -572,6 +663,12 @@ class DistillTrainer:
         from lrm.io import load_tensors
 
         modules, optims = self._state()
+        if self.fsdp:
+            from distill import fsdp
+
+            nets = self._sharded()
+            optims = {k: fsdp.ShardedOptimLoad(nets[k], o) if k in nets else o for k, o in optims.items()}
+            modules = {k: fsdp.ShardedLoad(m) if k in nets else m for k, m in modules.items()}
         directory = Path(directory or self.checkpoint_dir)
         st = load_training_state(directory, modules=modules, optimizers=optims, map_location=self.device)
         acc = self.accelerator
@@ -622,7 +719,7 @@ class DistillTrainer:
     def save_samples(self, tag: str | None = None) -> Path | None:
         """Grid of student samples (decoded with the VAE) for the first prompts; fixed noise per run."""
         cfg = self.config
-        if self.vae is None or not self.accelerator.is_main_process:
+        if self.vae is None or not (self.accelerator.is_main_process or self.fsdp):  # FSDP: every rank samples
             return None
         from shapes.grid import save_gif, save_grid, save_video_strip
 
@@ -632,6 +729,8 @@ class DistillTrainer:
         g = torch.Generator().manual_seed(cfg.seed)
         noise = torch.randn((len(idx), *self.latent_shape), generator=g).to(self.device)
         x0 = self.sample(noise, batch.text_tokens, batch.text_mask, generator=g)
+        if not self.accelerator.is_main_process:
+            return None
         pixels = self.vae.decode(x0.float()).cpu()
         out = Path(cfg.run_dir) / "samples"
         name = tag or f"step_{self.step:06d}"
@@ -645,8 +744,16 @@ class DistillTrainer:
         from lrm.io import write_json
 
         directory = Path(directory or Path(self.config.run_dir) / "student")
+        student = self._unwrap_denoiser(self.student)
+        if self.fsdp:  # gather (every rank) into the unsharded copy the main process keeps
+            from distill import fsdp
+
+            full = fsdp.full_state(self.student.model).state_dict()
+            if self.accelerator.is_main_process:
+                self._plain_student.load_state_dict(full)
+                student = _with_model(self.student, self._plain_student)
         if self.accelerator.is_main_process:
-            self._unwrap_denoiser(self.student).save_pretrained(directory)
+            student.save_pretrained(directory)
             write_json(directory / "student.json", {
                 "timesteps": self.timesteps, "parameterization": self.student.parameterization,
                 "consistency_function": {"sigma_data": self.config.sigma_data,

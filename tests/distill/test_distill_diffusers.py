@@ -234,20 +234,34 @@ def test_frozen_lrm_is_checked_against_the_text_encoder(sd_dir, clip77, tmp_path
         build_lrm(DistillConfig(lrm_path=str(bad), **c), data, vae, dev, text_encoder=clip77)
 
 
-def test_ddp_only(tmp_path, monkeypatch):
+def test_deepspeed_and_other_backends_are_refused(tmp_path, monkeypatch):
     from accelerate import DistributedType
 
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ConfigError, match="DDP only, not FSDP"):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="DDP or FSDP, not DeepSpeed"):
         DistillConfig()
-    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # FSDP is a supported launch now
     c = DistillConfig(run_dir=str(tmp_path), device="cpu", progress=False)
     data = DistillData(torch.zeros(2, 4, 8, 8), torch.zeros(2, 5, TEXT_DIM), torch.ones(2, 5, dtype=torch.bool),
                        ["a", "b"])
     teacher = Denoiser(tiny_unet2d(), DDPMSchedule(), "v")
-    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        with pytest.raises(ConfigError, match=f"distributed_type={kind.value}: DistillTrainer supports DDP only"):
+    for kind in (DistributedType.DEEPSPEED, DistributedType.XLA):
+        with pytest.raises(ConfigError, match=f"distributed_type={kind.value}: DistillTrainer runs in one process"):
             DistillTrainer(c, teacher, data, accelerator=SimpleNamespace(distributed_type=kind))
+    # a torchrun launch that accelerate does not see as one (N separate runs in one run_dir) is refused
+    import accelerate
+
+    from distill.trainer import make_accelerator
+
+    made = []
+    monkeypatch.setattr(accelerate, "Accelerator", lambda cpu: made.append(cpu) or SimpleNamespace(num_processes=1))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2 but accelerate set up 1 process"):
+        make_accelerator(c)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    make_accelerator(DistillConfig(device="auto"))
+    assert made == [True, not torch.cuda.is_available()]  # 'auto' without CUDA: CPU processes (gloo)
 
 
 def test_sd_class_teacher_with_clip_text_encoder_trains(sd_dir, clip77, tmp_path):
