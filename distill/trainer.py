@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -27,6 +28,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
+from distill import fsdp as fsdp_util
 from distill.cd import cd_distance, cd_inputs_and_target, consistency_output, ddim_grid
 from distill.denoiser import Denoiser
 from distill.ema import EMA
@@ -327,12 +329,10 @@ class DistillTrainer:
         if self.fsdp:  # before the optimizers: they must hold the sharded parameters
             from torch.distributed.device_mesh import init_device_mesh
 
-            from distill import fsdp
-
             mesh = init_device_mesh(self.device.type, (acc.num_processes,))
             for m in (self.student, self.fake, self.target.shadow if self.target is not None else None):
                 if m is not None:
-                    fsdp.shard(m.model, mesh)
+                    fsdp_util.shard(m.model, mesh)
         betas = (cfg.adam_beta1, cfg.adam_beta2)
         self.opt_g = torch.optim.AdamW(self.student.model.parameters(), lr=cfg.lr_student, betas=betas,
                                        weight_decay=cfg.weight_decay)
@@ -369,26 +369,16 @@ class DistillTrainer:
 
     def _no_sync(self, model: nn.Module, last: bool):
         """Gradient accumulation: no gradient communication before the last micro-batch."""
-        if last:
-            if self.fsdp:
-                from distill import fsdp
-
-                fsdp.set_gradient_sync(model, True)
-            return nullcontext()
         if self.fsdp:
-            from distill import fsdp
-
-            fsdp.set_gradient_sync(model, False)
+            fsdp_util.set_gradient_sync(model, last)
             return nullcontext()
-        return self.accelerator.no_sync(model)
+        return nullcontext() if last else self.accelerator.no_sync(model)
 
     def _clip(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """Clip the gradients of ``model`` to ``max_norm`` (0: measure only); returns the total norm."""
         params = model.parameters()
         if self.fsdp:
-            from distill import fsdp
-
-            return fsdp.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+            return fsdp_util.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
         if max_norm > 0:
             return self.accelerator.clip_grad_norm_(params, max_norm)
         return torch.nn.utils.clip_grad_norm_(params, float("inf"))
@@ -520,10 +510,8 @@ class DistillTrainer:
         self.opt_g.zero_grad(set_to_none=True)
         if self.target is not None:
             if self.fsdp:  # the EMA pairs up shards: both networks sharded, none left gathered by a forward
-                from distill import fsdp
-
-                fsdp.reshard(self.target.shadow.model)
-                fsdp.reshard(self.student.model)
+                fsdp_util.reshard(self.target.shadow.model)
+                fsdp_util.reshard(self.student.model)
             self.target.update(self._unwrap_denoiser(self.student))
         sums["grad_norm_g"] = float(gn)
         return sums
@@ -614,11 +602,9 @@ class DistillTrainer:
 
     def _fsdp_full(self, modules: dict, optims: dict) -> tuple[dict, dict]:
         """Collective: the sharded networks' and their optimizers' full states (rank 0 gets the tensors)."""
-        from distill import fsdp
-
         nets = self._sharded()
-        return ({k: fsdp.full_state(m) if k in nets else m for k, m in modules.items()},
-                {k: fsdp.full_optim_state(nets[k], o) if k in nets else o for k, o in optims.items()})
+        return ({k: fsdp_util.full_state(m) if k in nets else m for k, m in modules.items()},
+                {k: fsdp_util.full_optim_state(nets[k], o) if k in nets else o for k, o in optims.items()})
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -664,11 +650,9 @@ class DistillTrainer:
 
         modules, optims = self._state()
         if self.fsdp:
-            from distill import fsdp
-
             nets = self._sharded()
-            optims = {k: fsdp.ShardedOptimLoad(nets[k], o) if k in nets else o for k, o in optims.items()}
-            modules = {k: fsdp.ShardedLoad(m) if k in nets else m for k, m in modules.items()}
+            optims = {k: fsdp_util.ShardedOptimLoad(nets[k], o) if k in nets else o for k, o in optims.items()}
+            modules = {k: fsdp_util.ShardedLoad(m) if k in nets else m for k, m in modules.items()}
         directory = Path(directory or self.checkpoint_dir)
         st = load_training_state(directory, modules=modules, optimizers=optims, map_location=self.device)
         acc = self.accelerator
@@ -746,9 +730,7 @@ class DistillTrainer:
         directory = Path(directory or Path(self.config.run_dir) / "student")
         student = self._unwrap_denoiser(self.student)
         if self.fsdp:  # gather (every rank) into the unsharded copy the main process keeps
-            from distill import fsdp
-
-            full = fsdp.full_state(self.student.model).state_dict()
+            full = fsdp_util.full_state(self.student.model).state_dict()
             if self.accelerator.is_main_process:
                 self._plain_student.load_state_dict(full)
                 student = _with_model(self.student, self._plain_student)
