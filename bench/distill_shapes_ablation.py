@@ -45,29 +45,20 @@ ROWS = [  # (row name, config file suffix)
 def timed(fn, repeats: int = 3) -> tuple[torch.Tensor, float]:
     """Median wall-clock seconds of ``fn()`` over ``repeats`` calls after one warm-up call, CUDA-synchronised;
     ``repeats=0``: the one (cold) call's time."""
-    if repeats == 0:
-        return _timed_once(fn)
-    out = fn()
-    times = []
-    for _ in range(repeats):
+    def once() -> tuple[torch.Tensor, float]:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return out, sorted(times)[len(times) // 2]
+        return out, time.perf_counter() - t0
 
-
-def _timed_once(fn) -> tuple[torch.Tensor, float]:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
+    if repeats == 0:
+        return once()
+    fn()
+    runs = [once() for _ in range(repeats)]
+    return runs[-1][0], sorted(t for _, t in runs)[len(runs) // 2]
 
 
 def heldout_prompts(n: int, video: bool) -> list[str]:
@@ -85,9 +76,6 @@ def heldout_prompts(n: int, video: bool) -> list[str]:
     return prompts
 
 
-STUDENT_TIMESTEPS = {4: [999, 749, 499, 249], 2: [999, 499], 1: [999]}
-
-
 def retime(meta: dict, results: dict, device: torch.device, teacher_cfg: float, repeats: int = 3) -> dict:
     """Sampling wall-clock of teacher and students measured again in this one process, alone on the device.
 
@@ -97,7 +85,7 @@ def retime(meta: dict, results: dict, device: torch.device, teacher_cfg: float, 
     the 50-step CFG teacher on the same batch and noise, and returns the rows with ``seconds`` / ``speedup``
     replaced (the concurrent measurements kept as ``seconds_concurrent`` / ``speedup_concurrent``)."""
     from distill.cli import build_teacher
-    from distill.samplers import ddim_sample, student_sample
+    from distill.samplers import STUDENT_TIMESTEPS, ddim_sample, student_sample
     from distill.trainer import DistillConfig
     from lrm.config import load_config
     from lrm.text import TextEncoder
