@@ -4,6 +4,7 @@ VSD+CD at 1 and 2 steps, each a short run from configs/distill_shapes_ablation_*
 Per row, on held-out prompts (Shapes world seed 1), against the 50-step CFG teacher measured in the same run:
   speedup   wall-clock of the teacher (50 DDIM steps x CFG = 100 network calls) / the student (k calls), same batch
   adherence mean ``shapes-adherence`` reward (reward_adapters, classical vision on pixels), and its ratio to the teacher
+            with a 90 % bootstrap interval over prompts (paired: same prompts and noise); per-prompt values in the JSON
   vendi     Vendi score (cosine kernel on raw pixels) over the samples of one prompt, averaged over prompts
   gold      the pixel reward the LRM targets (the configs' ``pixel_reward``, default colorfulness)
 Writes ``OUT/ablation.json`` and ``OUT/ablation.md``, sample grids in ``OUT/<row>/``.
@@ -76,6 +77,16 @@ def heldout_prompts(n: int, video: bool) -> list[str]:
     return prompts
 
 
+def ratio_ci(row: list[float], teacher: list[float], level: float = 0.9, n: int = 2000,
+             seed: int = 0) -> list[float]:
+    """Bootstrap interval (over prompts, paired: the same prompts and noise) of mean(row) / mean(teacher)."""
+    a, b = torch.tensor(row, dtype=torch.float64), torch.tensor(teacher, dtype=torch.float64)
+    idx = torch.randint(len(a), (n, len(a)), generator=torch.Generator().manual_seed(seed))
+    ratios = a[idx].mean(1) / b[idx].mean(1).clamp_min(1e-12)
+    lo, hi = torch.quantile(ratios, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return [float(lo), float(hi)]
+
+
 def retime(meta: dict, results: dict, device: torch.device, teacher_cfg: float, repeats: int = 3) -> dict:
     """Sampling wall-clock of teacher and students measured again in this one process, alone on the device.
 
@@ -124,7 +135,7 @@ def write_tables(out: Path, meta: dict, results: dict) -> str:
     lines = [f"Shapes {meta['kind']} ablation on {meta['device']} ({meta['prompts']} held-out prompts x "
              f"{meta['per_prompt']} samples; gold = {meta['gold_reward']}; total {meta['total_seconds']:.0f} s"
              + ("; sampling times retimed alone in one process" if meta.get("timing") else "") + ")", "",
-             "| generator | NFE | sample s | speedup | adherence | vs teacher | Vendi | gold | train s |",
+             "| generator | NFE | sample s | speedup | adherence | vs teacher [90% CI] | Vendi | gold | train s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
              f"| {t['name']} | 100 | {t['seconds']:.3f} | 1.0x | {t['adherence']:.3f} | 100% | {t['vendi']:.3f} | "
              f"{t['gold']:.2f} | - |"]
@@ -132,8 +143,10 @@ def write_tables(out: Path, meta: dict, results: dict) -> str:
         if suffix not in results:
             continue
         r = results[suffix]
+        ci = r.get("adherence_vs_teacher_ci90")
+        ci = f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
         lines.append(f"| {r['name']} | {r['network_calls']} | {r['seconds']:.3f} | {r['speedup']:.1f}x | "
-                     f"{r['adherence']:.3f} | {100 * r['adherence_vs_teacher']:.1f}% | {r['vendi']:.3f} | "
+                     f"{r['adherence']:.3f} | {100 * r['adherence_vs_teacher']:.1f}%{ci} | {r['vendi']:.3f} | "
                      f"{r['gold']:.2f} | {r['train_seconds']:.0f} |")
     text = "\n".join(lines) + "\n"
     (out / "ablation.md").write_text(text)
@@ -246,9 +259,10 @@ def main() -> None:
         else:
             save_grid(pixels[: 8 * args.per_prompt].cpu(), out / f"{name}.png", nrow=args.per_prompt, scale=2)
         groups = pixels.view(args.prompts, args.per_prompt, *pixels.shape[1:])
-        return {"adherence": float(adherence(pixels, all_prompts).mean()),
-                "gold": float(gold(pixels, all_prompts).mean()),
-                "vendi": float(sum(keyframe_diversity(gp.cpu(), args.keyframe_stride) for gp in groups) / len(groups))}
+        per_prompt = {"adherence": adherence(pixels, all_prompts).view(args.prompts, -1).mean(1).tolist(),
+                      "gold": gold(pixels, all_prompts).view(args.prompts, -1).mean(1).tolist(),
+                      "vendi": [float(keyframe_diversity(gp.cpu(), args.keyframe_stride)) for gp in groups]}
+        return {**{k: sum(v) / len(v) for k, v in per_prompt.items()}, "per_prompt": per_prompt}
 
     with torch.no_grad():
         t_lat, t_time = timed(lambda: ddim_sample(teacher, noise, tok, mask, num_steps=50,
@@ -290,6 +304,8 @@ def main() -> None:
              "speedup": t_time / s_time, **score(s_lat, suffix),
              "final_losses": {k: v for k, v in hist[-1].items() if k.startswith("loss")}}
         r["adherence_vs_teacher"] = r["adherence"] / max(results["teacher"]["adherence"], 1e-12)
+        r["adherence_vs_teacher_ci90"] = ratio_ci(r["per_prompt"]["adherence"],
+                                                  results["teacher"]["per_prompt"]["adherence"])
         results[suffix] = r
         print(f"{name}: {json.dumps({k: v for k, v in r.items() if k != 'final_losses'})}", flush=True)
         write_outputs()

@@ -59,3 +59,14 @@ def test_retime_measures_teacher_and_students_in_one_process():
     assert out["vsd_cd"]["speedup"] > 1.0  # 4 network calls against the teacher's 100
     with pytest.raises(SystemExit, match="latent_shape"):
         ablation.retime({k: v for k, v in META.items() if k != "latent_shape"}, rows, torch.device("cpu"), 7.5)
+
+
+def test_ratio_ci_is_a_paired_bootstrap_over_prompts():
+    teacher = [0.9, 0.5, 0.7, 0.8, 0.6, 0.95, 0.4, 0.85]
+    assert ablation.ratio_ci(teacher, teacher) == pytest.approx([1.0, 1.0])
+    # a row at 90 % of the teacher on every prompt: no spread, however different the prompts are
+    assert ablation.ratio_ci([0.9 * t for t in teacher], teacher) == pytest.approx([0.9, 0.9])
+    noisy = [t * f for t, f in zip(teacher, [0.8, 1.1, 0.9, 1.0, 0.85, 1.05, 0.95, 0.9])]
+    lo, hi = ablation.ratio_ci(noisy, teacher)
+    assert lo < sum(noisy) / sum(teacher) < hi and hi - lo < 0.2
+    assert ablation.ratio_ci(noisy, teacher, level=0.5)[0] > lo  # a narrower interval inside the 90 % one
