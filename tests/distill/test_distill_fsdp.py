@@ -17,8 +17,8 @@ SCRIPT = textwrap.dedent("""
     from lrm.checkpoint import load_training_state
     from lrm.latent_space import VAE
 
-    root = sys.argv[1]
-    vae = VAE.shapes()
+    root, device = sys.argv[1], sys.argv[2]  # device: cpu (gloo) or auto (one CUDA device per rank, NCCL)
+    vae = VAE.shapes(device=f"cuda:{os.environ['LOCAL_RANK']}" if device == "auto" else "cpu")
 
     def unet():
         return UNet2DConditionModel(
@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent("""
         g = torch.Generator().manual_seed(1)
         data = DistillData(torch.randn(16, 4, 8, 8, generator=g), torch.randn(16, 5, 8, generator=g),
                            torch.ones(16, 5, dtype=torch.bool), [f"p{i}" for i in range(16)])
-        cfg = DistillConfig(run_dir=os.path.join(root, run), device="cpu", steps=steps, batch_size=2,
+        cfg = DistillConfig(run_dir=os.path.join(root, run), device=device, steps=steps, batch_size=2,
                             fake_updates=2, cd_teacher_steps=1, use_lrm_ft=True, lrm_mode="concurrent",
                             ckpt_every=ckpt_every, sample_every=0, progress=False, tensorboard=False,
                             lr_student=1e-3, lr_fake=1e-3, **kw)
@@ -69,13 +69,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
-def test_distill_fsdp_matches_ddp_and_resumes(tmp_path):
-    script = tmp_path / "fsdp_distill.py"
-    script.write_text(SCRIPT)
-    run = torchrun([str(script), str(tmp_path)], timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    res = {r["rank"]: r for r in results(run.stdout)}
+def _check(res: dict, rel: float) -> None:
     assert sorted(res) == ["0", "1"]
     for rank in ("0", "1"):
         r = res[rank]
@@ -83,11 +77,33 @@ def test_distill_fsdp_matches_ddp_and_resumes(tmp_path):
         # FSDP reduce-scatters what DDP all-reduces: the same losses and gradient norms, step by step
         assert len(r["fsdp"]) == len(r["ddp"]) == 3
         for f, d in zip(r["fsdp"], r["ddp"]):
-            assert f == pytest.approx(d, rel=1e-4, abs=1e-6), rank
+            assert f == pytest.approx(d, rel=rel, abs=1e-6), rank
         step, *losses = r["f4_resumed"][0]
         assert step == 3
-        assert losses == pytest.approx(r["f4_full"][2], rel=1e-5, abs=1e-7), rank
+        assert losses == pytest.approx(r["f4_full"][2], rel=rel / 10, abs=1e-7), rank
     r0 = res["0"]
-    assert r0["fsdp_student"] == pytest.approx(r0["ddp_student"], rel=1e-5)
+    assert r0["fsdp_student"] == pytest.approx(r0["ddp_student"], rel=rel / 10)
     assert r0["fsdp_ckpt_student"] == pytest.approx(r0["fsdp_student"], rel=1e-6)
     assert r0["fsdp_ckpt_step"] == 3
+
+
+def _run(tmp_path, device: str) -> dict:
+    script = tmp_path / "fsdp_distill.py"
+    script.write_text(SCRIPT)
+    run = torchrun([str(script), str(tmp_path), device], timeout=600, gpu=device != "cpu")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return {r["rank"]: r for r in results(run.stdout)}
+
+
+@pytest.mark.slow
+def test_distill_fsdp_matches_ddp_and_resumes(tmp_path):
+    _check(_run(tmp_path, "cpu"), rel=1e-4)
+
+
+@pytest.mark.gpu
+def test_distill_fsdp_matches_ddp_on_two_gpus(tmp_path):
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs (NCCL)")
+    _check(_run(tmp_path, "auto"), rel=1e-3)  # cuDNN kernels may differ between the two runs
