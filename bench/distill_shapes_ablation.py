@@ -1,5 +1,6 @@
 """DOLLAR-style ablation on the Shapes world (GPU, ~8 min): CD only, VSD only, VSD+CD, VSD+CD+LRM (4 steps), and
-VSD+CD at 1 and 2 steps, each a short run from configs/distill_shapes_ablation_*.yaml.
+VSD+CD at 1 and 2 steps, each a short run from configs/distill_shapes_ablation_*.yaml, and the baseline every
+student starts from: the teacher itself sampled with the 4-step student sampler, no CFG, no training.
 
 Per row, on held-out prompts (Shapes world seed 1), against the 50-step CFG teacher measured in the same run:
   speedup   wall-clock of the teacher (50 DDIM steps x CFG = 100 network calls) / the student (k calls), same batch
@@ -7,6 +8,8 @@ Per row, on held-out prompts (Shapes world seed 1), against the 50-step CFG teac
             with a 90 % bootstrap interval over prompts (paired: same prompts and noise); per-prompt values in the JSON
   vendi     Vendi score (cosine kernel on raw pixels) over the samples of one prompt, averaged over prompts
   gold      the pixel reward the LRM targets (the configs' ``pixel_reward``, default colorfulness)
+  sharpness variance of the Laplacian (``sharpness`` reward; video: mean over frames) relative to the teacher's: what
+            adherence misses (an undistilled 4-step sampler draws blurred means that still read as the caption)
 Writes ``OUT/ablation.json`` and ``OUT/ablation.md``, sample grids in ``OUT/<row>/``.
 
 ``--video``: the same rows on the 16-frame video teacher (``shapes-video``, a ``video-frame-avg`` LRM, batch 16 unless
@@ -31,6 +34,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+BASELINE = "teacher_4step"  # the teacher run with the students' 4-step sampler, untrained: what distillation adds
 ROWS = [  # (row name, config file suffix)
     ("CD only (4 steps)", "cd_only"),
     ("VSD only (4 steps)", "vsd_only"),
@@ -132,14 +136,20 @@ def write_tables(out: Path, meta: dict, results: dict) -> str:
 
     write_json(out / "ablation.json", {**meta, "results": results})
     t = results["teacher"]
+    has_sharp = "sharpness" in t  # (runs before 2026-12-02 have no sharpness)
+    sharp_head = " | sharpness vs teacher" if has_sharp else ""
+
+    def sharp_cell(r: dict) -> str:
+        return f" | {100 * r['sharpness'] / max(t['sharpness'], 1e-12):.0f}%" if has_sharp else ""
     lines = [f"Shapes {meta['kind']} ablation on {meta['device']} ({meta['prompts']} held-out prompts x "
              f"{meta['per_prompt']} samples; gold = {meta['gold_reward']}; total {meta['total_seconds']:.0f} s"
              + ("; sampling times retimed alone in one process" if meta.get("timing") else "") + ")", "",
-             "| generator | NFE | sample s | speedup | adherence | vs teacher [90% CI] | Vendi | gold | train s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+             "| generator | NFE | sample s | speedup | adherence | vs teacher [90% CI] | Vendi | gold"
+             f"{sharp_head} | train s |",
+             "| --- " * (10 if has_sharp else 9) + "|",
              f"| {t['name']} | 100 | {t['seconds']:.3f} | 1.0x | {t['adherence']:.3f} | 100% | {t['vendi']:.3f} | "
-             f"{t['gold']:.2f} | - |"]
-    for _, suffix in ROWS:
+             f"{t['gold']:.2f}{' | 100%' if has_sharp else ''} | - |"]
+    for suffix in (BASELINE, *(s for _, s in ROWS)):
         if suffix not in results:
             continue
         r = results[suffix]
@@ -147,7 +157,7 @@ def write_tables(out: Path, meta: dict, results: dict) -> str:
         ci = f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
         lines.append(f"| {r['name']} | {r['network_calls']} | {r['seconds']:.3f} | {r['speedup']:.1f}x | "
                      f"{r['adherence']:.3f} | {100 * r['adherence_vs_teacher']:.1f}%{ci} | {r['vendi']:.3f} | "
-                     f"{r['gold']:.2f} | {r['train_seconds']:.0f} |")
+                     f"{r['gold']:.2f}{sharp_cell(r)} | {r.get('train_seconds', 0):.0f} |")
     text = "\n".join(lines) + "\n"
     (out / "ablation.md").write_text(text)
     return text
@@ -164,9 +174,9 @@ def merge(out: Path, parts: list[str], retime_device: torch.device | None = None
         differ = [k for k in keys if r.get(k) != runs[0].get(k)]
         if differ:
             raise SystemExit(f"--merge: {p} differs from {parts[0]} in {differ}")
-    results = {"teacher": runs[0]["results"]["teacher"]}
+    results = {k: v for k, v in runs[0]["results"].items() if k in ("teacher", BASELINE)}
     for r in runs:
-        results.update({k: v for k, v in r["results"].items() if k != "teacher"})
+        results.update({k: v for k, v in r["results"].items() if k not in ("teacher", BASELINE)})
     meta = {**{k: runs[0].get(k) for k in (*keys, "device")}, "total_seconds": max(r["total_seconds"] for r in runs),
             "merged_from": parts,
             "teacher_adherence_per_part": [r["results"]["teacher"]["adherence"] for r in runs]}
@@ -210,7 +220,7 @@ def main() -> None:
         return
 
     from distill.cli import build_data, build_lrm, build_teacher, build_vae
-    from distill.samplers import ddim_sample
+    from distill.samplers import STUDENT_TIMESTEPS, ddim_sample, student_sample
     from distill.trainer import DistillConfig, DistillData, DistillTrainer
     from eval.vendi import keyframe_diversity
     from lrm.config import load_config
@@ -251,6 +261,7 @@ def main() -> None:
     noise = torch.randn((len(all_prompts), *data.latents.shape[1:]), generator=g).to(device)
     adherence = create_reward("shapes-adherence", device=str(device))
     gold = create_reward(base.pixel_reward, device=str(device))
+    sharp = create_reward("sharpness", device=str(device))
 
     def score(latents: torch.Tensor, name: str) -> dict:
         pixels = vae.decode(latents.float())  # (N, 3, H, W) or (N, T, 3, H, W)
@@ -261,7 +272,8 @@ def main() -> None:
         groups = pixels.view(args.prompts, args.per_prompt, *pixels.shape[1:])
         per_prompt = {"adherence": adherence(pixels, all_prompts).view(args.prompts, -1).mean(1).tolist(),
                       "gold": gold(pixels, all_prompts).view(args.prompts, -1).mean(1).tolist(),
-                      "vendi": [float(keyframe_diversity(gp.cpu(), args.keyframe_stride)) for gp in groups]}
+                      "vendi": [float(keyframe_diversity(gp.cpu(), args.keyframe_stride)) for gp in groups],
+                      "sharpness": sharp(pixels, all_prompts).view(args.prompts, -1).mean(1).tolist()}
         return {**{k: sum(v) / len(v) for k, v in per_prompt.items()}, "per_prompt": per_prompt}
 
     with torch.no_grad():
@@ -270,6 +282,19 @@ def main() -> None:
     results = {"teacher": {"name": f"teacher (50 DDIM x CFG {args.teacher_cfg})", "seconds": t_time,
                            "network_calls": 100, **score(t_lat, "teacher")}}
     print(f"teacher: {results['teacher']}", flush=True)
+
+    def versus_teacher(r: dict) -> dict:
+        """``r`` with its speedup and adherence ratio (+ interval) against the teacher row of this process."""
+        t = results["teacher"]
+        return {**r, "speedup": t["seconds"] / r["seconds"],
+                "adherence_vs_teacher": r["adherence"] / max(t["adherence"], 1e-12),
+                "adherence_vs_teacher_ci90": ratio_ci(r["per_prompt"]["adherence"], t["per_prompt"]["adherence"])}
+
+    with torch.no_grad():  # no CFG, like the students (which distil it in)
+        b_lat, b_time = timed(lambda: student_sample(teacher, noise, tok, mask, timesteps=STUDENT_TIMESTEPS[4]),
+                              args.timing_repeats)
+    results[BASELINE] = versus_teacher({"name": "teacher, 4 steps, not distilled", "seconds": b_time,
+                                        "network_calls": 4, "train_seconds": 0.0, **score(b_lat, BASELINE)})
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
 
     overrides = dict(item.split("=", 1) for item in args.set)  # as given (the configs hold the rest)
@@ -299,13 +324,10 @@ def main() -> None:
         hist = tr.train()
         train_s = time.perf_counter() - t0
         s_lat, s_time = timed(lambda: tr.sample(noise, tok, mask), args.timing_repeats)
-        r = {"name": name, "config": f"configs/distill_shapes_ablation_{suffix}.yaml", "steps": cfg.steps,
-             "train_seconds": train_s, "seconds": s_time, "network_calls": len(tr.timesteps),
-             "speedup": t_time / s_time, **score(s_lat, suffix),
-             "final_losses": {k: v for k, v in hist[-1].items() if k.startswith("loss")}}
-        r["adherence_vs_teacher"] = r["adherence"] / max(results["teacher"]["adherence"], 1e-12)
-        r["adherence_vs_teacher_ci90"] = ratio_ci(r["per_prompt"]["adherence"],
-                                                  results["teacher"]["per_prompt"]["adherence"])
+        r = versus_teacher({"name": name, "config": f"configs/distill_shapes_ablation_{suffix}.yaml",
+                            "steps": cfg.steps, "train_seconds": train_s, "seconds": s_time,
+                            "network_calls": len(tr.timesteps), **score(s_lat, suffix),
+                            "final_losses": {k: v for k, v in hist[-1].items() if k.startswith("loss")}})
         results[suffix] = r
         print(f"{name}: {json.dumps({k: v for k, v in r.items() if k != 'final_losses'})}", flush=True)
         write_outputs()

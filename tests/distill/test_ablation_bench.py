@@ -32,14 +32,18 @@ def _part(tmp_path, name, rows, teacher_adherence=0.8, **meta):
 
 
 def test_merge_keeps_every_row_and_refuses_other_setups(tmp_path):
-    a = _part(tmp_path, "a", {"cd_only": _row("CD only (4 steps)", 4, 0.1, 0.78)})
-    b = _part(tmp_path, "b", {"vsd_cd_1step": _row("VSD+CD (1 step)", 1, 0.05, 0.72)}, teacher_adherence=0.81)
+    base = {"teacher_4step": _row("teacher, 4 steps, not distilled", 4, 0.1, 0.76)}
+    a = _part(tmp_path, "a", {"cd_only": _row("CD only (4 steps)", 4, 0.1, 0.78), **base})
+    b = _part(tmp_path, "b", {"vsd_cd_1step": _row("VSD+CD (1 step)", 1, 0.05, 0.72),
+                              "teacher_4step": _row("teacher, 4 steps, not distilled", 4, 0.1, 0.6)},
+              teacher_adherence=0.81)
     text = ablation.merge(tmp_path / "m", [a, b])
     merged = json.loads((tmp_path / "m/ablation.json").read_text())
-    assert set(merged["results"]) == {"teacher", "cd_only", "vsd_cd_1step"}
+    assert set(merged["results"]) == {"teacher", "teacher_4step", "cd_only", "vsd_cd_1step"}
     assert merged["teacher_adherence_per_part"] == [0.8, 0.81]
-    # rows in ROWS order: CD only before the 1-step row; the ratio column is the row's own
-    assert text.index("CD only") < text.index("VSD+CD (1 step)")
+    assert merged["results"]["teacher_4step"]["adherence"] == 0.76  # the first part's, like the teacher row
+    # the baseline first, then rows in ROWS order: CD only before the 1-step row; the ratio column is the row's own
+    assert text.index("teacher, 4 steps") < text.index("CD only") < text.index("VSD+CD (1 step)")
     assert "| 97.5% |" in text and "| 90.0% |" in text
     c = _part(tmp_path, "c", {"vsd_only": _row("VSD only (4 steps)", 4, 0.1, 0.7)}, latent_shape=[4, 16, 16])
     with pytest.raises(SystemExit, match="latent_shape"):
@@ -70,3 +74,13 @@ def test_ratio_ci_is_a_paired_bootstrap_over_prompts():
     lo, hi = ablation.ratio_ci(noisy, teacher)
     assert lo < sum(noisy) / sum(teacher) < hi and hi - lo < 0.2
     assert ablation.ratio_ci(noisy, teacher, level=0.5)[0] > lo  # a narrower interval inside the 90 % one
+
+
+def test_table_shows_sharpness_relative_to_the_teacher_when_measured(tmp_path):
+    teacher = {"name": "teacher", "seconds": 2.0, "network_calls": 100, "adherence": 0.8, "vendi": 1.0,
+               "gold": 45.0, "sharpness": 200.0}
+    row = {**_row("CD only (4 steps)", 4, 0.1, 0.78), "sharpness": 150.0}
+    text = ablation.write_tables(tmp_path, META, {"teacher": teacher, "cd_only": row})
+    header, rule, t_line, r_line = text.splitlines()[2:6]
+    assert header.endswith("| gold | sharpness vs teacher | train s |") and rule.count("---") == 10
+    assert t_line.endswith("| 45.00 | 100% | - |") and r_line.endswith("| 40.00 | 75% | 5 |")
