@@ -32,12 +32,6 @@ def shard(model: nn.Module, mesh) -> nn.Module:
     return model
 
 
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def reshard(model: nn.Module) -> None:
     """Free the all-gathered parameters of every unit of ``model``: a root unit keeps them after a forward that
     had no backward (e.g. the CD target's), and its parameters then read as plain tensors, not shards."""
@@ -143,5 +137,5 @@ class ShardedOptimLoad:
                                  options=_options())
 
 
-__all__ = ["full_optim_state", "full_state", "full_tensor", "is_sharded", "reshard", "set_gradient_sync", "shard",
+__all__ = ["full_optim_state", "full_state", "full_tensor", "reshard", "set_gradient_sync", "shard",
            "ShardedLoad", "ShardedOptimLoad"]
