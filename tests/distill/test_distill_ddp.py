@@ -9,34 +9,14 @@ from tests.torchrun import results, torchrun
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys, torch
-    from diffusers import UNet2DConditionModel
-    from distill.denoiser import Denoiser
-    from distill.lrm_ft import ConcurrentLRM
-    from distill.schedules import DDPMSchedule
-    from distill.trainer import DistillConfig, DistillData, DistillTrainer
     from lrm.latent_space import VAE
+    from tests.tiny_distill import tiny_trainer
 
     root = sys.argv[1]
     vae = VAE.shapes()
 
     def trainer(run, steps, ckpt_every):
-        torch.manual_seed(0)  # same teacher and head init on every rank (DDP also broadcasts rank 0's)
-        unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8, attention_head_dim=4,
-            norm_num_groups=8)
-        head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 1), torch.nn.Flatten(0))
-        lrm = ConcurrentLRM(head, torch.optim.Adam(head.parameters(), lr=1e-2),
-                            lambda px, prompts: px.mean(dim=(1, 2, 3)), vae, text_conditioned=False)
-        g = torch.Generator().manual_seed(1)
-        data = DistillData(torch.randn(16, 4, 8, 8, generator=g), torch.randn(16, 5, 8, generator=g),
-                           torch.ones(16, 5, dtype=torch.bool), [f"p{i}" for i in range(16)])
-        cfg = DistillConfig(run_dir=os.path.join(root, run), device="cpu", steps=steps, batch_size=2,
-                            fake_updates=1, cd_teacher_steps=1, use_lrm_ft=True, lrm_mode="concurrent",
-                            ckpt_every=ckpt_every, sample_every=0, progress=False, tensorboard=False,
-                            lr_student=1e-3, lr_fake=1e-3)
-        return DistillTrainer(cfg, Denoiser(unet, DDPMSchedule(), "conjugate_v"), data, lrm=lrm), head
+        return tiny_trainer(os.path.join(root, run), vae, steps=steps, ckpt_every=ckpt_every)
 
     tr, head = trainer("full", 3, 0)
     full = tr.train()

@@ -9,38 +9,17 @@ from tests.torchrun import results, torchrun
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys, torch
-    from diffusers import UNet2DConditionModel
     from distill.denoiser import Denoiser
-    from distill.lrm_ft import ConcurrentLRM
-    from distill.schedules import DDPMSchedule
-    from distill.trainer import DistillConfig, DistillData, DistillTrainer
     from lrm.checkpoint import load_training_state
     from lrm.latent_space import VAE
+    from tests.tiny_distill import tiny_trainer, tiny_unet
 
     root, device = sys.argv[1], sys.argv[2]  # device: cpu (gloo) or auto (one CUDA device per rank, NCCL)
     vae = VAE.shapes(device=f"cuda:{os.environ['LOCAL_RANK']}" if device == "auto" else "cpu")
 
-    def unet():
-        return UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8, attention_head_dim=4,
-            norm_num_groups=8)
-
     def trainer(run, steps, ckpt_every, **kw):
-        torch.manual_seed(0)  # the same teacher and head on every rank
-        model = unet()
-        head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 1), torch.nn.Flatten(0))
-        lrm = ConcurrentLRM(head, torch.optim.Adam(head.parameters(), lr=1e-2),
-                            lambda px, prompts: px.mean(dim=(1, 2, 3)), vae, text_conditioned=False)
-        g = torch.Generator().manual_seed(1)
-        data = DistillData(torch.randn(16, 4, 8, 8, generator=g), torch.randn(16, 5, 8, generator=g),
-                           torch.ones(16, 5, dtype=torch.bool), [f"p{i}" for i in range(16)])
-        cfg = DistillConfig(run_dir=os.path.join(root, run), device=device, steps=steps, batch_size=2,
-                            fake_updates=2, cd_teacher_steps=1, use_lrm_ft=True, lrm_mode="concurrent",
-                            ckpt_every=ckpt_every, sample_every=0, progress=False, tensorboard=False,
-                            lr_student=1e-3, lr_fake=1e-3, **kw)
-        return DistillTrainer(cfg, Denoiser(model, DDPMSchedule(), "conjugate_v"), data, lrm=lrm)
+        return tiny_trainer(os.path.join(root, run), vae, device=device, steps=steps, ckpt_every=ckpt_every,
+                            fake_updates=2, **kw)[0]
 
     keys = ("loss_g", "loss_vsd", "loss_cd", "loss_ft", "loss_fake", "loss_lrm", "grad_norm_g")
     out = {"rank": os.environ["RANK"]}
@@ -54,7 +33,7 @@ SCRIPT = textwrap.dedent("""
             saved = Denoiser.from_pretrained(path)
             out[mode + "_student"] = float(sum(p.double().sum() for p in saved.model.parameters()))
             # the checkpoint holds full tensors and loads into a plain model in one process
-            plain = unet()
+            plain = tiny_unet()
             st = load_training_state(os.path.join(root, mode, "checkpoint"), modules={"student": plain},
                                      restore_rng=False)
             out[mode + "_ckpt_student"] = float(sum(p.double().sum() for p in plain.parameters()))
