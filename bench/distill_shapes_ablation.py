@@ -66,16 +66,20 @@ def timed(fn, repeats: int = 3) -> tuple[torch.Tensor, float]:
     return runs[-1][0], sorted(t for _, t in runs)[len(runs) // 2]
 
 
-def heldout_prompts(n: int, video: bool) -> list[str]:
-    """The first ``n`` distinct captions of the held-out Shapes world (seed 1)."""
+def heldout_prompts(n: int, video: bool, split: str = "test") -> list[str]:
+    """The first ``n`` distinct captions of a held-out Shapes world: ``test`` from seed 1 (every table), ``val`` from
+    seed 2 minus the ``test`` captions (for choosing settings without looking at the test prompts)."""
     from shapes import ShapesWorld
 
-    world = ShapesWorld(seed=1, num_frames=16 if video else None)
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    exclude = set(heldout_prompts(n, video)) if split == "val" else set()
+    world = ShapesWorld(seed=1 if split == "test" else 2, num_frames=16 if video else None)
     prompts: list[str] = []
     i = 0
     while len(prompts) < n:
         c = world.sample(i).caption
-        if c not in prompts:
+        if c not in prompts and c not in exclude:
             prompts.append(c)
         i += 1
     return prompts
@@ -110,7 +114,8 @@ def retime(meta: dict, results: dict, device: torch.device, teacher_cfg: float, 
     cfg = load_config(DistillConfig, ROOT / "configs/distill_shapes_ablation_cd_only.yaml",
                       {"teacher": meta["teacher"]})
     teacher = build_teacher(cfg, device)
-    prompts = [p for p in heldout_prompts(meta["prompts"], meta["kind"] == "video") for _ in range(meta["per_prompt"])]
+    prompts = [p for p in heldout_prompts(meta["prompts"], meta["kind"] == "video", meta.get("split", "test"))
+               for _ in range(meta["per_prompt"])]
     emb = TextEncoder(cfg.text_encoder, device=device)(prompts)
     tok, mask = emb.tokens.to(device), emb.mask.to(device)
     noise = torch.randn((len(prompts), *meta["latent_shape"]), generator=torch.Generator().manual_seed(1234))
@@ -120,6 +125,22 @@ def retime(meta: dict, results: dict, device: torch.device, teacher_cfg: float, 
                           repeats)
         student_time = {k: timed(lambda: student_sample(teacher, noise, tok, mask, timesteps=ts), repeats)[1]
                         for k, ts in STUDENT_TIMESTEPS.items()}
+    return with_timings(results, t_time, student_time)
+
+
+def timings_of(run: dict, meta: dict) -> tuple[float, dict[int, float]]:
+    """The retimed teacher seconds and k-step student seconds of a merged ``run`` (an ablation.json written with
+    ``--retime``) measured on the same teacher, batch and noise as ``meta``: they do not depend on training."""
+    same = ("kind", "teacher", "prompts", "split", "per_prompt", "latent_shape")
+    differ = [k for k in same if run.get(k) != meta.get(k)]
+    if differ or not run.get("timing"):
+        raise SystemExit(f"--timings_from: not a --retime merge of the same set-up (differs in {differ or ['timing']})")
+    res = run["results"]
+    return res["teacher"]["seconds"], {r["network_calls"]: r["seconds"] for k, r in res.items() if k != "teacher"}
+
+
+def with_timings(results: dict, t_time: float, student_time: dict[int, float]) -> dict:
+    """``results`` with teacher / k-step seconds and speedups replaced (old values kept as ``*_concurrent``)."""
     out = {"teacher": {**results["teacher"], "seconds_concurrent": results["teacher"]["seconds"], "seconds": t_time}}
     for key, r in results.items():
         if key == "teacher":
@@ -141,7 +162,8 @@ def write_tables(out: Path, meta: dict, results: dict) -> str:
 
     def sharp_cell(r: dict) -> str:
         return f" | {100 * r['sharpness'] / max(t['sharpness'], 1e-12):.0f}%" if has_sharp else ""
-    lines = [f"Shapes {meta['kind']} ablation on {meta['device']} ({meta['prompts']} held-out prompts x "
+    lines = [f"Shapes {meta['kind']} ablation on {meta['device']} ({meta['prompts']} held-out "
+             f"{'validation ' if meta.get('split') == 'val' else ''}prompts x "
              f"{meta['per_prompt']} samples; gold = {meta['gold_reward']}; total {meta['total_seconds']:.0f} s"
              + ("; sampling times retimed alone in one process" if meta.get("timing") else "") + ")", "",
              "| generator | NFE | sample s | speedup | adherence | vs teacher [90% CI] | Vendi | gold"
@@ -163,13 +185,15 @@ def write_tables(out: Path, meta: dict, results: dict) -> str:
     return text
 
 
-def merge(out: Path, parts: list[str], retime_device: torch.device | None = None, teacher_cfg: float = 7.5) -> str:
+def merge(out: Path, parts: list[str], retime_device: torch.device | None = None, teacher_cfg: float = 7.5,
+          timings_from: Path | None = None) -> str:
     """One table from runs of disjoint ``--rows`` (e.g. one process per row): every part's teacher row must be
     the same measurement setup (same teacher, prompts and noise); the first part's teacher row is kept, and each
     row keeps the adherence ratio measured against the teacher in its own process. With ``retime_device`` the
-    sampling times are measured again in this process (``retime``), else each row keeps its own speedup."""
+    sampling times are measured again in this process (``retime``); with ``timings_from`` (a ``--retime`` merge of the
+    same set-up) they are taken from there; else each row keeps its own speedup."""
     runs = [json.loads((Path(p) / "ablation.json").read_text()) for p in parts]
-    keys = ("kind", "teacher", "prompts", "per_prompt", "gold_reward", "latent_shape", "overrides")
+    keys = ("kind", "teacher", "prompts", "split", "per_prompt", "gold_reward", "latent_shape", "overrides")
     for p, r in zip(parts[1:], runs[1:]):
         differ = [k for k in keys if r.get(k) != runs[0].get(k)]
         if differ:
@@ -183,6 +207,10 @@ def merge(out: Path, parts: list[str], retime_device: torch.device | None = None
     if retime_device is not None:
         results = retime(meta, results, retime_device, teacher_cfg)
         meta["timing"] = f"retimed alone in the merge process on {retime_device}"
+    elif timings_from is not None:
+        run = json.loads((Path(timings_from) / "ablation.json").read_text())
+        results = with_timings(results, *timings_of(run, meta))
+        meta["timing"] = f"{run['timing']} (taken from {timings_from})"
     out.mkdir(parents=True, exist_ok=True)
     return write_tables(out, meta, results)
 
@@ -194,6 +222,9 @@ def main() -> None:
     ap.add_argument("--batch_size", type=int, default=None, help="override the configs' batch size")
     ap.add_argument("--rows", default="all", help="comma list of config suffixes (cd_only,vsd_only,...) or 'all'")
     ap.add_argument("--prompts", type=int, default=16, help="held-out prompts")
+    ap.add_argument("--split", choices=("test", "val"), default="test",
+                    help="held-out prompts: test (world seed 1, every table) or val (seed 2 minus the test captions: "
+                         "choose settings on val, report test)")
     ap.add_argument("--per_prompt", type=int, default=8, help="samples per prompt (Vendi is over these)")
     ap.add_argument("--teacher_cfg", type=float, default=7.5, help="CFG scale of the 50-step teacher (Imagen form)")
     ap.add_argument("--teacher", default=None,
@@ -209,6 +240,8 @@ def main() -> None:
                     help="timed sampling calls after a warm-up (median); 0: time the one evaluation call")
     ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                     help="only merge the ablation.json of earlier runs (e.g. one per row) into --out")
+    ap.add_argument("--timings_from", default=None, metavar="DIR",
+                    help="with --merge: take the sampling times from an earlier --retime merge of the same set-up")
     ap.add_argument("--retime", action="store_true",
                     help="with --merge: measure the sampling times again in the merge process (see retime())")
     args = ap.parse_args()
@@ -216,7 +249,7 @@ def main() -> None:
         from lrm.run import resolve_device
 
         print(merge(Path(args.out), args.merge, resolve_device(args.device) if args.retime else None,
-                    args.teacher_cfg))
+                    args.teacher_cfg, args.timings_from))
         return
 
     from distill.cli import build_data, build_lrm, build_teacher, build_vae
@@ -254,7 +287,7 @@ def main() -> None:
     text_encoder = TextEncoder(base.text_encoder, device=device)
 
     # Held-out prompts, each repeated per_prompt times with fixed noise shared by every generator.
-    all_prompts = [p for p in heldout_prompts(args.prompts, args.video) for _ in range(args.per_prompt)]
+    all_prompts = [p for p in heldout_prompts(args.prompts, args.video, args.split) for _ in range(args.per_prompt)]
     emb = text_encoder(all_prompts)
     tok, mask = emb.tokens.to(device), emb.mask.to(device)
     g = torch.Generator().manual_seed(1234)
@@ -303,7 +336,8 @@ def main() -> None:
         """ablation.json + ablation.md with the rows done so far (a run cut off by a time limit keeps them)."""
         meta = {"kind": kind, "teacher": world_over["teacher"], "device": device_name,
                 "total_seconds": time.perf_counter() - t_start,
-                "prompts": args.prompts, "per_prompt": args.per_prompt, "gold_reward": base.pixel_reward,
+                "prompts": args.prompts, "split": args.split, "per_prompt": args.per_prompt,
+                "gold_reward": base.pixel_reward,
                 "latent_shape": list(data.latents.shape[1:]), "overrides": overrides}
         return write_tables(out, meta, results)
 

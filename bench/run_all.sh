@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark and Shapes experiment of BENCHMARKS.md in one go, on one GPU, in five concurrent lanes.
 #
-#   bench/run_all.sh RESULTS_DIR [LANES]      # LANES: any of A1 A2 B C D (default), T P V I L K
+#   bench/run_all.sh RESULTS_DIR [LANES]      # LANES: any of A1 A2 B C D (default), T P V I S L K
 #
 # The lanes share the GPU (and the host's cores): A1/A2 hold the real-size cost benchmarks, B/C/D the Shapes-world
 # experiments (tiny models that leave most of the GPU idle). Timings are ratios measured inside one process, so
@@ -12,8 +12,8 @@
 # shipped one, for TEACHER_MIN whole minutes, default 10); P trains two video teachers from scratch side by side, with
 # and without temporal position embeddings (same budget); V is the video ablation on TEACHER_DIR (default the shipped
 # teacher; VIDEO_STEPS generator steps, default 90); I the image ablation (IMAGE_STEPS, default 240; both take
-# PROMPTS x PER_PROMPT held-out samples and LRM_BETAS, see ablation()); L the video and text-video LRMs; K the LRM
-# training cost (100k-record cache).
+# PROMPTS x PER_PROMPT held-out samples and LRM_BETAS, see ablation()); S image settings chosen on validation
+# prompts (SWEEP, see lane_S); L the video and text-video LRMs; K the LRM training cost (100k-record cache).
 # C = I + the motion overoptimization study, D = V. An ablation runs one process per row (tiny launch-bound nets
 # leave the GPU mostly idle) and merges the rows' tables at the end; on one H200 (2026-12-02) seven concurrent image
 # rows took 155-356 s, eight video rows 193-369 s (each lane fits one 10-minute device call).
@@ -96,9 +96,33 @@ lane_V() {
     ablation ablation_video 720 --video --steps "${VIDEO_STEPS:-90}" --prompts "${PROMPTS:-16}" \
         --per_prompt "${PER_PROMPT:-8}" ${TEACHER_DIR:+--teacher "$TEACHER_DIR"}
 }
-lane_I() {  # the image rows at learning rates 3e-5 (BENCHMARKS.md, 2026-12-02: 1e-4 drifted off the captions)
+lane_I() {  # the image rows at learning rates 3e-5 (2026-12-02: 1e-4 drifted off the captions) and beta_cd 1.0
+    # (chosen on validation prompts with lane S, 2026-12-02; BENCHMARKS.md)
     ablation ablation_image 720 --steps "${IMAGE_STEPS:-240}" --prompts "${PROMPTS:-16}" --per_prompt "${PER_PROMPT:-8}" \
-        --set lr_student=3e-5 --set lr_fake=3e-5
+        --set lr_student=3e-5 --set lr_fake=3e-5 --set beta_cd=1.0
+}
+lane_S() {  # image VSD+CD settings chosen on validation prompts, reported on the test prompts. SWEEP holds
+    # "NAME:ARGS;NAME:ARGS" (ARGS for every row of that variant, e.g. "lr1e5:--set lr_student=1e-5 --set lr_fake=1e-5");
+    # each variant runs VSD+CD on --split val, and VSD+CD + VSD+CD+LRM on the test prompts (merged into NAME/test).
+    # SWEEP_VAL_ONLY (same form) runs only the val row (for a setting whose test rows exist already).
+    local sweep=() val_only=() entry row
+    IFS=';' read -ra sweep <<<"${SWEEP:-}"
+    IFS=';' read -ra val_only <<<"${SWEEP_VAL_ONLY:-}"
+    for entry in "${sweep[@]}" "${val_only[@]}"; do
+        job "sweep_${entry%%:*}_val" 720 $PY bench/distill_shapes_ablation.py --out "$R/sweep_image/${entry%%:*}/val" \
+            --rows vsd_cd --split val --steps "${IMAGE_STEPS:-240}" --timing_repeats 0 ${entry#*:} &
+    done
+    for entry in "${sweep[@]}"; do
+        for row in vsd_cd vsd_cd_lrm; do
+            job "sweep_${entry%%:*}_$row" 720 $PY bench/distill_shapes_ablation.py --out "$R/sweep_image/${entry%%:*}/$row" \
+                --rows $row --steps "${IMAGE_STEPS:-240}" --timing_repeats 0 ${entry#*:} &
+        done
+    done
+    wait
+    for entry in "${sweep[@]}"; do
+        job "sweep_${entry%%:*}_merge" 120 $PY bench/distill_shapes_ablation.py --out "$R/sweep_image/${entry%%:*}/test" \
+            --merge "$R/sweep_image/${entry%%:*}/vsd_cd" "$R/sweep_image/${entry%%:*}/vsd_cd_lrm"
+    done
 }
 lane_L() {
     job lrm_shapes_video 540 $PY bench/latent_rewards_shapes.py --out "$R/lrm_shapes_video" --workers 6 \

@@ -84,3 +84,34 @@ def test_table_shows_sharpness_relative_to_the_teacher_when_measured(tmp_path):
     header, rule, t_line, r_line = text.splitlines()[2:6]
     assert header.endswith("| gold | sharpness vs teacher | train s |") and rule.count("---") == 10
     assert t_line.endswith("| 45.00 | 100% | - |") and r_line.endswith("| 40.00 | 75% | 5 |")
+
+
+def test_merge_takes_timings_from_an_earlier_retimed_merge_of_the_same_setup(tmp_path):
+    timed = _part(tmp_path, "timed", {"cd_only": _row("CD only (4 steps)", 4, 0.05, 0.78),
+                                      "vsd_cd_1step": _row("VSD+CD (1 step)", 1, 0.0125, 0.7)},
+                  timing="retimed alone in the merge process on cuda")
+    a = _part(tmp_path, "a", {"vsd_cd": _row("VSD+CD (4 steps)", 4, 0.4, 0.79),
+                              "vsd_cd_1step": _row("VSD+CD (1 step)", 1, 0.3, 0.72)}, overrides={"beta_cd": "1.0"})
+    ablation.merge(tmp_path / "m", [a], timings_from=Path(timed))
+    merged = json.loads((tmp_path / "m/ablation.json").read_text())
+    res = merged["results"]
+    assert res["vsd_cd"]["seconds"] == 0.05 and res["vsd_cd"]["speedup"] == pytest.approx(40.0)  # by network calls
+    assert res["vsd_cd_1step"]["speedup"] == pytest.approx(160.0)
+    assert res["vsd_cd"]["seconds_concurrent"] == 0.4 and res["vsd_cd"]["adherence"] == 0.79
+    assert "taken from" in merged["timing"]
+    not_retimed = _part(tmp_path, "plain", {"cd_only": _row("CD only (4 steps)", 4, 0.05, 0.78)})
+    with pytest.raises(SystemExit, match="timing"):
+        ablation.merge(tmp_path / "m2", [a], timings_from=Path(not_retimed))
+    other = _part(tmp_path, "other", {"cd_only": _row("CD only (4 steps)", 4, 0.05, 0.78)}, prompts=2,
+                  timing="retimed")
+    with pytest.raises(SystemExit, match="prompts"):
+        ablation.merge(tmp_path / "m3", [a], timings_from=Path(other))
+
+
+def test_validation_prompts_are_fixed_and_disjoint_from_the_test_prompts():
+    for video in (False, True):
+        test, val = ablation.heldout_prompts(8, video), ablation.heldout_prompts(8, video, "val")
+        assert len(set(val)) == 8 and not set(val) & set(test)
+        assert val == ablation.heldout_prompts(8, video, "val")
+    with pytest.raises(ValueError, match="split"):
+        ablation.heldout_prompts(8, False, "train")
