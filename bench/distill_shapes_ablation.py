@@ -10,7 +10,8 @@ Per row, on held-out prompts (Shapes world seed 1), against the 50-step CFG teac
   gold      the pixel reward the LRM targets (the configs' ``pixel_reward``, default colorfulness)
   sharpness variance of the Laplacian (``sharpness`` reward; video: mean over frames) relative to the teacher's: what
             adherence misses (an undistilled 4-step sampler draws blurred means that still read as the caption)
-Writes ``OUT/ablation.json`` and ``OUT/ablation.md``, sample grids in ``OUT/<row>/``.
+Writes ``OUT/ablation.json`` and ``OUT/ablation.md``, sample grids in ``OUT/<row>/``. ``--split val`` evaluates on
+validation prompts (world seed 2, none of the test captions) instead: choose settings there, report the test table.
 
 ``--video``: the same rows on the 16-frame video teacher (``shapes-video``, a ``video-frame-avg`` LRM, batch 16 unless
 ``--batch_size``), adherence including motion direction, Vendi per DOLLAR Eq. 27 (mean over keyframes, every 4th
