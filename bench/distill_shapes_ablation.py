@@ -35,6 +35,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# what fixes the evaluation batch (teacher, prompts, noise): runs that share these share their sampling times
+EVAL_SETUP = ("kind", "teacher", "prompts", "split", "per_prompt", "latent_shape")
 BASELINE = "teacher_4step"  # the teacher run with the students' 4-step sampler, untrained: what distillation adds
 ROWS = [  # (row name, config file suffix)
     ("CD only (4 steps)", "cd_only"),
@@ -86,6 +88,16 @@ def heldout_prompts(n: int, video: bool, split: str = "test") -> list[str]:
     return prompts
 
 
+def eval_batch(prompts: int, per_prompt: int, video: bool, split: str, latent_shape, text_encoder,
+               device: torch.device) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The evaluation batch every generator of a table shares: the held-out prompts, each ``per_prompt`` times, their
+    text tokens and mask, and fixed noise (seed 1234) of ``latent_shape`` per sample."""
+    texts = [p for p in heldout_prompts(prompts, video, split) for _ in range(per_prompt)]
+    emb = text_encoder(texts)
+    noise = torch.randn((len(texts), *latent_shape), generator=torch.Generator().manual_seed(1234))
+    return texts, emb.tokens.to(device), emb.mask.to(device), noise.to(device)
+
+
 def ratio_ci(row: list[float], teacher: list[float], level: float = 0.9, n: int = 2000,
              seed: int = 0) -> list[float]:
     """Bootstrap interval (over prompts, paired: the same prompts and noise) of mean(row) / mean(teacher)."""
@@ -115,12 +127,9 @@ def retime(meta: dict, results: dict, device: torch.device, teacher_cfg: float, 
     cfg = load_config(DistillConfig, ROOT / "configs/distill_shapes_ablation_cd_only.yaml",
                       {"teacher": meta["teacher"]})
     teacher = build_teacher(cfg, device)
-    prompts = [p for p in heldout_prompts(meta["prompts"], meta["kind"] == "video", meta.get("split", "test"))
-               for _ in range(meta["per_prompt"])]
-    emb = TextEncoder(cfg.text_encoder, device=device)(prompts)
-    tok, mask = emb.tokens.to(device), emb.mask.to(device)
-    noise = torch.randn((len(prompts), *meta["latent_shape"]), generator=torch.Generator().manual_seed(1234))
-    noise = noise.to(device)
+    _, tok, mask, noise = eval_batch(meta["prompts"], meta["per_prompt"], meta["kind"] == "video",
+                                     meta.get("split", "test"), meta["latent_shape"],
+                                     TextEncoder(cfg.text_encoder, device=device), device)
     with torch.no_grad():
         _, t_time = timed(lambda: ddim_sample(teacher, noise, tok, mask, num_steps=50, guidance_scale=teacher_cfg),
                           repeats)
@@ -132,8 +141,7 @@ def retime(meta: dict, results: dict, device: torch.device, teacher_cfg: float, 
 def timings_of(run: dict, meta: dict) -> tuple[float, dict[int, float]]:
     """The retimed teacher seconds and k-step student seconds of a merged ``run`` (an ablation.json written with
     ``--retime``) measured on the same teacher, batch and noise as ``meta``: they do not depend on training."""
-    same = ("kind", "teacher", "prompts", "split", "per_prompt", "latent_shape")
-    differ = [k for k in same if run.get(k) != meta.get(k)]
+    differ = [k for k in EVAL_SETUP if run.get(k) != meta.get(k)]
     if differ or not run.get("timing"):
         raise SystemExit(f"--timings_from: not a --retime merge of the same set-up (differs in {differ or ['timing']})")
     res = run["results"]
@@ -194,7 +202,7 @@ def merge(out: Path, parts: list[str], retime_device: torch.device | None = None
     sampling times are measured again in this process (``retime``); with ``timings_from`` (a ``--retime`` merge of the
     same set-up) they are taken from there; else each row keeps its own speedup."""
     runs = [json.loads((Path(p) / "ablation.json").read_text()) for p in parts]
-    keys = ("kind", "teacher", "prompts", "split", "per_prompt", "gold_reward", "latent_shape", "overrides")
+    keys = (*EVAL_SETUP, "gold_reward", "overrides")
     for p, r in zip(parts[1:], runs[1:]):
         differ = [k for k in keys if r.get(k) != runs[0].get(k)]
         if differ:
@@ -287,12 +295,8 @@ def main() -> None:
     data = build_data(base, vae, device, video=teacher.is_video)
     text_encoder = TextEncoder(base.text_encoder, device=device)
 
-    # Held-out prompts, each repeated per_prompt times with fixed noise shared by every generator.
-    all_prompts = [p for p in heldout_prompts(args.prompts, args.video, args.split) for _ in range(args.per_prompt)]
-    emb = text_encoder(all_prompts)
-    tok, mask = emb.tokens.to(device), emb.mask.to(device)
-    g = torch.Generator().manual_seed(1234)
-    noise = torch.randn((len(all_prompts), *data.latents.shape[1:]), generator=g).to(device)
+    all_prompts, tok, mask, noise = eval_batch(args.prompts, args.per_prompt, args.video, args.split,
+                                               data.latents.shape[1:], text_encoder, device)
     adherence = create_reward("shapes-adherence", device=str(device))
     gold = create_reward(base.pixel_reward, device=str(device))
     sharp = create_reward("sharpness", device=str(device))
