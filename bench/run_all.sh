@@ -105,23 +105,26 @@ lane_S() {  # image VSD+CD settings chosen on validation prompts, reported on th
     # "NAME:ARGS;NAME:ARGS" (ARGS for every row of that variant, e.g. "lr1e5:--set lr_student=1e-5 --set lr_fake=1e-5");
     # each variant runs VSD+CD on --split val, and VSD+CD + VSD+CD+LRM on the test prompts (merged into NAME/test).
     # SWEEP_VAL_ONLY (same form) runs only the val row (for a setting whose test rows exist already).
-    local sweep=() val_only=() entry row
+    local sweep=() val_only=() entry name args row
     IFS=';' read -ra sweep <<<"${SWEEP:-}"
     IFS=';' read -ra val_only <<<"${SWEEP_VAL_ONLY:-}"
     for entry in "${sweep[@]}" "${val_only[@]}"; do
-        job "sweep_${entry%%:*}_val" 720 $PY bench/distill_shapes_ablation.py --out "$R/sweep_image/${entry%%:*}/val" \
-            --rows vsd_cd --split val --steps "${IMAGE_STEPS:-240}" --timing_repeats 0 ${entry#*:} &
+        name=${entry%%:*} args=${entry#*:}
+        job "sweep_${name}_val" 720 $PY bench/distill_shapes_ablation.py --out "$R/sweep_image/$name/val" \
+            --rows vsd_cd --split val --steps "${IMAGE_STEPS:-240}" --timing_repeats 0 $args &
     done
     for entry in "${sweep[@]}"; do
+        name=${entry%%:*} args=${entry#*:}
         for row in vsd_cd vsd_cd_lrm; do
-            job "sweep_${entry%%:*}_$row" 720 $PY bench/distill_shapes_ablation.py --out "$R/sweep_image/${entry%%:*}/$row" \
-                --rows $row --steps "${IMAGE_STEPS:-240}" --timing_repeats 0 ${entry#*:} &
+            job "sweep_${name}_$row" 720 $PY bench/distill_shapes_ablation.py --out "$R/sweep_image/$name/$row" \
+                --rows $row --steps "${IMAGE_STEPS:-240}" --timing_repeats 0 $args &
         done
     done
     wait
     for entry in "${sweep[@]}"; do
-        job "sweep_${entry%%:*}_merge" 120 $PY bench/distill_shapes_ablation.py --out "$R/sweep_image/${entry%%:*}/test" \
-            --merge "$R/sweep_image/${entry%%:*}/vsd_cd" "$R/sweep_image/${entry%%:*}/vsd_cd_lrm"
+        name=${entry%%:*}
+        job "sweep_${name}_merge" 120 $PY bench/distill_shapes_ablation.py --out "$R/sweep_image/$name/test" \
+            --merge "$R/sweep_image/$name/vsd_cd" "$R/sweep_image/$name/vsd_cd_lrm"
     done
 }
 lane_L() {
