@@ -6,30 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 
 from distill.denoiser import Denoiser
 from distill.lrm_ft import ConcurrentLRM
 from distill.schedules import DDPMSchedule
 from distill.trainer import DistillConfig, DistillData, DistillTrainer
 from lrm.config import ConfigError, load_config
+from tests.tiny_distill import tiny_data, tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def tiny_teacher(seed=0):
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8, attention_head_dim=4, norm_num_groups=8)
-    return Denoiser(unet, DDPMSchedule(), "conjugate_v")
-
-
-def tiny_data(n=16):
-    g = torch.Generator().manual_seed(1)
-    return DistillData(torch.randn(n, 4, 8, 8, generator=g), torch.randn(n, 5, 8, generator=g),
-                       torch.ones(n, 5, dtype=torch.bool), [f"prompt {i}" for i in range(n)])
 
 
 def mean_lrm(latents, tokens, mask):
