@@ -116,7 +116,7 @@ def retime(meta: dict, results: dict, device: torch.device, teacher_cfg: float, 
     ``student_sample`` with the teacher's network and the student's k timesteps costs: this times that against
     the 50-step CFG teacher on the same batch and noise, and returns the rows with ``seconds`` / ``speedup``
     replaced (the concurrent measurements kept as ``seconds_concurrent`` / ``speedup_concurrent``)."""
-    from distill.cli import build_teacher
+    from distill.builders import build_teacher
     from distill.samplers import STUDENT_TIMESTEPS, ddim_sample, student_sample
     from distill.trainer import DistillConfig
     from lrm.config import load_config
@@ -261,7 +261,8 @@ def main() -> None:
                     args.teacher_cfg, args.timings_from))
         return
 
-    from distill.cli import build_data, build_lrm, build_teacher, build_vae
+    from distill.builders import build_teacher, build_vae
+    from distill.cli import build_data, build_lrm
     from distill.samplers import STUDENT_TIMESTEPS, ddim_sample, student_sample
     from distill.trainer import DistillConfig, DistillData, DistillTrainer
     from eval.vendi import keyframe_diversity

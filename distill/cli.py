@@ -7,60 +7,17 @@ from typing import Any
 
 import torch
 
+from distill.builders import (
+    build_teacher,
+    build_text_encoder,
+    build_vae,
+    check_text_identity,
+    check_text_width,
+    teacher_is_diffusers,
+)
 from distill.trainer import DistillConfig, DistillData, DistillTrainer, make_accelerator
 from lrm.config import ConfigError
 from lrm.run import get_logger
-
-
-def build_text_encoder(cfg: DistillConfig, device: torch.device):
-    """``lrm.text.TextEncoder(cfg.text_encoder, max_length=cfg.text_max_length)``."""
-    from lrm.text import TextEncoder
-
-    return TextEncoder(cfg.text_encoder, max_length=cfg.text_max_length, device=device)
-
-
-def teacher_is_diffusers(cfg: DistillConfig) -> bool:
-    """Whether ``cfg.teacher`` names a diffusers pipeline (a directory with ``model_index.json`` / ``unet/`` /
-    ``transformer/``, or a hub id) rather than a Shapes teacher or a ``Denoiser.save_pretrained`` directory."""
-    from pathlib import Path
-
-    from distill.denoiser import is_diffusers_dir
-
-    if cfg.teacher in ("shapes-image", "shapes-video"):
-        return False
-    path = Path(cfg.teacher)
-    if (path / "denoiser.json").is_file():
-        return False
-    return is_diffusers_dir(path) or not path.exists()
-
-
-def build_teacher(cfg: DistillConfig, device: torch.device, text_encoder: Any = None):
-    """The teacher ``Denoiser``: a Shapes teacher, a ``Denoiser.save_pretrained`` directory, or a diffusers
-    pipeline directory / hub id (``Denoiser.from_diffusers``; its null caption is ``text_encoder([""])``, built
-    from ``cfg.text_encoder`` / ``cfg.text_max_length`` when not given)."""
-    from pathlib import Path
-
-    from distill.denoiser import Denoiser
-
-    if cfg.teacher in ("shapes-image", "shapes-video"):
-        from distill.models import load_shapes_teacher
-
-        return load_shapes_teacher(cfg.teacher.split("-")[1], device=device)
-    if not teacher_is_diffusers(cfg):
-        return Denoiser.from_pretrained(cfg.teacher, device=device)
-    sub = cfg.teacher_subfolder
-    if sub is None:
-        sub = "transformer" if (Path(cfg.teacher) / "transformer" / "config.json").is_file() else "unet"
-    text_encoder = text_encoder if text_encoder is not None else build_text_encoder(cfg, device)
-    return Denoiser.from_diffusers(cfg.teacher, subfolder=sub or None, text_encoder=text_encoder, device=device)
-
-
-def build_vae(cfg: DistillConfig, device: torch.device):
-    from lrm.latent_space import VAE
-
-    if cfg.vae == "shapes":
-        return VAE.shapes(device=device)
-    return VAE.from_pretrained(cfg.vae, subfolder=cfg.vae_subfolder, device=device)
 
 
 def build_data(cfg: DistillConfig, vae: Any, device: torch.device, video: bool = False,
@@ -128,9 +85,13 @@ def build_trainer(cfg: DistillConfig) -> DistillTrainer:
     # One text encoder for the teacher's null caption, the data captions and the LRM check (loaded only if needed).
     needs_text = teacher_is_diffusers(cfg) or cfg.data_cache is None
     text = build_text_encoder(cfg, device) if needs_text else None
+    if cfg.data_cache is not None and text is not None:  # the teacher's null caption vs the cache's captions
+        check_text_identity(text_identity(cfg), text.identity(), f"caption embeddings of cache {cfg.data_cache}")
     teacher = build_teacher(cfg, device, text_encoder=text)
     vae = build_vae(cfg, device)
     data = build_data(cfg, vae, device, video=teacher.is_video, text_encoder=text)
+    check_text_width(teacher, data.text_tokens.shape[-1],
+                     f"caption embeddings of {cfg.data_cache or 'the Shapes data'}")
     lrm = build_lrm(cfg, data, vae, device, text_encoder=text)
     return DistillTrainer(cfg, teacher, data, lrm=lrm, vae=vae, accelerator=acc)
 

@@ -84,16 +84,29 @@ class FinetuneConfig:
     seed: int = opt(0, "random seed")
     device: str = opt("auto", "'auto' (cuda if available), 'cuda', 'cuda:N' or 'cpu'")
     # ---- models and data (used by build_finetune / `lrm finetune`; the Python API takes objects) ---------
-    teacher: str = opt("shapes-image", "student initialisation: 'shapes-image' / 'shapes-video' (shipped Shapes "
-                                       "teachers) or a Denoiser directory (a distilled student or a teacher)")
+    teacher: str = opt("shapes-image", "student initialisation (and teacher of distill_losses): 'shapes-image' / "
+                                       "'shapes-video' (shipped Shapes teachers), a Denoiser directory (e.g. "
+                                       "RUN/student of `lrm distill`), or a diffusers pipeline directory / hub id")
+    teacher_subfolder: str | None = opt(None, "model subfolder of a diffusers teacher; None: 'transformer' if the "
+                                              "directory has one, else 'unet'")
     vae: str = opt("shapes", "'shapes' (built-in VAE) or a diffusers AutoencoderKL path / hub id")
     vae_subfolder: str | None = opt(None, "subfolder of the VAE inside a pipeline repo (e.g. 'vae')")
-    text_encoder: str = opt("all-MiniLM-L6-v2", "text encoder name or path (lrm.text.TextEncoder)")
+    vae_bf16: bool = opt(False, "run the VAE decoder (gold reward, direct's gradient, grids) under bf16 autocast "
+                                "(CUDA): half the decoder activations; recommended at 512 px")
+    vae_chunk_size: int | None = opt(None, "images / frames per VAE call (None: the VAE's rule, by pixel area)")
+    text_encoder: str = opt("all-MiniLM-L6-v2", "text encoder name or path (lrm.text.TextEncoder); for a diffusers "
+                                                "teacher, the pipeline directory itself (its text_encoder/)")
+    text_max_length: int = opt(32, "caption length in tokens (padded/truncated); Stable Diffusion's CLIP: 77")
     gold_reward: str = opt("colorfulness", "reward_adapters name of the gold pixel reward (the DDPO / direct "
                                            "training signal; logged for every method)")
     gold_reward_kwargs: dict = opt({}, "constructor options of the gold reward, e.g. {frames: first-middle-last}")
     lrm_path: str | None = opt(None, "LatentReward directory (method=lrm), e.g. from `lrm train`")
-    num_prompts: int = opt(64, "Shapes world captions used as the prompt pool (data latents for CD too)")
+    data_cache: str | None = opt(None, "prompt pool from a LatentCache (`lrm cache build`): its captions, text "
+                                       "embeddings and latents (CD's data latents)")
+    prompt_file: str | None = opt(None, "prompt pool from a file: .txt (one per line), .csv or .jsonl (column / key "
+                                        "prompt, caption or text), encoded by text_encoder; no data latents")
+    num_prompts: int = opt(64, "Shapes world captions used as the prompt pool when neither data_cache nor "
+                               "prompt_file is set (Shapes teachers only)")
     data_seed: int = opt(0, "ShapesWorld seed of the prompt pool")
     num_frames: int = opt(16, "frames per video for the Shapes video world (teacher 'shapes-video')")
     # ---- student ---------------------------------------------------------------------------------------
@@ -113,7 +126,8 @@ class FinetuneConfig:
     max_grad_norm: float = opt(1.0, "gradient clipping (L2 norm) of the student; 0 = off")
     bf16: bool = opt(False, "bf16 autocast for network calls (CUDA only)")
     gradient_checkpointing: bool = opt(False, "activation checkpointing: student UNet blocks and (direct) each "
-                                              "student call and the decoder")
+                                              "student call and the decoder; needed by direct at real size (SD-1.5 "
+                                              "at 512 px: the decoder's graph alone is ~10 GB per sample in fp32)")
     # ---- LRM -------------------------------------------------------------------------------------------
     beta_ft: float = opt(1.0, "weight of L_FT = -R^l(x_hat, c) (DOLLAR beta_FT), in 1 / reward units")
     # ---- regularisation toward the initial model ---------------------------------------------------------
@@ -159,9 +173,14 @@ class FinetuneConfig:
     eval_every_gpu_s: float | None = opt(None, "also evaluate each time the cumulative step time passes a multiple "
                                                "of this many device-seconds (even curves across methods)")
     num_eval: int = opt(64, "evaluation samples (prompts cycle through the pool)")
+    eval_batch_size: int = opt(16, "samples per sampling call in evaluation and sample grids (decoding is chunked "
+                                   "by vae_chunk_size)")
     log_gold_train: bool = opt(True, "method=lrm: also score the training samples with the gold reward (not "
                                      "counted in step time)")
-    ckpt_every: int = opt(100, "save a resumable checkpoint every N steps (0 = only at the end)")
+    ckpt_every: int = opt(100, "save a resumable checkpoint every N steps (0 = only at the end, see "
+                               "final_checkpoint)")
+    final_checkpoint: bool = opt(True, "save a resumable checkpoint at the end of the run (before the final "
+                                       "evaluation); the student/ folder is written either way")
     sample_every: int = opt(100, "save a sample grid every N steps (0 = only at the end)")
     num_sample_prompts: int = opt(8, "prompts in the sample grid")
     samples_per_prompt: int = opt(4, "samples per prompt in the grid")
@@ -175,7 +194,7 @@ class FinetuneConfig:
             raise ConfigError(f"student_steps={self.student_steps} has no default timesteps "
                               f"({sorted(STUDENT_TIMESTEPS)}); pass student_timesteps explicitly")
         for name in ("steps", "batch_size", "sample_batch_size", "num_sample_batches", "train_batch_size",
-                     "inner_epochs", "num_prompts", "num_eval"):
+                     "inner_epochs", "num_prompts", "num_eval", "eval_batch_size", "text_max_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         total = self.sample_batch_size * self.num_sample_batches
@@ -211,6 +230,10 @@ class FinetuneConfig:
             raise ConfigError(f"fake_updates must be >= 1 with vsd, got {self.fake_updates}")
         if self.beta_kl < 0:
             raise ConfigError(f"beta_kl must be >= 0 (a penalty weight; 0 = off), got {self.beta_kl}")
+        if self.data_cache is not None and self.prompt_file is not None:
+            raise ConfigError("set one prompt source: data_cache or prompt_file, not both")
+        if self.vae_chunk_size is not None and self.vae_chunk_size < 1:
+            raise ConfigError(f"vae_chunk_size must be >= 1 (or null for the VAE's rule), got {self.vae_chunk_size}")
         if self.adv_clip <= 0 or self.clip_range <= 0:
             raise ConfigError(f"adv_clip and clip_range must be > 0, got {self.adv_clip}, {self.clip_range}")
 
@@ -392,12 +415,25 @@ class FinetuneTrainer:
         """Mean gold reward of the k-step sampler on the fixed evaluation set."""
         out = []
         g = torch.Generator().manual_seed(self.config.seed + 777)
-        for s in range(0, self.config.num_eval, 64):
-            idx = self._eval_idx[s:s + 64]
+        n = self.config.eval_batch_size
+        for s in range(0, self.config.num_eval, n):
+            idx = self._eval_idx[s:s + n]
             tok, mask, prompts, _ = self.pool.take(idx)
-            x0 = self.sample(self._eval_noise[s:s + 64], tok, mask, generator=g)
+            x0 = self.sample(self._eval_noise[s:s + n], tok, mask, generator=g)
             out.append(self.gold(x0, prompts))
         return float(torch.cat(out).mean())
+
+    def _try_evaluate(self) -> float | None:
+        """``evaluate()``, but a failure (e.g. out of memory at a large num_eval) is logged, not raised: training
+        and its checkpoints never depend on an evaluation."""
+        try:
+            return self.evaluate()
+        except (RuntimeError, ValueError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.logger.error("evaluation at step %d failed, training goes on: %s: %s (lower eval_batch_size / "
+                              "vae_chunk_size, or set vae_bf16)", self.step, type(e).__name__, str(e).splitlines()[0])
+            return None
 
     def _distill_terms(self, x_hat: torch.Tensor | None, tok, mask, lat) -> tuple[torch.Tensor, dict[str, float],
                                                                                  torch.Tensor | None]:
@@ -650,7 +686,9 @@ class FinetuneTrainer:
             due = due or k > self._evals_by_time
             self._evals_by_time = max(self._evals_by_time, k)
         if due:
-            row["eval_gold_reward"] = self.evaluate()
+            r = self._try_evaluate()
+            if r is not None:
+                row["eval_gold_reward"] = r
         self.history.append(row)
         return row
 
@@ -716,7 +754,10 @@ class FinetuneTrainer:
         tok, mask, _, _ = self.pool.take(idx)
         g = torch.Generator().manual_seed(cfg.seed)
         noise = torch.randn((len(idx), *self.latent_shape), generator=g)
-        pixels = self.vae.decode(self.sample(noise, tok, mask, generator=g).float()).cpu()
+        n = cfg.eval_batch_size
+        pixels = torch.cat([self.vae.decode(self.sample(noise[s:s + n], tok[s:s + n], mask[s:s + n],
+                                                        generator=g).float()).cpu()
+                            for s in range(0, len(idx), n)])
         out = Path(cfg.run_dir) / "samples"
         name = tag or f"step_{self.step:06d}"
         if pixels.dim() == 5:
@@ -758,10 +799,12 @@ class FinetuneTrainer:
             len(self.timesteps), self.timesteps, cfg.gold_reward, cfg.distill_losses or "none", cfg.beta_kl,
             self.device, cfg.run_dir)
         if not resumed:
-            r0 = self.evaluate()
-            self._log_row({"step": 0, "method": cfg.method, "eval_gold_reward": r0, "gpu_seconds": 0.0,
-                           "optimizer_steps": 0})
-            self.history.append({"step": 0, "eval_gold_reward": r0, "gpu_seconds": 0.0})
+            r0 = self._try_evaluate()
+            row0 = {"step": 0, "method": cfg.method, "gpu_seconds": 0.0, "optimizer_steps": 0}
+            if r0 is not None:
+                row0["eval_gold_reward"] = r0
+            self._log_row(row0)
+            self.history.append(row0)
         bar = tqdm(total=total, initial=self.step, desc=f"finetune[{cfg.method}]", disable=not cfg.progress)
         while self.step < total:
             if cfg.max_gpu_seconds is not None and self.gpu_seconds >= cfg.max_gpu_seconds:
@@ -780,14 +823,21 @@ class FinetuneTrainer:
             if cfg.sample_every > 0 and self.step % cfg.sample_every == 0:
                 self.save_samples()
         bar.close()
+        # checkpoint first: the final evaluation and grid may fail (memory) without losing the run
+        if cfg.final_checkpoint and (cfg.ckpt_every == 0 or self.step % cfg.ckpt_every != 0):
+            self.save_checkpoint()
         if not self.history or "eval_gold_reward" not in self.history[-1]:
-            r = self.evaluate()
-            row = {"step": self.step, "method": cfg.method, "eval_gold_reward": r, "gpu_seconds": self.gpu_seconds,
-                   "optimizer_steps": self.optimizer_steps}
-            self._log_row(row)
-            self.history.append(row)
-        self.save_checkpoint()
-        self.save_samples()
+            r = self._try_evaluate()
+            if r is not None:
+                row = {"step": self.step, "method": cfg.method, "eval_gold_reward": r,
+                       "gpu_seconds": self.gpu_seconds, "optimizer_steps": self.optimizer_steps}
+                self._log_row(row)
+                self.history.append(row)
+        try:
+            self.save_samples()
+        except (RuntimeError, ValueError) as e:
+            self.logger.error("sample grid at step %d failed: %s: %s", self.step, type(e).__name__,
+                              str(e).splitlines()[0])
         return self.history
 
     def close(self) -> None:
@@ -813,36 +863,75 @@ def _concat_samples(batches: list) -> Any:
 
 
 # ---- building everything from a config (CLI, benchmarks) ----------------------------------------------------
-def build_finetune(cfg: FinetuneConfig, lrm: Any = None, progress: bool = True) -> FinetuneTrainer:
-    """Load the student init, VAE, text encoder, prompt pool, gold reward and LRM named in ``cfg``."""
-    from distill.models import load_shapes_teacher
+def build_prompt_pool(cfg: FinetuneConfig, vae: Any, text_encoder: Any, video: bool = False,
+                      progress: bool = True) -> PromptPool:
+    """The prompt pool of ``cfg``: a data cache (captions, embeddings, latents), a prompt file (encoded by
+    ``text_encoder``; no latents) or, for the Shapes teachers, ``num_prompts`` encoded Shapes world samples."""
+    from distill.builders import SHAPES_TEACHERS, load_prompt_file
     from distill.trainer import DistillData
-    from lrm.latent_space import VAE
-    from lrm.text import TextEncoder
+
+    if cfg.data_cache is not None:
+        from data_cache import LatentCache
+
+        cache = LatentCache.open(cfg.data_cache)
+        vae.latent_space.check_compatible(cache.latent_space, f"latents of cache {cfg.data_cache}")
+        return PromptPool.from_distill_data(DistillData.from_cache(cfg.data_cache))
+    if cfg.prompt_file is not None:
+        prompts = load_prompt_file(cfg.prompt_file)
+        toks, masks = [], []
+        for s in range(0, len(prompts), 256):
+            emb = text_encoder(prompts[s:s + 256])
+            toks.append(emb.tokens.float().cpu())
+            masks.append(emb.mask.cpu())
+        return PromptPool(torch.cat(toks), torch.cat(masks), prompts)
+    if cfg.teacher not in SHAPES_TEACHERS or cfg.vae != "shapes":
+        raise ConfigError(f"teacher {cfg.teacher!r} / vae {cfg.vae!r}: Shapes world prompts fit only the Shapes "
+                          "teachers and VAE; set data_cache (a LatentCache from `lrm cache build`) or prompt_file")
+    nf = cfg.num_frames if video else None
+    data = DistillData.from_shapes(cfg.num_prompts, vae, text_encoder, num_frames=nf, seed=cfg.data_seed,
+                                   progress=progress)
+    return PromptPool.from_distill_data(data)
+
+
+def build_finetune(cfg: FinetuneConfig, lrm: Any = None, progress: bool = True) -> FinetuneTrainer:
+    """Load the student init, VAE, text encoder, prompt pool, gold reward and LRM named in ``cfg`` (the model keys
+    mean what they mean in ``lrm distill``: ``distill.builders``), checking that they fit together."""
+    from distill.builders import (
+        build_teacher,
+        build_text_encoder,
+        build_vae,
+        check_text_identity,
+        check_text_width,
+        teacher_is_diffusers,
+    )
     from reward_adapters import create_reward
 
     device = resolve_device(cfg.device)
-    if cfg.teacher in ("shapes-image", "shapes-video"):
-        init = load_shapes_teacher(cfg.teacher.split("-")[1], device=device)
+    needs_text = teacher_is_diffusers(cfg) or cfg.data_cache is None
+    text = build_text_encoder(cfg, device) if needs_text else None
+    vae = build_vae(cfg, device)
+    if cfg.data_cache is not None:  # the pool's embeddings are the cache's: the null caption must match them
+        from data_cache import LatentCache
+
+        text_id = dict(LatentCache.open(cfg.data_cache).text_encoder)
+        if text is not None:
+            check_text_identity(text_id, text.identity(), f"caption embeddings of cache {cfg.data_cache}")
     else:
-        init = Denoiser.from_pretrained(cfg.teacher, device=device)
-    vae = VAE.shapes(device=device) if cfg.vae == "shapes" else \
-        VAE.from_pretrained(cfg.vae, subfolder=cfg.vae_subfolder).to(device)
-    text = TextEncoder()
-    nf = cfg.num_frames if init.is_video else None
-    data = DistillData.from_shapes(cfg.num_prompts, vae, text, num_frames=nf, seed=cfg.data_seed, progress=progress)
-    pool = PromptPool.from_distill_data(data)
-    gold = create_reward(cfg.gold_reward, **cfg.gold_reward_kwargs)
-    if hasattr(gold, "to"):
-        gold = gold.to(device)
-    if lrm is None and cfg.method == "lrm":
+        text_id = text.identity()
+    if lrm is None and cfg.method == "lrm":  # checked before the large models load
         if cfg.lrm_path is None:
             raise ConfigError("method=lrm needs lrm_path: a LatentReward directory (train one with `lrm train`)")
         from latent_rewards import LatentReward
 
         lrm = LatentReward.from_pretrained(cfg.lrm_path, device=device)
-        if lrm.latent_space is not None:
-            lrm.latent_space.check_compatible(vae.latent_space)
+        lrm.check_inputs(latent_space=vae.latent_space, text_encoder=text_id if lrm.needs_text else None)
+    init = build_teacher(cfg, device, text_encoder=text)
+    pool = build_prompt_pool(cfg, vae, text, video=init.is_video, progress=progress)
+    check_text_width(init, pool.text_tokens.shape[-1],
+                     f"caption embeddings of {cfg.data_cache or cfg.prompt_file or 'the Shapes prompt pool'}")
+    gold = create_reward(cfg.gold_reward, **cfg.gold_reward_kwargs)
+    if hasattr(gold, "to"):
+        gold = gold.to(device)
     return FinetuneTrainer(cfg, init, pool, gold, vae, lrm=lrm)
 
 
@@ -866,5 +955,5 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["FinetuneConfig", "FinetuneTrainer", "PromptPool", "build_finetune", "run_finetune", "LOG_COLUMNS",
-           "METHODS", "DISTILL_LOSSES"]
+__all__ = ["FinetuneConfig", "FinetuneTrainer", "PromptPool", "build_finetune", "build_prompt_pool", "run_finetune",
+           "LOG_COLUMNS", "METHODS", "DISTILL_LOSSES"]

@@ -66,7 +66,10 @@ class DistillConfig:
                                               "directory has one, else 'unet'; '' for a bare model directory")
     vae: str = opt("shapes", "'shapes' (built-in VAE) or a diffusers AutoencoderKL path / hub id")
     vae_subfolder: str | None = opt(None, "subfolder of the VAE inside a pipeline repo (e.g. 'vae')")
-    text_encoder: str = opt("all-MiniLM-L6-v2", "text encoder name or path (lrm.text.TextEncoder)")
+    vae_bf16: bool = opt(False, "run the VAE (data encoding, sample grids) under bf16 autocast (CUDA)")
+    vae_chunk_size: int | None = opt(None, "images / frames per VAE call (None: the VAE's rule, by pixel area)")
+    text_encoder: str = opt("all-MiniLM-L6-v2", "text encoder name or path (lrm.text.TextEncoder); for a diffusers "
+                                                "teacher, the pipeline directory itself (its text_encoder/)")
     text_max_length: int = opt(32, "caption length in tokens (padded/truncated) for the data captions and the "
                                    "teacher's null caption; Stable Diffusion's CLIP: 77")
     data_cache: str | None = opt(None, "LatentCache directory with data latents + text; None: encode samples of the "
@@ -128,7 +131,10 @@ class DistillConfig:
     gradient_checkpointing: bool = opt(False, "activation checkpointing in the student and fake score")
     # ---- logging ---------------------------------------------------------------------------------------
     log_every: int = opt(10, "log to log.txt every N steps (log.csv gets every step)")
-    ckpt_every: int = opt(500, "save a resumable checkpoint every N steps (0 = only at the end)")
+    ckpt_every: int = opt(500, "save a resumable checkpoint every N steps (0 = only at the end, see "
+                               "final_checkpoint)")
+    final_checkpoint: bool = opt(True, "save a resumable checkpoint at the end of the run (the student/ folder is "
+                                       "written either way)")
     sample_every: int = opt(500, "save a sample grid every N steps (0 = only at the end)")
     num_sample_prompts: int = opt(8, "prompts in the sample grid (the first data captions)")
     samples_per_prompt: int = opt(4, "samples per prompt in the grid")
@@ -780,7 +786,7 @@ class DistillTrainer:
             if cfg.sample_every > 0 and self.step % cfg.sample_every == 0:
                 self.save_samples()
         bar.close()
-        if cfg.ckpt_every == 0 or self.step % cfg.ckpt_every != 0:
+        if cfg.final_checkpoint and (cfg.ckpt_every == 0 or self.step % cfg.ckpt_every != 0):
             self.save_checkpoint()
         if cfg.sample_every == 0 or self.step % cfg.sample_every != 0:
             self.save_samples()

@@ -14,7 +14,8 @@ from diffusers import (
     UNet3DConditionModel,
 )
 
-from distill.cli import build_data, build_lrm, build_teacher, teacher_is_diffusers
+from distill.builders import build_teacher, teacher_is_diffusers
+from distill.cli import build_data, build_lrm
 from distill.denoiser import Denoiser, is_diffusers_dir
 from distill.schedules import DDPMSchedule, FlowSchedule
 from distill.trainer import DistillConfig, DistillData, DistillTrainer
