@@ -65,7 +65,10 @@ def build_teacher(spec: Any, device: torch.device | str, text_encoder: Any = Non
     if sub is None:
         sub = "transformer" if (Path(spec.teacher) / "transformer" / "config.json").is_file() else "unet"
     text_encoder = text_encoder if text_encoder is not None else build_text_encoder(spec, device)
-    return Denoiser.from_diffusers(spec.teacher, subfolder=sub or None, text_encoder=text_encoder, device=device)
+    try:
+        return Denoiser.from_diffusers(spec.teacher, subfolder=sub or None, text_encoder=text_encoder, device=device)
+    except ValueError as e:  # e.g. a text encoder of the wrong width: a config problem, one line
+        raise ConfigError(f"teacher {spec.teacher!r}: {e}") from None
 
 
 def build_vae(spec: Any, device: torch.device | str):

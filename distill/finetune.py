@@ -941,11 +941,14 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     trainer = build_finetune(cfg, progress=cfg.progress)
     try:
-        hist = trainer.train()
+        trainer.train()
     finally:
         trainer.close()
     trainer.save_student()
-    evals = [(r["gpu_seconds"], r["eval_gold_reward"]) for r in hist if "eval_gold_reward" in r]
+    # from log.csv, which a resumed run keeps whole (the history holds only this process's steps)
+    with open(trainer._csv_path) as fh:
+        evals = [(float(r["gpu_seconds"]), float(r["eval_gold_reward"])) for r in csv.DictReader(fh)
+                 if r.get("eval_gold_reward")]
     summary = {"method": cfg.method, "steps": trainer.step, "optimizer_steps": trainer.optimizer_steps,
                "gpu_seconds": trainer.gpu_seconds, "peak_mem_mb": trainer.peak_mem_mb,
                "gold_reward": cfg.gold_reward, "eval_gold_start": evals[0][1] if evals else None,
