@@ -181,6 +181,8 @@ class FinetuneConfig:
                                "final_checkpoint)")
     final_checkpoint: bool = opt(True, "save a resumable checkpoint at the end of the run (before the final "
                                        "evaluation); the student/ folder is written either way")
+    student_fp16: bool = opt(False, "write the student/ folder's weights in fp16 (half the size; loaded back as "
+                                    "fp32); checkpoints keep the training precision for an exact resume")
     sample_every: int = opt(100, "save a sample grid every N steps (0 = only at the end)")
     num_sample_prompts: int = opt(8, "prompts in the sample grid")
     samples_per_prompt: int = opt(4, "samples per prompt in the grid")
@@ -769,7 +771,7 @@ class FinetuneTrainer:
         from lrm.io import write_json
 
         directory = Path(directory or Path(self.config.run_dir) / "student")
-        self.student.save_pretrained(directory)
+        self.student.save_pretrained(directory, fp16=self.config.student_fp16)
         write_json(directory / "student.json", {
             "timesteps": self.timesteps, "parameterization": self.student.parameterization, "step": self.step,
             "finetune_method": self.config.method, "gold_reward": self.config.gold_reward,

@@ -135,6 +135,8 @@ class DistillConfig:
                                "final_checkpoint)")
     final_checkpoint: bool = opt(True, "save a resumable checkpoint at the end of the run (the student/ folder is "
                                        "written either way)")
+    student_fp16: bool = opt(False, "write the student/ folder's weights in fp16 (half the size; loaded back as "
+                                    "fp32); checkpoints keep the training precision for an exact resume")
     sample_every: int = opt(500, "save a sample grid every N steps (0 = only at the end)")
     num_sample_prompts: int = opt(8, "prompts in the sample grid (the first data captions)")
     samples_per_prompt: int = opt(4, "samples per prompt in the grid")
@@ -741,7 +743,7 @@ class DistillTrainer:
                 self._plain_student.load_state_dict(full)
                 student = _with_model(self.student, self._plain_student)
         if self.accelerator.is_main_process:
-            student.save_pretrained(directory)
+            student.save_pretrained(directory, fp16=self.config.student_fp16)
             write_json(directory / "student.json", {
                 "timesteps": self.timesteps, "parameterization": self.student.parameterization,
                 "consistency_function": {"sigma_data": self.config.sigma_data,

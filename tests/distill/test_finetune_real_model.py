@@ -64,6 +64,17 @@ def test_diffusers_teacher_with_prompt_file(pipe, tmp_path):
     assert trainer.latent_shape == (4, 16, 16)
     hist = trainer.train()
     assert trainer.step == 1 and torch.isfinite(torch.tensor(hist[-1]["eval_gold_reward"]))
+    # student_fp16: the exported weights are fp16 on disk, fp32 (the fp16 values) when loaded back
+    from safetensors.torch import load_file
+
+    from distill.denoiser import Denoiser
+
+    trainer.config.student_fp16 = True
+    out = trainer.save_student(tmp_path / "student16")
+    assert {v.dtype for v in load_file(out / "diffusion_pytorch_model.safetensors").values()} == {torch.float16}
+    back = Denoiser.from_pretrained(out)
+    for a, b in zip(trainer.student.model.parameters(), back.model.parameters()):
+        assert b.dtype == torch.float32 and torch.equal(a.detach().half().float(), b)
 
 
 def test_text_encoder_of_another_width_is_one_line_error(pipe, tmp_path):
