@@ -4,7 +4,8 @@ Same student init (the shipped Shapes teacher, or --student DIR), same gold pixe
 weight-free reward that is differentiable, so the direct method can use it too), same prompt pool, same number
 of device-seconds of training per method (``max_gpu_seconds``; evaluation is not counted). The LRM is fitted
 first (``latent_rewards.fit`` on data latents + samples of the initial student, scored by the gold reward) unless
---lrm DIR is given; its data + fit time is reported and added to the LRM's total.
+--lrm DIR is given; its data + fit time is reported and added to the LRM's total. DDPO follows ddpo-pytorch / TRL
+(element-mean transition log-probs, PPO clip 1e-4, advantages clipped to 5); --lr-ddpo gives it its own lr.
 
 Outputs (--out): compare.md, compare.json, reward_vs_gpu_seconds.png, and each run's directory.
 
@@ -35,6 +36,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--lrm-samples", type=int, default=4096, help="generated latents to fit the LRM on")
     p.add_argument("--lrm-steps", type=int, default=1500, help="LRM fit steps")
     p.add_argument("--lr", type=float, default=3e-5, help="student learning rate (all methods)")
+    p.add_argument("--lr-ddpo", type=float, default=None,
+                   help="DDPO's learning rate if not --lr (1e-5: the DDPO authors' full fine-tuning value, "
+                        "jannerm/ddpo config/base.py; ddpo-pytorch's 3e-4 is for LoRA)")
     p.add_argument("--eval-every-s", type=float, default=None,
                    help="evaluate every this many training device-seconds (default: budget / 20)")
     p.add_argument("--num-eval", type=int, default=64)
@@ -111,7 +115,8 @@ def run_kind(kind: str, args, out: Path) -> dict:
                   gradient_checkpointing=(kind == "video"), teacher=f"shapes-{kind}", progress=True)
 
     def trainer(method: str, lrm=None) -> FinetuneTrainer:
-        cfg = FinetuneConfig(**{**common, "method": method, "run_dir": str(out / f"{kind}-{method}")})
+        lr = args.lr_ddpo if method == "ddpo" and args.lr_ddpo is not None else args.lr
+        cfg = FinetuneConfig(**{**common, "method": method, "lr": lr, "run_dir": str(out / f"{kind}-{method}")})
         return FinetuneTrainer(cfg, init, pool, gold, vae, lrm=lrm)
 
     lrm_path = args.lrm_video if kind == "video" else args.lrm

@@ -3,17 +3,24 @@
 Policy-gradient fine-tuning of the student on a black-box pixel reward:
 
 1. sample with the stochastic posterior along the student's timesteps ([999, 749, 499, 249] -> 0, DDIM eta = 1,
-   DOLLAR Eq. 25), recording every transition (x_t, x_{t_prev}) and its log-prob (Eq. 26), without autograd;
+   DOLLAR Eq. 25), recording every transition (x_t, x_{t_prev}) and its log-prob (Eq. 26), without autograd. The
+   log-prob is the MEAN of the per-element Gaussian log-density over the latent (``reduction="mean"``), as in
+   ddpo-pytorch and TRL: the PPO clip range 1e-4 is tuned for it (``"sum"``, the exact density, makes every
+   log-ratio C*H*W times larger);
 2. decode x0 and score it with the pixel reward (detached; optionally in a worker thread while the next sample
    batch is drawn);
 3. advantages: rewards normalised per prompt (buffer of the last ``buffer_size`` rewards of that prompt once it
-   holds ``min_count``; batch-global statistics before that) or globally, clipped to +-``adv_clip``;
+   holds ``min_count``; batch-global statistics before that, std + 1e-6) or globally (std + 1e-8), clipped to
+   +-``adv_clip``;
 4. for each inner epoch and train batch, re-evaluate log p_theta(x_{t_prev} | x_t) on the last ``grad_steps``
    transitions only (truncation: earlier steps carry no gradient) and take the PPO clipped objective
    ``max(-A r, -A clip(r, 1 - eps, 1 + eps))``, r = exp(logp - logp_old). With one inner epoch fully on-policy
    r = 1 and its gradient is REINFORCE's ``-A grad logp`` (DDPO_SF, Eq. in Alg. 2).
 
-Formulas follow ddpo-pytorch (Black et al. 2023, ``ddpo_pytorch/stat_tracking.py`` and ``train.py``).
+Formulas follow ddpo-pytorch (Black et al. 2023, ``ddpo_pytorch/stat_tracking.py``, ``train.py`` and
+``diffusers_patch/ddim_with_logprob.py``) and TRL 0.11 (``DDPOTrainer.calculate_loss``); parity is tested in
+tests/distill/test_ddpo_parity.py. Not taken from them: training on every timestep (here truncation to the last
+``grad_steps``, DOLLAR) and CFG in the student (a distilled student samples without it).
 """
 
 from __future__ import annotations
@@ -79,8 +86,9 @@ class PerPromptStatTracker:
 
 
 def global_advantages(rewards) -> np.ndarray:
+    """``(r - mean) / (std + 1e-8)`` over the whole batch (ddpo-pytorch / TRL without per-prompt tracking)."""
     r = np.asarray(rewards, dtype=np.float64).reshape(-1)
-    return (r - r.mean()) / (r.std() + 1e-6)
+    return (r - r.mean()) / (r.std() + 1e-8)
 
 
 def ppo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float = 1e-4,
@@ -88,8 +96,11 @@ def ppo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: tor
     """PPO clipped surrogate for one transition, all ``(B,)``; returns ``(loss, info)``.
 
     ``loss = mean(max(-A r, -A clip(r, 1 - eps, 1 + eps)))``, ``r = exp(logp - logp_old)``, ``A`` clipped to
-    ``+-adv_clip``. info: ``approx_kl = 0.5 mean((logp - logp_old)^2)``, ``clipfrac``, ``ratio`` (mean).
+    ``+-adv_clip``. info: ``approx_kl = 0.5 mean((logp - logp_old)^2)``, ``clipfrac`` (fraction with
+    ``|r - 1| > eps``), ``ratio`` (mean). The defaults (eps = 1e-4, adv_clip = 5) are ddpo-pytorch's, tuned for
+    element-MEAN log-probs (``reduction="mean"``).
     """
+    # ddpo-pytorch scripts/train.py / TRL 0.11 DDPOTrainer.calculate_loss + loss
     adv = advantages.float().clamp(-adv_clip, adv_clip)
     ratio = torch.exp(log_prob.float() - old_log_prob.detach().float())
     unclipped = -adv * ratio
@@ -110,7 +121,8 @@ def reinforce_loss(log_prob: torch.Tensor, advantages: torch.Tensor, adv_clip: f
 @dataclass
 class DDPOSamples:
     """One sample batch of the stochastic chain. ``latents`` (B, K + 1, ...) = x_{t_0} ... x_{final};
-    ``log_probs`` (B, K) under the sampling policy; ``timesteps`` / ``prev_timesteps`` (K,) long."""
+    ``log_probs`` (B, K) under the sampling policy, reduced over the latent elements by ``log_prob_reduction``
+    (``"mean"``: DDPO's convention; ``"sum"``: exact density); ``timesteps`` / ``prev_timesteps`` (K,) long."""
 
     latents: torch.Tensor
     log_probs: torch.Tensor
@@ -120,6 +132,7 @@ class DDPOSamples:
     text_mask: torch.Tensor | None
     prompts: list[str]
     rewards: torch.Tensor | Future | None = None  # (B,) float32 CPU, or a Future of it
+    log_prob_reduction: str = "mean"  # how ``log_probs`` were reduced; re-evaluation uses the same
 
     @property
     def x0(self) -> torch.Tensor:
@@ -133,7 +146,7 @@ class DDPOSamples:
                         prompts: list[str]) -> "DDPOSamples":
         """Stack a ``samplers.SampleTrajectory`` (K + 1 latents) for re-evaluation."""
         return cls(torch.stack(traj.latents, 1), traj.log_probs.detach(), traj.timesteps, traj.prev_timesteps,
-                   text_tokens, text_mask, list(prompts))
+                   text_tokens, text_mask, list(prompts), log_prob_reduction=traj.log_prob_reduction)
 
     def resolve_rewards(self) -> torch.Tensor:
         if isinstance(self.rewards, Future):
@@ -147,17 +160,19 @@ class DDPOSamples:
         i = idx.to(dev)
         return DDPOSamples(self.latents[i], self.log_probs[i], self.timesteps, self.prev_timesteps,
                            self.text_tokens[i], None if self.text_mask is None else self.text_mask[i],
-                           [self.prompts[j] for j in idx.tolist()], None)
+                           [self.prompts[j] for j in idx.tolist()], None, self.log_prob_reduction)
 
 
 @torch.no_grad()
 def sample_chain(denoiser, noise: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor | None,
                  prompts: list[str], timesteps: Sequence[int], eta: float = 1.0, final_timestep: int = 0,
-                 guidance_scale: float | None = None, generator: torch.Generator | None = None) -> DDPOSamples:
-    """Step 1: the stochastic posterior chain (Eq. 25-26) without autograd, stacked for re-evaluation."""
+                 guidance_scale: float | None = None, generator: torch.Generator | None = None,
+                 reduction: str = "mean") -> DDPOSamples:
+    """Step 1: the stochastic posterior chain (Eq. 25-26) without autograd, stacked for re-evaluation; log-probs
+    reduced over the latent elements by ``reduction`` (``"mean"``: ddpo-pytorch / TRL; ``"sum"``: exact density)."""
     traj = stochastic_sample(denoiser, noise, text_tokens, text_mask, list(timesteps), eta=eta,
                              guidance_scale=guidance_scale, generator=generator, grad_steps=0,
-                             final_timestep=final_timestep)
+                             final_timestep=final_timestep, reduction=reduction)
     return DDPOSamples.from_trajectory(traj, text_tokens, text_mask, prompts)
 
 
@@ -169,20 +184,35 @@ def trained_step_indices(num_steps: int, grad_steps: int) -> list[int]:
     return list(range(num_steps - grad_steps, num_steps))
 
 
+def _reduction_of(samples: DDPOSamples, reduction: str | None) -> str:
+    if reduction is None:
+        return samples.log_prob_reduction
+    if reduction != samples.log_prob_reduction:
+        raise ValueError(f"reduction {reduction!r} differs from the {samples.log_prob_reduction!r} the samples' "
+                         "log_probs were recorded with: the PPO ratio would compare two different quantities; "
+                         "sample with the same reduction (or pass reduction=None)")
+    return reduction
+
+
 def transition_mean_log_prob(denoiser, samples: DDPOSamples, k: int, eta: float = 1.0,
-                             guidance_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+                             guidance_scale: float | None = None,
+                             reduction: str | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(log p_theta(x_{k+1} | x_k) (B,), mu_theta, sigma)`` of transition ``k`` under the current weights (the
-    mean is what a per-step KL to a reference chain needs)."""
+    mean is what a per-step KL to a reference chain needs). ``reduction`` of the log-prob over the latent elements:
+    ``None`` = the samples' ``log_prob_reduction`` (default ``"mean"``, DDPO's convention); ``"mean"`` / ``"sum"``
+    must match it."""
+    red = _reduction_of(samples, reduction)
     t, s = int(samples.timesteps[k]), int(samples.prev_timesteps[k])
     mu, sigma, _ = step_mean(denoiser, samples.latents[:, k], t, s, samples.text_tokens, samples.text_mask, eta,
                              guidance_scale)
-    return gaussian_log_prob(samples.latents[:, k + 1].detach(), mu, sigma), mu, sigma
+    return gaussian_log_prob(samples.latents[:, k + 1].detach(), mu, sigma, red), mu, sigma
 
 
 def transition_log_prob(denoiser, samples: DDPOSamples, k: int, eta: float = 1.0,
-                        guidance_scale: float | None = None) -> torch.Tensor:
-    """log p_theta(x_{k+1} | x_k) of transition ``k`` of ``samples`` under the current weights, ``(B,)``."""
-    return transition_mean_log_prob(denoiser, samples, k, eta, guidance_scale)[0]
+                        guidance_scale: float | None = None, reduction: str | None = None) -> torch.Tensor:
+    """log p_theta(x_{k+1} | x_k) of transition ``k`` of ``samples`` under the current weights, ``(B,)``
+    (``reduction`` as in ``transition_mean_log_prob``)."""
+    return transition_mean_log_prob(denoiser, samples, k, eta, guidance_scale, reduction)[0]
 
 
 __all__ = ["PerPromptStatTracker", "global_advantages", "ppo_loss", "reinforce_loss", "DDPOSamples",

@@ -12,6 +12,9 @@ schedule (DDPM or flow):
 
 For DDPM this is DDIM's sigma with ``sigma^2 = eta^2 (1 - abar_s)/(1 - abar_t) (1 - abar_t/abar_s)``; at
 ``eta = 1`` it is the DDPM posterior variance ``(1 - alpha_t)(1 - abar_{t-1})/(1 - abar_t)`` (Eq. 26's sigma).
+
+Transition log-probs (DDPO) are the MEAN of the per-element Gaussian log-density by default, as in ddpo-pytorch and
+TRL (``reduction="sum"`` gives the exact density); see ``gaussian_log_prob``.
 """
 
 from __future__ import annotations
@@ -121,21 +124,48 @@ def student_sample(denoiser, noise: torch.Tensor, text_tokens: torch.Tensor, tex
 
 
 # ---- stochastic posterior sampler with log-probs (DDPO) ---------------------------------------------------
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
-    """Eq. 26: ``sum_elements -1/2 ((x - mu)^2 / sigma^2 + log(2 pi sigma^2))`` -> ``(B,)`` (float32)."""
+LOG_PROB_REDUCTIONS = ("mean", "sum")
+
+
+def _check_reduction(reduction: str) -> str:
+    if reduction not in LOG_PROB_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {LOG_PROB_REDUCTIONS} ('mean': ddpo-pytorch / TRL, what DDPO's "
+                         f"clip range is tuned for; 'sum': the exact log-density), got {reduction!r}")
+    return reduction
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float, reduction: str = "mean") -> torch.Tensor:
+    """Per-sample log-density of one Gaussian transition ``N(x; mean, std^2 I)`` (Eq. 26), ``(B,)`` float32.
+
+    Each element contributes ``-(x - mu)^2 / (2 sigma^2) - log sigma - log sqrt(2 pi)``; ``reduction`` says how the
+    elements (all but the batch dimension: C*H*W, or T*C*H*W for video) are combined:
+
+    - ``"mean"`` (default, DDPO's convention): their average. The DDPO policy ratio ``exp(logp - logp_old)`` is then
+      the geometric mean of the per-element density ratios, and PPO's clip range 1e-4 / the learning rates of
+      ddpo-pytorch and TRL are tuned for it.
+    - ``"sum"``: their sum, the exact log-density (likelihoods, KL estimates). Log-ratios are ``C*H*W`` times the
+      mean's (16384 on SD latents), so a ratio clipped at 1 +- 1e-4 is clipped almost always.
+    """
+    # reduction "mean" as ddpo-pytorch ddim_with_logprob.py ddim_step_with_logprob / TRL 0.11 modeling_sd_base.py
+    _check_reduction(reduction)
     if std <= 0:
         raise ValueError("the transition has zero variance (deterministic step); use eta > 0 and a final "
                          "timestep with noise (final_timestep >= 0 on a DDPM schedule)")
     var = std ** 2
     d = (x.float() - mean.float()) ** 2
-    return (-0.5 * (d / var + math.log(2 * math.pi * var))).flatten(1).sum(1)
+    lp = (-0.5 * (d / var + math.log(2 * math.pi * var))).flatten(1)  # (B, C*H*W)
+    return lp.mean(1) if reduction == "mean" else lp.sum(1)
 
 
 def step_log_prob(denoiser, x_t: torch.Tensor, x_prev: torch.Tensor, t: int, t_prev: int, text_tokens,
-                  text_mask=None, eta: float = 1.0, guidance_scale: float | None = None) -> torch.Tensor:
-    """``log p_theta(x_prev | x_t)`` of a given transition, ``(B,)``; differentiable in the model (PPO / REINFORCE)."""
+                  text_mask=None, eta: float = 1.0, guidance_scale: float | None = None,
+                  reduction: str = "mean") -> torch.Tensor:
+    """``log p_theta(x_prev | x_t)`` of a given transition, ``(B,)``; differentiable in the model (PPO / REINFORCE).
+    ``reduction``: ``"mean"`` over the latent elements (DDPO's convention) or ``"sum"`` (exact density), see
+    ``gaussian_log_prob``."""
+    _check_reduction(reduction)
     mu, sigma, _ = step_mean(denoiser, x_t, t, t_prev, text_tokens, text_mask, eta, guidance_scale)
-    return gaussian_log_prob(x_prev.detach(), mu, sigma)
+    return gaussian_log_prob(x_prev.detach(), mu, sigma, reduction)
 
 
 @dataclass
@@ -144,23 +174,35 @@ class SampleTrajectory:
     latents: list[torch.Tensor]  # K + 1 latents x_{t_0} (noise) ... x_{final}
     timesteps: torch.Tensor  # (K,) long, the timestep each transition starts from
     prev_timesteps: torch.Tensor  # (K,) long, where it ends
-    log_probs: torch.Tensor  # (B, K) float32, log p(x_{k+1} | x_k)
+    log_probs: torch.Tensor  # (B, K) float32, log p(x_{k+1} | x_k), reduced over elements by ``log_prob_reduction``
     means: list[torch.Tensor] = field(default_factory=list)  # K posterior means (Eq. 25)
     stds: torch.Tensor | None = None  # (K,) float32 transition stds
+    log_prob_reduction: str = "mean"  # "mean" (DDPO's convention) or "sum" (exact density), see gaussian_log_prob
 
 
 def stochastic_sample(denoiser, noise: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor | None,
                       timesteps, eta: float = 1.0, guidance_scale: float | None = None,
                       generator: torch.Generator | None = None, grad_steps: int | None = None,
-                      final_timestep: int = 0) -> SampleTrajectory:
+                      final_timestep: int = 0, reduction: str = "mean") -> SampleTrajectory:
     """Sample with the DDIM(eta) posterior along ``timesteps`` and record per-step log-probs (DOLLAR Eq. 25-26).
 
     The chain ends at ``final_timestep`` (default 0: ``abar_0`` is just below 1 for DDPM schedules, so the last
-    transition has a proper Gaussian, as in ddpo-pytorch with ``set_alpha_to_one=False``). Truncation:
-    only the last ``grad_steps`` transitions run with autograd (``None`` = all, ``0`` = none); the earlier
-    ones run under ``torch.no_grad()``. Latents are detached between steps, so gradients reach the model
-    only through each step's mean (the score-function form DDPO needs).
+    transition has a proper Gaussian). Truncation: only the last ``grad_steps`` transitions run with autograd
+    (``None`` = all, ``0`` = none); the earlier ones run under ``torch.no_grad()``. Latents are detached between
+    steps, so gradients reach the model only through each step's mean (the score-function form DDPO needs).
+    ``reduction`` of the recorded log-probs: ``"mean"`` over the latent elements (default, DDPO's convention) or
+    ``"sum"`` (exact density); the means and stds (for exact KLs) do not depend on it.
+
+    Against ddpo-pytorch's ``ddim_step_with_logprob`` (= TRL 0.11 ``scheduler_step``) on an SD-configured
+    ``DDIMScheduler``: same mean ``sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps``, same
+    ``sigma = eta sqrt((1 - abar_s)/(1 - abar_t) (1 - abar_t/abar_s))``, same log-prob with ``reduction="mean"``
+    (tests/distill/test_ddpo_parity.py). Differences: (1) the reference steps to ``t - T // N`` clamped at 0 (uniform
+    spacing only; its last step lands on ``abar_0``, like ``final_timestep=0``), here each step goes to the next
+    listed timestep; for [999, 749, 499, 249] -> 0 the two agree. (2) x0 is never clipped here; the reference clips
+    it only when the scheduler has ``clip_sample=True``, which SD's scheduler config (used by both) does not.
+    (3) sigma is computed in float64 from the float32 schedule (the reference: float32), ~1e-7 relative.
     """
+    _check_reduction(reduction)
     ts = _descending(timesteps, denoiser.schedule.num_train_timesteps)
     if final_timestep >= ts[-1]:
         raise ValueError(f"final_timestep {final_timestep} must be below the last timestep {ts[-1]}")
@@ -176,11 +218,12 @@ def stochastic_sample(denoiser, noise: torch.Tensor, text_tokens: torch.Tensor, 
         with ctx:
             mu, sigma, _ = step_mean(denoiser, x.detach(), t, s, text_tokens, text_mask, eta, guidance_scale)
             x_prev = (mu + sigma * _randn_like(mu, generator)).detach()
-            logps.append(gaussian_log_prob(x_prev, mu, sigma))
+            logps.append(gaussian_log_prob(x_prev, mu, sigma, reduction))
         means.append(mu)
         stds.append(sigma)
         latents.append(x_prev)
         x = x_prev
     return SampleTrajectory(
         x0=x, latents=latents, timesteps=torch.tensor(ts), prev_timesteps=torch.tensor(prevs),
-        log_probs=torch.stack(logps, 1), means=means, stds=torch.tensor(stds, dtype=torch.float32))
+        log_probs=torch.stack(logps, 1), means=means, stds=torch.tensor(stds, dtype=torch.float32),
+        log_prob_reduction=reduction)

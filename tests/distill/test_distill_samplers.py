@@ -142,17 +142,22 @@ def test_stochastic_sampler_log_probs_match_gaussian_formula():
     assert tr.log_probs.shape == (2, 4) and len(tr.latents) == 5 and len(tr.means) == 4
     assert tr.timesteps.tolist() == ts and tr.prev_timesteps.tolist() == [749, 499, 249, 0]
     assert torch.equal(tr.x0, tr.latents[-1])
+    assert tr.log_prob_reduction == "mean"
     for k in range(4):
         mu, sd, x = tr.means[k].double(), float(tr.stds[k]), tr.latents[k + 1].double()
-        ref = torch.distributions.Normal(mu, sd).log_prob(x).flatten(1).sum(1)
-        assert torch.allclose(tr.log_probs[:, k].double(), ref, rtol=1e-5)
-        manual = (-0.5 * ((x - mu) ** 2 / sd ** 2 + math.log(2 * math.pi * sd ** 2))).flatten(1).sum(1)
+        # default reduction: the mean over the latent elements (ddpo-pytorch / TRL); "sum" is the exact density
+        ref = torch.distributions.Normal(mu, sd).log_prob(x).flatten(1)
+        assert torch.allclose(tr.log_probs[:, k].double(), ref.mean(1), rtol=1e-5)
+        manual = (-0.5 * ((x - mu) ** 2 / sd ** 2 + math.log(2 * math.pi * sd ** 2))).flatten(1).mean(1)
         assert torch.allclose(tr.log_probs[:, k].double(), manual, rtol=1e-5)
         # re-evaluating the transition gives the same log-prob
         with torch.no_grad():
             lp = step_log_prob(d, tr.latents[k], tr.latents[k + 1], ts[k], int(tr.prev_timesteps[k]), tok, mask,
                                eta=1.0, guidance_scale=2.0)
+            lp_sum = step_log_prob(d, tr.latents[k], tr.latents[k + 1], ts[k], int(tr.prev_timesteps[k]), tok, mask,
+                                   eta=1.0, guidance_scale=2.0, reduction="sum")
         assert torch.allclose(lp, tr.log_probs[:, k], rtol=1e-5)
+        assert torch.allclose(lp_sum.double(), ref.sum(1), rtol=1e-5)
     # the mean is the Eq. 25 posterior mean: sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps
     with torch.no_grad():
         x0, eps = d.x0_eps(tr.latents[1], 749, tok, mask, 2.0)
