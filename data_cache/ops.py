@@ -130,7 +130,7 @@ def add_reward(cfg: AddRewardConfig, reward: Any | None = None, vae: VAE | None 
     need_vae = mode in ("decode", "auto")
     if need_vae and vae is None:
         space = manifest["latent_space"]
-        vae = load_vae(cfg.vae or space["vae_id"], cfg.vae_subfolder, device)
+        vae = load_vae(cfg.vae or space["vae_id"], cfg.vae_subfolder, device, chunk_size=cfg.vae_chunk_size)
     if vae is not None:
         from lrm.latent_space import LatentSpace
 

@@ -340,7 +340,7 @@ def fit(data: LatentData | Any, config: FitConfig | None = None, reward_name: st
     raw.eval()
     raw.lrm_config = lrm_config
     vp = predict_standardised(raw, ddata, va_t, 4096, amp).numpy() * sigma + mu
-    y_va = data.target[torch.as_tensor(va)].numpy()
+    y_va = data.target[torch.as_tensor(va, device=data.target.device)].detach().cpu().numpy()
     metrics = regression_metrics(vp, y_va)
     bp, binfo = ridge_baseline(data.latents[torch.as_tensor(tr)], data.target[torch.as_tensor(tr)],
                                data.latents[torch.as_tensor(va)],
@@ -407,8 +407,8 @@ def evaluate(lrm: LatentReward, data: LatentData, out_dir: str | Path | None = N
     if indices is not None:
         data = data.subset(indices)
     pred = lrm.predict(data.latents, data.text_tokens if lrm.needs_text else None,
-                       data.text_mask if lrm.needs_text else None, batch_size=batch_size).numpy()
-    y = data.target.numpy()
+                       data.text_mask if lrm.needs_text else None, batch_size=batch_size).detach().cpu().numpy()
+    y = data.target.detach().cpu().numpy()  # the data may sit on the LRM's GPU (lrm evaluate moves it there)
     metrics = regression_metrics(pred, y)
     baseline_pred = None
     if baseline_train_indices is not None:

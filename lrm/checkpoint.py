@@ -1,24 +1,34 @@
 """Resumable training state as safetensors + JSON (no pickles).
 
 ``save_training_state(dir, step, modules=..., optimizers=..., schedulers=..., extra=...)`` writes
-``dir/state.safetensors`` + ``dir/state.json`` atomically (a new directory is renamed into place), so a
-run killed at any moment leaves either the previous checkpoint or the new one, never a torn one.
-Optimizer states are flattened to tensors; RNG states of python, numpy and torch are kept so a resumed
-run continues the same random stream.
+``dir/state.safetensors`` + ``dir/state.json``. Tensors are saved from where they are: each one is copied to host
+memory, written and dropped before the next (``lrm.io.write_tensors_streaming``), so a state on a GPU costs no extra
+GPU memory and one tensor of host memory; dtypes are kept (a bf16 module is saved as bf16).
+
+Atomicity: the new checkpoint is written into ``dir.tmp``; then ``dir`` is renamed to ``dir.old``, ``dir.tmp`` to
+``dir``, and ``dir.old`` is deleted. A run killed at any moment leaves either the previous checkpoint or the new one,
+never a torn one (``find_checkpoint`` / ``load_training_state`` pick ``dir``, else ``dir.old``). During the save the
+old and the new checkpoint coexist on disk (atomicity needs the old one until the new one is complete: plan disk
+for two); after a save exactly one remains. Optimizer states are flattened to tensors; RNG states of python, numpy
+and torch are kept so a resumed run continues the same random stream.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lrm.io import load_tensors, read_json, save_tensors, write_json
+from lrm.io import load_tensors, read_json, write_json, write_tensors_streaming
+
+log = logging.getLogger("lrm.checkpoint")
 
 
 def _flatten_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
@@ -48,11 +58,17 @@ def _unflatten_optimizer(prefix: str, tensors: dict, meta: dict) -> dict:
 def save_training_state(directory: str | os.PathLike, step: int, modules: dict[str, torch.nn.Module] | None = None,
                         optimizers: dict[str, torch.optim.Optimizer] | None = None,
                         schedulers: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write the training state to ``directory`` atomically (see the module docstring); returns ``directory``.
+
+    Logs the path, the size and the seconds taken (logger ``lrm.checkpoint``, INFO).
+    """
+    t0 = time.perf_counter()
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
-    if tmp.exists():
+    if tmp.exists():  # a save killed before its rename: never a checkpoint
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    # References only: nothing is copied here (state_dict() returns the live tensors).
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {"step": int(step), "modules": [], "optimizers": {}, "schedulers": {}, "extra": extra or {}}
     for name, mod in (modules or {}).items():
@@ -69,18 +85,42 @@ def save_training_state(directory: str | os.PathLike, step: int, modules: dict[s
             tensors[f"rng.cuda.{i}"] = s
     np_state = np.random.get_state()
     meta["rng"] = {"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]], "python": _py_state()}
-    # safetensors refuses shared storage: clone each tensor.
-    save_tensors(tmp / "state.safetensors", {k: v.detach().clone() for k, v in tensors.items()})
+    # One tensor at a time to the host; shared storage (tied weights, views) is written as separate copies.
+    nbytes = write_tensors_streaming(tmp / "state.safetensors", tensors)
+    del tensors
     write_json(tmp / "state.json", meta)
+    nbytes += (tmp / "state.json").stat().st_size
+    _fsync_dir(tmp)
     old = directory.with_name(directory.name + ".old")
     if directory.exists():
-        if old.exists():
+        if old.exists():  # left by a save killed after its rename; `directory` is complete
             shutil.rmtree(old)
         os.replace(directory, old)
     os.replace(tmp, directory)
+    _fsync_dir(directory.parent)
     if old.exists():
         shutil.rmtree(old)
+    log.info("saved checkpoint %s (step %d, %s) in %.1f s", directory, int(step), _fmt_bytes(nbytes),
+             time.perf_counter() - t0)
     return directory
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames / new files in ``path`` durable (no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _py_state() -> list:

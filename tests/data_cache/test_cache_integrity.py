@@ -80,6 +80,22 @@ def test_mixed_latent_spaces_and_text_encoders_refused(vae, text_encoder, small_
         build_cache(g, source=gen, rewards=[], vae=vae, text_encoder=text_encoder)
 
 
+def test_a_copy_of_the_vae_under_another_name_is_the_same_space(vae, text_encoder, small_cfg):
+    """Latent spaces are matched by the VAE's weights, not its name: resume and add-reward with the shipped Shapes
+    VAE loaded from its directory (vae_id = the path) on a cache built with `shapes` (vae_id 'shapes-vae')."""
+    from lrm.latent_space import _shapes_vae_dir
+
+    cfg = small_cfg(n=4, shard_size=2)
+    build_cache(cfg, rewards=[], vae=vae, text_encoder=text_encoder)
+    cfg.resume, cfg.source.num_samples, cfg.vae = True, 6, str(_shapes_vae_dir())
+    build_cache(cfg, rewards=[], text_encoder=text_encoder)  # the VAE is loaded from cfg.vae
+    m = st.read_manifest(cfg.out_dir)
+    assert m["counts"]["records"] == 6 and m["latent_space"]["vae_id"] == "shapes-vae"
+    out = add_reward(AddRewardConfig(cache_dir=cfg.out_dir, reward="mean-brightness", pixels_from="decode",
+                                     vae=str(_shapes_vae_dir()), progress=False, device="cpu"), reward=MeanReward())
+    assert np.isfinite(LatentCache.open(cfg.out_dir).rewards("mean-brightness")).all(), out
+
+
 class FlakyReward:
     """Raises on very bright images, returns NaN on very dark ones."""
 

@@ -77,3 +77,93 @@ def test_latent_space_identity(shapes_vae):
         space.check_compatible(other, "cache latents")
     with pytest.raises(ValueError, match="divisible"):
         space.latent_shape(30, 32)
+
+
+def _tiny_autoencoder(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                         layers_per_block=1, sample_size=16)
+
+
+def test_vae_identity_is_by_content_not_by_name():
+    from lrm.latent_space import VAE
+
+    hub = VAE(_tiny_autoencoder(0), vae_id="org/sd-vae", scaling_factor=0.18215)
+    local = VAE(_tiny_autoencoder(0), vae_id="/local/copy", scaling_factor=0.18215)  # same weights, other name
+    assert hub.latent_space.vae_hash == local.latent_space.vae_hash
+    hub.latent_space.check_compatible(local.latent_space, "the local copy's latents")
+    local.latent_space.check_compatible(hub.latent_space)
+    # the hash is of the values: not of the device, the memory layout or the parameter objects
+    moved = VAE(_tiny_autoencoder(0), vae_id="x")
+    with torch.no_grad():
+        for p in moved.vae.parameters():
+            p.set_(p.detach().clone().contiguous())
+    assert moved.latent_space.vae_hash == hub.latent_space.vae_hash
+
+    other = VAE(_tiny_autoencoder(1), vae_id="/local/copy", scaling_factor=0.18215)
+    with pytest.raises(LatentSpaceMismatchError) as e:
+        hub.latent_space.check_compatible(other.latent_space, "cache latents")
+    msg = str(e.value)
+    assert "vae_hash" in msg and "org/sd-vae" in msg and "/local/copy" in msg
+    same_name = VAE(_tiny_autoencoder(1), vae_id="org/sd-vae", scaling_factor=0.18215)
+    with pytest.raises(LatentSpaceMismatchError, match="both VAEs are named 'org/sd-vae' but their weights differ"):
+        hub.latent_space.check_compatible(same_name.latent_space)
+    # geometry / scaling are still compared
+    rescaled = VAE(_tiny_autoencoder(0), vae_id="org/sd-vae", scaling_factor=0.13025)
+    with pytest.raises(LatentSpaceMismatchError, match="scaling_factor"):
+        hub.latent_space.check_compatible(rescaled.latent_space)
+
+
+def test_vae_dtype_and_the_hash():
+    """Half-precision weights are the same VAE loaded in half or upcast to float32; float32 weights rounded to
+    bf16 are another VAE, and the message says how to get bf16 speed without that."""
+    from lrm.latent_space import VAE
+
+    ae = _tiny_autoencoder(0)
+    with torch.no_grad():
+        for p in ae.parameters():
+            p.copy_(p.to(torch.bfloat16).float())  # float32 weights that bf16 represents exactly
+    exact32 = VAE(ae, vae_id="org/bf16-vae")
+    as_bf16 = VAE(_tiny_autoencoder(0), vae_id="org/bf16-vae")
+    as_bf16.vae.load_state_dict(ae.state_dict())
+    as_bf16.vae.to(torch.bfloat16)
+    assert as_bf16.latent_space.vae_dtype == "bfloat16" and exact32.latent_space.vae_dtype == "float32"
+    exact32.latent_space.check_compatible(as_bf16.latent_space)
+
+    fp32 = VAE(_tiny_autoencoder(0), vae_id="org/sd-vae")
+    space32 = fp32.latent_space
+    rounded = VAE(_tiny_autoencoder(0), vae_id="org/sd-vae").to(torch.bfloat16)
+    with pytest.raises(LatentSpaceMismatchError, match=r"bfloat16 there but float32 here.*autocast") as e:
+        space32.check_compatible(rounded.latent_space, "the VAE's latents")
+    assert "--vae_bf16 true" in str(e.value)
+    # bf16 autocast keeps the weights, and so the space
+    VAE(_tiny_autoencoder(0), vae_id="org/sd-vae", autocast_bf16=True).latent_space.check_compatible(space32)
+    # the cached space follows a later cast of the weights
+    fp32.vae.to(torch.bfloat16)
+    assert fp32.latent_space.vae_hash != space32.vae_hash and fp32.latent_space.vae_dtype == "bfloat16"
+
+
+def test_vae_auto_chunk_size_by_pixels():
+    from lrm.latent_space import VAE, auto_chunk_size
+
+    assert [auto_chunk_size(s, s) for s in (256, 512, 1024, 32)] == [64, 16, 4, 4096]
+    assert auto_chunk_size(4096, 4096) == 1
+    calls = []
+    ae = _tiny_autoencoder(0)
+    real = ae.encode
+    ae.encode = lambda x: (calls.append(x.shape[0]), real(x))[1]
+    vae = VAE(ae, vae_id="tiny", chunk_size=0)
+    import lrm.latent_space as ls
+
+    old = ls.CHUNK_PIXELS
+    ls.CHUNK_PIXELS = 3 * 16 * 16  # 3 frames of 16x16 per call
+    try:
+        z = vae.encode(torch.rand(2, 4, 3, 16, 16))  # 8 frames of a video batch
+    finally:
+        ls.CHUNK_PIXELS = old
+    assert calls == [3, 3, 2] and z.shape == (2, 4, 4, 8, 8)
+    with pytest.raises(ValueError, match="chunk_size"):
+        VAE(_tiny_autoencoder(0), vae_id="tiny", chunk_size=-1)

@@ -24,7 +24,7 @@ def test_lrms_list(capsys):
     assert names == ["text-image-cnn", "text-image-cnn-paper", "text-video-3d-cnn", "text-video-frame-avg"]
 
 
-def test_train_and_evaluate_on_a_cache(shapes_cache, tmp_path, capsys):
+def test_train_and_evaluate_on_a_cache(shapes_cache, tmp_path, capsys, monkeypatch):
     out = tmp_path / "lrm"
     rc = main(["train", "--cache_dir", str(shapes_cache), "--reward", "jpeg-compressibility", "--head", "image-cnn",
                "--head_kwargs", "{width: 16, patch: 2}", "--steps", "40", "--eval_every", "20", "--batch_size", "32",
@@ -55,6 +55,19 @@ def test_train_and_evaluate_on_a_cache(shapes_cache, tmp_path, capsys):
     ev_all = json.loads(capsys.readouterr().out)
     assert ev_all["num_samples"] == 128 and ev_all["ridge_baseline"]["source"].startswith("refit")
     assert ev_all["ridge_baseline"]["num_train"] == meta["training_data"]["num_train"]
+    # On a GPU `lrm evaluate` moves the data to the LRM's device; numpy is then taken through .cpu() (issue 16).
+    from _gpu_tensor_mock import on_gpu
+
+    from latent_rewards.data import LatentData
+
+    to = LatentData.to
+    monkeypatch.setattr(LatentData, "to", lambda self, device: LatentData(
+        *(on_gpu(t) for t in (self.latents, self.target, self.text_tokens, self.text_mask, self.text_pooled)),
+        self.prompts, self.reward_name, self.reward_info, self.latent_space, self.text_encoder, self.source)
+        if str(device) == "cpu" else to(self, device))
+    assert main(["evaluate", "--lrm_dir", str(out), "--cache_dir", str(shapes_cache), "--split", "val",
+                 "--out_dir", str(tmp_path / "ev_gpu")]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == pytest.approx(ev["metrics"])
 
 
 def test_train_config_errors(capsys):

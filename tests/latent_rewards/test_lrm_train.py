@@ -203,6 +203,10 @@ def test_save_load_round_trip_and_mismatch_refusal(tmp_path):
     with pytest.raises(LatentSpaceMismatchError, match="other-vae"):
         back.check_inputs(latent_space=other)
     back.check_inputs(latent_space=SPACE.to_dict())  # same space passes
+    # the same VAE weights under another name (a local copy of a hub VAE) are the same space
+    back.check_inputs(latent_space={**SPACE.to_dict(), "vae_id": "/local/copy/of/toy-vae", "vae_dtype": "float32"})
+    with pytest.raises(LatentSpaceMismatchError, match="both VAEs are named 'toy-vae'"):
+        back.check_inputs(latent_space={**SPACE.to_dict(), "vae_hash": "d" * 64})
     tv = LatentReward.from_pretrained(tmp_path / "text-video-3d-cnn")
     with pytest.raises(TextEncoderMismatchError, match="toy-text"):
         tv.check_inputs(text_encoder={**TEXT_ENC, "name": "clip-l"})
@@ -222,3 +226,26 @@ def test_evaluate_refuses_other_latent_space():
     other = LatentData(data.latents, data.target, latent_space={**SPACE.to_dict(), "vae_hash": "c" * 64})
     with pytest.raises(LatentSpaceMismatchError, match="vae_hash"):
         evaluate(res.lrm, other)
+
+
+def test_fit_and_evaluate_take_numpy_only_from_host_tensors():
+    """`lrm evaluate` moves the data to the LRM's device (a GPU); numpy must come through .cpu() (issue 16)."""
+    import dataclasses
+
+    from _gpu_tensor_mock import OnGPU, on_gpu
+
+    data = _image_data(n=200)
+    with pytest.raises(TypeError, match="cpu"):  # the stand-in behaves like a CUDA tensor
+        on_gpu(data.target).numpy()
+    gpu = dataclasses.replace(data, latents=on_gpu(data.latents), target=on_gpu(data.target))
+    assert isinstance(gpu.to("cpu").target, OnGPU)
+    res = fit(gpu, head="image-cnn", head_kwargs={"width": 16, "patch": 2}, steps=20, batch_size=32, eval_every=10,
+              progress=False)
+    ref = fit(data, head="image-cnn", head_kwargs={"width": 16, "patch": 2}, steps=20, batch_size=32, eval_every=10,
+              progress=False)
+    assert res.metrics["spearman"] == pytest.approx(ref.metrics["spearman"], abs=1e-6)
+    ev = evaluate(res.lrm, gpu, indices=res.val_idx, baseline_train_indices=res.train_idx)
+    ev_ref = evaluate(res.lrm, data, indices=res.val_idx, baseline_train_indices=res.train_idx)
+    assert ev["metrics"] == pytest.approx(ev_ref["metrics"])
+    assert ev["ridge_baseline"]["spearman"] == pytest.approx(ev_ref["ridge_baseline"]["spearman"])
+    assert ev["num_samples"] == len(res.val_idx)
