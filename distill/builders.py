@@ -7,7 +7,7 @@ these, so the same keys mean the same thing in every config:
   teacher_subfolder  model subfolder of a diffusers teacher (None: 'transformer' if present, else 'unet')
   vae, vae_subfolder 'shapes' or a diffusers AutoencoderKL path / hub id (+ 'vae' inside a pipeline)
   vae_bf16           run the VAE under bf16 autocast (CUDA)
-  vae_chunk_size     images / frames per VAE call (None: the VAE's own rule)
+  vae_chunk_size     images / frames per VAE call (0: auto by pixel area)
   text_encoder       'all-MiniLM-L6-v2' or a transformers encoder path / hub id / pipeline directory
   text_max_length    caption length in tokens (SD's CLIP: 77)
 
@@ -75,11 +75,9 @@ def build_vae(spec: Any, device: torch.device | str):
     """The ``lrm.latent_space.VAE`` of ``spec.vae`` with ``vae_bf16`` / ``vae_chunk_size``."""
     from lrm.latent_space import VAE
 
-    kw: dict[str, Any] = {"autocast_bf16": bool(getattr(spec, "vae_bf16", False))}
-    if getattr(spec, "vae_chunk_size", None):
-        kw["chunk_size"] = int(spec.vae_chunk_size)
     return VAE.from_pretrained(spec.vae, subfolder=None if spec.vae == "shapes" else spec.vae_subfolder,
-                               device=device, **kw)
+                               device=device, autocast_bf16=bool(getattr(spec, "vae_bf16", False)),
+                               chunk_size=int(getattr(spec, "vae_chunk_size", 0) or 0))
 
 
 def load_prompt_file(path: str | Path) -> list[str]:

@@ -60,7 +60,7 @@ from distill.denoiser import Denoiser
 from distill.direct import FRAME_SUBSAMPLING, PIXEL_CLAMPS, direct_reward_loss, sample_with_grad
 from distill.ema import EMA
 from distill.lrm_ft import lrm_ft_loss
-from distill.samplers import STUDENT_TIMESTEPS, step_mean, stochastic_sample
+from distill.samplers import LOG_PROB_REDUCTIONS, STUDENT_TIMESTEPS, step_mean, stochastic_sample
 from distill.vsd import backward_simulation, fake_score_loss, vsd_loss
 from lrm.checkpoint import find_checkpoint, load_training_state, save_training_state
 from lrm.config import ConfigError, opt
@@ -93,7 +93,8 @@ class FinetuneConfig:
     vae_subfolder: str | None = opt(None, "subfolder of the VAE inside a pipeline repo (e.g. 'vae')")
     vae_bf16: bool = opt(False, "run the VAE decoder (gold reward, direct's gradient, grids) under bf16 autocast "
                                 "(CUDA): half the decoder activations; recommended at 512 px")
-    vae_chunk_size: int | None = opt(None, "images / frames per VAE call (None: the VAE's rule, by pixel area)")
+    vae_chunk_size: int = opt(0, "images / frames per VAE call; 0 = auto by pixel area (16 at 512x512, 64 at "
+                                 "256x256: lrm.latent_space.auto_chunk_size)")
     text_encoder: str = opt("all-MiniLM-L6-v2", "text encoder name or path (lrm.text.TextEncoder); for a diffusers "
                                                 "teacher, the pipeline directory itself (its text_encoder/)")
     text_max_length: int = opt(32, "caption length in tokens (padded/truncated); Stable Diffusion's CLIP: 77")
@@ -148,7 +149,11 @@ class FinetuneConfig:
     stat_buffer_size: int = opt(16, "ddpo: per-prompt reward buffer length")
     stat_min_count: int = opt(16, "ddpo: rewards a prompt needs before its own statistics are used")
     adv_clip: float = opt(5.0, "ddpo: advantages clipped to [-adv_clip, adv_clip]")
-    clip_range: float = opt(1e-4, "ddpo: PPO ratio clip range")
+    clip_range: float = opt(1e-4, "ddpo: PPO ratio clip range (ddpo-pytorch's default, tuned for "
+                                  "log_prob_reduction='mean')")
+    log_prob_reduction: Literal["mean", "sum"] = opt(
+        "mean", "ddpo: reduction of each transition's Gaussian log-prob over the latent elements: 'mean' (ddpo-pytorch"
+                " / TRL 0.11) or 'sum' (the exact density; log-ratios C*H*W times larger)")
     async_reward: bool = opt(True, "ddpo: compute rewards in a worker thread, overlapping the next sample batch")
     # ---- direct ----------------------------------------------------------------------------------------
     direct_grad_steps: int = opt(1, "direct: backprop through the last K student steps (DRaFT-K)")
@@ -234,8 +239,11 @@ class FinetuneConfig:
             raise ConfigError(f"beta_kl must be >= 0 (a penalty weight; 0 = off), got {self.beta_kl}")
         if self.data_cache is not None and self.prompt_file is not None:
             raise ConfigError("set one prompt source: data_cache or prompt_file, not both")
-        if self.vae_chunk_size is not None and self.vae_chunk_size < 1:
-            raise ConfigError(f"vae_chunk_size must be >= 1 (or null for the VAE's rule), got {self.vae_chunk_size}")
+        if self.vae_chunk_size < 0:
+            raise ConfigError(f"vae_chunk_size must be >= 1, or 0 for auto, got {self.vae_chunk_size}")
+        if self.log_prob_reduction not in LOG_PROB_REDUCTIONS:
+            raise ConfigError(f"log_prob_reduction must be one of {LOG_PROB_REDUCTIONS}, got "
+                              f"{self.log_prob_reduction!r}")
         if self.adv_clip <= 0 or self.clip_range <= 0:
             raise ConfigError(f"adv_clip and clip_range must be > 0, got {self.adv_clip}, {self.clip_range}")
 
@@ -501,7 +509,7 @@ class FinetuneTrainer:
         cfg = self.config
         with self.autocast():  # the stochastic chain (ddpo.sample_chain), keeping the trajectory's per-step means
             traj = stochastic_sample(self.student, noise, tok, mask, list(self.timesteps), eta=cfg.eta, grad_steps=0,
-                                     final_timestep=cfg.final_timestep)
+                                     final_timestep=cfg.final_timestep, reduction=cfg.log_prob_reduction)
         s = DDPOSamples.from_trajectory(traj, tok, mask, prompts)
         if self.ref is None:
             return s, None, None
@@ -861,7 +869,8 @@ def _concat_samples(batches: list) -> Any:
     return DDPOSamples(torch.cat([b.latents for b in batches]), torch.cat([b.log_probs for b in batches]),
                        b0.timesteps, b0.prev_timesteps, torch.cat([pad(b.text_tokens, L) for b in batches]),
                        None if b0.text_mask is None else torch.cat([pad(b.text_mask, L) for b in batches]),
-                       [p for b in batches for p in b.prompts], torch.cat([b.resolve_rewards() for b in batches]))
+                       [p for b in batches for p in b.prompts], torch.cat([b.resolve_rewards() for b in batches]),
+                       log_prob_reduction=b0.log_prob_reduction)
 
 
 # ---- building everything from a config (CLI, benchmarks) ----------------------------------------------------

@@ -67,7 +67,8 @@ class DistillConfig:
     vae: str = opt("shapes", "'shapes' (built-in VAE) or a diffusers AutoencoderKL path / hub id")
     vae_subfolder: str | None = opt(None, "subfolder of the VAE inside a pipeline repo (e.g. 'vae')")
     vae_bf16: bool = opt(False, "run the VAE (data encoding, sample grids) under bf16 autocast (CUDA)")
-    vae_chunk_size: int | None = opt(None, "images / frames per VAE call (None: the VAE's rule, by pixel area)")
+    vae_chunk_size: int = opt(0, "images / frames per VAE call; 0 = auto by pixel area (16 at 512x512, 64 at "
+                                 "256x256: lrm.latent_space.auto_chunk_size)")
     text_encoder: str = opt("all-MiniLM-L6-v2", "text encoder name or path (lrm.text.TextEncoder); for a diffusers "
                                                 "teacher, the pipeline directory itself (its text_encoder/)")
     text_max_length: int = opt(32, "caption length in tokens (padded/truncated) for the data captions and the "
@@ -161,6 +162,8 @@ class DistillConfig:
             raise ConfigError(f"cd_ema_decay must be in [0, 1], got {self.cd_ema_decay}")
         if self.text_max_length < 1:
             raise ConfigError(f"text_max_length must be >= 1, got {self.text_max_length}")
+        if self.vae_chunk_size < 0:
+            raise ConfigError(f"vae_chunk_size must be >= 1, or 0 for auto, got {self.vae_chunk_size}")
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes"):
             raise ConfigError(f"ACCELERATE_USE_DEEPSPEED={os.environ['ACCELERATE_USE_DEEPSPEED']}: distillation "
                               "runs under DDP or FSDP, not DeepSpeed. Run `accelerate launch` with the multi-GPU "
