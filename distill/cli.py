@@ -17,7 +17,7 @@ from distill.builders import (
 )
 from distill.trainer import DistillConfig, DistillData, DistillTrainer, make_accelerator
 from lrm.config import ConfigError
-from lrm.run import get_logger
+from lrm.run import get_logger, seed_everything
 
 
 def build_data(cfg: DistillConfig, vae: Any, device: torch.device, video: bool = False,
@@ -82,6 +82,7 @@ def build_trainer(cfg: DistillConfig) -> DistillTrainer:
     """Teacher, VAE, data latents and LRM from the config -> a ready ``DistillTrainer``."""
     acc = make_accelerator(cfg)
     device = acc.device if cfg.device in ("auto", "cpu") else torch.device(cfg.device)
+    seed_everything(cfg.seed + acc.process_index)  # before any module is built (the concurrent LRM head)
     # One text encoder for the teacher's null caption, the data captions and the LRM check (loaded only if needed).
     needs_text = teacher_is_diffusers(cfg) or cfg.data_cache is None
     text = build_text_encoder(cfg, device) if needs_text else None

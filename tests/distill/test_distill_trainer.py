@@ -171,3 +171,16 @@ def test_video_unet3d_student_learns_teacher_frozen(tmp_path):
     assert any(not torch.equal(s0[k], s1[k]) for k in s0)
     x = tr.sample(torch.randn(2, 3, 4, 8, 8), data.text_tokens[:2], data.text_mask[:2])
     assert x.shape == (2, 3, 4, 8, 8) and torch.isfinite(x).all()
+
+
+def test_build_trainer_seeds_before_building_the_concurrent_lrm(tmp_path):
+    """Issue 17: the concurrent LRM head was built before seeding, so two runs with one seed differed at step 1."""
+    from distill.cli import build_trainer
+
+    heads = []
+    for i in range(2):
+        torch.manual_seed(1000 + i)  # whatever ran before in the process must not matter
+        tr = build_trainer(cfg(tmp_path / str(i), use_lrm_ft=True, lrm_mode="concurrent", num_data=8,
+                               lrm_head="image-cnn", lrm_head_kwargs={"patch": 2}))
+        heads.append(params(tr.lrm.head))
+    assert heads[0].keys() == heads[1].keys() and all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
