@@ -59,6 +59,7 @@ from distill.ddpo import (
 from distill.denoiser import Denoiser
 from distill.direct import FRAME_SUBSAMPLING, PIXEL_CLAMPS, direct_reward_loss, sample_with_grad
 from distill.ema import EMA
+from distill.guard import NonFiniteGuard
 from distill.lrm_ft import lrm_ft_loss
 from distill.samplers import LOG_PROB_REDUCTIONS, STUDENT_TIMESTEPS, step_mean, stochastic_sample
 from distill.vsd import backward_simulation, fake_score_loss, vsd_loss
@@ -188,6 +189,8 @@ class FinetuneConfig:
                                        "evaluation); the student/ folder is written either way")
     student_fp16: bool = opt(False, "write the student/ folder's weights in fp16 (half the size; loaded back as "
                                     "fp32); checkpoints keep the training precision for an exact resume")
+    max_nonfinite_steps: int = opt(10, "steps with a non-finite reward batch, loss or gradient are skipped (logged, "
+                                       "never applied); more than this many in a row stop the run")
     sample_every: int = opt(100, "save a sample grid every N steps (0 = only at the end)")
     num_sample_prompts: int = opt(8, "prompts in the sample grid")
     samples_per_prompt: int = opt(4, "samples per prompt in the grid")
@@ -320,6 +323,7 @@ class FinetuneTrainer:
             raise ConfigError(f"method=direct needs a differentiable gold reward; {getattr(gold_reward, 'name', '?')!r}"
                               " is not (try colorfulness, sharpness or brightness, or use method=ddpo)")
         self.logger = get_logger("lrm.finetune")
+        self.guard = NonFiniteGuard(cfg.max_nonfinite_steps, self.logger, f"lrm finetune ({cfg.method})")
         seed_everything(cfg.seed)
         self.timesteps = cfg.timesteps
         null = (init.null_tokens.detach().cpu(), init.null_mask.detach().cpu())
@@ -523,6 +527,9 @@ class FinetuneTrainer:
         cfg = self.config
         params = self.student.model.parameters()
         gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        if not self.guard.check(gn, "loss / gradient", self.step + 1):
+            self.opt.zero_grad(set_to_none=True)
+            return float(gn)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.target is not None:
@@ -605,6 +612,9 @@ class FinetuneTrainer:
             batches.append(s)
         self.student.train()
         rewards = torch.cat([b.resolve_rewards() for b in batches])  # (N,)
+        if not self.guard.check(rewards, f"{cfg.gold_reward} reward ({int((~torch.isfinite(rewards)).sum())} of "
+                                f"{len(rewards)} samples)", self.step + 1):
+            return {"gold_reward": float("nan"), "samples": len(rewards)}  # nothing reaches the tracker or weights
         prompts_all = [p for b in batches for p in b.prompts]
         # 3. advantages
         if cfg.per_prompt_stats:
@@ -663,9 +673,10 @@ class FinetuneTrainer:
         self.fake.train()
         loss = fake_score_loss(self.fake, x_hat, tok, mask, autocast=self.autocast)
         loss.backward()
-        if self.config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.fake.model.parameters(), self.config.max_grad_norm)
-        self.opt_f.step()
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        gn = torch.nn.utils.clip_grad_norm_(self.fake.model.parameters(), max_norm)
+        if self.guard.check(gn, "fake-score loss / gradient", self.step + 1, key="fake"):
+            self.opt_f.step()
         self.opt_f.zero_grad(set_to_none=True)
         return float(loss.detach())
 

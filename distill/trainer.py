@@ -32,6 +32,7 @@ from distill import fsdp as fsdp_util
 from distill.cd import cd_distance, cd_inputs_and_target, consistency_output, ddim_grid
 from distill.denoiser import Denoiser
 from distill.ema import EMA
+from distill.guard import NonFiniteGuard
 from distill.lrm_ft import ConcurrentLRM, lrm_ft_loss
 from distill.samplers import STUDENT_TIMESTEPS
 from distill.vsd import backward_simulation, fake_score_loss, vsd_loss
@@ -136,6 +137,8 @@ class DistillConfig:
                                "final_checkpoint)")
     final_checkpoint: bool = opt(True, "save a resumable checkpoint at the end of the run (the student/ folder is "
                                        "written either way)")
+    max_nonfinite_steps: int = opt(10, "optimizer steps with a non-finite loss / gradient are skipped (logged, never "
+                                       "applied); more than this many in a row stop the run")
     student_fp16: bool = opt(False, "write the student/ folder's weights in fp16 (half the size; loaded back as "
                                     "fp32); checkpoints keep the training precision for an exact resume")
     sample_every: int = opt(500, "save a sample grid every N steps (0 = only at the end)")
@@ -301,6 +304,7 @@ class DistillTrainer:
             raise ConfigError("use_lrm_ft=true needs an LRM: pass lrm= (a LatentReward or ConcurrentLRM), or set "
                               "lrm_path / lrm_mode=concurrent for `lrm distill`")
         self.logger = get_logger("lrm.distill")
+        self.guard = NonFiniteGuard(config.max_nonfinite_steps, self.logger, "lrm distill")
         seed_everything(cfg.seed + acc.process_index)
 
         # Teacher (frozen), student and fake score (both initialised from the teacher), CD target (EMA).
@@ -510,13 +514,15 @@ class DistillTrainer:
                     logs["loss_ft"] = float(l_ft.detach())
                     logs["lrm_reward"] = float(r.mean())
                 logs["loss_g"] = float(loss.detach())
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"generator loss is {float(loss)} at step {self.step} ({logs}); lower "
-                                             "lr_student, or use vsd_grad_dtype=float64 / bf16=false")
-                acc.backward(loss / cfg.grad_accum)
+                acc.backward(loss / cfg.grad_accum)  # a non-finite loss gives a non-finite norm on every rank
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
         gn = self._clip(self.student.model, cfg.max_grad_norm)
+        sums["grad_norm_g"] = float(gn)
+        if not self.guard.check(gn, "generator loss / gradient (lower lr_student, or vsd_grad_dtype=float64 / "
+                                "bf16=false)", self.step + 1):
+            self.opt_g.zero_grad(set_to_none=True)
+            return sums
         self.opt_g.step()
         self.opt_g.zero_grad(set_to_none=True)
         if self.target is not None:
@@ -524,7 +530,6 @@ class DistillTrainer:
                 fsdp_util.reshard(self.target.shadow.model)
                 fsdp_util.reshard(self.student.model)
             self.target.update(self._unwrap_denoiser(self.student))
-        sums["grad_norm_g"] = float(gn)
         return sums
 
     def _unwrap_denoiser(self, d: Denoiser) -> Denoiser:
@@ -552,9 +557,9 @@ class DistillTrainer:
                                        max_frac=cfg.vsd_t_max, autocast=self.autocast)
                 acc.backward(loss / cfg.grad_accum)
             total += float(loss.detach()) / cfg.grad_accum
-        if cfg.max_grad_norm > 0:
-            self._clip(self.fake.model, cfg.max_grad_norm)
-        self.opt_f.step()
+        gn = self._clip(self.fake.model, cfg.max_grad_norm)
+        if self.guard.check(gn, "fake-score loss / gradient", self.step + 1, key="fake"):
+            self.opt_f.step()
         self.opt_f.zero_grad(set_to_none=True)
         return total
 

@@ -55,6 +55,10 @@ def _unflatten_optimizer(prefix: str, tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": m["param_groups"]}
 
 
+class NonFiniteStateError(ValueError):
+    """A training state with NaN / inf values: never written as a checkpoint."""
+
+
 def save_training_state(directory: str | os.PathLike, step: int, modules: dict[str, torch.nn.Module] | None = None,
                         optimizers: dict[str, torch.optim.Optimizer] | None = None,
                         schedulers: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
@@ -85,6 +89,11 @@ def save_training_state(directory: str | os.PathLike, step: int, modules: dict[s
             tensors[f"rng.cuda.{i}"] = s
     np_state = np.random.get_state()
     meta["rng"] = {"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]], "python": _py_state()}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # a checkpoint is only ever written from a finite state: the previous one stays
+        shutil.rmtree(tmp)
+        raise NonFiniteStateError(f"refusing to write checkpoint {directory}: {len(bad)} tensor(s) hold NaN / inf "
+                                  f"(first: {bad[0]}); the previous checkpoint, if any, is kept")
     # One tensor at a time to the host; shared storage (tied weights, views) is written as separate copies.
     nbytes = write_tensors_streaming(tmp / "state.safetensors", tensors)
     del tensors

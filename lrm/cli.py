@@ -91,6 +91,8 @@ USER_ERRORS = (
     "data_cache.storage:TextEncoderMismatchError",
     "reward_adapters.blackbox:RewardCommandError",
     "reward_adapters.weights:WeightsNotFoundError",
+    "lrm.checkpoint:NonFiniteStateError",
+    "distill.guard:NonFiniteError",
 )
 
 

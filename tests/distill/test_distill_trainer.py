@@ -184,3 +184,16 @@ def test_build_trainer_seeds_before_building_the_concurrent_lrm(tmp_path):
                                lrm_head="image-cnn", lrm_head_kwargs={"patch": 2}))
         heads.append(params(tr.lrm.head))
     assert heads[0].keys() == heads[1].keys() and all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+
+
+def test_non_finite_generator_loss_is_skipped_not_applied(tmp_path):
+    from distill.guard import NonFiniteError
+
+    nan_lrm = lambda latents, tokens, mask: latents.mean(dim=(1, 2, 3)) * float("nan")
+    tr = DistillTrainer(cfg(tmp_path, use_lrm_ft=True, max_nonfinite_steps=1, steps=3), tiny_teacher(), tiny_data(),
+                        lrm=nan_lrm)
+    before = params(tr.student.model)
+    tr.train_step()
+    assert tr.guard.skipped == 1 and all(torch.equal(v, tr.student.model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(NonFiniteError, match="max_nonfinite_steps=1"):
+        tr.train()

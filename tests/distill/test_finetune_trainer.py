@@ -196,3 +196,43 @@ def test_student_and_reference_keep_the_init_text_mask_convention(tmp_path, vae)
     with torch.no_grad():  # padding is attended to: the output equals the all-ones-mask output
         torch.testing.assert_close(tr.student(x, t, tok, mask), tr.student(x, t, tok, torch.ones_like(mask)))
     tr.close()
+
+
+def test_nan_reward_never_reaches_the_weights_and_stops_the_run(tmp_path, vae):
+    """Issue 17: one NaN reward used to turn every student tensor into NaN and overwrite the good checkpoint."""
+    from distill.guard import NonFiniteError
+    from lrm.checkpoint import load_training_state
+
+    calls = []
+
+    def flaky(pixels, prompts):  # a reward that fails (NaN) on the 2nd trainer step's batches, then always
+        calls.append(len(pixels))
+        r = pixels.mean(dim=(1, 2, 3))
+        return r if len(calls) <= 2 else torch.full_like(r, float("nan"))
+
+    cfg = _cfg(tmp_path, "ddpo", steps=6, eval_every=0, ckpt_every=1, async_reward=False, max_nonfinite_steps=2)
+    tr = FinetuneTrainer(cfg, tiny_denoiser(), pool(), flaky, vae)
+    tr.evaluate = lambda: 0.0  # evaluation is not under test (and would call the reward too)
+    with pytest.raises(NonFiniteError, match="3 steps in a row had a non-finite"):
+        tr.train()
+    assert tr.step == 3 and tr.guard.skipped == 3  # step 1 trained; steps 2-3 skipped and logged, the 4th stops
+    assert all(torch.isfinite(p).all() for p in tr.student.parameters())
+    after_step1 = FinetuneTrainer(cfg, tiny_denoiser(), pool(), flaky, vae)
+    st = load_training_state(tmp_path / "ddpo" / "checkpoint", modules={"student": after_step1.student.model})
+    assert st["step"] == 3  # written after the skipped steps, from the same finite weights as after step 1
+    for a, b in zip(tr.student.parameters(), after_step1.student.parameters()):
+        assert torch.equal(a, b)
+    rows = list(csv.DictReader(open(tmp_path / "ddpo" / "log.csv")))
+    assert [r["gold_reward"] for r in rows[2:]] == ["nan", "nan"]
+
+
+def test_nan_gradient_skips_the_update(tmp_path, vae):
+    from reward_adapters import create_reward
+
+    bad = lambda z, tok, mask: z.flatten(1).mean(1) * float("nan")
+    tr = FinetuneTrainer(_cfg(tmp_path, "lrm", steps=1, eval_every=0), tiny_denoiser(), pool(),
+                         create_reward("brightness"), vae, lrm=bad)
+    before = [p.detach().clone() for p in tr.student.parameters()]
+    tr.train_step()
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.student.parameters()))
+    assert tr.opt.state_dict()["state"] == {} and tr.guard.skipped == 1  # AdamW's moments untouched too

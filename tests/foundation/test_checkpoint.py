@@ -211,3 +211,18 @@ def test_sigkill_at_random_moments_of_repeated_saves(tmp_path):
         finally:
             _kill(proc)
         assert _loaded_step(d) >= 2
+
+
+def test_a_non_finite_state_is_never_written(tmp_path):
+    from lrm.checkpoint import NonFiniteStateError
+
+    m = torch.nn.Linear(3, 2)
+    save_training_state(tmp_path / "ck", 1, modules={"m": m})
+    with torch.no_grad():
+        m.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteStateError, match="module.m.weight"):
+        save_training_state(tmp_path / "ck", 2, modules={"m": m})
+    assert find_checkpoint(tmp_path / "ck") == tmp_path / "ck" and not (tmp_path / "ck.tmp").exists()
+    fresh = torch.nn.Linear(3, 2)
+    assert load_training_state(tmp_path / "ck", modules={"m": fresh})["step"] == 1
+    assert torch.isfinite(fresh.weight).all()
