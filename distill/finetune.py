@@ -65,10 +65,24 @@ from distill.samplers import LOG_PROB_REDUCTIONS, STUDENT_TIMESTEPS, step_mean, 
 from distill.vsd import backward_simulation, fake_score_loss, vsd_loss
 from lrm.checkpoint import find_checkpoint, load_training_state, save_training_state
 from lrm.config import ConfigError, opt
-from lrm.run import get_logger, prepare_run_dir, resolve_device, seed_everything
+from lrm.run import (
+    check_resume,
+    clear_checkpoints,
+    fingerprint,
+    get_logger,
+    prepare_run_dir,
+    record_run,
+    resolve_device,
+    seed_everything,
+)
 
 METHODS = ("lrm", "ddpo", "direct")
 DISTILL_LOSSES = ("vsd", "cd")
+# config keys a resumed run may change (how long, how often it reports and evaluates; not what it trains)
+MUTABLE_KEYS = ("steps", "max_gpu_seconds", "resume", "overwrite", "progress", "log_every", "eval_every",
+                "eval_every_gpu_s", "eval_batch_size", "ckpt_every", "sample_every", "final_checkpoint", "student_fp16",
+                "max_nonfinite_steps", "num_sample_prompts", "samples_per_prompt", "log_gold_train", "vae_chunk_size",
+                "async_reward", "device")
 LOG_COLUMNS = ["step", "method", "gold_reward", "proxy_reward", "eval_gold_reward", "loss", "loss_ft", "loss_vsd",
                "loss_cd", "loss_fake", "kl", "approx_kl", "clipfrac", "adv_std", "grad_norm", "optimizer_steps",
                "samples", "step_time_s", "gpu_seconds", "peak_mem_mb", "lr"]
@@ -194,7 +208,9 @@ class FinetuneConfig:
     sample_every: int = opt(100, "save a sample grid every N steps (0 = only at the end)")
     num_sample_prompts: int = opt(8, "prompts in the sample grid")
     samples_per_prompt: int = opt(4, "samples per prompt in the grid")
-    resume: bool = opt(True, "continue from run_dir/checkpoint when it exists")
+    resume: bool = opt(True, "continue from run_dir/checkpoint when it exists (the same run only: a changed config "
+                             "or input is refused, see overwrite)")
+    overwrite: bool = opt(False, "start over in run_dir: delete its checkpoint first")
     progress: bool = opt(True, "tqdm progress bar")
 
     def __post_init__(self) -> None:
@@ -326,6 +342,13 @@ class FinetuneTrainer:
         self.guard = NonFiniteGuard(cfg.max_nonfinite_steps, self.logger, f"lrm finetune ({cfg.method})")
         seed_everything(cfg.seed)
         self.timesteps = cfg.timesteps
+        # what a resumed run must find again (init / teacher weights, prompts, VAE, LRM)
+        self.inputs = {"init": fingerprint(init.model.state_dict().items()),
+                       "teacher": None if teacher is None else fingerprint(teacher.model.state_dict().items()),
+                       "prompts": fingerprint([("text", pool.text_tokens)] + ([] if pool.latents is None else
+                                                                              [("latents", pool.latents)])),
+                       "vae": getattr(getattr(vae, "latent_space", None), "vae_hash", None),
+                       "lrm": fingerprint(lrm.state_dict().items()) if isinstance(lrm, nn.Module) else None}
         null = (init.null_tokens.detach().cpu(), init.null_mask.detach().cpu())
         # copy, then move: the caller's init stays where it is (it may be large and kept on the CPU)
         self.student = Denoiser(copy.deepcopy(init.model).to(self.device), init.schedule, init.parameterization,
@@ -805,7 +828,12 @@ class FinetuneTrainer:
 
         cfg = self.config
         total = steps if steps is not None else cfg.steps
+        if cfg.overwrite:
+            clear_checkpoints(cfg.run_dir, self.checkpoint_dir)
+        if cfg.resume and find_checkpoint(self.checkpoint_dir) is not None:
+            check_resume(cfg.run_dir, cfg, self.inputs, MUTABLE_KEYS)
         prepare_run_dir(cfg.run_dir, cfg, logger_name="lrm.finetune")
+        record_run(cfg.run_dir, cfg, self.inputs)
         resumed = False
         if cfg.resume and find_checkpoint(self.checkpoint_dir) is not None:
             self.load_checkpoint()

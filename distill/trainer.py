@@ -38,8 +38,20 @@ from distill.samplers import STUDENT_TIMESTEPS
 from distill.vsd import backward_simulation, fake_score_loss, vsd_loss
 from lrm.checkpoint import find_checkpoint, load_training_state, save_training_state
 from lrm.config import ConfigError, opt
-from lrm.run import get_logger, prepare_run_dir, seed_everything
+from lrm.run import (
+    check_resume,
+    clear_checkpoints,
+    fingerprint,
+    get_logger,
+    prepare_run_dir,
+    record_run,
+    seed_everything,
+)
 
+# config keys a resumed run may change (how long, how often it reports; not what it trains)
+MUTABLE_KEYS = ("steps", "resume", "overwrite", "progress", "log_every", "ckpt_every", "sample_every", "tensorboard",
+                "final_checkpoint", "student_fp16", "max_nonfinite_steps", "num_sample_prompts", "samples_per_prompt",
+                "vae_chunk_size", "device")
 LOG_COLUMNS = ["step", "loss_g", "loss_vsd", "loss_cd", "loss_ft", "lrm_reward", "loss_fake", "loss_lrm",
                "grad_norm_g", "vsd_grad_norm", "lr", "sec_per_step"]
 
@@ -144,7 +156,9 @@ class DistillConfig:
     sample_every: int = opt(500, "save a sample grid every N steps (0 = only at the end)")
     num_sample_prompts: int = opt(8, "prompts in the sample grid (the first data captions)")
     samples_per_prompt: int = opt(4, "samples per prompt in the grid")
-    resume: bool = opt(True, "continue from run_dir/checkpoint when it exists")
+    resume: bool = opt(True, "continue from run_dir/checkpoint when it exists (the same run only: a changed config "
+                             "or input is refused, see overwrite)")
+    overwrite: bool = opt(False, "start over in run_dir: delete its checkpoint first")
     tensorboard: bool = opt(True, "also log to TensorBoard (run_dir/tb) when tensorboard is installed")
     progress: bool = opt(True, "tqdm progress bar")
 
@@ -685,6 +699,14 @@ class DistillTrainer:
         self.step = int(st["step"])
         return self.step
 
+    def input_fingerprint(self) -> dict[str, str | None]:
+        """What a resumed run must find again: the teacher's weights, the VAE, the data, a frozen LRM."""
+        lrm = self.lrm if isinstance(self.lrm, nn.Module) and not self.concurrent else None
+        return {"teacher": fingerprint(self.teacher.model.state_dict().items()),
+                "vae": None if self.vae is None else self.vae.latent_space.vae_hash,
+                "data": fingerprint([("latents", self.data.latents), ("text", self.data.text_tokens)]),
+                "lrm": None if lrm is None else fingerprint(lrm.state_dict().items())}
+
     # ---- logging and samples ----------------------------------------------------------------------------
     def _open_logs(self, resumed: bool) -> None:
         if not self.accelerator.is_main_process:
@@ -767,8 +789,16 @@ class DistillTrainer:
 
         cfg, acc = self.config, self.accelerator
         total = steps if steps is not None else cfg.steps
+        if cfg.overwrite and acc.is_main_process:
+            clear_checkpoints(cfg.run_dir, self.checkpoint_dir)
+        if acc.num_processes > 1:
+            acc.wait_for_everyone()
+        inputs = self.input_fingerprint()
+        if cfg.resume and find_checkpoint(self.checkpoint_dir) is not None:  # every rank: all raise alike
+            check_resume(cfg.run_dir, cfg, inputs, MUTABLE_KEYS)
         if acc.is_main_process:
             prepare_run_dir(cfg.run_dir, cfg, logger_name="lrm.distill")
+            record_run(cfg.run_dir, cfg, inputs)
         resumed = False
         if cfg.resume and find_checkpoint(self.checkpoint_dir) is not None:
             self.load_checkpoint()

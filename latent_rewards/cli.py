@@ -20,6 +20,8 @@ class TrainConfig(FitConfig):
     cache_dir: str = opt("", "latent cache directory (lrm cache build)")
     reward: str = opt("", "reward name in the cache to imitate (see lrm cache stats)")
     out_dir: str = opt("runs/lrm", "LRM directory: config.json, model.safetensors, metadata.json, metrics, logs")
+    overwrite: bool = opt(False, "start over in out_dir: delete its checkpoint first (a resume must otherwise repeat "
+                                 "the run's settings and cache)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -52,10 +54,20 @@ def _train(cfg: TrainConfig) -> None:
 
     from data_cache import LatentCache
     from latent_rewards.train import fit
-    from lrm.run import prepare_run_dir
+    from lrm.checkpoint import find_checkpoint
+    from lrm.run import check_resume, clear_checkpoints, prepare_run_dir, record_run
 
+    cache = LatentCache.open(cfg.cache_dir)  # a bad cache_dir fails here, before out_dir is touched
+    inputs = {"cache_latent_space": cache.latent_space.vae_hash, "cache_records": len(cache),
+              "cache_text_encoder": dict(cache.text_encoder)}
+    ckpt = Path(cfg.out_dir) / "checkpoint"
+    if cfg.overwrite:
+        clear_checkpoints(cfg.out_dir, ckpt)
+    if cfg.resume and find_checkpoint(ckpt) is not None:
+        check_resume(cfg.out_dir, cfg, inputs, ("steps", "resume", "overwrite", "progress", "eval_every",
+                                                "checkpoint_every", "device"))
     out = prepare_run_dir(cfg.out_dir, cfg, logger_name="lrm.latent_rewards")
-    cache = LatentCache.open(cfg.cache_dir)
+    record_run(out, cfg, inputs)
     fit_cfg = FitConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(FitConfig)})
     res = fit(cache, fit_cfg, reward_name=cfg.reward, out_dir=out)
     print(json.dumps({"out_dir": str(out), "val": res.metrics, "ridge_baseline": res.baseline_metrics}, indent=2))

@@ -197,3 +197,16 @@ def test_non_finite_generator_loss_is_skipped_not_applied(tmp_path):
     assert tr.guard.skipped == 1 and all(torch.equal(v, tr.student.model.state_dict()[k]) for k, v in before.items())
     with pytest.raises(NonFiniteError, match="max_nonfinite_steps=1"):
         tr.train()
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    DistillTrainer(cfg(tmp_path, steps=1), tiny_teacher(), tiny_data()).train()
+    with pytest.raises(ConfigError, match=r"beta_cd: 0.5 -> 1.0"):
+        DistillTrainer(cfg(tmp_path, steps=2, beta_cd=1.0), tiny_teacher(), tiny_data()).train()
+    other = tiny_data()
+    other.latents = other.latents + 1
+    with pytest.raises(ConfigError, match="input data"):
+        DistillTrainer(cfg(tmp_path, steps=2), tiny_teacher(), other).train()
+    tr = DistillTrainer(cfg(tmp_path, steps=2), tiny_teacher(), tiny_data())
+    tr.train()
+    assert tr.step == 2

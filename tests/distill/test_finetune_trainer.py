@@ -236,3 +236,30 @@ def test_nan_gradient_skips_the_update(tmp_path, vae):
     tr.train_step()
     assert all(torch.equal(a, b) for a, b in zip(before, tr.student.parameters()))
     assert tr.opt.state_dict()["state"] == {} and tr.guard.skipped == 1  # AdamW's moments untouched too
+
+
+def test_resume_refuses_another_config_or_input_and_writes_nothing(tmp_path, vae):
+    """Issue 17: a run resumed with another reward / lr / init silently continued the old one under the new name."""
+    from reward_adapters import create_reward
+
+    def make(**kw):
+        kw = {"steps": 1, **kw}
+        return FinetuneTrainer(_cfg(tmp_path, "direct", eval_every=0, **kw), tiny_denoiser(), pool(),
+                               create_reward("brightness"), vae)
+
+    make().train()
+    run = tmp_path / "direct"
+    config_before = (run / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"lr: 0.001 -> 0.002.*--overwrite true"):
+        make(lr=2e-3, steps=2).train()
+    other_init = FinetuneTrainer(_cfg(tmp_path, "direct", steps=2, eval_every=0), tiny_denoiser(1), pool(),
+                                 create_reward("brightness"), vae)
+    with pytest.raises(ConfigError, match="input init"):
+        other_init.train()
+    assert (run / "config.yaml").read_text() == config_before  # the refused starts wrote nothing
+    tr = make(steps=2)  # more steps (a mutable key) resume the same run
+    tr.train()
+    assert tr.step == 2
+    fresh = make(lr=2e-3, steps=1, overwrite=True)
+    fresh.train()
+    assert fresh.step == 1 and "lr: 0.002" in (run / "config.yaml").read_text()

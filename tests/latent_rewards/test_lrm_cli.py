@@ -75,3 +75,24 @@ def test_train_config_errors(capsys):
     assert "cache_dir is required" in capsys.readouterr().err
     assert main(["train", "--cache_dir", "c", "--reward", "x", "--hed", "image-cnn"]) == 2
     assert "Did you mean 'head'" in capsys.readouterr().err
+
+
+def test_train_resume_refuses_another_reward_and_a_bad_cache_writes_nothing(shapes_cache, tmp_path, capsys):
+    """Issue 17: `lrm train --reward colorfulness --out_dir D` on D of a JPEG run resumed the JPEG run and saved it as
+    a colorfulness LRM; a bad cache_dir overwrote the run's config.yaml."""
+    out = tmp_path / "lrm"
+    base = ["train", "--cache_dir", str(shapes_cache), "--head", "image-cnn", "--head_kwargs", "{width: 8, patch: 2}",
+            "--steps", "6", "--eval_every", "3", "--checkpoint_every", "3", "--batch_size", "32", "--progress",
+            "false", "--out_dir", str(out)]
+    assert main(base + ["--reward", "jpeg-compressibility"]) == 0
+    config = (out / "config.yaml").read_text()
+    weights = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(base + ["--reward", "shapes-adherence", "--steps", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "reward: 'jpeg-compressibility' -> 'shapes-adherence'" in err and "--overwrite true" in err
+    bad = list(base)
+    bad[bad.index("--cache_dir") + 1] = str(tmp_path / "no-cache")
+    assert main(bad + ["--reward", "jpeg-compressibility"]) == 2
+    assert (out / "config.yaml").read_text() == config and (out / "model.safetensors").read_bytes() == weights
+    assert main(base + ["--reward", "jpeg-compressibility", "--steps", "9"]) == 0  # more steps: the same run goes on
