@@ -70,6 +70,18 @@ class ShapesDataGenerator:
         return f"ShapesDataGenerator(video={self.world.is_video}, pixel_noise={self.pixel_noise})"
 
 
+def is_shapes_caption(prompt: str) -> bool:
+    """Whether ``prompt`` reads as a Shapes world caption: it names a Shapes shape, a color and a background
+    (``shapes.world.parse_caption``), as every ``make_caption`` phrasing does."""
+    a = parse_caption(prompt)
+    return a["shape"] is not None and a["color"] is not None and a["background"] is not None
+
+
+def are_shapes_captions(prompts: list[str]) -> bool:
+    """Every prompt is a Shapes caption: the Shapes attribute rewards (shapes-adherence, accuracy) apply."""
+    return bool(prompts) and all(is_shapes_caption(p) for p in prompts)
+
+
 def shapes_prompts(n: int, num_frames: int | None = None, seed: int = 0, start: int = 0) -> list[str]:
     """``n`` captions of the Shapes world (held-out seeds give a held-out prompt set)."""
     world = ShapesWorld(num_frames=num_frames, seed=seed)

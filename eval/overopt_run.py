@@ -1,12 +1,15 @@
 """``lrm overopt --config FILE``: a reward-overoptimization study end to end, with sweeps (issue 8, Gao et al. 2022).
 
 One run (``run_overopt`` without ``sweep``):
-  1. proxy: method=lrm without ``lrm_path`` -> a Shapes latent cache scored by the gold pixel reward
-     (``data_cache.build_cache``, shared by every sub-run of a sweep) and an LRM fitted on its first
-     ``lrm_train_size`` records (``latent_rewards.fit``; head, width, ensemble size K configurable);
-  2. fine-tuning: ``distill.finetune`` (method lrm / ddpo / direct); the student is saved every ``eval_every``
-     trainer steps (``FinetuneTrainer.save_student``), step 0 being the initial model;
-  3. study: every saved student is evaluated with ``eval.study.run_study`` on held-out Shapes prompts: gold
+  1. proxy: method=lrm without ``lrm_path`` -> ``data_cache`` (a LatentCache with a ``reward/<gold_reward>``
+     column) or, in the Shapes world, a Shapes latent cache scored by the gold pixel reward
+     (``data_cache.build_cache``, shared by every sub-run of a sweep); an LRM fitted on its first
+     ``lrm_train_size`` records (``latent_rewards.fit``; head, width, patch, ensemble size K configurable);
+  2. fine-tuning: ``distill.finetune`` (method lrm / ddpo / direct) with the same model keys (``distill.builders``)
+     and prompt pool (``prompt_file``, else ``data_cache``, else Shapes captions); the student is saved every
+     ``eval_every`` trainer steps (``FinetuneTrainer.save_student``), step 0 being the initial model;
+  3. study: every saved student is evaluated with ``eval.study.run_study`` on held-out prompts (``eval_prompt_file``
+     or Shapes captions): gold
      (pixel) reward, proxy (the LRM as optimised, and its ensemble mean), Shapes accuracy, diversity, and the
      distance d = sqrt(KL) from the step-0 model (smoothed-output KL for the deployed k-step sampler under
      shared noise, or the exact chain KL with ``eval_sampler: stochastic``); Gao et al. RL fits, peak-gold
@@ -31,6 +34,17 @@ A sweep (``sweep: {key: [v1, v2, ...]}``; several keys = their product) runs one
 distinct LRM setting), skips sub-runs that already have ``summary.json``, and writes ``RUN/sweep.csv`` (one row per
 value), ``RUN/plots/sweep_*.png`` (gold and proxy vs d per value; alpha and beta vs proxy size when the swept key
 is an LRM size) and ``RUN/report.html``.
+
+Real models (a Stable-Diffusion-class pipeline; the keys of ``lrm finetune``)::
+
+    lrm overopt --teacher /models/sd15 --vae /models/sd15 --vae_subfolder vae --text_encoder /models/sd15 \
+        --text_max_length 77 --vae_bf16 true --data_cache runs/cache/sd15-aesthetic --gold_reward aesthetic \
+        --eval_prompt_file prompts/heldout.csv --lrm_train_size 4096 --batch_size 8 --eval_batch_size 8
+
+Outside the Shapes world (a diffusers teacher, or any VAE but 'shapes') there are no Shapes captions or Shapes cache:
+``data_cache`` (or ``lrm_path`` + ``prompt_file``) and ``eval_prompt_file`` are required, and ``accuracy`` is off
+unless the evaluation prompts are Shapes captions. The LRM's patch follows the latent size (``auto_patch``: 2 for
+8x8, 4 for SD's 64x64, 8 for 128x128) unless ``lrm_patch`` is set.
 
 Regularisers to sweep: ``beta_kl`` (the KL / reference penalty of ``distill.finetune.FinetuneConfig.beta_kl``
 toward the frozen initial student: per-step Gaussian chain KL for ddpo, one-step x0-prediction distance for
@@ -61,6 +75,10 @@ if TYPE_CHECKING:
 LRM_KEYS = ("gold_reward", "gold_reward_kwargs", "teacher", "num_frames", "seed", "lrm_head", "lrm_width",
             "lrm_depth", "lrm_patch", "lrm_head_kwargs", "lrm_ensemble", "lrm_train_size", "lrm_steps",
             "lrm_batch_size", "lrm_lr", "lrm_fit", "cache_size", "cache_seed")
+# model / data keys that also alter the cache and the LRM; recorded in their tags only when not the default (so the
+# tags of Shapes runs stay what they were)
+MODEL_KEYS = {"vae": "shapes", "vae_subfolder": None, "text_encoder": "all-MiniLM-L6-v2", "text_max_length": 32,
+              "data_cache": None}
 # swept keys that are a "proxy size" (x axis of the alpha / beta plot)
 LRM_SIZE_KEYS = ("lrm_width", "lrm_depth", "lrm_ensemble", "lrm_train_size", "lrm_steps")
 NOT_SWEEPABLE = ("sweep", "run_dir", "report")
@@ -74,8 +92,13 @@ class OveroptConfig:
     # ---- fine-tuning (distill.finetune) --------------------------------------------------------------------
     method: Literal["lrm", "ddpo", "direct"] = opt("lrm", "lrm: optimise the proxy LRM (DOLLAR Eq. 11); ddpo / "
                                                           "direct: optimise the gold pixel reward itself")
-    teacher: str = opt("shapes-image", "student init: 'shapes-image' / 'shapes-video' or a Denoiser directory")
-    num_frames: int = opt(16, "frames per video (video teacher)")
+    teacher: str = opt("shapes-image", "student init, any teacher spec of distill.builders: 'shapes-image' / "
+                                       "'shapes-video', a Denoiser directory (RUN/student of `lrm distill` / `lrm "
+                                       "finetune`) or a diffusers pipeline directory / hub id (then set vae, "
+                                       "vae_subfolder, text_encoder, text_max_length and the prompt sources)")
+    teacher_subfolder: str | None = opt(None, "model subfolder of a diffusers teacher; None: 'transformer' if the "
+                                              "directory has one, else 'unet'")
+    num_frames: int = opt(16, "frames per video (Shapes video teacher)")
     gold_reward: str = opt("jpeg-compressibility", "reward_adapters name of the gold pixel reward (cache target, "
                                                    "study gold; the training signal of ddpo / direct)")
     gold_reward_kwargs: dict = opt({}, "constructor options of the gold reward")
@@ -88,15 +111,36 @@ class OveroptConfig:
     beta_kl: float = opt(0.0, "KL / reference penalty toward the frozen initial student (distill.finetune "
                               "FinetuneConfig.beta_kl; 0 = off); sweep it as beta_kl")
     max_grad_norm: float = opt(1.0, "gradient clipping of the student (0 = off)")
-    num_prompts: int = opt(64, "Shapes captions in the fine-tuning prompt pool")
+    num_prompts: int = opt(64, "Shapes captions in the fine-tuning prompt pool (Shapes world without data_cache / "
+                               "prompt_file)")
     finetune: dict = opt({}, "any other distill.finetune.FinetuneConfig field, e.g. {distill_losses: [cd], "
                              "beta_cd: 0.5, sample_batch_size: 16}; sweep one as 'finetune.<field>'")
+    # ---- models and prompt sources (distill.builders; the same keys as `lrm finetune`) ---------------------------
+    vae: str = opt("shapes", "'shapes' (the Shapes world's VAE) or a diffusers AutoencoderKL path / hub id (a "
+                             "pipeline directory with vae_subfolder 'vae')")
+    vae_subfolder: str | None = opt(None, "subfolder of the VAE inside a pipeline repo (e.g. 'vae')")
+    vae_bf16: bool = opt(False, "run the VAE under bf16 autocast (CUDA); recommended at 512 px")
+    vae_chunk_size: int = opt(0, "images / frames per VAE call; 0 = auto by pixel area (16 at 512x512: "
+                                 "lrm.latent_space.auto_chunk_size)")
+    text_encoder: str = opt("all-MiniLM-L6-v2", "text encoder name or path (lrm.text.TextEncoder); for a diffusers "
+                                                "teacher, the pipeline directory itself (its text_encoder/)")
+    text_max_length: int = opt(32, "caption length in tokens (padded/truncated); Stable Diffusion's CLIP: 77")
+    data_cache: str | None = opt(None, "a LatentCache (`lrm cache build`, same VAE and text encoder) with a "
+                                       "reward/<gold_reward> column: the proxy LRM is fitted on its first "
+                                       "lrm_train_size scored records instead of a Shapes cache, and its captions "
+                                       "are the fine-tuning prompt pool unless prompt_file is set")
+    prompt_file: str | None = opt(None, "fine-tuning prompt pool: .txt (one per line), .csv or .jsonl (column / key "
+                                        "prompt, caption or text)")
+    eval_prompt_file: str | None = opt(None, "held-out evaluation prompts (same formats; its first num_eval_prompts, "
+                                             "all if fewer); None: Shapes captions (Shapes world only)")
     # ---- proxy LRM -------------------------------------------------------------------------------------------
     lrm_path: str | None = opt(None, "use this LatentReward directory instead of fitting one (method=lrm)")
     lrm_head: str = opt("auto", "latent_rewards head; auto: image-cnn (image teacher) / video-3d-cnn (video)")
     lrm_width: int = opt(64, "LRM trunk width (the proxy size of Gao et al.'s alpha / beta vs size)")
     lrm_depth: int = opt(2, "LRM 3x3 conv blocks after the patch conv")
-    lrm_patch: int = opt(2, "LRM first-conv patch (2 for Shapes' 8x8 latents)")
+    lrm_patch: int | None = opt(None, "LRM first-conv patch (kernel = stride); None: from the latent size h, the "
+                                      "smallest power of two >= 2 with h / patch <= 16: 2 for Shapes' 8x8 latents, 4 "
+                                      "for SD's 64x64 (DOLLAR Tab. 10), 8 for 128x128 (SDXL)")
     lrm_head_kwargs: dict = opt({}, "more head kwargs; auto video head adds {temporal_patch: 4}")
     lrm_ensemble: int = opt(1, "LRM ensemble members K (> 1: output mean - ensemble_lambda * std)")
     ensemble_lambda: float = opt(0.0, "ensemble penalty lambda of the optimised proxy (Coste et al. 2023); applied "
@@ -108,13 +152,14 @@ class OveroptConfig:
     lrm_lr: float = opt(1e-3, "LRM peak learning rate")
     lrm_fit: dict = opt({}, "any other latent_rewards.FitConfig field, e.g. {eval_every: 100, patience: 5}")
     cache_size: int | None = opt(None, "Shapes records in the cache (default: lrm_train_size, or its largest "
-                                       "swept value)")
+                                       "swept value); unused with data_cache")
     cache_seed: int = opt(0, "ShapesWorld seed of the cache")
     cache_workers: int = opt(4, "cache build: loader workers rendering Shapes records")
     cache_worker_type: Literal["thread", "process"] = opt(
         "thread", "cache build: thread or process workers (process: parallel Shapes rendering, which holds the GIL)")
     # ---- evaluation (eval.study) -----------------------------------------------------------------------------
-    num_eval_prompts: int = opt(16, "held-out Shapes captions evaluated at every checkpoint")
+    num_eval_prompts: int = opt(16, "held-out prompts evaluated at every checkpoint (Shapes captions, or the first "
+                                    "of eval_prompt_file)")
     n_per_prompt: int = opt(4, "samples per prompt (fixed seeds, the same at every checkpoint)")
     prompt_seed: int = opt(1000, "ShapesWorld seed of the evaluation captions (differs from the training pool)")
     eval_sampler: Literal["student", "stochastic"] = opt(
@@ -131,7 +176,8 @@ class OveroptConfig:
     stop_on: str | None = opt(None, "study column that decides the peak checkpoint and early stopping (default "
                                     "gold/<gold_reward>; e.g. acc/all or gold/temporal-flickering when the gold reward "
                                     "itself can be gamed)")
-    accuracy: bool = opt(True, "Shapes attribute accuracy columns (acc/*)")
+    accuracy: bool | None = opt(None, "Shapes attribute accuracy columns (acc/*); None: on when the evaluation "
+                                      "prompts are Shapes captions, else off; true with other prompts is an error")
     eval_batch_size: int = opt(32, "samples per generator call in evaluation")
     n_bootstrap: int = opt(200, "bootstrap resamples for the 95% CIs")
     keyframe_stride: int = opt(4, "video diversity: every Nth frame is a keyframe")
@@ -144,7 +190,8 @@ class OveroptConfig:
 
     def __post_init__(self) -> None:
         for k in ("steps", "eval_every", "batch_size", "num_prompts", "lrm_width", "lrm_ensemble", "lrm_train_size",
-                  "lrm_steps", "lrm_batch_size", "num_eval_prompts", "n_per_prompt", "eval_batch_size"):
+                  "lrm_steps", "lrm_batch_size", "num_eval_prompts", "n_per_prompt", "eval_batch_size",
+                  "text_max_length"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.eval_every > self.steps:
@@ -176,8 +223,15 @@ class OveroptConfig:
                 and self.stop_on != "diversity":
             raise ConfigError(f"stop_on must be a study column: gold/<reward>, proxy/lrm, acc/<attribute> or "
                               f"diversity, got {self.stop_on!r}")
-        if self.stop_on is not None and self.stop_on.startswith("acc/") and not self.accuracy:
+        if self.vae_chunk_size < 0:
+            raise ConfigError(f"vae_chunk_size must be >= 1, or 0 for auto, got {self.vae_chunk_size}")
+        if self.lrm_patch is not None and self.lrm_patch < 1:
+            raise ConfigError(f"lrm_patch must be >= 1 (or null for the rule by latent size), got {self.lrm_patch}")
+        self.check_world()
+        if self.stop_on is not None and self.stop_on.startswith("acc/") and self.accuracy is False:
             raise ConfigError(f"stop_on={self.stop_on!r} needs accuracy: true")
+        if self.eval_prompt_file is not None and (self.accuracy or (self.stop_on or "").startswith("acc/")):
+            self.resolve_accuracy(self.eval_prompts())
         for k, v in self.sweep.items():
             if not isinstance(v, list) or not v:
                 raise ConfigError(f"sweep.{k} must be a non-empty list of values, got {v!r}")
@@ -189,15 +243,61 @@ class OveroptConfig:
     # ---- derived configs ------------------------------------------------------------------------------------
     @property
     def is_video(self) -> bool:
-        if self.teacher in ("shapes-image", "shapes-video"):
-            return self.teacher == "shapes-video"
-        from lrm.io import read_json
+        return teacher_is_video(self)
 
-        meta = Path(self.teacher) / "denoiser.json"
-        if not meta.exists():
-            raise ConfigError(f"teacher {self.teacher!r} is neither shapes-image / shapes-video nor a Denoiser "
-                              "directory (no denoiser.json)")
-        return "3D" in str(read_json(meta).get("model_class", ""))
+    @property
+    def shapes_world(self) -> bool:
+        """The teacher lives in the Shapes world (Shapes VAE, not a diffusers model): Shapes captions and a Shapes
+        cache are its defaults."""
+        from distill.builders import teacher_is_diffusers
+
+        return self.vae == "shapes" and not teacher_is_diffusers(self)
+
+    def check_world(self) -> None:
+        """A diffusers teacher needs its own VAE; outside the Shapes world the prompt sources must be given."""
+        from distill.builders import teacher_is_diffusers
+
+        if self.vae == "shapes" and teacher_is_diffusers(self):
+            raise ConfigError(f"teacher {self.teacher!r} is a diffusers model but vae is 'shapes' (the Shapes world's "
+                              f"VAE): set vae: {self.teacher}, vae_subfolder: vae, text_encoder: {self.teacher} and "
+                              "text_max_length (77 for Stable Diffusion's CLIP)")
+        if self.shapes_world:
+            return
+        missing = []
+        if self.method == "lrm" and self.lrm_path is None and self.data_cache is None:
+            missing.append(f"data_cache (a LatentCache of this VAE and text encoder with a reward/{self.gold_reward} "
+                           "column: the proxy LRM's training data and the fine-tuning prompts) or lrm_path")
+        elif self.data_cache is None and self.prompt_file is None:
+            missing.append("prompt_file or data_cache (the fine-tuning prompts)")
+        if self.eval_prompt_file is None:
+            missing.append("eval_prompt_file (held-out evaluation prompts)")
+        if missing:
+            raise ConfigError(f"teacher {self.teacher!r} with vae {self.vae!r} is not the Shapes world (no Shapes "
+                              f"captions or Shapes cache): set {'; and '.join(missing)}")
+
+    def eval_prompts(self) -> list[str]:
+        """The held-out evaluation prompts: the first num_eval_prompts of eval_prompt_file, or Shapes captions."""
+        if self.eval_prompt_file is not None:
+            from distill.builders import load_prompt_file
+
+            return load_prompt_file(self.eval_prompt_file)[:self.num_eval_prompts]
+        from eval.generators import shapes_prompts
+
+        return shapes_prompts(self.num_eval_prompts, num_frames=self.num_frames if self.is_video else None,
+                              seed=self.prompt_seed)
+
+    def resolve_accuracy(self, prompts: list[str]) -> bool:
+        """``accuracy`` for these prompts: None means on exactly when they are Shapes captions."""
+        from eval.generators import are_shapes_captions, is_shapes_caption
+
+        shapes = are_shapes_captions(prompts)
+        if not shapes and (self.accuracy or (self.stop_on or "").startswith("acc/")):
+            bad = next(p for p in prompts if not is_shapes_caption(p))
+            raise ConfigError(f"{'stop_on=' + repr(self.stop_on) if not self.accuracy else 'accuracy: true'} needs "
+                              f"Shapes attribute accuracy, but the prompts of {self.eval_prompt_file} are not Shapes "
+                              f"captions (e.g. {bad[:60]!r} does not name a Shapes shape, color and background); set "
+                              "accuracy: false and stop_on to a gold/ or proxy/ column")
+        return shapes if self.accuracy is None else bool(self.accuracy)
 
     def finetune_config(self, run_dir: Path):
         from distill.finetune import FinetuneConfig
@@ -207,14 +307,18 @@ class OveroptConfig:
         if bad:
             raise ConfigError(f"finetune: unknown FinetuneConfig field(s) {bad}; valid: {sorted(names)}")
         mine = dict(method=self.method, run_dir=str(run_dir), seed=self.seed, device=self.device,
-                    teacher=self.teacher, gold_reward=self.gold_reward,
+                    teacher=self.teacher, teacher_subfolder=self.teacher_subfolder, vae=self.vae,
+                    vae_subfolder=self.vae_subfolder, vae_bf16=self.vae_bf16, vae_chunk_size=self.vae_chunk_size,
+                    text_encoder=self.text_encoder, text_max_length=self.text_max_length,
+                    data_cache=self.data_cache if self.prompt_file is None else None, prompt_file=self.prompt_file,
+                    eval_batch_size=self.eval_batch_size, gold_reward=self.gold_reward,
                     gold_reward_kwargs=dict(self.gold_reward_kwargs),
                     lrm_path=None, num_prompts=self.num_prompts, num_frames=self.num_frames, steps=self.steps,
                     lr=self.lr, batch_size=self.batch_size, beta_ft=self.beta_ft, beta_kl=self.beta_kl,
                     max_grad_norm=self.max_grad_norm,
                     eval_every=0, num_eval=min(32, self.num_eval_prompts * self.n_per_prompt), ckpt_every=0,
                     sample_every=0, resume=True, progress=self.progress)
-        clash = sorted(set(self.finetune) & (set(mine) - {"num_eval"}))
+        clash = sorted(set(self.finetune) & (set(mine) - {"num_eval", "eval_batch_size"}))
         if clash:
             raise ConfigError(f"finetune: {clash} are set by the overopt config itself (use the top-level keys)")
         try:
@@ -227,14 +331,21 @@ class OveroptConfig:
             return self.lrm_head
         return "video-3d-cnn" if self.is_video else "image-cnn"
 
-    def fit_config(self):
+    def lrm_patch_for(self, latent_hw: int | None = None) -> int:
+        """``lrm_patch``, or the rule by latent size (``auto_patch``); 2 (Shapes) while the size is unknown."""
+        if self.lrm_patch is not None:
+            return int(self.lrm_patch)
+        return auto_patch(latent_hw) if latent_hw else 2
+
+    def fit_config(self, latent_hw: int | None = None):
+        """The LRM's ``FitConfig``; ``latent_hw``: the latents' larger spatial side (for ``lrm_patch: null``)."""
         from latent_rewards.train import FitConfig
 
         names = {f.name for f in dataclasses.fields(FitConfig)}
         bad = sorted(set(self.lrm_fit) - names)
         if bad:
             raise ConfigError(f"lrm_fit: unknown FitConfig field(s) {bad}; valid: {sorted(names)}")
-        head_kwargs = {"width": self.lrm_width, "depth": self.lrm_depth, "patch": self.lrm_patch}
+        head_kwargs = {"width": self.lrm_width, "depth": self.lrm_depth, "patch": self.lrm_patch_for(latent_hw)}
         if self.lrm_head == "auto" and self.is_video:
             head_kwargs["temporal_patch"] = 4
         head_kwargs.update(self.lrm_head_kwargs)
@@ -248,6 +359,56 @@ class OveroptConfig:
             return FitConfig(**kw)
         except TypeError as e:
             raise ConfigError(f"lrm_fit: {e}") from None
+
+
+def auto_patch(latent_hw: int) -> int:
+    """LRM first-conv patch for latents of side ``latent_hw``: the smallest power of two >= 2 that leaves at most
+    16 x 16 patches (8x8 Shapes latents: 2; SD's 64x64: 4, as DOLLAR Tab. 10; SDXL's 128x128: 8)."""
+    p = 2
+    while latent_hw / p > 16:
+        p *= 2
+    return p
+
+
+def teacher_is_video(spec: Any) -> bool:
+    """Whether ``spec.teacher`` is a video model, from its config alone (no weights): a Shapes teacher by name, a
+    ``Denoiser`` directory by ``denoiser.json``'s model class, a diffusers pipeline by its model subfolder's
+    ``config.json`` (local, or the hub cache). Video = "3D" in the class name, ``Denoiser.is_video``'s rule
+    (UNet3DConditionModel, WanTransformer3DModel, CogVideoXTransformer3DModel, ...)."""
+    import os
+
+    from distill.builders import SHAPES_TEACHERS, teacher_is_diffusers
+    from lrm.io import read_json
+
+    if spec.teacher in SHAPES_TEACHERS:
+        return spec.teacher == "shapes-video"
+    path = Path(spec.teacher)
+    if not teacher_is_diffusers(spec):
+        meta = path / "denoiser.json"
+        if not meta.is_file():
+            raise ConfigError(f"teacher {spec.teacher!r} is neither shapes-image / shapes-video, a Denoiser directory "
+                              "(denoiser.json) nor a diffusers pipeline (model_index.json, unet/ or transformer/)")
+        return "3D" in str(read_json(meta).get("model_class", ""))
+    sub = getattr(spec, "teacher_subfolder", None)
+    subs = [sub] if sub is not None else (["transformer", "unet"] if (path / "transformer").is_dir() else
+                                          ["unet", "transformer"])
+    for sub in subs:
+        local = path / sub / "config.json" if sub else path / "config.json"
+        if local.is_file():
+            return "3D" in str(read_json(local).get("_class_name", ""))
+    errors = []
+    for sub in subs:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            found = hf_hub_download(spec.teacher, "config.json", subfolder=sub or None,
+                                    cache_dir=os.environ.get("LRM_CACHE_DIR"))
+            return "3D" in str(read_json(found).get("_class_name", ""))
+        except (OSError, ValueError) as e:  # not cached offline, no such repo / file, invalid repo id
+            errors.append(f"{sub or '.'}/config.json: {type(e).__name__}")
+    raise ConfigError(f"teacher {spec.teacher!r}: no model config found ({', '.join(errors)}); give a local pipeline "
+                      "directory (or set LRM_CACHE_DIR to a hub cache that holds it) and teacher_subfolder if the "
+                      "model is not in unet/ or transformer/")
 
 
 # ---- sweep keys ---------------------------------------------------------------------------------------------
@@ -325,13 +486,41 @@ def _tag(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def _model_tag(cfg: OveroptConfig) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k, default in MODEL_KEYS.items() if getattr(cfg, k) != default}
+
+
+def gold_cache(cfg: OveroptConfig, shared: Path, vae=None, text=None, log=None) -> Path:
+    """The LRM's training cache: ``data_cache`` (checked against the VAE, the text encoder and the gold reward), or a
+    Shapes cache built by ``build_gold_cache``."""
+    if cfg.data_cache is None:
+        return build_gold_cache(cfg, shared, cfg.cache_size or cfg.lrm_train_size, vae, text, log)
+    from data_cache import LatentCache
+    from distill.builders import check_text_identity
+
+    cache = LatentCache.open(cfg.data_cache)
+    if vae is not None:
+        vae.latent_space.check_compatible(cache.latent_space, f"latents of data_cache {cfg.data_cache}")
+    if text is not None and hasattr(text, "identity"):
+        check_text_identity(dict(cache.text_encoder), text.identity(), f"caption embeddings of {cfg.data_cache}")
+    if cfg.gold_reward not in cache.reward_names:
+        raise ConfigError(f"data_cache {cfg.data_cache} has no reward/{cfg.gold_reward} column (it holds "
+                          f"{list(cache.reward_names)}): add it (`lrm cache add-reward --reward {cfg.gold_reward}`) "
+                          "or set gold_reward to one of those")
+    if log:
+        log.info("proxy training data: %s (%d records, latents %s)", cfg.data_cache, len(cache),
+                 tuple(cache.latent_shape))
+    return Path(cfg.data_cache)
+
+
 def build_gold_cache(cfg: OveroptConfig, shared: Path, size: int, vae=None, text=None, log=None) -> Path:
     """A Shapes latent cache of ``size`` records scored by the gold reward (reused when it already exists)."""
     from data_cache import BuildCacheConfig, LatentCache, SourceConfig, build_cache
     from data_cache.storage import CacheError
 
     nf = cfg.num_frames if cfg.is_video else 0
-    spec = {"reward": cfg.gold_reward, "kwargs": cfg.gold_reward_kwargs, "frames": nf, "seed": cfg.cache_seed}
+    spec = {"reward": cfg.gold_reward, "kwargs": cfg.gold_reward_kwargs, "frames": nf, "seed": cfg.cache_seed,
+            **_model_tag(cfg)}
     out = shared / f"cache-{cfg.gold_reward}-{'v' if nf else 'i'}-{_tag(spec)}"
     if (out / "manifest.json").exists():
         try:
@@ -348,6 +537,8 @@ def build_gold_cache(cfg: OveroptConfig, shared: Path, size: int, vae=None, text
         reward = reward.to(resolve_device(cfg.device))
     bcfg = BuildCacheConfig(out_dir=str(out), source=SourceConfig(type="shapes", num_samples=size, seed=cfg.cache_seed,
                                                                   num_frames=nf),
+                            vae=cfg.vae, vae_subfolder=cfg.vae_subfolder or "", text_encoder=cfg.text_encoder,
+                            text_max_length=cfg.text_max_length, vae_chunk_size=cfg.vae_chunk_size,
                             rewards=[cfg.gold_reward], latent_dtype="float32", batch_size=64 if nf else 256,
                             shard_size=max(1024, size), num_workers=cfg.cache_workers,
                             worker_type=cfg.cache_worker_type, device=cfg.device,
@@ -361,10 +552,13 @@ def build_gold_cache(cfg: OveroptConfig, shared: Path, size: int, vae=None, text
 
 def fit_proxy(cfg: OveroptConfig, shared: Path, cache_dir: Path, log=None) -> Path:
     """Fit (or reuse) the proxy LRM on the first ``lrm_train_size`` cache records; returns its directory."""
+    from data_cache import LatentCache
     from latent_rewards import LatentData, fit
 
-    fcfg = cfg.fit_config()
+    latent_shape = tuple(LatentCache.open(cache_dir).latent_shape)  # (C, h, w) / (T, C, h, w)
+    fcfg = cfg.fit_config(max(latent_shape[-2:]))
     spec = {k: getattr(cfg, k) for k in LRM_KEYS if k not in ("cache_size",)}
+    spec.update(lrm_patch=fcfg.head_kwargs.get("patch"), **_model_tag(cfg))
     spec["fit"] = config_to_dict(fcfg)
     spec["fit"].pop("progress", None)
     spec["fit"].pop("device", None)
@@ -373,12 +567,13 @@ def fit_proxy(cfg: OveroptConfig, shared: Path, cache_dir: Path, log=None) -> Pa
         return out
     data = LatentData.from_cache(cache_dir, cfg.gold_reward)
     if len(data) < cfg.lrm_train_size:
-        raise ValueError(f"cache {cache_dir} holds {len(data)} scored records < lrm_train_size={cfg.lrm_train_size}")
+        raise ConfigError(f"cache {cache_dir} holds {len(data)} records scored by {cfg.gold_reward} < lrm_train_size="
+                          f"{cfg.lrm_train_size}; lower lrm_train_size to at most {len(data)}")
     if len(data) > cfg.lrm_train_size:
         data = data.subset(np.arange(cfg.lrm_train_size))
     if log:
-        log.info("fitting the proxy LRM %s (width %d, K=%d) on %d records -> %s", fcfg.head, cfg.lrm_width,
-                 cfg.lrm_ensemble, len(data), out)
+        log.info("fitting the proxy LRM %s (width %d, patch %s, K=%d) on %d records of latents %s -> %s", fcfg.head,
+                 cfg.lrm_width, fcfg.head_kwargs.get("patch"), cfg.lrm_ensemble, len(data), latent_shape, out)
     fit(data, fcfg, out_dir=out)
     from lrm.io import write_json
 
@@ -550,14 +745,16 @@ def best_of_n_sweep(cfg: OveroptConfig, generator, prompts: list[str], gold: dic
 
 def evaluate_run(cfg: OveroptConfig, run_dir: Path, lrm, latent_shape, timesteps, device, vae, text, log=None):
     from eval.evaluate import shapes_accuracy_rewards
-    from eval.generators import shapes_prompts
     from eval.study import run_study
     from lrm.io import write_json
     from reward_adapters import create_reward
 
     video = cfg.is_video
-    prompts = shapes_prompts(cfg.num_eval_prompts, num_frames=cfg.num_frames if video else None,
-                             seed=cfg.prompt_seed)
+    prompts = cfg.eval_prompts()
+    accuracy = cfg.resolve_accuracy(prompts)
+    if log:
+        log.info("study prompts: %d %s (accuracy %s)", len(prompts), cfg.eval_prompt_file or "held-out Shapes captions",
+                 accuracy)
     gold = {cfg.gold_reward: create_reward(cfg.gold_reward, **cfg.gold_reward_kwargs)}
     for n in cfg.extra_gold_rewards:
         gold[n] = create_reward(n)
@@ -587,7 +784,7 @@ def evaluate_run(cfg: OveroptConfig, run_dir: Path, lrm, latent_shape, timesteps
                     min_slope_frac=cfg.stop_slope_frac, title=title, write_html=False,
                     n_per_prompt=cfg.n_per_prompt, seeds=cfg.seed, gold_rewards=gold, proxy_rewards=proxy,
                     decode=vae, text_encoder=text, latent_shape=latent_shape,
-                    accuracy_rewards=shapes_accuracy_rewards(video) if cfg.accuracy else None,
+                    accuracy_rewards=shapes_accuracy_rewards(video) if accuracy else None,
                     keyframe_stride=cfg.keyframe_stride, kl_sigma=cfg.kl_sigma, batch_size=cfg.eval_batch_size,
                     device=device, n_bootstrap=cfg.n_bootstrap, n_preview=min(cfg.num_eval_prompts, 6) *
                     cfg.n_per_prompt, progress=cfg.progress)
@@ -618,10 +815,9 @@ def _detach_file_logs(run_dir: Path) -> None:
 
 def run_single(cfg: OveroptConfig, shared: Path | None = None) -> dict[str, Any]:
     """Steps 1-3 for one config; skipped (summary returned) when ``run_dir/summary.json`` exists."""
+    from distill.builders import build_text_encoder, build_vae
     from lrm.io import read_json, write_json
-    from lrm.latent_space import VAE
     from lrm.run import get_logger, prepare_run_dir, resolve_device, seed_everything
-    from lrm.text import TextEncoder
 
     run_dir = Path(cfg.run_dir)
     if (run_dir / "summary.json").exists():
@@ -633,8 +829,8 @@ def run_single(cfg: OveroptConfig, shared: Path | None = None) -> dict[str, Any]
     log = get_logger("lrm.overopt")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    vae = VAE.shapes(device=device)
-    text = TextEncoder(device=device)
+    vae = build_vae(cfg, device)
+    text = build_text_encoder(cfg, device)
     times: dict[str, float] = {}
     try:
         # 1. proxy
@@ -643,14 +839,14 @@ def run_single(cfg: OveroptConfig, shared: Path | None = None) -> dict[str, Any]
             lrm_dir = Path(cfg.lrm_path)
         elif cfg.method == "lrm":
             t0 = time.perf_counter()
-            cache = build_gold_cache(cfg, shared, cfg.cache_size or cfg.lrm_train_size, vae, text, log)
+            cache = gold_cache(cfg, shared, vae, text, log)
             times["cache_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             lrm_dir = fit_proxy(cfg, shared, cache, log)
             times["lrm_fit_s"] = time.perf_counter() - t0
         if lrm_dir is not None:
             lrm = load_proxy(lrm_dir, cfg, device)
-            lrm.check_inputs(latent_space=vae.latent_space)
+            lrm.check_inputs(latent_space=vae.latent_space, text_encoder=text if lrm.needs_text else None)
         # 2. fine-tuning
         t0 = time.perf_counter()
         ft = finetune_with_checkpoints(cfg, run_dir, lrm=lrm, log=log)
@@ -895,5 +1091,6 @@ def run_overopt(cfg: OveroptConfig) -> dict[str, Any]:
 
 
 __all__ = ["OveroptConfig", "run_overopt", "run_single", "run_sweep", "sweep_key_check", "build_gold_cache",
+           "gold_cache", "auto_patch", "teacher_is_video", "MODEL_KEYS",
            "fit_proxy", "finetune_with_checkpoints", "best_of_n_sweep", "step0_generator", "ProxyView", "LRM_KEYS",
            "LRM_SIZE_KEYS"]

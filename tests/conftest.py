@@ -42,3 +42,12 @@ def shapes_vae():
     from lrm.latent_space import VAE
 
     return VAE.shapes()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A tiny random StableDiffusionPipeline directory (tests/tiny_sd.py): unet/ (cross-attention 32), vae/
+    (downsample 2: 16 px -> 4x8x8 latents), text_encoder/ + tokenizer/ (CLIP, 77 tokens x 32), scheduler/."""
+    from tests.tiny_sd import save_tiny_sd_pipeline
+
+    return save_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny_sd"))
