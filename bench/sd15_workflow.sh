@@ -42,6 +42,8 @@ for stage in $STAGES; do
     setup)
         [ -f $R/pipeline/model_index.json ] || run make_pipeline $PY bench/device/make_sd15_pipeline.py --out $R/pipeline
         [ -f $R/images/captions.csv ] || run make_images $PY bench/device/make_image_folder.py --out $R/images --num 512
+        # held-out prompts for eval / overopt: captions of other renders (seed 1)
+        [ -f $R/eval_prompts.txt ] || $PY -c "from shapes import ShapesWorld; print('\n'.join(ShapesWorld(seed=1).batch(list(range(16)))[1]))" >$R/eval_prompts.txt
         ;;
     cache) [ -f $R/cache/manifest.json ] || run cache $LRM cache build --config configs/sd15_cache.yaml ;;
     train) [ -f $R/lrm-colorfulness/model.safetensors ] || run train $LRM train --config configs/sd15_lrm.yaml \
@@ -68,7 +70,7 @@ for stage in $STAGES; do
         fi
         ;;
     overopt) [ -f $R/overopt/summary.json ] || run overopt $LRM overopt --config configs/sd15_overopt.yaml \
-        --steps 2 --eval_every 1 ;;
+        --steps 2 --eval_every 1 --lrm_steps 200 --num_eval_prompts 8 ;;
     eval) run eval $LRM eval --config configs/sd15_eval.yaml --denoiser $R/finetune-lrm/student ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac

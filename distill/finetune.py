@@ -830,12 +830,14 @@ class FinetuneTrainer:
         total = steps if steps is not None else cfg.steps
         if cfg.overwrite:
             clear_checkpoints(cfg.run_dir, self.checkpoint_dir)
-        if cfg.resume and find_checkpoint(self.checkpoint_dir) is not None:
+        # a trainer already past step 0 in this process (train(steps) called again) goes on from memory
+        on_disk = self.step == 0 and cfg.resume and find_checkpoint(self.checkpoint_dir) is not None
+        if on_disk:
             check_resume(cfg.run_dir, cfg, self.inputs, MUTABLE_KEYS)
         prepare_run_dir(cfg.run_dir, cfg, logger_name="lrm.finetune")
         record_run(cfg.run_dir, cfg, self.inputs)
-        resumed = False
-        if cfg.resume and find_checkpoint(self.checkpoint_dir) is not None:
+        resumed = self.step > 0
+        if on_disk:
             self.load_checkpoint()
             resumed = True
             self.logger.info("resumed from %s at step %d", self.checkpoint_dir, self.step)
@@ -917,7 +919,7 @@ def build_prompt_pool(cfg: FinetuneConfig, vae: Any, text_encoder: Any, video: b
                       progress: bool = True) -> PromptPool:
     """The prompt pool of ``cfg``: a data cache (captions, embeddings, latents), a prompt file (encoded by
     ``text_encoder``; no latents) or, for the Shapes teachers, ``num_prompts`` encoded Shapes world samples."""
-    from distill.builders import SHAPES_TEACHERS, load_prompt_file
+    from distill.builders import load_prompt_file, teacher_is_diffusers
     from distill.trainer import DistillData
 
     if cfg.data_cache is not None:
@@ -934,7 +936,7 @@ def build_prompt_pool(cfg: FinetuneConfig, vae: Any, text_encoder: Any, video: b
             toks.append(emb.tokens.float().cpu())
             masks.append(emb.mask.cpu())
         return PromptPool(torch.cat(toks), torch.cat(masks), prompts)
-    if cfg.teacher not in SHAPES_TEACHERS or cfg.vae != "shapes":
+    if teacher_is_diffusers(cfg) or cfg.vae != "shapes":
         raise ConfigError(f"teacher {cfg.teacher!r} / vae {cfg.vae!r}: Shapes world prompts fit only the Shapes "
                           "teachers and VAE; set data_cache (a LatentCache from `lrm cache build`) or prompt_file")
     nf = cfg.num_frames if video else None
