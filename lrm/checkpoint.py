@@ -15,7 +15,6 @@ and torch are kept so a resumed run continues the same random stream.
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 import shutil
@@ -27,8 +26,9 @@ import numpy as np
 import torch
 
 from lrm.io import load_tensors, read_json, write_json, write_tensors_streaming
+from lrm.run import get_logger
 
-log = logging.getLogger("lrm.checkpoint")
+log = get_logger("lrm.checkpoint")  # a stderr handler, as every lrm.* logger (propagate is off)
 
 
 def _flatten_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
