@@ -207,7 +207,7 @@ def plot(all_res: list[dict], path: Path) -> None:
             xs, ys = zip(*r["curve"])
             ax.plot(xs, ys, marker=".", label=f"{m} (peak {r['peak_mem_mb']:.0f} MB)")
         ax.axhline(R["expectation"]["ddpo_final_gold"], color="gray", ls="--", lw=0.8, label="DDPO final")
-        ax.set_xlabel("training device-seconds (GPU)")
+        ax.set_xlabel(f"training device-seconds ({R.get('device', 'GPU')})")
         ax.set_ylabel(f"gold reward ({R['gold_reward']}), 4-step samples")
         ax.set_title(f"Shapes {R['kind']}: LRM vs DDPO vs direct gradient")
         ax.grid(alpha=0.3)
