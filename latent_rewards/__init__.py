@@ -7,7 +7,7 @@
 """
 
 from latent_rewards.data import LatentData, split_by_prompt
-from latent_rewards.heads import ConvLRM, EnsembleLRM
+from latent_rewards.heads import ConvLRM, EnsembleLRM, LRMInputError
 from latent_rewards.layers import DDPMSchedule
 from latent_rewards.metrics import calibration_plot, regression_metrics, ridge_baseline
 from latent_rewards.pretrained import LatentReward, TextEncoderMismatchError
@@ -15,7 +15,7 @@ from latent_rewards.registry import create_lrm, describe_lrm, list_lrms, registe
 from latent_rewards.train import FitConfig, FitResult, evaluate, fit
 
 __all__ = [
-    "ConvLRM", "DDPMSchedule", "EnsembleLRM", "FitConfig", "FitResult", "LatentData", "LatentReward",
+    "ConvLRM", "DDPMSchedule", "EnsembleLRM", "FitConfig", "FitResult", "LRMInputError", "LatentData", "LatentReward",
     "TextEncoderMismatchError", "calibration_plot", "create_lrm", "describe_lrm", "evaluate", "fit", "list_lrms",
     "regression_metrics", "register_lrm", "ridge_baseline", "split_by_prompt",
 ]

@@ -47,25 +47,41 @@ class EvaluateConfig:
     def __post_init__(self):
         if not self.lrm_dir or not self.cache_dir:
             raise ConfigError("lrm_dir and cache_dir are required: --lrm_dir DIR --cache_dir DIR")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1 (latents per forward pass), got {self.batch_size}")
+        from lrm.run import resolve_device
+
+        resolve_device(self.device, check_available=False)
 
 
 def _train(cfg: TrainConfig) -> None:
     import dataclasses
 
-    from data_cache import LatentCache
-    from latent_rewards.train import fit
-    from lrm.checkpoint import find_checkpoint
-    from lrm.run import check_resume, clear_checkpoints, prepare_run_dir, record_run
+    import numpy as np
 
-    cache = LatentCache.open(cfg.cache_dir)  # a bad cache_dir fails here, before out_dir is touched
+    from data_cache import LatentCache
+    from latent_rewards.train import check_trainable, fit
+    from lrm.checkpoint import find_checkpoint
+    from lrm.registry import UnknownNameError
+    from lrm.run import check_resume, clear_checkpoints, prepare_run_dir, record_run, resolve_device
+
+    # Everything that can be checked is checked before out_dir is touched (--overwrite included): the cache, that
+    # a resume continues the same run, the reward, the device, the usable records, the head against the latents.
+    cache = LatentCache.open(cfg.cache_dir)
     inputs = {"cache_latent_space": cache.latent_space.vae_hash, "cache_records": len(cache),
               "cache_text_encoder": dict(cache.text_encoder)}
     ckpt = Path(cfg.out_dir) / "checkpoint"
-    if cfg.overwrite:
-        clear_checkpoints(cfg.out_dir, ckpt)
-    if cfg.resume and find_checkpoint(ckpt) is not None:
+    if not cfg.overwrite and cfg.resume and find_checkpoint(ckpt) is not None:
         check_resume(cfg.out_dir, cfg, inputs, ("steps", "resume", "overwrite", "progress", "eval_every",
                                                 "checkpoint_every", "device"))
+    if cfg.reward not in cache.reward_names:
+        raise UnknownNameError(f"reward {cfg.reward!r} is not in the cache {cfg.cache_dir}; it holds "
+                               f"{list(cache.reward_names)}. Pick one of those or add it (lrm cache add-reward)")
+    resolve_device(cfg.device)
+    finite = int(np.isfinite(np.asarray(cache.rewards(cfg.reward), dtype=np.float64)).sum())
+    check_trainable(cfg, tuple(cache.latent_shape), finite, cfg.reward, num_total=len(cache))
+    if cfg.overwrite:
+        clear_checkpoints(cfg.out_dir, ckpt)
     out = prepare_run_dir(cfg.out_dir, cfg, logger_name="lrm.latent_rewards")
     record_run(out, cfg, inputs)
     fit_cfg = FitConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(FitConfig)})

@@ -75,6 +75,7 @@ class LatentData:
     def summary(self) -> dict[str, Any]:
         y = self.target[torch.isfinite(self.target)].float()
         return {"source": self.source, "num_samples": len(self), "latent_shape": list(self.latents.shape[1:]),
+                "text_length": None if self.text_tokens is None else int(self.text_tokens.shape[1]),
                 "num_prompts": None if self.prompts is None else len(set(self.prompts)),
                 "target_mean": float(y.mean()), "target_std": float(y.std()),
                 "target_min": float(y.min()), "target_max": float(y.max())}

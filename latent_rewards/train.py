@@ -1,5 +1,8 @@
 """Fit an LRM to cached rewards (DOLLAR Eq. 10): MSE on standardised targets, optional Bradley-Terry ranking loss.
 
+0. refuse what cannot be learnt from, before anything runs: fewer than ``MIN_RECORDS`` records with a finite
+   reward, non-finite latents, latents the head cannot take (``check_trainable``); bad settings fail in
+   ``FitConfig.__post_init__``;
 1. split by prompt (no prompt in both train and val); standardise the target with train mean/std;
 2. AdamW, linear warm-up then cosine decay; random mini-batches drawn from device-resident tensors;
    noise-aware heads see x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with t ~ U[0, noise_max_t];
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from latent_rewards.data import LatentData, split_by_prompt
-from latent_rewards.heads.base import member_outputs
+from latent_rewards.heads.base import LRMInputError, member_outputs
 from latent_rewards.layers import DDPMSchedule
 from latent_rewards.metrics import calibration_plot, regression_metrics, ridge_baseline, spearman
 from latent_rewards.pretrained import LatentReward
@@ -75,12 +78,78 @@ class FitConfig:
         for k in ("steps", "batch_size", "eval_every", "ensemble", "num_train_timesteps"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
+        for k in ("warmup_steps", "patience", "checkpoint_every"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"{k} must be >= 0 (0 = off), got {getattr(self, k)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive learning rate (the AdamW peak, e.g. 1e-3), got {self.lr}")
+        for k in ("weight_decay", "grad_clip", "rank_weight"):
+            v = getattr(self, k)
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{k} must be >= 0, got {v}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1] (the final lr as a fraction of lr), got "
+                              f"{self.min_lr_ratio}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in (0, 1) (the fraction of samples held out for validation, e.g. "
+                              f"0.1), got {self.val_fraction}")
         if not 0 <= self.clean_fraction <= 1:
             raise ConfigError(f"clean_fraction must be in [0, 1], got {self.clean_fraction}")
         if not 0 <= self.noise_max_t < self.num_train_timesteps:
             raise ConfigError(f"noise_max_t must be in [0, {self.num_train_timesteps - 1}], got {self.noise_max_t}")
+        if not 0 < self.beta_start <= self.beta_end < 1:
+            raise ConfigError(f"need 0 < beta_start <= beta_end < 1, got beta_start={self.beta_start}, "
+                              f"beta_end={self.beta_end} (SD: 0.00085, 0.012)")
+        if self.beta_schedule not in ("scaled_linear", "linear"):
+            raise ConfigError(f"beta_schedule must be scaled_linear or linear, got {self.beta_schedule!r}")
         if self.ensemble_reduce not in ("mean", "std", "lcb"):
             raise ConfigError(f"ensemble_reduce must be mean, std or lcb, got {self.ensemble_reduce!r}")
+        if not math.isfinite(self.ensemble_lambda):
+            raise ConfigError(f"ensemble_lambda must be a finite number, got {self.ensemble_lambda}")
+        if self.loss not in ("mse", "mse+rank", "rank"):
+            raise ConfigError(f"loss must be mse, mse+rank or rank, got {self.loss!r}")
+        if self.mixed_precision not in ("auto", "no", "bf16"):
+            raise ConfigError(f"mixed_precision must be auto, no or bf16, got {self.mixed_precision!r}")
+        if not isinstance(self.head_kwargs, dict):
+            raise ConfigError(f"head_kwargs must be a mapping of head options, e.g. {{width: 64, patch: 2}}, got "
+                              f"{self.head_kwargs!r}")
+        with torch.device("meta"):  # unknown / bad head options fail here, before any data is read (no memory used)
+            create_lrm(self.head, ensemble=self.ensemble, ensemble_reduce=self.ensemble_reduce,
+                       ensemble_lambda=self.ensemble_lambda, **self.head_kwargs)
+        resolve_device(self.device, check_available=False)  # the form only: the config may be written elsewhere
+
+
+# The smallest data fit accepts: a split of 2 training records and 3 validation records (a Spearman needs 3).
+MIN_RECORDS = 5
+
+
+def check_trainable(config: FitConfig, latent_shape: tuple[int, ...], num_records: int, reward_name: str,
+                    num_total: int | None = None) -> None:
+    """Refuse, before anything runs or is written, data that ``fit`` cannot learn from: fewer than ``MIN_RECORDS``
+    records with a finite reward (``num_records`` of ``num_total``), or latents of shape ``latent_shape`` (one
+    sample: ``(C, h, w)`` / ``(T, C, h, w)``) that the configured head cannot take (form, channels, a size its
+    patch does not divide). The head is built on the meta device (no memory, no random numbers)."""
+    if num_records < MIN_RECORDS:
+        why = ""
+        if num_total is not None and num_total > num_records:
+            why = f" ({num_total - num_records} of {num_total} records have no finite value of it)"
+        raise LRMInputError(
+            f"need at least {MIN_RECORDS} records with a finite {reward_name!r} reward to fit an LRM "
+            f"({MIN_RECORDS - 3} to train, 3 to validate), got {num_records}{why}. Use a larger cache (lrm cache build "
+            "--source.num_samples N; hundreds of records or more for a useful LRM), or add the reward where it "
+            "failed")
+    kwargs = dict(config.head_kwargs)
+    kwargs.setdefault("in_channels", int(latent_shape[-3]))
+    with torch.device("meta"):
+        head = create_lrm(config.head, ensemble=config.ensemble, ensemble_reduce=config.ensemble_reduce,
+                          ensemble_lambda=config.ensemble_lambda, **kwargs)
+    check = getattr(head, "check_latents", None)
+    if check is not None:
+        try:
+            check((1, *latent_shape))
+        except LRMInputError as e:
+            raise LRMInputError(f"head {config.head!r} with head_kwargs {config.head_kwargs} cannot take the "
+                                f"{reward_name!r} data's latents of shape {tuple(latent_shape)}: {e}") from None
 
 
 @dataclass
@@ -168,6 +237,22 @@ def fit(data: LatentData | Any, config: FitConfig | None = None, reward_name: st
         if reward_name is None:
             raise ValueError("fit on a cache needs reward_name= (one of cache.reward_names)")
         data = LatentData.from_cache(data, reward_name)
+    n_bad = int((~torch.isfinite(data.target)).sum())
+    if n_bad:
+        raise LRMInputError(f"the target of {n_bad} of {len(data)} records is NaN or inf (a reward that failed on "
+                            "them); drop those rows (data.subset(torch.isfinite(data.target).nonzero().flatten())) "
+                            "or read the cache with LatentData.from_cache(..., drop_missing=True)")
+    cache = getattr(data, "_cache", None)  # from_cache: the records before those without a finite reward were dropped
+    check_trainable(config, tuple(data.latents.shape[1:]), len(data), data.reward_name,
+                    num_total=None if cache is None else len(cache))
+    for name in ("latents", "text_tokens"):
+        v = getattr(data, name)
+        bad = 0 if v is None else sum(  # once per fit, in chunks: bounded memory on a large cache
+            int((~torch.isfinite(v[i:i + 4096]).flatten(1).all(1)).sum()) for i in range(0, len(v), 4096))
+        if bad:
+            raise LRMInputError(f"the {name} of {bad} of {len(data)} records hold NaN or inf; an LRM fit on them "
+                                "would learn NaN weights. Rebuild those records (a failed VAE or text encode) or drop "
+                                "them (data.subset)")
     seed_everything(config.seed)
     device = resolve_device(config.device)
     accelerator = None
@@ -183,14 +268,21 @@ def fit(data: LatentData | Any, config: FitConfig | None = None, reward_name: st
     out_dir = Path(out_dir) if out_dir is not None else None
 
     # 1. split by prompt and standardise
-    tr, va = train_val_split(data, config.val_fraction, config.seed)
+    try:
+        tr, va = train_val_split(data, config.val_fraction, config.seed)
+    except ValueError as e:  # one prompt only: no split by prompt
+        raise LRMInputError(f"{e}. fit validates on held-out prompts, so the data needs at least 2 distinct prompts "
+                            "(for data without meaningful prompts, pass a LatentData with prompts=None: a random "
+                            "split)") from None
     if len(tr) < 2 or len(va) < 3:
-        raise ValueError(f"split gave {len(tr)} train / {len(va)} val samples; need more data or another "
-                         "val_fraction")
+        raise LRMInputError(f"the split by prompt gave {len(tr)} train / {len(va)} validation records of "
+                            f"{len(data)}; fit needs at least 2 / 3. Use more records or prompts, or change "
+                            f"val_fraction (now {config.val_fraction})")
     y_tr = data.target[torch.as_tensor(tr)]
     mu, sigma = float(y_tr.mean()), float(y_tr.std())
     if not sigma > 0:
-        raise ValueError(f"reward {data.reward_name!r} is constant on the training split ({mu}); nothing to learn")
+        raise LRMInputError(f"reward {data.reward_name!r} is constant on the training split ({mu}); nothing to "
+                            "learn. Check the reward on these samples (lrm cache stats) or use more varied data")
 
     # 2. model, data on device, optimizer
     head_kwargs = dict(config.head_kwargs)
@@ -200,9 +292,9 @@ def fit(data: LatentData | Any, config: FitConfig | None = None, reward_name: st
     model = create_lrm(config.head, ensemble=config.ensemble, ensemble_reduce=config.ensemble_reduce,
                        ensemble_lambda=config.ensemble_lambda, **head_kwargs)
     if getattr(model, "needs_text", False) and not data.has_text:
-        raise ValueError(f"head {config.head!r} is text-conditioned but the data has no text embeddings "
-                         f"(reward {data.reward_name!r} modality {data.reward_info.get('modality')}); use a head "
-                         "without text or a text-* reward")
+        raise LRMInputError(f"head {config.head!r} is text-conditioned but the data has no text embeddings "
+                            f"(reward {data.reward_name!r} modality {data.reward_info.get('modality')}); use a "
+                            "head without text or a text-* reward")
     if not getattr(model, "needs_text", False) and data.has_text:
         data = dataclasses.replace(data, text_tokens=None, text_mask=None, text_pooled=None)
     lrm_config = model.lrm_config
@@ -218,8 +310,8 @@ def fit(data: LatentData | Any, config: FitConfig | None = None, reward_name: st
     schedule = noise_schedule or DDPMSchedule(config.num_train_timesteps, config.beta_start, config.beta_end,
                                               config.beta_schedule)
     if schedule.num_train_timesteps <= config.noise_max_t:
-        raise ValueError(f"noise_max_t={config.noise_max_t} is outside the schedule's {schedule.num_train_timesteps} "
-                         "timesteps")
+        raise ConfigError(f"noise_max_t={config.noise_max_t} is outside the schedule's {schedule.num_train_timesteps} "
+                          "timesteps; lower noise_max_t")
     noise_aware = bool(getattr(model, "timestep_cond", False))
 
     if accelerator is not None:
@@ -406,6 +498,12 @@ def evaluate(lrm: LatentReward, data: LatentData, out_dir: str | Path | None = N
     full = data
     if indices is not None:
         data = data.subset(indices)
+    if len(data) < 3:  # Spearman and R² need 3
+        which, fix = ("the data holds", "a larger cache")
+        if indices is not None:
+            which, fix = ("the held-out split holds", "all records (--split all) or a larger cache")
+        raise LRMInputError(f"need at least 3 records with a finite {data.reward_name!r} reward to evaluate an LRM, "
+                            f"{which} {len(data)}. Evaluate on {fix}")
     pred = lrm.predict(data.latents, data.text_tokens if lrm.needs_text else None,
                        data.text_mask if lrm.needs_text else None, batch_size=batch_size).detach().cpu().numpy()
     y = data.target.detach().cpu().numpy()  # the data may sit on the LRM's GPU (lrm evaluate moves it there)

@@ -87,6 +87,7 @@ USER_ERRORS = (
     "lrm.registry:UnknownNameError",
     "lrm.latent_space:LatentSpaceMismatchError",
     "latent_rewards.pretrained:TextEncoderMismatchError",
+    "latent_rewards.heads.base:LRMInputError",
     "data_cache.storage:CacheError",
     "data_cache.storage:TextEncoderMismatchError",
     "reward_adapters.blackbox:RewardCommandError",

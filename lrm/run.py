@@ -50,12 +50,34 @@ def prepare_run_dir(run_dir: str | Path, config: Any | None = None, logger_name:
     return run_dir
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: str = "auto", check_available: bool = True) -> torch.device:
+    """``auto`` (CUDA when available, else CPU) or a device string: ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+
+    Anything else, or (``check_available``) a device this machine does not have, is a ``ConfigError`` that lists
+    the valid forms. ``check_available=False`` checks the form only (validating a config written for another
+    machine)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device!r} was asked for but CUDA is not available; use --device cpu or auto.")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        hint = " (did you mean cuda?)" if str(device).lower().startswith("gpu") else ""
+        raise ConfigError(f"device={device!r} is not a device{hint}; use one of auto, cpu, cuda, cuda:N (N = GPU "
+                          "index), mps")
+    if not check_available:
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device!r} was asked for but CUDA is not available; use --device cpu or auto")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"device={device!r}: this machine has {n} CUDA device(s), cuda:0 .. cuda:{n - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={device!r} was asked for but MPS is not available; use --device cpu or auto")
+    if dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ConfigError(f"device={device!r} was asked for but no XPU is available; use --device cpu or auto")
     return dev
 
 

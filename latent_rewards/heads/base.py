@@ -20,6 +20,30 @@ from latent_rewards.layers import (
 )
 
 
+class LRMInputError(ValueError):
+    """Input an LRM cannot take (latents of a size its head does not divide, non-finite values, text of the wrong
+    length or width), or data ``fit`` cannot learn from. The message names the problem and the fix; the CLI prints
+    it as one line (``lrm.cli.USER_ERRORS``)."""
+
+
+def check_patch_divides(shape: tuple[int, ...], patch: int, temporal_patch: int | None, head: str) -> None:
+    """Refuse latents whose spatial size (and frame count, for 3D heads: ``temporal_patch``) the patch conv
+    (kernel = stride = ``patch``) does not divide: it would silently drop the last rows / columns / frames (3x3
+    latents into a patch-2 head are scored on their top-left 2x2). ``shape``: (..., [T,] C, H, W)."""
+    H, W = int(shape[-2]), int(shape[-1])
+    if H % patch or W % patch or H < patch:
+        raise LRMInputError(
+            f"{head}: latents of spatial size {H}x{W} do not fit its patch conv (kernel = stride = {patch}), which "
+            f"needs H and W to be positive multiples of {patch}. Give latents whose size is a multiple of {patch} "
+            f"(pixels a multiple of {patch} x the VAE's downsampling), or train a head whose patch divides {H}x{W}")
+    if temporal_patch is not None and temporal_patch > 1:
+        T = int(shape[-4])
+        if T % temporal_patch:
+            raise LRMInputError(
+                f"{head}: {T} latent frames do not fit its temporal patch ({temporal_patch} frames per patch). Give "
+                f"a multiple of {temporal_patch} latent frames, or train a head whose temporal_patch divides {T}")
+
+
 class ConvLRM(nn.Module):
     """A latent reward head. ``forward(latents, text_emb=None, text_mask=None, t=None) -> (B,)``.
 
@@ -59,6 +83,8 @@ class ConvLRM(nn.Module):
         self.text_dim = text_dim
         self.video = video
         self.timestep_cond = timestep_cond
+        self.patch = patch
+        self.temporal_patch = temporal_patch if video == "3d" else None
         self.trunk = ConvTrunk(in_channels, width, depth, patch, patch_padding, dims=3 if video == "3d" else 2,
                                temporal_stride=temporal_stride, norm_groups=norm_groups, temporal_patch=temporal_patch)
         self.film = TimestepFiLM(width, self.trunk.num_blocks, timestep_emb_dim) if timestep_cond else None
@@ -80,30 +106,36 @@ class ConvLRM(nn.Module):
     def needs_text(self) -> bool:
         return self.text_dim is not None
 
-    def check_inputs(self, latents: torch.Tensor, text_emb: torch.Tensor | None, text_mask: torch.Tensor | None):
+    def check_latents(self, shape: tuple[int, ...]) -> None:
+        """Shape-only check of latents (no device sync): images / videos, channels, and a size the patch divides."""
         want = 5 if self.is_video else 4
-        if latents.dim() != want:
+        if len(shape) != want:
             form = "(B, T, C, H, W) videos" if self.is_video else "(B, C, H, W) images"
-            raise ValueError(f"{type(self).__name__} takes {form}, got latents of shape {tuple(latents.shape)}")
-        if latents.shape[-3] != self.in_channels:
-            raise ValueError(f"latents have {latents.shape[-3]} channels at dim -3 (shape {tuple(latents.shape)}); "
-                             f"this head was built with in_channels={self.in_channels}")
+            raise LRMInputError(f"{type(self).__name__} takes {form}, got latents of shape {tuple(shape)}")
+        if shape[-3] != self.in_channels:
+            raise LRMInputError(f"latents have {shape[-3]} channels at dim -3 (shape {tuple(shape)}); this head was "
+                                f"built with in_channels={self.in_channels}")
+        check_patch_divides(shape, self.patch, self.temporal_patch, type(self).__name__)
+
+    def check_inputs(self, latents: torch.Tensor, text_emb: torch.Tensor | None, text_mask: torch.Tensor | None):
+        self.check_latents(tuple(latents.shape))
         if not self.needs_text:
             if text_emb is not None:
-                raise ValueError(f"{type(self).__name__} is not text-conditioned; do not pass text_emb "
-                                 "(use a text-* head for prompt-dependent rewards)")
+                raise LRMInputError(f"{type(self).__name__} is not text-conditioned; do not pass text_emb "
+                                    "(use a text-* head for prompt-dependent rewards)")
             return None, None
         if text_emb is None:
-            raise ValueError(f"{type(self).__name__} is text-conditioned: pass text_emb (B, L, {self.text_dim}) "
-                             "token embeddings and text_mask (B, L)")
+            raise LRMInputError(f"{type(self).__name__} is text-conditioned: pass text_emb (B, L, {self.text_dim}) "
+                                "token embeddings and text_mask (B, L)")
         if text_emb.dim() == 2:  # one pooled vector per prompt
             text_emb = text_emb.unsqueeze(1)
             text_mask = None
         if text_emb.dim() != 3 or text_emb.shape[-1] != self.text_dim or text_emb.shape[0] != latents.shape[0]:
-            raise ValueError(f"text_emb must be (B={latents.shape[0]}, L, {self.text_dim}), got "
-                             f"{tuple(text_emb.shape)}")
+            raise LRMInputError(f"text_emb must be (B={latents.shape[0]}, L, {self.text_dim}), got "
+                                f"{tuple(text_emb.shape)}")
         if text_mask is not None and tuple(text_mask.shape) != tuple(text_emb.shape[:2]):
-            raise ValueError(f"text_mask must be (B, L) = {tuple(text_emb.shape[:2])}, got {tuple(text_mask.shape)}")
+            raise LRMInputError(f"text_mask must be (B, L) = {tuple(text_emb.shape[:2])}, got "
+                                f"{tuple(text_mask.shape)}")
         return text_emb, text_mask
 
     # ---- forward ---------------------------------------------------------------------------------------
@@ -193,6 +225,9 @@ class EnsembleLRM(nn.Module):
     @property
     def needs_text(self) -> bool:
         return self.text_dim is not None
+
+    def check_latents(self, shape: tuple[int, ...]) -> None:
+        self.members[0].check_latents(shape)  # members share one architecture
 
     def forward_members(self, latents, text_emb=None, text_mask=None, t=None) -> torch.Tensor:
         """(K, B) member outputs."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from latent_rewards.heads.base import ConvLRM
+from latent_rewards.heads.base import ConvLRM, LRMInputError, check_patch_divides
 from latent_rewards.layers import GN_GROUPS, ConvTrunk
 from latent_rewards.registry import register_lrm
 
@@ -54,6 +54,7 @@ class TextImagePaper(nn.Module):
         self.in_channels = in_channels
         self.text_dim = text_dim
         self.width = width
+        self.patch = patch
         self.trunk = ConvTrunk(in_channels, width, depth, patch, patch_padding, norm_groups=norm_groups)
         self.proj = nn.Conv2d(width, width, 1)
         self.text_mlp = nn.Linear(text_dim, width)
@@ -65,14 +66,18 @@ class TextImagePaper(nn.Module):
     is_video = False
     needs_text = True
 
+    def check_latents(self, shape: tuple[int, ...]) -> None:
+        if len(shape) != 4 or shape[1] != self.in_channels:
+            raise LRMInputError(f"latents must be (B, {self.in_channels}, H, W), got {tuple(shape)}")
+        check_patch_divides(shape, self.patch, None, type(self).__name__)
+
     def forward(self, latents: torch.Tensor, text_emb: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None, t: torch.Tensor | None = None) -> torch.Tensor:
         if t is not None:
             raise ValueError("text-image-cnn-paper is not noise-aware (timestep_cond=False): do not pass t")
-        if latents.dim() != 4 or latents.shape[1] != self.in_channels:
-            raise ValueError(f"latents must be (B, {self.in_channels}, H, W), got {tuple(latents.shape)}")
+        self.check_latents(tuple(latents.shape))
         if text_emb is None or text_emb.dim() != 3 or text_emb.shape[-1] != self.text_dim:
-            raise ValueError(f"text_emb must be (B, L, {self.text_dim}) token embeddings")
+            raise LRMInputError(f"text_emb must be (B, L, {self.text_dim}) token embeddings")
         f = self.proj(self.trunk(latents).mean((2, 3), keepdim=True)).flatten(1)  # (B, W)
         tok = self.text_mlp(text_emb)  # (B, L, W)
         if text_mask is None:

@@ -136,3 +136,37 @@ def test_cli_group_without_subcommand_prints_its_own_help(capsys):
     assert "fine-tune" not in out  # not the top-level description
     assert main(["shapes"]) == 2
     assert capsys.readouterr().out.startswith("usage: lrm shapes")
+
+
+def test_resolve_device_refuses_unknown_forms_listing_the_valid_ones():
+    """Issue 17: `--device gpu` gave a raw RuntimeError traceback (torch's list of 20 backends)."""
+    import torch
+
+    from lrm.run import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match=r"device='gpu' is not a device \(did you mean cuda\?\); use one of auto, "
+                                          r"cpu, cuda, cuda:N \(N = GPU index\), mps"):
+        resolve_device("gpu")
+    for bad in ("cuda:x", "meta", "", "tpu"):
+        with pytest.raises(ConfigError, match="is not a device; use one of auto, cpu, cuda"):
+            resolve_device(bad)
+    assert resolve_device("cuda:1", check_available=False) == torch.device("cuda:1")  # the form only
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        with pytest.raises(ConfigError, match=f"this machine has {n} CUDA device"):
+            resolve_device(f"cuda:{n}")
+    else:
+        with pytest.raises(ConfigError, match="CUDA is not available; use --device cpu or auto"):
+            resolve_device("cuda")
+
+
+def test_cli_device_and_batch_errors_are_one_line(capsys):
+    from lrm.cli import main
+
+    for args, expected in [(["--device", "gpu"], "device='gpu' is not a device"),
+                           (["--batch_size", "0"], "batch_size must be >= 1")]:
+        assert main(["evaluate", "--lrm_dir", "d", "--cache_dir", "c"] + args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("lrm evaluate: config error: ") and expected in err and "\n" not in err

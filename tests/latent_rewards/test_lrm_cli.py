@@ -96,3 +96,39 @@ def test_train_resume_refuses_another_reward_and_a_bad_cache_writes_nothing(shap
     assert main(bad + ["--reward", "jpeg-compressibility"]) == 2
     assert (out / "config.yaml").read_text() == config and (out / "model.safetensors").read_bytes() == weights
     assert main(base + ["--reward", "jpeg-compressibility", "--steps", "9"]) == 0  # more steps: the same run goes on
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--head_kwargs", "{widht: 8}"], "config error: head 'image-cnn' has no option 'widht' (did you mean 'width'?)"),
+    (["--lr", "-1"], "config error: lr must be a positive learning rate"),
+    (["--val_fraction", "1.5"], "config error: val_fraction must be in (0, 1)"),
+    (["--device", "gpu"], "config error: device='gpu' is not a device (did you mean cuda?); use one of auto, cpu, "
+                          "cuda, cuda:N"),
+    (["--head_kwargs", "{width: 8, patch: 3}"], "error: head 'image-cnn' with head_kwargs {'width': 8, 'patch': 3} "
+                                                "cannot take the 'jpeg-compressibility' data's latents of shape "
+                                                "(4, 8, 8)"),
+    (["--reward", "colorfulness"], "error: reward 'colorfulness' is not in the cache"),
+    ("one-record cache", "error: need at least 5 records with a finite 'jpeg-compressibility' reward to fit an LRM "
+                         "(2 to train, 3 to validate), got 1"),
+])
+def test_train_user_errors_are_one_line_exit_2_and_write_nothing(shapes_cache, tmp_path_factory, tmp_path, capsys,
+                                                                 args, expected):
+    """Issue 17: bad head_kwargs, lr -1, val_fraction 1.5, --device gpu and empty / one-record caches gave raw
+    tracebacks (the run directory written first)."""
+    cache = shapes_cache
+    if args == "one-record cache":
+        from data_cache import BuildCacheConfig, SourceConfig, build_cache
+
+        cache = tmp_path_factory.mktemp("one") / "cache"
+        build_cache(BuildCacheConfig(out_dir=str(cache), source=SourceConfig(type="shapes", num_samples=1),
+                                     rewards=["jpeg-compressibility"], batch_size=8, num_workers=1, device="cpu",
+                                     progress=False))
+        args = []
+    out = tmp_path / "lrm"
+    base = ["train", "--cache_dir", str(cache), "--reward", "jpeg-compressibility", "--head_kwargs",
+            "{width: 8, patch: 2}", "--steps", "2", "--batch_size", "8", "--progress", "false", "--out_dir", str(out)]
+    capsys.readouterr()
+    assert main(base + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"lrm train: {expected}") and "\n" not in err, err
+    assert not out.exists()  # a failed start writes nothing

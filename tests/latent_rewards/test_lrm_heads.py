@@ -170,3 +170,42 @@ def test_temporal_patch_and_coordinate_embedding():
     assert (y - model(x.flip(1), tok, mask)).abs().max() > 1e-4  # frame order matters
     plain = _small("text-image-cnn", pos_emb=False)
     assert plain.pos is None and _small("text-image-cnn").pos is not None
+
+
+@pytest.mark.parametrize("name", [n for n in list_lrms()])
+def test_heads_refuse_sizes_their_patch_does_not_divide(name):
+    """Issue 17: 3x3 latents into a patch-2 head were scored on their top-left 2x2 (the patch conv drops the rest)."""
+    from latent_rewards import LRMInputError
+
+    model = _small(name, ensemble=2)
+    x, tok, mask = _inputs(name)
+    assert torch.isfinite(model(x, tok, mask)).all()  # 8x8: a multiple of the patch
+    small = x[..., :3, :3]
+    with pytest.raises(LRMInputError, match="3x3 do not fit its patch conv .* multiples of 2"):
+        model(small, tok, mask)
+    with pytest.raises(LRMInputError, match="1x1"):
+        model(x[..., :1, :1], tok, mask)  # smaller than the patch: was a raw conv RuntimeError
+
+
+def test_3d_heads_refuse_frame_counts_their_temporal_patch_does_not_divide():
+    from latent_rewards import LRMInputError
+
+    model = _small("video-3d-cnn", temporal_patch=2)
+    x, _, _ = _inputs("video-3d-cnn", T=4)
+    assert model(x).shape == (3,)
+    with pytest.raises(LRMInputError, match="3 latent frames do not fit its temporal patch"):
+        model(x[:, :3])
+    _small("video-frame-avg")(x[:, :3])  # frame-averaging heads take any frame count
+
+
+def test_bad_head_options_are_config_errors_that_name_the_fix():
+    from lrm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"no option 'widht' \(did you mean 'width'\?\); its options: in_channels"):
+        create_lrm("image-cnn", widht=8)
+    with pytest.raises(ConfigError, match="no option 'widht'"):
+        create_lrm("text-image-cnn-paper", widht=8, ensemble=2)
+    with pytest.raises(ConfigError, match="head 'image-cnn': patch must be >= 1"):
+        create_lrm("image-cnn", patch=0)
+    with pytest.raises(ConfigError, match="ensemble must be >= 1"):
+        create_lrm("image-cnn", ensemble=0)

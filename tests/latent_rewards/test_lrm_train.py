@@ -249,3 +249,143 @@ def test_fit_and_evaluate_take_numpy_only_from_host_tensors():
     assert ev["metrics"] == pytest.approx(ev_ref["metrics"])
     assert ev["ridge_baseline"]["spearman"] == pytest.approx(ev_ref["ridge_baseline"]["spearman"])
     assert ev["num_samples"] == len(res.val_idx)
+
+
+def _toy_lrm(name="image-cnn", **meta):
+    """A small LatentReward as fit records it: trained on 8x8 latents, 32-token text of width 8 for text heads."""
+    from latent_rewards import create_lrm
+
+    torch.manual_seed(0)
+    text = name.startswith("text")
+    model = create_lrm(name, in_channels=4, width=16, patch=2, **({"text_dim": 8} if text else {}))
+    return LatentReward(model, {"reward": {"name": "r", "modality": model.modality}, "latent_space": SPACE.to_dict(),
+                                "text_encoder": {**TEXT_ENC, "max_length": 32} if text else None,
+                                "training_data": {"latent_shape": [4, 8, 8]}, **meta})
+
+
+def test_lrm_refuses_latents_of_a_size_its_head_does_not_divide_and_warns_on_untrained_sizes(recwarn):
+    """Issue 17: an LRM given 3x3 latents (patch-2 head trained on 8x8) returned a score."""
+    from latent_rewards import LRMInputError
+
+    lrm = _toy_lrm()
+    with pytest.raises(LRMInputError, match=r"LRM for 'r' \(trained on 8x8 latents\): .*3x3 do not fit its patch "
+                                            r"conv \(kernel = stride = 2\)"):
+        lrm(torch.randn(2, 4, 3, 3))
+    assert torch.isfinite(lrm(torch.randn(2, 4, 8, 8))).all() and not recwarn.list  # the trained size: silent
+    with pytest.warns(UserWarning, match="trained on 8x8 latents and is given 16x16"):
+        y = lrm(torch.randn(2, 4, 16, 16))  # another multiple of the patch: scored, with a warning
+    assert torch.isfinite(y).all()
+    lrm(torch.randn(2, 4, 16, 16))
+    assert not recwarn.list  # once per size
+
+
+def test_lrm_refuses_non_finite_inputs():
+    """Issue 17: NaN latents returned a (NaN) score."""
+    from latent_rewards import LRMInputError
+
+    lrm = _toy_lrm()
+    x = torch.randn(3, 4, 8, 8)
+    for bad in (float("nan"), float("inf")):
+        x_bad = x.clone()
+        x_bad[1, 2, 3, 4] = bad
+        with pytest.raises(LRMInputError, match=r"latents of 1 of 3 samples \(rows \[1\]\) hold NaN or inf"):
+            lrm(x_bad)
+        with pytest.raises(LRMInputError, match="rows \\[1\\]"):
+            lrm.predict(x_bad)
+    x_bad.requires_grad_(True)  # on the differentiable path too
+    with pytest.raises(LRMInputError, match="hold NaN or inf"):
+        lrm(x_bad)
+    lrm.check_finite = False  # the documented opt-out: the caller guards its own loss
+    assert torch.isnan(lrm(x_bad)[1])
+
+    tl = _toy_lrm("text-image-cnn")
+    tok, mask = torch.randn(3, 32, 8), torch.ones(3, 32, dtype=torch.bool)
+    assert torch.isfinite(tl(x, tok, mask)).all()
+    tok_bad = tok.clone()
+    tok_bad[2, 0, 0] = float("nan")
+    with pytest.raises(LRMInputError, match=r"text embeddings of 1 of 3 samples \(rows \[2\]\)"):
+        tl(x, tok_bad, mask)
+    mask_bad = mask.clone()
+    mask_bad[0] = False
+    with pytest.raises(LRMInputError, match=r"text_mask of 1 of 3 samples \(rows \[0\]\) has no real token"):
+        tl(x, tok, mask_bad)
+
+
+def test_lrm_refuses_text_of_another_length_or_form(tmp_path):
+    """Issue 17: 16-token text to an LRM trained on 32-token captions returned a score."""
+    from latent_rewards import LRMInputError
+
+    tl = _toy_lrm("text-image-cnn")
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(TextEncoderMismatchError, match="16 tokens per prompt, but LRM for 'r' was trained on 32-token "
+                                                       r"embeddings .*TextEncoder\('toy-text', max_length=32\)"):
+        tl(x, torch.randn(2, 16, 8), torch.ones(2, 16, dtype=torch.bool))
+    with pytest.raises(LRMInputError, match=r"text_tokens \(B, L, D\) token embeddings"):
+        tl(x, torch.randn(2, 8))  # a pooled vector: the head would take it as one token
+    # fit records the token count it trained on, and the saved LRM holds it
+    data = _text_data(n=60)
+    lrm = fit(data, head="text-image-cnn", head_kwargs={"width": 16, "patch": 2}, steps=2, batch_size=8,
+              eval_every=2, progress=False, out_dir=tmp_path / "t").lrm
+    assert lrm.metadata["training_data"]["text_length"] == 6 == lrm.text_length
+    back = LatentReward.from_pretrained(tmp_path / "t", check_finite=False)
+    assert back.text_length == 6 and back.check_finite is False
+    with pytest.raises(TextEncoderMismatchError, match="4 tokens per prompt"):
+        back(data.latents[:2], data.text_tokens[:2, :4], data.text_mask[:2, :4])
+
+
+def test_fit_refuses_data_it_cannot_learn_from():
+    """Issue 17: empty and one-record caches gave raw tracebacks; NaN rewards or latents gave NaN weights."""
+    from latent_rewards import LRMInputError
+
+    kw = dict(head="image-cnn", head_kwargs={"width": 8, "patch": 2}, steps=2, batch_size=8, progress=False)
+    data = _image_data(n=40)
+    for n in (0, 1, 4):
+        with pytest.raises(LRMInputError, match=f"need at least 5 records with a finite 'toy-linear' reward .*got {n}"):
+            fit(data.subset(np.arange(n)), **kw)
+    y = data.target.clone()
+    y[3] = float("nan")
+    with pytest.raises(LRMInputError, match="target of 1 of 40 records is NaN or inf"):
+        fit(LatentData(data.latents, y, prompts=data.prompts), **kw)
+    x = data.latents.clone()
+    x[5, 0, 0, 0] = float("inf")
+    with pytest.raises(LRMInputError, match="latents of 1 of 40 records hold NaN or inf"):
+        fit(LatentData(x, data.target, prompts=data.prompts), **kw)
+    with pytest.raises(LRMInputError, match=r"cannot take .* latents of shape \(4, 8, 8\): .*multiples of 3"):
+        fit(data, **{**kw, "head_kwargs": {"width": 8, "patch": 3}})
+    with pytest.raises(LRMInputError, match="at least 2 distinct prompts"):
+        fit(LatentData(data.latents, data.target, prompts=["one prompt"] * 40), **kw)
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"lr": -1.0}, "lr must be a positive learning rate"),
+    ({"val_fraction": 1.5}, r"val_fraction must be in \(0, 1\)"),
+    ({"head_kwargs": {"widht": 8}}, "no option 'widht' .did you mean 'width'"),
+    ({"head_kwargs": {"patch": 0}}, "patch must be >= 1"),
+    ({"device": "gpu"}, "device='gpu' is not a device .did you mean cuda.*auto, cpu, cuda, cuda:N"),
+    ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+    ({"min_lr_ratio": 2.0}, r"min_lr_ratio must be in \[0, 1\]"),
+    ({"warmup_steps": -1}, "warmup_steps must be >= 0"),
+    ({"beta_start": 0.5, "beta_end": 0.1}, "beta_start <= beta_end"),
+    ({"loss": "l1"}, "loss must be mse, mse\\+rank or rank"),
+])
+def test_fit_config_validation_names_the_fix(override, match):
+    from latent_rewards import FitConfig
+    from lrm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        FitConfig(**override)
+    with pytest.raises(ConfigError, match=match):  # fit(**overrides) goes through the same check, before any data
+        fit(_image_data(n=10), **override)
+
+
+def test_evaluate_refuses_fewer_than_three_records():
+    """A one-record cache gave a raw ValueError from the metrics (`lrm evaluate`)."""
+    from latent_rewards import LRMInputError
+
+    lrm = _toy_lrm()
+    data = LatentData(torch.randn(6, 4, 8, 8), torch.randn(6), reward_name="r", latent_space=SPACE.to_dict())
+    assert evaluate(lrm, data)["num_samples"] == 6
+    with pytest.raises(LRMInputError, match="need at least 3 records .* the data holds 1. Evaluate on a larger cache"):
+        evaluate(lrm, data.subset([0]))
+    with pytest.raises(LRMInputError, match=r"the held-out split holds 2. .*--split all"):
+        evaluate(lrm, data, indices=np.array([0, 1]))
