@@ -374,6 +374,8 @@ class FinetuneTrainer:
         if lrm is not None:
             if isinstance(lrm, nn.Module):
                 lrm.to(self.device).eval().requires_grad_(False)
+            if hasattr(lrm, "check_finite"):  # NaN latents: the guard skips the step (no host sync per call)
+                lrm.check_finite = False
             self.lrm = lrm  # lrm_ft_loss passes text only to text-conditioned LRMs
         # distillation losses
         self.teacher = self.fake = self.target = self.opt_f = None

@@ -342,6 +342,8 @@ class DistillTrainer:
         self.concurrent = isinstance(lrm, ConcurrentLRM)
         if self.lrm is not None and isinstance(self.lrm, nn.Module) and not self.concurrent:
             self.lrm.to(self.device).eval().requires_grad_(False)
+            if hasattr(self.lrm, "check_finite"):  # NaN latents: the guard skips the step (no host sync per call)
+                self.lrm.check_finite = False
         if self.concurrent:
             self.lrm.head.to(self.device)
             self.lrm.stats.to(self.device)

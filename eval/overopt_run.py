@@ -331,14 +331,14 @@ class OveroptConfig:
             return self.lrm_head
         return "video-3d-cnn" if self.is_video else "image-cnn"
 
-    def lrm_patch_for(self, latent_hw: int | None = None) -> int:
+    def lrm_patch_for(self, latent_hw: tuple[int, int] | None = None) -> int:
         """``lrm_patch``, or the rule by latent size (``auto_patch``); 2 (Shapes) while the size is unknown."""
         if self.lrm_patch is not None:
             return int(self.lrm_patch)
-        return auto_patch(latent_hw) if latent_hw else 2
+        return auto_patch(*latent_hw) if latent_hw else 2
 
-    def fit_config(self, latent_hw: int | None = None):
-        """The LRM's ``FitConfig``; ``latent_hw``: the latents' larger spatial side (for ``lrm_patch: null``)."""
+    def fit_config(self, latent_hw: tuple[int, int] | None = None):
+        """The LRM's ``FitConfig``; ``latent_hw``: the latents' (height, width) (for ``lrm_patch: null``)."""
         from latent_rewards.train import FitConfig
 
         names = {f.name for f in dataclasses.fields(FitConfig)}
@@ -361,12 +361,16 @@ class OveroptConfig:
             raise ConfigError(f"lrm_fit: {e}") from None
 
 
-def auto_patch(latent_hw: int) -> int:
-    """LRM first-conv patch for latents of side ``latent_hw``: the smallest power of two >= 2 that leaves at most
-    16 x 16 patches (8x8 Shapes latents: 2; SD's 64x64: 4, as DOLLAR Tab. 10; SDXL's 128x128: 8)."""
+def auto_patch(height: int, width: int | None = None) -> int:
+    """LRM first-conv patch for ``height x width`` latents: the smallest power of two >= 2 that leaves at most 16
+    patches per side (8x8 Shapes latents: 2; SD's 64x64: 4, as DOLLAR Tab. 10; SDXL's 128x128: 8), lowered until it
+    divides both sides (the heads refuse a patch that does not); at least 1."""
+    width = height if width is None else width
     p = 2
-    while latent_hw / p > 16:
+    while max(height, width) / p > 16:
         p *= 2
+    while p > 1 and (height % p or width % p):
+        p //= 2
     return p
 
 
@@ -556,7 +560,7 @@ def fit_proxy(cfg: OveroptConfig, shared: Path, cache_dir: Path, log=None) -> Pa
     from latent_rewards import LatentData, fit
 
     latent_shape = tuple(LatentCache.open(cache_dir).latent_shape)  # (C, h, w) / (T, C, h, w)
-    fcfg = cfg.fit_config(max(latent_shape[-2:]))
+    fcfg = cfg.fit_config(tuple(latent_shape[-2:]))
     spec = {k: getattr(cfg, k) for k in LRM_KEYS if k not in ("cache_size",)}
     spec.update(lrm_patch=fcfg.head_kwargs.get("patch"), **_model_tag(cfg))
     spec["fit"] = config_to_dict(fcfg)

@@ -212,9 +212,10 @@ def test_overopt_needs_prompt_sources_outside_the_shapes_world(tiny_sd_dir, sd_c
 
 def test_auto_patch_and_video_teachers(tmp_path):
     assert [auto_patch(h) for h in (8, 16, 32, 64, 96, 128)] == [2, 2, 2, 4, 8, 8]
+    assert auto_patch(60, 104) == 4 and auto_patch(100, 100) == 4 and auto_patch(9, 9) == 1  # divides both sides
     assert OveroptConfig(run_dir=str(tmp_path)).fit_config().head_kwargs["patch"] == 2
-    assert OveroptConfig(run_dir=str(tmp_path)).fit_config(64).head_kwargs["patch"] == 4
-    assert OveroptConfig(run_dir=str(tmp_path), lrm_patch=1).fit_config(64).head_kwargs["patch"] == 1
+    assert OveroptConfig(run_dir=str(tmp_path)).fit_config((64, 64)).head_kwargs["patch"] == 4
+    assert OveroptConfig(run_dir=str(tmp_path), lrm_patch=1).fit_config((64, 64)).head_kwargs["patch"] == 1
     # a diffusers video pipeline is recognised from its model config, without loading weights
     for sub, cls in (("unet", "UNet3DConditionModel"), ("transformer", "WanTransformer3DModel")):
         d = tmp_path / cls
