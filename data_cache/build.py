@@ -12,6 +12,7 @@ out round-robin to ranks, each rank writes its own shards and journal, rank 0 me
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import queue
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 import lrm
+from data_cache import lock as lock_mod
 from data_cache import storage as st
 from data_cache.config import BuildCacheConfig, SourceConfig
 from data_cache.sources import (
@@ -40,6 +42,7 @@ from data_cache.sources import (
     import_callable,
 )
 from lrm.config import config_to_dict
+from lrm.io import read_json
 from lrm.latent_space import VAE, LatentSpace
 from lrm.run import get_logger, resolve_device
 from lrm.text import TextEncoder
@@ -51,8 +54,8 @@ log = get_logger("lrm.data_cache")
 def make_source(cfg: SourceConfig, generator: Callable | None = None,
                 device: torch.device | str | None = None) -> PixelSource | GeneratorSource:
     """The source a config names. A generator source resolves ``cfg.generator`` ("module:callable") by import path
-    at run time, or uses the ``generator`` callable given in Python; either gets ``cfg.generator_kwargs`` (and
-    ``device`` when it takes one)."""
+    at run time (code execution: trust the config like a script), or uses the ``generator`` callable given in Python;
+    either gets ``cfg.generator_kwargs`` (and ``device`` when it takes one)."""
     resize = tuple(cfg.resize) if cfg.resize else None
     frames = cfg.num_frames or None
     if cfg.type == "shapes":
@@ -62,7 +65,7 @@ def make_source(cfg: SourceConfig, generator: Callable | None = None,
                              cfg.convert_rgb)
     if cfg.type == "folder":
         return FolderSource(cfg.path, cfg.captions_file, cfg.file_column, cfg.caption_column, cfg.video, resize,
-                            frames, cfg.convert_rgb)
+                            frames, cfg.convert_rgb, allow_outside_root=cfg.allow_outside_root)
     opts = {"kwargs": cfg.generator_kwargs, "factory": cfg.generator_factory, "device": device}
     if generator is None:
         if not cfg.generator:
@@ -150,20 +153,26 @@ def encode_pixels(vae: VAE, pixels: torch.Tensor, sample: bool = False) -> torch
     return z.unflatten(0, (B, -1)) if video else z
 
 
-def score_reward(reward: Any, pixels: torch.Tensor, prompts: list[str]) -> tuple[Any, list[tuple[int, str, str]]]:
+def score_reward(reward: Any, pixels: torch.Tensor, prompts: list[str], retry_timeouts: bool = False
+                 ) -> tuple[Any, list[tuple[int, str, str]]]:
     """Scores (B,) float32 (a tensor, maybe still on the GPU) and the records whose call raised, as
     (row, reason, message); those rows are NaN. A batch that raises is retried record by record so one bad
-    record does not blank the batch. NaN outputs are found later by ``finish_scores``."""
+    record does not blank the batch, except a batch that timed out (a ``TimeoutError``, e.g. a command reward past
+    its timeout): each retry would wait the whole timeout again, so every record of it fails (reason
+    ``reward_timeout``) unless ``retry_timeouts``. NaN outputs are found later by ``finish_scores``."""
     B = pixels.shape[0]
     try:
         return _call_reward(reward, pixels, prompts), []
     except Exception as e:
-        if B == 1:
-            return torch.full((1,), float("nan")), [(0, f"reward_error:{reward.name}", f"{type(e).__name__}: {e}")]
+        timed_out = isinstance(e, TimeoutError)
+        reason = f"reward_timeout:{reward.name}" if timed_out else f"reward_error:{reward.name}"
+        if B == 1 or (timed_out and not retry_timeouts):
+            msg = f"{type(e).__name__}: {e}"
+            return torch.full((B,), float("nan")), [(i, reason, msg) for i in range(B)]
     out = torch.full((B,), float("nan"))
     fails: list[tuple[int, str, str]] = []
     for i in range(B):
-        v, f = score_reward(reward, pixels[i:i + 1], prompts[i:i + 1])
+        v, f = score_reward(reward, pixels[i:i + 1], prompts[i:i + 1], retry_timeouts)
         out[i] = v.detach().float().cpu()[0]
         fails += [(i, r, m) for _, r, m in f]
     return out, fails
@@ -191,8 +200,9 @@ def _call_reward(reward: Any, pixels: torch.Tensor, prompts: list[str]) -> torch
     return out
 
 
-def _cpu_score(reward: Any, pixels: torch.Tensor, prompts: list[str]) -> tuple[np.ndarray, list]:
-    s, f = score_reward(reward, pixels, prompts)
+def _cpu_score(reward: Any, pixels: torch.Tensor, prompts: list[str], retry_timeouts: bool = False
+               ) -> tuple[np.ndarray, list]:
+    s, f = score_reward(reward, pixels, prompts, retry_timeouts)
     return finish_scores(reward.name, s.cpu(), f)
 
 
@@ -206,6 +216,7 @@ def _reward_device(reward: Any, default: torch.device) -> torch.device:
 class LoadedBatch:
     unit: tuple[int, int]
     last: bool  # last batch of its unit
+    span: tuple[int, int] = (0, 0)  # the source indices [a, b) of this batch (progress)
     indices: list[int] = field(default_factory=list)
     pixels: torch.Tensor | None = None  # (B, ...) pixels (pixel sources)
     latents: torch.Tensor | None = None  # (B, ...) latents (generator sources)
@@ -345,7 +356,7 @@ class _Loader(threading.Thread):
                 nxt = next(specs, None)
                 if nxt is not None:
                     inflight.append(self._submit(nxt))
-                lb = LoadedBatch(unit=unit, last=last)
+                lb = LoadedBatch(unit=unit, last=last, span=(a, b))
                 if futures is None:
                     self._generate(lb, a, b)
                 else:
@@ -440,13 +451,143 @@ def holds_cache(root: Path) -> bool:
     return st.manifest_path(root).exists() or (root / st.SHARD_DIR).exists()
 
 
+# What a build (or the CLI around it) leaves in a directory before its first manifest.json is written.
+_OWN_NAMES = {"config.yaml", "log.txt", st.SHARD_DIR, st.JOURNAL_DIR, lock_mod.LOCK_DIR, lock_mod.MUTEX}
+
+
+def recognised_cache(root: Path) -> bool:
+    """Whether ``root`` is a latent cache this toolkit wrote: its manifest.json has our format, or (a build killed
+    before its first manifest) it holds nothing but what a starting build writes, with shard-named files only."""
+    p = st.manifest_path(root)
+    if p.exists():
+        try:
+            return read_json(p).get("format") == st.FORMAT
+        except (OSError, ValueError):
+            return False
+    if not root.is_dir():
+        return False
+    names = {c.name for c in root.iterdir()}
+    if not names <= _OWN_NAMES:
+        return False
+    shards = root / st.SHARD_DIR
+    return all(st.parse_shard_name(c.name) or c.name.endswith(".tmp") for c in shards.iterdir()) \
+        if shards.is_dir() else True
+
+
 def check_out_dir(cfg: BuildCacheConfig) -> None:
-    """Refuse to build into a directory that already holds a cache unless resuming or overwriting (run first, so a
-    refused build touches nothing there)."""
+    """Refuse to build into a directory that already holds a cache unless resuming or overwriting, and refuse to
+    overwrite a directory that is not a cache (run first, so a refused build touches nothing there)."""
     root = Path(cfg.out_dir)
     if holds_cache(root) and not (cfg.resume or cfg.overwrite):
         raise st.CacheError(f"{root} already holds a cache; pass --resume true to continue or extend it, "
                             "or --overwrite true to delete it, or choose another out_dir")
+    if cfg.overwrite and holds_cache(root) and not recognised_cache(root):
+        found = sorted(c.name for c in root.iterdir())[:6]
+        raise st.CacheError(f"--overwrite true only deletes a latent cache, and {root} is not one (no manifest.json of "
+                            f"format {st.FORMAT!r}; it holds {found}); choose another out_dir, or empty it yourself")
+
+
+def _delete_cache(root: Path) -> None:
+    """``--overwrite``: the cache's own files only (``recognised_cache`` was checked)."""
+    for sub in (st.SHARD_DIR, st.JOURNAL_DIR, st.REWARD_DIR, st.ADD_REWARD_RUNS):
+        shutil.rmtree(root / sub, ignore_errors=True)
+    for f in (st.MANIFEST, st.REJECTS):
+        (root / f).unlink(missing_ok=True)
+
+
+def check_committed(root: Path, manifest: dict[str, Any], check_hash: bool = True) -> None:
+    """Before a resume: every committed shard (and reward file) exists with its recorded size (and sha256), so the
+    build never calls a damaged cache complete. Raises one line naming the files and the fix."""
+    problems = []
+    for e in manifest["shards"]:
+        problems += st.verify_shard_file(root / st.SHARD_DIR / e["file"], e, deep=False, check_hash=check_hash)
+    for name, entries in manifest.get("sidecars", {}).items():
+        for e in entries:
+            p = st.size_problem(root / e["file"], e)
+            if p is None and check_hash and e.get("sha256") and st.file_sha256(root / e["file"]) != e["sha256"]:
+                p = f"{root / e['file']}: sha256 differs from the manifest"
+            problems += [p] if p else []
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise st.CacheError(f"cache {root} is damaged ({shown}); {st.repair_hint(root)} (or add --repair true to "
+                            "this resume)")
+
+
+def repair_entries(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """``--repair``: drop every shard entry that is invalid (path, name, range, overlap), missing or damaged (size,
+    sha256, Arrow), deleting damaged files, so the resume rebuilds exactly those units; drop the reward files of
+    dropped shards and damaged reward files (``manifest['rescore']``: rewards to run `add-reward` for again);
+    record size and sha256 of sound entries that lack them (caches from before they were recorded)."""
+    shard_dir = root / st.SHARD_DIR
+    by_file: dict[str, dict[str, Any]] = {}
+    for e in list(manifest.get("shards", [])) + st.read_journals(root):
+        by_file[str(e.get("file"))] = e
+    kept, dropped = [], []
+    for f, e in by_file.items():
+        probe = {**manifest, "shards": [e], "sidecars": {}, "complete": False, "counts": {}}
+        problems = st.validate_manifest(root, probe)
+        if problems:  # an entry naming a path outside, or not its own range: its file (if any) is left to recover()
+            dropped.append((f, problems[0]))
+            continue
+        problems = st.verify_shard_file(shard_dir / f, e, deep=True, check_hash=True)
+        if problems:
+            (shard_dir / f).unlink(missing_ok=True)
+            dropped.append((f, problems[0]))
+            continue
+        if not e.get("sha256") or e.get("bytes") is None:
+            e = {**e, "bytes": (shard_dir / f).stat().st_size, "sha256": st.file_sha256(shard_dir / f)}
+            log.info("repair: recorded the size and sha256 of %s (the manifest had none)", f)
+        kept.append(e)
+    kept.sort(key=lambda e: (e["start"], e["end"]))
+    overlapping = set()
+    for a, b in zip(kept, kept[1:]):
+        if b["start"] < a["end"]:
+            overlapping |= {a["file"], b["file"]}
+    for f in sorted(overlapping):
+        dropped.append((f, "overlaps another shard"))
+        (shard_dir / f).unlink(missing_ok=True)
+    kept = [e for e in kept if e["file"] not in overlapping]
+    for f, why in dropped:
+        log.warning("repair: dropping shard %s (%s); it is rebuilt", f, why)
+    listed = {e["file"] for e in kept}
+    rescore: dict[str, int] = dict(manifest.get("rescore") or {})
+    for name, entries in (manifest.get("sidecars") or {}).items():
+        good = []
+        for e in entries:
+            rel = st.sidecar_file(name, str(e.get("shard")))
+            path = root / rel
+            why = None
+            if e.get("file") != rel:
+                why = f"its path {e.get('file')!r} is not {rel!r}"
+            elif e.get("shard") not in listed:
+                why = "its shard was dropped"
+            else:
+                why = st.size_problem(path, e)
+                if why is None and e.get("sha256") and st.file_sha256(path) != e["sha256"]:
+                    why = "sha256 differs from the manifest"
+            if why is not None:
+                if e.get("file") == rel:
+                    path.unlink(missing_ok=True)
+                log.warning("repair: dropping reward file %s of %r (%s); run `lrm cache add-reward --reward %s` "
+                            "again (`lrm cache repair` does)", rel, name, why, name)
+                rescore[name] = rescore.get(name, 0) + 1
+                continue
+            if not e.get("sha256") or e.get("bytes") is None:
+                e = {**e, "bytes": path.stat().st_size, "sha256": st.file_sha256(path)}
+            good.append(e)
+        manifest["sidecars"][name] = good
+    manifest["shards"] = kept
+    manifest["complete"] = False
+    if rescore:
+        manifest["rescore"] = rescore
+    manifest["counts"] = st.summarize_counts(manifest)
+    st.write_manifest(root, manifest)
+    jd = root / st.JOURNAL_DIR
+    for p in jd.glob("rank-*.json") if jd.exists() else []:
+        p.unlink()
+    log.info("repair of %s: %d shard(s) dropped and rebuilt, reward files to score again: %s", root, len(dropped),
+             rescore or "none")
+    return manifest
 
 
 def check_resume_compatible(manifest: dict[str, Any], header: dict[str, Any], root: Path) -> None:
@@ -474,7 +615,7 @@ def check_resume_compatible(manifest: dict[str, Any], header: dict[str, Any], ro
 
 def recover(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Fold journals into the manifest, adopt sound orphan shards, delete torn/temp files."""
-    entries = st.merge_shard_entries(manifest.get("shards", []), st.read_journals(root))
+    entries = st.merge_shard_entries(manifest.get("shards", []), st.read_journals(root), root=root)
     known = {e["file"] for e in entries}
     shard_dir = root / st.SHARD_DIR
     if shard_dir.exists():
@@ -519,13 +660,21 @@ def _fill_shapes(manifest: dict[str, Any]) -> None:
 
 
 def finalize_cache(root: str | Path) -> dict[str, Any]:
-    """Merge every rank's journal into ``manifest.json``, recount, rebuild ``rejects.jsonl`` (rank 0, at the end)."""
+    """Merge every rank's journal into ``manifest.json``, recount, rebuild ``rejects.jsonl`` (rank 0, at the end).
+
+    ``complete`` only when every planned index is in a shard, every shard file has its recorded size, and no reward
+    failed on every record (``build_cache`` then raises)."""
     root = Path(root)
-    manifest = recover(root, st.read_manifest(root))
-    n = manifest.get("num_records_planned") or 0
-    manifest["complete"] = not st.missing_units(manifest["shards"], n, manifest["shard_size"])
-    st.write_manifest(root, manifest)
-    st.rebuild_rejects_log(root, manifest)
+    from data_cache.lock import manifest_mutex
+
+    with manifest_mutex(root):
+        manifest = recover(root, st.read_manifest(root))
+        n = manifest.get("num_records_planned") or 0
+        covered = not st.missing_units(manifest["shards"], n, manifest["shard_size"])
+        sound = all(st.size_problem(root / st.SHARD_DIR / e["file"], e) is None for e in manifest["shards"])
+        manifest["complete"] = covered and sound and not st.rewards_failed_everywhere(manifest)
+        st.write_manifest(root, manifest)
+        st.rebuild_rejects_log(root, manifest)
     return manifest
 
 
@@ -558,6 +707,7 @@ class _Writer(threading.Thread):
                 if isinstance(eb, _Stop):
                     return
                 pending.append(eb)
+                self.bar.update(eb.loaded.span[1] - eb.loaded.span[0])  # per batch, not per shard
                 if eb.loaded.last:
                     self._commit(pending)
                     pending = []
@@ -647,13 +797,13 @@ class _Writer(threading.Thread):
 
         write_json(st.journal_path(self.root, self.rank), {"rank": self.rank, "shards": self.committed})
         if self.is_rank0:
-            m = st.read_manifest(self.root)
-            m["shards"] = st.merge_shard_entries(m["shards"], st.read_journals(self.root))
-            _fill_shapes(m)
-            m["counts"] = st.summarize_counts(m)
-            st.write_manifest(self.root, m)
+            def merge(m: dict[str, Any]) -> None:
+                m["shards"] = st.merge_shard_entries(m["shards"], st.read_journals(self.root), root=self.root)
+                _fill_shapes(m)
+                m["counts"] = st.summarize_counts(m)
+
+            st.update_manifest(self.root, merge)
         self.records += n
-        self.bar.update(unit[1] - unit[0])
 
 
 def build_cache(cfg: BuildCacheConfig, *, source: Callable | PixelSource | GeneratorSource | None = None,
@@ -701,18 +851,33 @@ def build_cache(cfg: BuildCacheConfig, *, source: Callable | PixelSource | Gener
     header = _header(cfg, src, vae.latent_space, te.identity(), reward_objs, (te.max_length, te.dim),
                      source_from_cfg=not isinstance(source, (PixelSource, GeneratorSource)), reward_options=reward_opts)
 
-    # 2. create / check / recover the directory (rank 0), then everyone reads the manifest
+    # 2. create / check / recover the directory (rank 0, holding the build lock), then everyone reads the manifest
+    lock = contextlib.nullcontext()
     if rank == 0:
-        check_out_dir(cfg)
+        check_out_dir(cfg)  # before the lock file: a refused directory gets nothing written into it
+        lock = lock_mod.writer_lock(root, lock_mod.BUILD)
+    with lock:
+        return _build_locked(cfg, root, src, vae, te, reward_objs, names, header, num_records, device, rank, world,
+                             barrier, t_start, finalize)
+
+
+def _build_locked(cfg: BuildCacheConfig, root: Path, src, vae: VAE, te: TextEncoder, reward_objs: list[Any],
+                  names: list[str], header: dict[str, Any], num_records: int, device: torch.device, rank: int,
+                  world: int, barrier: Callable[[], None], t_start: float, finalize: bool) -> dict[str, Any]:
+    if rank == 0:
+        check_out_dir(cfg)  # again, now that no other build can write: one may have finished since the first check
         if cfg.overwrite and holds_cache(root):
-            for sub in (st.SHARD_DIR, st.JOURNAL_DIR, st.REWARD_DIR, st.ADD_REWARD_RUNS):
-                shutil.rmtree(root / sub, ignore_errors=True)
-            for f in (st.MANIFEST, st.REJECTS):
-                (root / f).unlink(missing_ok=True)
+            _delete_cache(root)
         if st.manifest_path(root).exists():
             manifest = st.read_manifest(root)
             check_resume_compatible(manifest, header, root)
+            if cfg.repair:
+                manifest = repair_entries(root, manifest)
+            else:
+                st.check_manifest(root, manifest)  # a hand-edited manifest: paths, ranges, a removed entry
             manifest = recover(root, manifest)
+            if not cfg.repair:
+                check_committed(root, manifest, check_hash=cfg.check_shards == "hash")
         else:
             manifest = header
         manifest["num_records_planned"] = max(num_records, manifest.get("num_records_planned") or 0)
@@ -777,6 +942,15 @@ def build_cache(cfg: BuildCacheConfig, *, source: Callable | PixelSource | Gener
         finalize_cache(root)
     barrier()  # every rank returns the merged manifest, not one read before rank 0 finished it
     manifest = st.read_manifest(root)
+    failed = st.rewards_failed_everywhere(manifest) if finalize else {}
+    if failed:  # finalize_cache left complete=False
+        name, info = next(iter(failed.items()))
+        raise st.CacheError(f"reward {name!r} failed on every record it scored ({info['failures']} failures, e.g. "
+                            f"{info['example']!r}); cache {root} is marked incomplete. Fix the reward (every failure "
+                            f"is in {root / st.REJECTS}) and build again with --overwrite true")
+    if manifest.get("rescore"):
+        log.warning("cache %s: rewards added with add-reward lost the scores of rebuilt shards: %s; run `lrm cache "
+                    "add-reward --reward NAME` for each (`lrm cache repair` does it)", root, manifest["rescore"])
     elapsed = time.perf_counter() - t_start
     log.info("cache %s: rank %d wrote %d records in %.1f s (%.1f records/s) after %.1f s of set-up (model loading)",
              root, rank, writer.records, pipeline_s, writer.records / max(pipeline_s, 1e-9), setup_s)
@@ -784,7 +958,8 @@ def build_cache(cfg: BuildCacheConfig, *, source: Callable | PixelSource | Gener
             "seconds": elapsed, "setup_s": setup_s, "pipeline_s": pipeline_s,
             "records_per_s": writer.records / max(pipeline_s, 1e-9),
             "records_per_s_total": writer.records / max(elapsed, 1e-9), "gpu_stage_s": gpu_s,
-            "loader_wait_s": wait_s, "writer_wait_s": writer.wait_s, "rank": rank, "world_size": world}
+            "loader_wait_s": wait_s, "writer_wait_s": writer.wait_s, "rank": rank, "world_size": world,
+            "rescore": dict(manifest.get("rescore") or {})}
 
 
 def _gpu_stage(eb: EncodedBatch, vae: VAE, te: TextEncoder, rewards: list[Any], device: torch.device,
@@ -805,9 +980,11 @@ def _gpu_stage(eb: EncodedBatch, vae: VAE, te: TextEncoder, rewards: list[Any], 
             if rdev.type == "cpu" and device.type != "cpu":
                 if cpu_pixels is None:
                     cpu_pixels = lb.pixels if lb.pixels is not None else pixels.cpu()
-                eb.rewards[r.name] = cpu_pool.submit(_cpu_score, r, cpu_pixels, lb.prompts)
+                eb.rewards[r.name] = cpu_pool.submit(_cpu_score, r, cpu_pixels, lb.prompts,
+                                                     cfg.retry_timeouts_per_record)
             else:
-                eb.rewards[r.name] = score_reward(r, pixels if rdev == pixels.device else pixels.to(rdev), lb.prompts)
+                eb.rewards[r.name] = score_reward(r, pixels if rdev == pixels.device else pixels.to(rdev), lb.prompts,
+                                                  cfg.retry_timeouts_per_record)
         gpu_scores = {k: v[0] for k, v in eb.rewards.items() if not isinstance(v, Future)}
         outs = {"latents": z.to(_torch_dtype(ldt)), "tokens": emb.tokens.to(_torch_dtype(tdt)),
                 "mask": emb.mask.to(torch.uint8), "pooled": emb.pooled.to(_torch_dtype(tdt))}

@@ -30,13 +30,19 @@ class SourceConfig:
     image_column: str = opt("image", "dataset column with the image or video")
     caption_column: str = opt("caption", "dataset / captions-file column with the caption")
     captions_file: str = opt("captions.csv", "folder: CSV or JSONL captions file (relative to the folder)")
-    file_column: str = opt("file", "folder: captions-file column with the file name")
+    file_column: str = opt("file", "folder: captions-file column with the file name (relative to the folder)")
+    allow_outside_root: bool = opt(False, "folder: allow captions-file names that point outside the folder (an "
+                                          "absolute path or one with ../); by default such a record is rejected "
+                                          "(reason outside_root)")
     video: bool = opt(False, "dataset/folder: records are videos")
     resize: list[int] = opt([], "dataset/folder: resize every frame to [H, W] (empty = keep; then sizes must match)")
     convert_rgb: bool = opt(False, "dataset/folder: convert grayscale/RGBA to RGB instead of rejecting the record")
     generator: str = opt("", "generator: 'package.module:callable', resolved at run time: fn(n, seed, "
                              "**generator_kwargs) -> (latents (n, C, h, w) or (n, T, C, h, w), n prompts); a "
-                             "`device` parameter not set in generator_kwargs receives the build's device")
+                             "`device` parameter not set in generator_kwargs receives the build's device. SECURITY: "
+                             "this is code execution: the module is imported and the callable run with the "
+                             "build's rights, whatever it is (any importable function, e.g. one that runs a shell "
+                             "command); build only from configs you trust")
     generator_kwargs: dict[str, Any] = opt({}, "generator: keyword arguments for the callable (a YAML mapping: "
                                                "--source.generator_kwargs '{steps: 2, checkpoint: runs/student}')")
     generator_factory: bool = opt(False, "generator: the callable is a factory, called once as "
@@ -54,6 +60,9 @@ class SourceConfig:
             raise ConfigError(f"source.resize must be [H, W], got {self.resize}")
         if self.num_frames < 0:
             raise ConfigError(f"source.num_frames must be >= 0, got {self.num_frames}")
+        if self.allow_outside_root and self.type != "folder":
+            raise ConfigError(f"source.allow_outside_root applies to folder sources, but source.type is {self.type!r}; "
+                              "drop it")
         if self.type != "generator" and (self.generator or self.generator_kwargs or self.generator_factory):
             raise ConfigError(f"source.generator / generator_kwargs / generator_factory are set but source.type is "
                               f"{self.type!r}; set source.type generator or drop them")
@@ -89,9 +98,20 @@ class BuildCacheConfig:
     vae_bf16: bool = opt(False, "run the VAE under bf16 autocast on CUDA (faster; latents differ slightly)")
     vae_chunk_size: int = opt(0, VAE_CHUNK_HELP)
     on_reward_error: Literal["nan", "skip"] = opt("nan", "a reward that fails or returns NaN for a record: store "
-                                                         "NaN (missing) or skip the record")
-    resume: bool = opt(False, "continue an interrupted (or extend a finished) build in out_dir")
-    overwrite: bool = opt(False, "delete an existing cache in out_dir first")
+                                                         "NaN (missing) or skip the record. A reward that fails on "
+                                                         "every record fails the build")
+    retry_timeouts_per_record: bool = opt(
+        False, "a reward batch that timed out (a command reward past its timeout): false = every record of the batch "
+               "fails (reason reward_timeout); true = retry record by record, each with the full timeout. Other "
+               "reward errors are always retried record by record")
+    resume: bool = opt(False, "continue an interrupted (or extend a finished) build in out_dir; the committed shards "
+                              "are checked first (check_shards) and a damaged one stops the build")
+    repair: bool = opt(False, "with resume: drop the shards that are damaged, missing or invalid in the manifest and "
+                              "rebuild exactly those (what `lrm cache repair DIR` runs)")
+    check_shards: Literal["hash", "size"] = opt("hash", "on resume, check the committed shards by sha256 (reads them "
+                                                        "all) or only by size (fast)")
+    overwrite: bool = opt(False, "delete an existing cache in out_dir first (only a directory holding a latent "
+                                 "cache's manifest.json; anything else is refused)")
     progress: bool = opt(True, "show a progress bar")
 
     def __post_init__(self):
@@ -101,6 +121,9 @@ class BuildCacheConfig:
         check_vae_chunk_size(self.vae_chunk_size)
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite exclude each other: pick one")
+        if self.repair and not self.resume:
+            raise ConfigError("repair rebuilds shards of an existing cache: pass --resume true with it (or run "
+                              "`lrm cache repair DIR`)")
         if len(set(self.rewards)) != len(self.rewards):
             raise ConfigError(f"rewards lists a name twice: {self.rewards}")
         check_reward_options(self.reward_options, self.rewards)
@@ -120,6 +143,8 @@ class AddRewardConfig:
     vae_subfolder: str = opt("", "subfolder of the VAE in its repo")
     vae_chunk_size: int = opt(0, VAE_CHUNK_HELP.replace("VAE call", "VAE decode call"))
     batch_size: int = opt(64, "records per batch")
+    retry_timeouts_per_record: bool = opt(False, "a batch that timed out: false = every record fails; true = retry "
+                                                 "record by record, each with the full timeout")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     progress: bool = opt(True, "show a progress bar")
 
@@ -156,11 +181,11 @@ def check_reward_options(options: dict[str, Any], names: list[str]) -> None:
 
 @dataclass
 class VerifyConfig:
-    cache_dir: str = opt("runs/cache", "cache directory")
+    cache_dir: str = opt("runs/cache", "cache directory (or the first positional argument: lrm cache verify DIR)")
     deep: bool = opt(True, "also parse every shard and check its rows against the manifest")
 
 
 @dataclass
 class StatsConfig:
-    cache_dir: str = opt("runs/cache", "cache directory")
+    cache_dir: str = opt("runs/cache", "cache directory (or the first positional argument: lrm cache stats DIR)")
     out: str = opt("", "also write the statistics to this JSON file")

@@ -37,28 +37,34 @@ class LatentCache(torch.utils.data.Dataset):
         if check_complete and not manifest.get("complete"):
             raise st.CacheError(f"cache {root} is incomplete (the build was interrupted); finish it with "
                                 "`lrm cache build --resume true` or open it with check_complete=False")
+        # Fast checks (no hashing; `lrm cache verify` hashes): the manifest's entries, then each file's size.
+        st.check_manifest(root, manifest)
         latent_shape = tuple(manifest.get("latent_shape") or ())
         L, D = manifest["text_shape"]
         rewards = list(manifest["rewards"])
         shards = []
         for e in manifest["shards"]:
-            if e["num_records"] == 0:
-                continue
             path = root / st.SHARD_DIR / e["file"]
-            if not path.exists():
-                raise st.CacheError(f"shard {path} listed in the manifest is missing; run `lrm cache verify "
-                                    f"--cache_dir {root}`")
-            t = st.open_table(path, memory_map=True)
+            if e["num_records"] == 0:
+                problem = st.size_problem(path, e)
+                if problem:
+                    raise st.CacheError(f"{problem}; {st.repair_hint(root)}")
+                continue
+            t = st.open_checked(root, path, e)
             if t.num_rows != e["num_records"]:
-                raise st.CacheError(f"shard {e['file']} holds {t.num_rows} rows, the manifest says "
-                                    f"{e['num_records']}; run `lrm cache verify`")
-            s = {"file": e["file"], "n": t.num_rows, "table": t,
-                 "index": t.column("index").to_numpy(),
-                 "latent": st.fixed_list_numpy(t.column("latent"), latent_shape),
-                 "text_tokens": st.fixed_list_numpy(t.column("text_tokens"), (L, D)),
-                 "text_mask": st.fixed_list_numpy(t.column("text_mask"), (L,)),
-                 "text_pooled": st.fixed_list_numpy(t.column("text_pooled"), (D,)),
-                 "rewards": {}}
+                raise st.CacheError(f"{path} holds {t.num_rows} rows, the manifest says {e['num_records']}; "
+                                    f"{st.repair_hint(root)}")
+            try:
+                s = {"file": e["file"], "n": t.num_rows, "table": t,
+                     "index": t.column("index").to_numpy(),
+                     "latent": st.fixed_list_numpy(t.column("latent"), latent_shape),
+                     "text_tokens": st.fixed_list_numpy(t.column("text_tokens"), (L, D)),
+                     "text_mask": st.fixed_list_numpy(t.column("text_mask"), (L,)),
+                     "text_pooled": st.fixed_list_numpy(t.column("text_pooled"), (D,)),
+                     "rewards": {}}
+            except (KeyError, ValueError) as ex:  # a column missing or of another size than the manifest says
+                raise st.CacheError(f"{path} does not match the manifest ({type(ex).__name__}: {ex}); "
+                                    f"{st.repair_hint(root)}") from None
             for r in rewards:
                 col = st.reward_column(r)
                 if col in t.column_names:
@@ -70,11 +76,11 @@ class LatentCache(torch.utils.data.Dataset):
             for e in entries:
                 if e["shard"] not in by_file:
                     continue
-                t = st.open_table(root / e["file"], memory_map=True)
+                t = st.open_checked(root, root / e["file"], e)
                 s = by_file[e["shard"]]
                 if not np.array_equal(t.column("index").to_numpy(), s["index"]):
-                    raise st.CacheError(f"reward file {e['file']} does not line up with shard {e['shard']}; "
-                                        "run `lrm cache verify`")
+                    raise st.CacheError(f"reward file {root / e['file']} does not line up with shard {e['shard']}; "
+                                        f"{st.repair_hint(root)}")
                 s["rewards"][r] = t.column(st.reward_column(r)).to_numpy()
             for s in shards:  # a shard not scored yet (add-reward interrupted): missing
                 if s["file"] not in got:
@@ -105,6 +111,10 @@ class LatentCache(torch.utils.data.Dataset):
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
+        if self.manifest.get("latent_shape") is None:  # set by the first committed record
+            raise st.CacheTooSmallError(f"cache {self.root} holds no records ({self._empty_reason()}), so it has no "
+                                        f"latent shape yet; build records into it with `lrm cache build --resume true "
+                                        f"--out_dir {self.root}` or check the source")
         return tuple(self.manifest["latent_shape"])
 
     @property
@@ -113,6 +123,19 @@ class LatentCache(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    @property
+    def num_records(self) -> int:
+        """Records in the whole cache (not just this view)."""
+        return int(self._offsets[-1])
+
+    def _empty_reason(self) -> str:
+        if self.num_records:
+            return f"the filter left none of its {self.num_records}"
+        rejected = (self.manifest.get("counts") or {}).get("rejected", 0)
+        if rejected:
+            return f"all {rejected} records were rejected: see {self.root / st.REJECTS}"
+        return "nothing was built into it"
 
     def _locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         shard = np.searchsorted(self._offsets, rows, side="right") - 1
@@ -180,6 +203,11 @@ class LatentCache(torch.utils.data.Dataset):
         """Everything in this view as tensors on ``device`` (moved in the storage dtype, then cast there)."""
         device = torch.device(device)
         names = self.reward_names if rewards is None else rewards
+        if len(self) == 0:
+            raise st.CacheTooSmallError(
+                f"{'cache' if self.num_records == 0 else 'this view of the cache'} {self.root} holds no "
+                f"records ({self._empty_reason()}); build more with `lrm cache build --resume true --out_dir "
+                f"{self.root} --source.num_samples N` or check the source")
 
         def put(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=False).to(dtype)
@@ -233,7 +261,10 @@ class LatentCache(torch.utils.data.Dataset):
         prompts = self.prompts
         uniq = sorted(set(prompts))
         if len(uniq) < 2:
-            raise ValueError(f"cannot split by prompt: the cache has {len(uniq)} distinct prompt(s)")
+            raise st.CacheTooSmallError(
+                f"cannot split {self.root} into train and validation by prompt: it holds {len(self)} record(s) with "
+                f"{len(uniq)} distinct prompt(s), at least 2 are needed; build more records with `lrm cache build "
+                f"--resume true --out_dir {self.root} --source.num_samples N`")
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(uniq))
         counts: dict[str, int] = {}
@@ -268,6 +299,6 @@ class LatentCache(torch.utils.data.Dataset):
         return out
 
     def __repr__(self) -> str:
-        return (f"LatentCache({str(self.root)!r}, records={len(self)}, latent={self.latent_shape} "
+        return (f"LatentCache({str(self.root)!r}, records={len(self)}, latent={self.manifest.get('latent_shape')} "
                 f"{self.manifest['latent_dtype']}, space={self.latent_space.short()}, rewards={self.reward_names})")
 

@@ -247,11 +247,16 @@ class DatasetSource(PixelSource):
 
 
 class FolderSource(PixelSource):
-    """A folder of images or videos with a captions file (CSV or JSONL) naming ``file`` and ``caption``."""
+    """A folder of images or videos with a captions file (CSV or JSONL) naming ``file`` and ``caption``.
+
+    File names are relative to the folder; one that points outside it (absolute, or with ``..``) is rejected (reason
+    ``outside_root``) unless ``allow_outside_root``: a captions file must not read arbitrary files. Symbolic links
+    inside the folder are followed (placing them there is the folder owner's choice).
+    """
 
     def __init__(self, path: str, captions_file: str = "captions.csv", file_column: str = "file",
                  caption_column: str = "caption", video: bool = False, image_size=None, num_frames=None,
-                 convert_rgb=False):
+                 convert_rgb=False, allow_outside_root: bool = False):
         super().__init__(image_size, num_frames, convert_rgb)
         self.root = Path(path)
         if not self.root.is_dir():
@@ -277,6 +282,9 @@ class FolderSource(PixelSource):
                       "file_column": file_column, "caption_column": caption_column, "video": video,
                       "convert_rgb": convert_rgb, "image_size": list(self.image_size) if self.image_size else None,
                       "num_frames": num_frames}
+        self.allow_outside_root = bool(allow_outside_root)
+        if self.allow_outside_root:  # only when set, so caches described before this option existed still resume
+            self._desc["allow_outside_root"] = True
 
     @property
     def num_records(self) -> int:
@@ -289,7 +297,11 @@ class FolderSource(PixelSource):
         return f"folder:{self.files[index]}" if index < len(self.files) else f"folder:#{index}"
 
     def _raw(self, index: int):
-        path = self.root / self.files[index]
+        name = self.files[index]
+        if not self.allow_outside_root and _leaves_root(name):
+            raise ValueError(f"outside_root: {name!r} points outside the source folder {self.root}; name files "
+                             "relative to it, or set source.allow_outside_root true to read it anyway")
+        path = self.root / name
         if not path.exists():
             raise ValueError(f"unreadable: {path} does not exist")
         if self.is_video:
@@ -304,6 +316,24 @@ class FolderSource(PixelSource):
             except Exception as e:
                 raise ValueError(f"unreadable: {path.name}: {e}") from None
         return payload, self.captions[index], self.source_id(index)
+
+
+def _leaves_root(name: str) -> bool:
+    """Whether a captions-file name escapes its folder: absolute (any OS), or climbing above it with ``..``."""
+    import ntpath
+    import posixpath
+
+    if posixpath.isabs(name) or ntpath.isabs(name) or ntpath.splitdrive(name)[0]:
+        return True
+    depth = 0
+    for part in name.replace("\\", "/").split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif part not in ("", "."):
+            depth += 1
+    return False
 
 
 class GeneratorSource:
@@ -384,7 +414,11 @@ def _takes_param(fn: Callable, name: str) -> bool:
 
 
 def import_callable(spec: str) -> Callable:
-    """``"package.module:function"`` (or ``module:Class.method``) -> the callable (generators named in a config)."""
+    """``"package.module:function"`` (or ``module:Class.method``) -> the callable (generators named in a config).
+
+    This is code execution: importing the module runs it, and the build then calls whatever the name resolves to
+    with the build's rights. A config naming a generator must be trusted like a script.
+    """
     if ":" not in spec:
         raise ValueError(f"generator {spec!r} must be written 'package.module:function'")
     mod, _, attr = spec.partition(":")

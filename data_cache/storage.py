@@ -51,8 +51,21 @@ class CacheError(RuntimeError):
     """A cache directory that is missing, damaged or used inconsistently."""
 
 
+class CacheLockedError(CacheError):
+    """Another process is writing the cache (see ``data_cache.lock``)."""
+
+
+class CacheTooSmallError(CacheError, ValueError):
+    """A cache (or a view of it) with too few records for what was asked of it (training needs two prompts)."""
+
+
 class TextEncoderMismatchError(ValueError):
     """Text embeddings from another text encoder than the one a cache was built with."""
+
+
+def repair_hint(root: str | Path) -> str:
+    """The one fix named by every damage message."""
+    return f"rebuild the damaged or missing shards with `lrm cache repair {root}`"
 
 
 def reward_column(name: str) -> str:
@@ -158,8 +171,8 @@ def open_table(path: Path, memory_map: bool = True) -> pa.Table:
     return pa.ipc.open_file(source).read_all()
 
 
-def shard_metadata(table: pa.Table) -> dict[str, Any]:
-    meta = table.schema.metadata or {}
+def shard_metadata(table: pa.Table | pa.Schema) -> dict[str, Any]:
+    meta = (table if isinstance(table, pa.Schema) else table.schema).metadata or {}
     raw = meta.get(b"lrm_shard")
     if raw is None:
         raise CacheError("shard has no lrm_shard metadata")
@@ -204,6 +217,20 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     write_json(manifest_path(root), manifest)
 
 
+def update_manifest(root: Path, fn) -> dict[str, Any]:
+    """Read-modify-write of ``manifest.json`` under the manifest mutex: ``fn(manifest)`` edits the fresh manifest
+    in place (or returns a new one); concurrent writers (add-reward of other rewards) never lose each other's
+    updates. Returns the manifest written."""
+    from data_cache.lock import manifest_mutex
+
+    with manifest_mutex(root):
+        m = read_manifest(root)
+        out = fn(m)
+        m = m if out is None else out
+        write_manifest(root, m)
+    return m
+
+
 def journal_path(root: Path, rank: int) -> Path:
     return Path(root) / JOURNAL_DIR / f"rank-{rank:05d}.json"
 
@@ -217,7 +244,7 @@ def read_journals(root: Path) -> list[dict[str, Any]]:
     return out
 
 
-def merge_shard_entries(*lists: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def merge_shard_entries(*lists: list[dict[str, Any]], root: Path | None = None) -> list[dict[str, Any]]:
     """Union of shard entries by file name, sorted by start index; overlapping ranges are an error."""
     by_file: dict[str, dict[str, Any]] = {}
     for lst in lists:
@@ -226,8 +253,9 @@ def merge_shard_entries(*lists: list[dict[str, Any]]) -> list[dict[str, Any]]:
     entries = sorted(by_file.values(), key=lambda e: (e["start"], e["end"]))
     for a, b in zip(entries, entries[1:]):
         if b["start"] < a["end"]:
+            fix = repair_hint(root) if root is not None else "`lrm cache repair DIR` rebuilds the range"
             raise CacheError(f"shards {a['file']} and {b['file']} hold overlapping record ranges; the cache is "
-                             "inconsistent. Run `lrm cache verify` and rebuild the affected range.")
+                             f"inconsistent: {fix}")
     return entries
 
 
@@ -284,24 +312,152 @@ def rebuild_rejects_log(root: Path, manifest: dict[str, Any]) -> None:
     atomic_write_bytes(Path(root) / REJECTS, ("\n".join(lines) + ("\n" if lines else "")).encode())
 
 
-def verify_shard_file(path: Path, entry: dict[str, Any] | None = None, deep: bool = True) -> list[str]:
-    """Problems with one shard file (empty list when it is sound)."""
+# ---- manifest validation and shard checks ----------------------------------------------------------------------
+def sidecar_file(name: str, shard_file: str) -> str:
+    """Where add-reward writes the scores of reward ``name`` for one shard (relative to the cache directory)."""
+    return f"{REWARD_DIR}/{safe_name(name)}/{Path(shard_file).stem}.arrow"
+
+
+def _outside(rel: Any) -> bool:
+    p = str(rel)
+    return os.path.isabs(p) or p.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", p)
+
+
+def validate_manifest(root: Path, manifest: dict[str, Any]) -> list[str]:
+    """Structural problems of a manifest (no file is read): every path a plain name inside the cache directory
+    (a ``../`` or absolute path is refused), shard names matching their ranges, ranges non-overlapping and, once the
+    build is complete, covering every planned index (a removed entry), counts matching the shards, reward files
+    belonging to listed shards."""
+    problems: list[str] = []
+    entries = manifest.get("shards", [])
+    good = []
+    for e in entries:
+        f = e.get("file")
+        if not isinstance(f, str) or _outside(f) or Path(f).name != f:
+            problems.append(f"manifest entry {f!r} is not a file name inside {Path(root) / SHARD_DIR} (a ../ or "
+                            "absolute path is refused)")
+            continue
+        try:
+            start, end, n = int(e["start"]), int(e["end"]), int(e["num_records"])
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"manifest entry {f}: start / end / num_records missing or not integers")
+            continue
+        parsed = parse_shard_name(f)
+        if parsed is None or parsed[:2] != (start, end):
+            problems.append(f"manifest entry {f}: the name does not match its range [{start}, {end}) "
+                            "(shard-<start>-<end>-r<rank>.arrow)")
+            continue
+        if not 0 <= start < end or not 0 <= n <= end - start:
+            problems.append(f"manifest entry {f}: range [{start}, {end}) with {n} records is impossible")
+            continue
+        good.append(e)
+    ordered = sorted(good, key=lambda e: (e["start"], e["end"]))
+    for a, b in zip(ordered, ordered[1:]):
+        if b["start"] < a["end"]:
+            problems.append(f"shards {a['file']} and {b['file']} hold overlapping record ranges "
+                            f"[{a['start']}, {a['end']}) and [{b['start']}, {b['end']})")
+    planned = manifest.get("num_records_planned") or 0
+    if manifest.get("complete") and len(good) == len(entries):
+        gaps = missing_units(good, planned, max(1, int(manifest.get("shard_size") or 1)))
+        if gaps:
+            shown = ", ".join(f"[{a}, {b})" for a, b in gaps[:3]) + (" ..." if len(gaps) > 3 else "")
+            problems.append(f"records {shown} are in no shard although the build is complete (an entry was removed "
+                            "from manifest.json?)")
+    counted = (manifest.get("counts") or {}).get("records")
+    total = sum(int(e.get("num_records", 0) or 0) for e in good)
+    if counted is not None and len(good) == len(entries) and counted != total:
+        problems.append(f"manifest counts {counted} records, its shards hold {total} (an entry was removed or "
+                        "edited?)")
+    listed = {e.get("file") for e in good}
+    for name, sides in (manifest.get("sidecars") or {}).items():
+        seen = set()
+        for e in sides:
+            f, shard = e.get("file"), e.get("shard")
+            if not isinstance(f, str) or f != sidecar_file(name, str(shard)):
+                problems.append(f"reward file entry {f!r} ({name}) is not {sidecar_file(name, str(shard))!r}, the "
+                                "only place its scores may be (a ../ or absolute path is refused)")
+            elif shard not in listed:
+                problems.append(f"reward file {f} ({name}) belongs to shard {shard}, which is not in the manifest")
+            elif shard in seen:
+                problems.append(f"reward {name} lists shard {shard} twice")
+            seen.add(shard)
+    return problems
+
+
+def check_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    """Raise a one-line ``CacheError`` on the first problem ``validate_manifest`` finds."""
+    problems = validate_manifest(root, manifest)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems: `lrm cache verify {root}` lists them)" \
+            if len(problems) > 1 else ""
+        raise CacheError(f"cache {root}: {problems[0]}{more}; {repair_hint(root)}")
+
+
+def size_problem(path: Path, entry: dict[str, Any] | None) -> str | None:
+    """The fast check readers run: the file exists and has the size the manifest recorded (None = sound)."""
+    if not path.exists():
+        return f"{path} is missing"
+    if entry is not None and entry.get("bytes") is not None:
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            return (f"{path} is damaged: {size} bytes on disk, {entry['bytes']} in the manifest (truncated or "
+                    "overwritten)")
+    return None
+
+
+def open_checked(root: Path, path: Path, entry: dict[str, Any] | None, memory_map: bool = True) -> pa.Table:
+    """``open_table`` after the size check; any failure is a one-line ``CacheError`` naming the file and the fix."""
+    problem = size_problem(path, entry)
+    if problem:
+        raise CacheError(f"{problem}; {repair_hint(root)}")
+    try:
+        return open_table(path, memory_map=memory_map)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a torn file
+        msg = " ".join(str(e).split())[:200]
+        raise CacheError(f"{path} is unreadable ({type(e).__name__}: {msg}); {repair_hint(root)}") from None
+
+
+def rewards_failed_everywhere(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Rewards scored during the build that failed (raised, timed out or returned NaN) on every record they were
+    asked to score: name -> {"failures", "example"}."""
+    out = {}
+    counts = summarize_counts(manifest)
+    for name, info in manifest.get("rewards", {}).items():
+        if info.get("storage") != "shard":
+            continue
+        reasons = [f"{k}:{name}" for k in ("reward_error", "reward_nan", "reward_timeout")]
+        fails = sum(counts["rejects"].get(r, 0) for r in reasons)
+        scored_ok = counts["records"] - counts["missing_rewards"].get(name, 0)
+        if fails and scored_ok <= 0:
+            example = next((r.get("message", "") for e in manifest.get("shards", []) for r in e.get("reject_log", [])
+                            if r.get("reason") in reasons), "")
+            out[name] = {"failures": fails, "example": " ".join(str(example).split())[:300]}
+    return out
+
+
+def verify_shard_file(path: Path, entry: dict[str, Any] | None = None, deep: bool = True,
+                      check_hash: bool = True) -> list[str]:
+    """Problems with one shard file (empty list when it is sound): size and sha256 against the manifest entry
+    (when it recorded them), then the Arrow file itself (``deep``: rows and index ranges too)."""
     problems = []
     if not path.exists():
         return [f"{path.name}: file is missing"]
-    if entry is not None and "sha256" in entry:
-        if path.stat().st_size != entry.get("bytes", path.stat().st_size):
-            problems.append(f"{path.name}: size {path.stat().st_size} != {entry['bytes']} bytes in the manifest")
+    if entry is not None and entry.get("bytes") is not None and path.stat().st_size != entry["bytes"]:
+        problems.append(f"{path.name}: size {path.stat().st_size} != {entry['bytes']} bytes in the manifest "
+                        "(truncated or overwritten)")
+    elif entry is not None and check_hash and entry.get("sha256"):
         digest = file_sha256(path)
         if digest != entry["sha256"]:
             problems.append(f"{path.name}: sha256 {digest[:16]}... != {entry['sha256'][:16]}... in the manifest "
                             "(the file was damaged or changed after it was committed)")
-    try:
-        table = open_table(path, memory_map=False)
-        meta = shard_metadata(table)
+    try:  # memory-mapped: the footer and schema are parsed, the records are read only when ``deep``
+        reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+        meta = shard_metadata(reader.schema)
+        table = reader.read_all() if deep else None
     except Exception as e:  # any parse failure means a damaged file
-        return problems + [f"{path.name}: unreadable Arrow file ({type(e).__name__}: {e})"]
-    if deep:
+        msg = " ".join(str(e).split())[:200]
+        return problems + [f"{path.name}: unreadable Arrow file ({type(e).__name__}: {msg})"]
+    if table is not None:
         idx = table.column("index").to_numpy()
         if len(idx) != meta.get("num_records", -1):
             problems.append(f"{path.name}: holds {len(idx)} rows but its metadata says {meta.get('num_records')}")

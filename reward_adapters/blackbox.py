@@ -5,7 +5,9 @@ External command protocol (one call per batch):
    (videos: array ``frames`` uint8 (T, H, W, 3)), ``prompts.json`` (a list of B strings, or null), and
    ``inputs.json`` ({"files": [...], "prompts": [...] | null, "modality": ...}).
 2. The command runs with that directory: ``{dir}`` in the command is replaced by it, otherwise it is
-   appended as the last argument; ``LRM_REWARD_DIR`` is set too. It must finish within ``timeout`` s.
+   appended as the last argument; ``LRM_REWARD_DIR`` is set too. It must finish within ``timeout`` s (one timeout
+   for the whole batch); past it, the command and every process it started (its process group: it runs in a
+   session of its own) are killed and ``RewardTimeoutError`` is raised.
 3. It writes ``scores.json`` into the directory: a list of B numbers (or {"scores": [...]}).
 """
 
@@ -15,6 +17,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -28,6 +31,26 @@ from reward_adapters.base import MODALITIES, NumpyReward, Reward, register_rewar
 
 class RewardCommandError(RuntimeError):
     pass
+
+
+class RewardTimeoutError(RewardCommandError, TimeoutError):
+    """The command did not finish within its timeout (the batch failed; callers should not retry it record by
+    record: each retry would wait the whole timeout again)."""
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` and everything in its process group (it was started with ``start_new_session``), then reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:  # a grandchild left the group and holds the pipes: stop reading them
+        for f in (proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+        proc.wait()
 
 
 def _as_scores(values, batch_size: int, source: str) -> torch.Tensor:
@@ -117,7 +140,7 @@ class CommandReward(Reward):
 
     Args:
         command: a string (split with shlex) or an argument list; ``{dir}`` marks the input directory.
-        timeout: seconds per batch before the command is killed.
+        timeout: seconds per batch before the command and its children (its process group) are killed.
         modality: what the command scores ("image", "text-image", "video", "text-video").
         name / version: what the reward declares.
         keep_dir: keep the temp directories (for debugging).
@@ -167,14 +190,22 @@ class CommandReward(Reward):
             env = dict(os.environ, LRM_REWARD_DIR=str(d))
             cmd = shlex.join(args)
             try:
-                proc = subprocess.run(args, capture_output=True, text=True, timeout=self.timeout, env=env)
-            except subprocess.TimeoutExpired as e:
-                raise RewardCommandError(f"reward command timed out after {self.timeout:g} s: {cmd}. "
-                                         f"Raise timeout=... or make the command faster.") from e
+                proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
             except FileNotFoundError as e:
                 raise RewardCommandError(f"reward command not found: {args[0]!r} ({cmd})") from e
+            try:
+                stdout, stderr = proc.communicate(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                raise RewardTimeoutError(f"reward command timed out after {self.timeout:g} s on a batch of {B} "
+                                         f"(killed with its child processes): {cmd}. Raise timeout=... or make the "
+                                         "command faster.") from None
+            except BaseException:  # interrupted: leave no scorer running
+                _kill_group(proc)
+                raise
             if proc.returncode != 0:
-                tail = (proc.stderr or proc.stdout or "").strip()[-1500:]
+                tail = (stderr or stdout or "").strip()[-1500:]
                 raise RewardCommandError(f"reward command exited with status {proc.returncode}: {cmd}\n{tail}")
             out = d / "scores.json"
             if not out.is_file():

@@ -1,9 +1,15 @@
-"""Subprocess for the SIGKILL test: builds (or resumes) a small Shapes cache slowly enough to be killed mid-way.
+"""Subprocess for the SIGKILL and concurrency tests: builds (or resumes) a small Shapes cache slowly enough to be
+killed mid-way, or (``add-reward``) scores one with one more reward, starting at a given wall-clock time so that
+several processes race.
 
 It uses tiny stand-ins for the VAE and the text encoder (torch only) so that each killed process starts in a
 couple of seconds instead of importing diffusers and transformers; the real encoders are covered in-process.
+
+    python _kill_build.py OUT_DIR N                        build / resume N records
+    python _kill_build.py add-reward OUT_DIR NAME START     add reward NAME (scale = len(NAME)) at time START
 """
 
+import os
 import sys
 import time
 from types import SimpleNamespace
@@ -22,8 +28,19 @@ class SlowReward:
     device = "cpu"
 
     def __call__(self, pixels, prompts=None):
-        time.sleep(0.02)
+        time.sleep(float(os.environ.get("KILL_BUILD_SLEEP", "0.02")))  # seconds per batch
         return pixels.flatten(1).mean(1)
+
+
+class ScaledMean(SlowReward):
+    """Mean brightness times ``scale``: one reward per name for the concurrent add-reward test."""
+
+    def __init__(self, name: str, scale: float):
+        self.name, self.scale = name, scale
+
+    def __call__(self, pixels, prompts=None):
+        time.sleep(0.01)
+        return pixels.flatten(1).mean(1) * self.scale
 
 
 class _TinyAE(torch.nn.Module):
@@ -80,8 +97,19 @@ def config(out_dir: str, n: int) -> BuildCacheConfig:
                             num_workers=1, progress=False, device="cpu", resume=True)
 
 
+def add_reward_at(out_dir: str, name: str, start: float) -> None:
+    from data_cache import AddRewardConfig, add_reward
+
+    time.sleep(max(0.0, start - time.time()))
+    add_reward(AddRewardConfig(cache_dir=out_dir, pixels_from="source", batch_size=2, progress=False, device="cpu"),
+               reward=ScaledMean(name, float(len(name))))
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    out_dir, n = sys.argv[1], int(sys.argv[2])
-    build_cache(config(out_dir, n), rewards=[SlowReward()], vae=tiny_vae(), text_encoder=TinyText())
+    if sys.argv[1] == "add-reward":
+        add_reward_at(sys.argv[2], sys.argv[3], float(sys.argv[4]))
+    else:
+        out_dir, n = sys.argv[1], int(sys.argv[2])
+        build_cache(config(out_dir, n), rewards=[SlowReward()], vae=tiny_vae(), text_encoder=TinyText())
     print("DONE", flush=True)

@@ -218,3 +218,187 @@ def test_split_by_prompt_and_filters(vae, text_encoder, small_cfg):
     np.testing.assert_array_equal(bright.indices, np.flatnonzero(v >= 0.5))
     tr_cache = cache.subset(tr[tr < 40])
     assert len(tr_cache.tensors()["latents"]) == len(tr_cache)
+
+
+# ---- issue 17, item 3: sizes and hashes in the manifest, checked by readers / verify / resume; repair ----------
+def _damage(path, how):
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:  # one flipped byte in the middle of the records: same size
+        b = bytearray(data)
+        b[len(b) // 2] ^= 0xFF
+        path.write_bytes(bytes(b))
+
+
+def test_truncated_shard_is_a_one_line_error_naming_file_and_fix(vae, text_encoder, small_cfg, capsys):
+    from lrm.cli import main
+
+    cfg = small_cfg(n=8, shard_size=4)
+    build_cache(cfg, rewards=[MeanReward()], vae=vae, text_encoder=text_encoder)
+    m = st.read_manifest(cfg.out_dir)
+    assert all(e["bytes"] > 0 and len(e["sha256"]) == 64 for e in m["shards"])  # written at commit
+    bad = st.Path(cfg.out_dir) / st.SHARD_DIR / m["shards"][1]["file"]
+    _damage(bad, "truncate")
+    fix = f"lrm cache repair {cfg.out_dir}"
+    with pytest.raises(CacheError, match=rf"{bad.name} is damaged: \d+ bytes on disk, \d+ in the manifest.*{fix}"):
+        LatentCache.open(cfg.out_dir)
+    for args in (["cache", "stats", cfg.out_dir],
+                 ["cache", "add-reward", "--cache_dir", cfg.out_dir, "--reward", "brightness", "--device", "cpu",
+                  "--progress", "false"]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and bad.name in err[0] and fix in err[0], err
+    # a resume checks what it did not build: no complete=True over a damaged shard
+    cfg.resume = True
+    with pytest.raises(CacheError, match=rf"{bad.name}.*{fix}"):
+        build_cache(cfg, rewards=[MeanReward()], vae=vae, text_encoder=text_encoder)
+    res = verify_cache(cfg.out_dir)
+    assert not res["ok"] and any(bad.name in p and "size" in p for p in res["problems"])
+
+
+def test_bit_flip_found_by_resume_and_repair_rebuilds_exactly_the_damaged_shards(vae, text_encoder, small_cfg):
+    cfg = small_cfg(n=12, shard_size=4)
+    build_cache(cfg, rewards=[MeanReward()], vae=vae, text_encoder=text_encoder)
+    add_reward(AddRewardConfig(cache_dir=cfg.out_dir, pixels_from="source", progress=False, device="cpu"),
+               reward=_Red())
+    root = st.Path(cfg.out_dir)
+    ref = LatentCache.open(root).tensors()
+    m = st.read_manifest(root)
+    files = [e["file"] for e in m["shards"]]
+    _damage(root / st.SHARD_DIR / files[1], "flip")
+    (root / st.SHARD_DIR / files[2]).unlink()
+    untouched = (root / st.SHARD_DIR / files[0]).stat()
+    cfg.resume = True
+    with pytest.raises(CacheError, match=rf"{files[1]}: sha256 .*{files[2]}: file is missing.*lrm cache repair"):
+        build_cache(cfg, rewards=[MeanReward()], vae=vae, text_encoder=text_encoder)
+    assert st.read_manifest(root)["complete"] is True  # untouched by the refused resume
+    cfg.repair = True
+    out = build_cache(cfg, rewards=[MeanReward()], vae=vae, text_encoder=text_encoder)
+    assert out["records_written"] == 8 and out["indices_processed"] == 8  # shards 1 and 2, nothing else
+    assert out["rescore"] == {"red": 2} and out["manifest"]["complete"]
+    after = (root / st.SHARD_DIR / files[0]).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (untouched.st_ino, untouched.st_mtime_ns)
+    # the rebuilt shards are the same records; the added reward is scored again by add-reward (what `repair` runs)
+    add_reward(AddRewardConfig(cache_dir=cfg.out_dir, pixels_from="source", progress=False, device="cpu"),
+               reward=_Red())
+    res = verify_cache(root)
+    assert res["ok"] and not res["warnings"], res
+    cache = LatentCache.open(root)
+    for k, v in cache.tensors().items():
+        assert torch.equal(v, ref[k]), k
+
+
+class _Red(MeanReward):
+    name = "red"
+
+    def __call__(self, px, prompts=None):
+        return px[:, 0].flatten(1).mean(1)
+
+
+def test_lrm_cache_repair_command(tmp_path, capsys):
+    """`lrm cache repair DIR`: the last build's config.yaml with resume + repair, then add-reward again."""
+    from lrm.cli import main
+
+    d = str(tmp_path / "c")
+    common = ["--device", "cpu", "--progress", "false"]
+    assert main(["cache", "build", "--out_dir", d, "--source.num_samples", "8", "--shard_size", "4", "--batch_size",
+                 "4", "--num_workers", "1", "--rewards", "[brightness]", *common]) == 0
+    assert main(["cache", "add-reward", "--cache_dir", d, "--reward", "colorfulness", *common]) == 0
+    ref = LatentCache.open(d).tensors()
+    m = st.read_manifest(d)
+    _damage(st.Path(d) / st.SHARD_DIR / m["shards"][0]["file"], "truncate")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["cache", "verify", d])
+    assert e.value.code == 1 and f"fix: rebuild the damaged or missing shards with `lrm cache repair {d}`" in \
+        capsys.readouterr().out
+    assert main(["cache", "repair", d, "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "complete=True" in out and "colorfulness" in out
+    assert verify_cache(d)["ok"]
+    t = LatentCache.open(d).tensors()
+    for k in ("latents", "reward/brightness", "reward/colorfulness", "index"):
+        assert torch.equal(t[k], ref[k]), k
+
+
+def test_manifest_entries_are_validated(vae, text_encoder, small_cfg, tmp_path):
+    """A hand-edited manifest: a path outside the cache, overlapping ranges, a removed entry -> verify fails,
+    readers refuse, and nothing outside the cache directory is read."""
+    cfg = small_cfg(n=12, shard_size=4)
+    build_cache(cfg, rewards=[MeanReward()], vae=vae, text_encoder=text_encoder)
+    root = st.Path(cfg.out_dir)
+    good = st.read_manifest(root)
+
+    def edited(fn):
+        m = json.loads(json.dumps(good))
+        fn(m)
+        st.write_manifest(root, m)
+        res = verify_cache(root)
+        assert not res["ok"], res
+        with pytest.raises(CacheError, match="lrm cache repair") as e:
+            LatentCache.open(root)
+        return res, str(e.value)
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    f1 = good["shards"][1]["file"]
+    (outside / f1).write_bytes((root / st.SHARD_DIR / f1).read_bytes())
+    for path in (f"../../outside/{f1}", str(outside / f1)):
+        res, err = edited(lambda m: m["shards"][1].update(file=path))
+        assert "refused" in err and path in err and any(path in p for p in res["problems"])
+
+    def overlap(m):
+        m["shards"][1]["start"] = 2
+    res, err = edited(overlap)
+    assert any("overlapping" in p or "does not match its range" in p for p in res["problems"])
+
+    def overlap_named(m):  # a consistent-looking entry whose range overlaps its neighbour
+        e = m["shards"][1]
+        e.update(start=2, file=st.shard_name(2, 8, 0))
+        (root / st.SHARD_DIR / e["file"]).write_bytes((root / st.SHARD_DIR / f1).read_bytes())
+    res, err = edited(overlap_named)
+    assert any("overlapping" in p for p in res["problems"]) and "overlapping" in err
+    (root / st.SHARD_DIR / st.shard_name(2, 8, 0)).unlink()
+
+    def removed(m):
+        del m["shards"][1]
+    res, err = edited(removed)
+    assert any("[4, 8) are in no shard" in p for p in res["problems"]), res
+    assert any(f"orphan file shards/{f1}" in p for p in res["problems"])
+
+    def removed_and_recounted(m):
+        del m["shards"][1]
+        m["counts"] = st.summarize_counts(m)
+    res, err = edited(removed_and_recounted)
+    assert "in no shard" in err
+
+    def sidecar_outside(m):
+        m["rewards"]["x"] = {"version": "1", "modality": "image", "column": "reward/x", "storage": "sidecar"}
+        m["sidecars"] = {"x": [{"shard": m["shards"][0]["file"], "file": "../../outside/x.arrow", "num_records": 4}]}
+    res, err = edited(sidecar_outside)
+    assert "../../outside/x.arrow" in err and "refused" in err
+    st.write_manifest(root, good)
+    assert verify_cache(root)["ok"] and len(LatentCache.open(root)) == 12
+
+
+def test_old_manifest_without_sizes_and_hashes(vae, text_encoder, small_cfg):
+    """Caches written before sizes and hashes were recorded keep working; verify says the hash is unknown; a repair
+    records them."""
+    cfg = small_cfg(n=8, shard_size=4)
+    build_cache(cfg, rewards=[MeanReward()], vae=vae, text_encoder=text_encoder)
+    root = st.Path(cfg.out_dir)
+    m = st.read_manifest(root)
+    want = {e["file"]: (e["bytes"], e["sha256"]) for e in m["shards"]}
+    for e in m["shards"]:
+        del e["bytes"], e["sha256"]
+    st.write_manifest(root, m)
+    res = verify_cache(root)
+    assert res["ok"] and any("hash is unknown" in w and "lrm cache repair" in w for w in res["warnings"]), res
+    assert len(LatentCache.open(root)) == 8
+    cfg.resume = cfg.repair = True
+    out = build_cache(cfg, rewards=[MeanReward()], vae=vae, text_encoder=text_encoder)
+    assert out["records_written"] == 0
+    assert {e["file"]: (e["bytes"], e["sha256"]) for e in st.read_manifest(root)["shards"]} == want
+    res = verify_cache(root)
+    assert res["ok"] and not res["warnings"], res

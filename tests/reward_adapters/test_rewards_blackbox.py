@@ -1,13 +1,16 @@
 """Black-box rewards: Python callables and external commands (file protocol, timeouts, bad replies)."""
 
+import os
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from reward_adapters import create_reward
-from reward_adapters.blackbox import RewardCommandError
+from reward_adapters.blackbox import RewardCommandError, RewardTimeoutError
 
 PY = sys.executable
 # A scorer in the file protocol: mean red of each PNG (or NPZ video) + the prompt's length.
@@ -72,6 +75,39 @@ def test_command_reward_errors(tmp_path, body, match):
     r = create_reward("command", command=[PY, str(f)], timeout=1)
     with pytest.raises(RewardCommandError, match=match):
         r(_x())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie waiting for its (re)parent to reap it is gone too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_command_reward_timeout_kills_its_process_group(tmp_path):
+    """One timeout for the batch, then the command and the child it started die; the child holds the command's
+    stdout, so reading it to the end would otherwise wait for the child as well."""
+    pid_file = tmp_path / "child.pid"
+    f = tmp_path / "spawn.py"
+    f.write_text("import subprocess, sys, time\n"
+                 "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])\n"
+                 f"open({str(pid_file)!r}, 'w').write(str(c.pid))\n"
+                 "time.sleep(30)\n")
+    r = create_reward("command", command=[PY, str(f)], timeout=2)
+    t0 = time.monotonic()
+    with pytest.raises(RewardTimeoutError, match="timed out after 2 s on a batch of 3 .killed with its child"):
+        r(_x())
+    assert time.monotonic() - t0 < 15
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child), "the command's child outlived the timeout"
+    assert issubclass(RewardTimeoutError, RewardCommandError) and issubclass(RewardTimeoutError, TimeoutError)
 
 
 def test_command_not_found():
