@@ -53,3 +53,15 @@ def test_cli_finetune_config_errors(tmp_path, capsys):
     assert "beta_kl must be >= 0" in capsys.readouterr().err
     assert main(["finetune", "--method", "ddpo", "--run_dir", str(tmp_path / "x"), "--not_a_key", "1"]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_summary_of_a_resumed_run_covers_the_whole_run(tmp_path):
+    """Issue 17: a resumed finetune wrote summary.json from the part after the resume only (wrong start, 2 points)."""
+    run = tmp_path / "resumed"
+    args = ["finetune", "--method", "ddpo", "--run_dir", str(run), *TINY]
+    assert main(args) == 0
+    first = json.loads((run / "summary.json").read_text())
+    assert main([*args, "--steps", "3"]) == 0  # resumes at step 2 (a mutable key)
+    second = json.loads((run / "summary.json").read_text())
+    assert second["steps"] == 3 and second["eval_gold_start"] == first["eval_gold_start"]
+    assert len(second["eval_curve"]) == 4 and second["eval_curve"][:3] == first["eval_curve"]
