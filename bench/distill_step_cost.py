@@ -84,8 +84,8 @@ class HeadReward(nn.Module):
 
 def measure(variant: str, args, device) -> dict:
     from distill.denoiser import Denoiser
-    from distill.schedules import DDPMSchedule
     from distill.trainer import DistillConfig, DistillData, DistillTrainer
+    from lrm.schedules import DDPMSchedule
 
     torch.manual_seed(0)
     B = args.batch_size

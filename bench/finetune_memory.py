@@ -140,8 +140,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("finetune_memory.py measures GPU memory: run it on a CUDA machine")
     from distill.denoiser import Denoiser
-    from distill.schedules import DDPMSchedule
     from latent_rewards import create_lrm
+    from lrm.schedules import DDPMSchedule
 
     device = torch.device("cuda")
     out = Path(args.out)

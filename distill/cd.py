@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from distill.schedules import broadcast
+from lrm.schedules import broadcast
 
 DISTANCES = ("huber", "l2")
 

@@ -15,11 +15,12 @@ Follows DRaFT (Clark et al. 2024) and ReFL (Xu et al. 2023, ImageReward).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from distill.samplers import k_step_sample
 
 FRAME_SUBSAMPLING = ("all", "first", "middle", "last", "first-middle-last", "random")
 PIXEL_CLAMPS = ("clamp", "straight-through")
@@ -101,31 +102,16 @@ def direct_reward_loss(x0: torch.Tensor, vae: Any, reward: Callable[..., torch.T
 def sample_with_grad(student_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
                      timesteps: Sequence[int], schedule: Any, grad_steps: int = 1, checkpointing: bool = False,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """Step 1: the student's k-step sampler with autograd on the last ``grad_steps`` steps only.
+    """Step 1: ``distill.samplers.k_step_sample`` with autograd on the last ``grad_steps`` steps only.
 
     ``student_x0(x_t, t (B,))`` is the student's x0 map; ``timesteps`` descending (e.g. [999, 749, 499, 249]).
     Returns the final x0 prediction (with a graph through the last ``grad_steps`` student calls).
     """
-    ts = [int(t) for t in timesteps]
-    K = len(ts)
+    K = len(timesteps)
     if not 1 <= grad_steps <= K:
         raise ValueError(f"grad_steps must be in [1, {K}] for a {K}-step student, got {grad_steps}")
-    B = noise.shape[0]
-    x = noise
-    x0 = noise
-    for i, t in enumerate(ts):
-        tt = torch.full((B,), t, device=noise.device, dtype=torch.long)
-        graded = i >= K - grad_steps
-        with (nullcontext() if graded else torch.no_grad()):
-            if graded and checkpointing:
-                x0 = checkpoint(student_x0, x, tt, use_reentrant=False)
-            else:
-                x0 = student_x0(x, tt)
-            if i + 1 < K:
-                eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device) \
-                    if generator is not None else torch.randn_like(x0)
-                x = schedule.add_noise(x0, eps, ts[i + 1])
-    return x0
+    return k_step_sample(student_x0, noise, timesteps, schedule, grad_steps=grad_steps, checkpointing=checkpointing,
+                         generator=generator).x0
 
 
 __all__ = ["FRAME_SUBSAMPLING", "PIXEL_CLAMPS", "subsample_frames", "to_unit_range", "decode_for_reward",

@@ -57,12 +57,12 @@ from distill.ddpo import (
     transition_mean_log_prob,
 )
 from distill.denoiser import Denoiser
-from distill.direct import FRAME_SUBSAMPLING, PIXEL_CLAMPS, direct_reward_loss, sample_with_grad
+from distill.direct import FRAME_SUBSAMPLING, PIXEL_CLAMPS, direct_reward_loss
 from distill.ema import EMA
 from distill.guard import NonFiniteGuard
 from distill.lrm_ft import lrm_ft_loss
-from distill.samplers import LOG_PROB_REDUCTIONS, STUDENT_TIMESTEPS, step_mean, stochastic_sample
-from distill.vsd import backward_simulation, fake_score_loss, vsd_loss
+from distill.samplers import LOG_PROB_REDUCTIONS, STUDENT_TIMESTEPS, k_step_sample, step_mean, stochastic_sample
+from distill.vsd import fake_score_loss, vsd_loss
 from lrm.checkpoint import find_checkpoint, load_training_state, save_training_state
 from lrm.config import ConfigError, opt
 from lrm.run import (
@@ -444,8 +444,8 @@ class FinetuneTrainer:
         """k-step student sampling (x0 latents), as deployed."""
         was = self.student.training
         self.student.eval()
-        x0 = sample_with_grad(lambda x, t: self.student_x0(x, t, tok, mask), noise.to(self.device), self.timesteps,
-                              self.schedule, grad_steps=1, generator=generator)
+        x0 = k_step_sample(lambda x, t: self.student_x0(x, t, tok, mask), noise.to(self.device), self.timesteps,
+                           self.schedule, generator=generator).x0
         self.student.train(was)
         return x0
 
@@ -506,9 +506,9 @@ class FinetuneTrainer:
         graph) and the state it was predicted from."""
         B = tok.shape[0]
         k = int(torch.randint(len(self.timesteps), (1,))) if len(self.timesteps) > 1 else 0
-        x, t = backward_simulation(lambda x, t: self.student_x0(x, t, tok, mask), self._noise(B), self.timesteps,
-                                   self.schedule, k)
-        return x, t, self.student_x0(x, t, tok, mask)
+        state = k_step_sample(lambda x, t: self.student_x0(x, t, tok, mask), self._noise(B), self.timesteps,
+                              self.schedule, grad_steps=0, stop_at=k)
+        return state.x_t, state.t, self.student_x0(state.x_t, state.t, tok, mask)
 
     # ---- KL / reference penalty (beta_kl) -------------------------------------------------------------------
     @torch.no_grad()
@@ -585,15 +585,9 @@ class FinetuneTrainer:
         """L = -R(Dec(x0), c) with x0 from the k-step sampler, graph on the last K steps; one optimizer step."""
         cfg = self.config
         tok, mask, prompts, lat = self._batch(cfg.batch_size)
-        last: dict[str, torch.Tensor] = {}
-
-        def f(x, t):
-            last["x"], last["t"] = x, t  # the last call is the final step's input state
-            return self.student_x0(x, t, tok, mask)
-
-        x0 = sample_with_grad(f, self._noise(cfg.batch_size), self.timesteps, self.schedule, cfg.direct_grad_steps,
-                              cfg.gradient_checkpointing)
-        x_last, t_last = last["x"].detach(), last["t"]
+        state = k_step_sample(lambda x, t: self.student_x0(x, t, tok, mask), self._noise(cfg.batch_size),
+                              self.timesteps, self.schedule, cfg.direct_grad_steps, cfg.gradient_checkpointing)
+        x0, x_last, t_last = state.x0, state.x_t.detach(), state.t  # (x_last, t_last): the final step's input
         l_r, r = direct_reward_loss(x0, self.vae, self.gold_reward, prompts, cfg.frames, cfg.num_random_frames,
                                     cfg.gradient_checkpointing, cfg.pixel_clamp)
         l_d, logs, _ = self._distill_terms(None, tok, mask, lat)

@@ -22,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 STUDENT_TIMESTEPS = {1: [999], 2: [499, 999], 4: [249, 499, 749, 999]}
@@ -108,19 +110,62 @@ def ddim_sample(denoiser, noise: torch.Tensor, text_tokens: torch.Tensor, text_m
     return x
 
 
+class KStepState(NamedTuple):
+    """What ``k_step_sample`` returns."""
+
+    x0: torch.Tensor  # the last x0 prediction made (``noise`` itself when none was made: ``stop_at=0``)
+    x_t: torch.Tensor  # the state of the last step: the final prediction's input, or with ``stop_at`` the state there
+    t: torch.Tensor  # (B,) long, the timestep of ``x_t``
+
+
+def k_step_sample(student_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
+                  timesteps: Sequence[int], schedule: Any, grad_steps: int | None = None, checkpointing: bool = False,
+                  stop_at: int | None = None, generator: torch.Generator | None = None) -> KStepState:
+    """The k-step (consistency-style) student sampler, the one loop every trainer, term and generator runs.
+
+    1. ``x_{t_0} = noise``; for step ``i``: ``x0_i = student_x0(x_{t_i}, t_i)`` with ``t_i`` a ``(B,)`` long tensor;
+    2. re-noise with fresh noise to the next timestep: ``x_{t_{i+1}} = a x0_i + b eps`` (``schedule.add_noise``;
+       eps from ``generator`` when given, else the global RNG; the state keeps ``noise``'s dtype);
+    3. the last step's ``x0`` is the sample.
+
+    ``timesteps``: sampling order (descending, e.g. [999, 749, 499, 249]), run as given.
+    ``grad_steps``: only the last ``grad_steps`` predictions (and their re-noising) run in the caller's grad mode,
+    the earlier ones under ``torch.no_grad()`` (DRaFT-K); ``None``: every step in the caller's mode; ``0``: none.
+    ``checkpointing``: graded student calls under activation checkpointing (recomputed in the backward pass).
+    ``stop_at=k``: run the first ``k`` steps only and return the state ``(x_{t_k}, t_k)``, the input of step ``k``
+    (DMD2's backward simulation; TDM's stage start), without calling the student there.
+    """
+    ts = [int(t) for t in timesteps]
+    K = len(ts)
+    if K == 0:
+        raise ValueError("timesteps must not be empty")
+    if stop_at is not None and not 0 <= stop_at < K:
+        raise ValueError(f"stop_at must be in [0, {K}) for a {K}-step sampler (the step whose input state to "
+                         f"return), got {stop_at}")
+    n = K if stop_at is None else int(stop_at)  # predictions made
+    g = n if grad_steps is None else int(grad_steps)
+    if not 0 <= g <= n:
+        raise ValueError(f"grad_steps must be in [0, {n}] (steps run), got {grad_steps}")
+    B = noise.shape[0]
+    x, x0 = noise, noise
+    for i in range(n):
+        tt = torch.full((B,), ts[i], device=noise.device, dtype=torch.long)
+        graded = i >= n - g
+        with (contextlib.nullcontext() if graded else torch.no_grad()):
+            x0 = checkpoint(student_x0, x, tt, use_reentrant=False) if graded and checkpointing else student_x0(x, tt)
+            if i + 1 < K:  # the last step of a full run keeps its input as the state
+                x = schedule.add_noise(x0.to(noise.dtype), _randn_like(noise, generator), ts[i + 1])
+    return KStepState(x0, x, torch.full((B,), ts[min(n, K - 1)], device=noise.device, dtype=torch.long))
+
+
 def student_sample(denoiser, noise: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor | None = None,
                    timesteps=(999, 749, 499, 249), generator: torch.Generator | None = None,
                    guidance_scale: float | None = None) -> torch.Tensor:
-    """k-step consistency-style sampler: predict x0 at ``t_k``, re-noise it with fresh noise to
-    ``t_{k+1}``, repeat; return the last x0 prediction. Keeps autograd (wrap in ``torch.no_grad()`` to sample)."""
+    """``k_step_sample`` of a ``Denoiser``'s x0 prediction (timesteps sorted descending); returns the last x0
+    prediction. Keeps autograd (wrap in ``torch.no_grad()`` to sample)."""
     ts = _descending(timesteps, denoiser.schedule.num_train_timesteps)
-    x = noise
-    x0 = noise
-    for k, t in enumerate(ts):
-        x0 = denoiser.x0(x, t, text_tokens, text_mask, guidance_scale)
-        if k + 1 < len(ts):
-            x = denoiser.schedule.add_noise(x0, _randn_like(x0, generator), ts[k + 1])
-    return x0
+    return k_step_sample(lambda x, t: denoiser.x0(x, t, text_tokens, text_mask, guidance_scale), noise, ts,
+                         denoiser.schedule, generator=generator).x0
 
 
 # ---- stochastic posterior sampler with log-probs (DDPO) ---------------------------------------------------

@@ -34,8 +34,8 @@ from distill.denoiser import Denoiser
 from distill.ema import EMA
 from distill.guard import NonFiniteGuard
 from distill.lrm_ft import ConcurrentLRM, lrm_ft_loss
-from distill.samplers import STUDENT_TIMESTEPS
-from distill.vsd import backward_simulation, fake_score_loss, vsd_loss
+from distill.samplers import STUDENT_TIMESTEPS, k_step_sample
+from distill.vsd import fake_score_loss, vsd_loss
 from lrm.checkpoint import find_checkpoint, load_training_state, save_training_state
 from lrm.config import ConfigError, opt
 from lrm.run import (
@@ -446,8 +446,9 @@ class DistillTrainer:
             k = int(torch.randint(len(self.timesteps), (1,), generator=g))
         elif len(self.timesteps) > 1:
             k = int(torch.randint(len(self.timesteps), (1,)))
-        return backward_simulation(lambda x, t: self.student_x0(x, t, batch.text_tokens, batch.text_mask),
-                                   noise, self.timesteps, self.teacher.schedule, k)
+        state = k_step_sample(lambda x, t: self.student_x0(x, t, batch.text_tokens, batch.text_mask), noise,
+                              self.timesteps, self.teacher.schedule, grad_steps=0, stop_at=k)
+        return state.x_t, state.t
 
     @torch.no_grad()
     def generate(self, batch: DistillData) -> torch.Tensor:
@@ -461,15 +462,8 @@ class DistillTrainer:
         """k-step student sampling from ``noise`` (x0 latents)."""
         was = self.student.training
         self.student.eval()
-        x = noise
-        x0 = noise
-        for i, t in enumerate(self.timesteps):
-            tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            x0 = self.student_x0(x, tt, text_tokens, text_mask)
-            if i + 1 < len(self.timesteps):
-                eps = torch.randn(x0.shape, device=x0.device) if generator is None else \
-                    torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
-                x = self.teacher.schedule.add_noise(x0, eps, self.timesteps[i + 1])
+        x0 = k_step_sample(lambda x, t: self.student_x0(x, t, text_tokens, text_mask), noise, self.timesteps,
+                           self.teacher.schedule, generator=generator).x0
         self.student.train(was)
         return x0
 

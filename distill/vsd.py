@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from distill import parameterization as P
+from distill.samplers import k_step_sample
 
 
 def sample_timesteps(batch: int, num_train_timesteps: int = 1000, min_frac: float = 0.02, max_frac: float = 0.98,
@@ -106,18 +107,10 @@ def backward_simulation(student_x0: Callable[[torch.Tensor, torch.Tensor], torch
 
     ``timesteps`` is the student's schedule in sampling order (descending, e.g. [999, 749, 499, 249]);
     ``student_x0(x_t, t)`` returns the student's x0 prediction. Starting from ``noise`` at ``timesteps[0]``,
-    each step predicts x0 and re-noises it with fresh noise to the next timestep. Returns
-    ``(x_t, t)`` at ``timesteps[num_steps]``, the input of the graded step.
+    each step predicts x0 and re-noises it with fresh noise to the next timestep (``distill.samplers.k_step_sample``
+    with ``stop_at=num_steps``). Returns ``(x_t, t)`` at ``timesteps[num_steps]``, the input of the graded step.
     """
     if not 0 <= num_steps < len(timesteps):
         raise ValueError(f"num_steps must be in [0, {len(timesteps)}), got {num_steps}")
-    B = noise.shape[0]
-    x = noise
-    with torch.no_grad():
-        for i in range(num_steps):
-            t = torch.full((B,), timesteps[i], device=noise.device, dtype=torch.long)
-            x0 = student_x0(x, t)
-            t_next = torch.full((B,), timesteps[i + 1], device=noise.device, dtype=torch.long)
-            x = schedule.add_noise(x0.to(noise.dtype), torch.randn_like(noise), t_next)
-    t = torch.full((B,), timesteps[num_steps], device=noise.device, dtype=torch.long)
-    return x, t
+    state = k_step_sample(student_x0, noise, timesteps, schedule, grad_steps=0, stop_at=num_steps)
+    return state.x_t, state.t

@@ -1,4 +1,6 @@
-"""Shared building blocks of the LRM heads: conv trunks (2D / 3D), timestep FiLM, cross-attention, noise schedule.
+"""Shared building blocks of the LRM heads: conv trunks (2D / 3D), timestep FiLM, cross-attention.
+
+The noise schedule of noise-aware heads is ``lrm.schedules.DDPMSchedule`` (shared with ``distill``), re-exported here.
 
 Every head is a ``trunk -> (optional text cross-attention) -> pool -> output`` pipeline; the trunks follow
 DOLLAR Tab. 10 (Conv kxk stride k -> GN -> SiLU; Conv 3x3 s2 -> GN -> SiLU) with configurable width/depth.
@@ -11,6 +13,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lrm.schedules import DDPMSchedule as DDPMSchedule  # re-exported: latent_rewards.DDPMSchedule
 
 # Default GroupNorm groups. Tab. 10's 189,441 parameters count only GN's affine weights (2 x 128 per norm), which
 # do not depend on the group count, and the paper does not state it. Few groups matter: with one channel per group
@@ -159,41 +163,3 @@ class TextProjection(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(tokens))
-
-
-class DDPMSchedule:
-    """Noise schedule for noise-aware heads: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (PAPER_NOTES §1).
-
-    Default: Stable Diffusion's scaled-linear betas (sqrt-space linear 0.00085 .. 0.012, T = 1000); ``"linear"``
-    spaces the betas linearly; ``alphas_cumprod`` (T,) gives any other schedule (e.g. the teacher's own).
-    """
-
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
-                 beta_schedule: str = "scaled_linear", alphas_cumprod: torch.Tensor | None = None):
-        if alphas_cumprod is not None:
-            ac = torch.as_tensor(alphas_cumprod, dtype=torch.float32).reshape(-1)
-            if not ((ac > 0) & (ac <= 1)).all():
-                raise ValueError("alphas_cumprod must lie in (0, 1]")
-            self.num_train_timesteps = len(ac)
-            self.alphas_cumprod = ac
-            self.beta_schedule = "custom"
-            return
-        self.beta_schedule = beta_schedule
-        if beta_schedule == "scaled_linear":
-            betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
-        elif beta_schedule == "linear":
-            betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
-        else:
-            raise ValueError(f"beta_schedule must be 'scaled_linear' or 'linear', got {beta_schedule!r}")
-        self.num_train_timesteps = num_train_timesteps
-        self.alphas_cumprod = torch.cumprod(1 - betas, 0).float()  # (T,)
-
-    def to_dict(self) -> dict:
-        return {"num_train_timesteps": self.num_train_timesteps, "beta_schedule": self.beta_schedule,
-                "alphas_cumprod": [round(float(a), 8) for a in self.alphas_cumprod]}
-
-    def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        abar = self.alphas_cumprod.to(x0.device)[t.long()]  # (B,)
-        shape = (x0.shape[0],) + (1,) * (x0.dim() - 1)
-        noise = torch.randn_like(x0) if noise is None else noise
-        return abar.sqrt().view(shape).to(x0.dtype) * x0 + (1 - abar).sqrt().view(shape).to(x0.dtype) * noise

@@ -28,12 +28,12 @@ from tqdm.auto import tqdm
 
 from latent_rewards.data import LatentData, split_by_prompt
 from latent_rewards.heads.base import LRMInputError, member_outputs
-from latent_rewards.layers import DDPMSchedule
 from latent_rewards.metrics import calibration_plot, regression_metrics, ridge_baseline, spearman
 from latent_rewards.pretrained import LatentReward
 from latent_rewards.registry import create_lrm, list_lrms
 from lrm.config import ConfigError, config_to_dict, opt
 from lrm.run import get_logger, resolve_device, seed_everything
+from lrm.schedules import DDPMSchedule
 
 log = get_logger("lrm.latent_rewards")
 
@@ -307,8 +307,8 @@ def fit(data: LatentData | Any, config: FitConfig | None = None, reward_name: st
     opt_ = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt_, lambda s: lr_lambda(s, config.warmup_steps, config.steps, config.min_lr_ratio))
-    schedule = noise_schedule or DDPMSchedule(config.num_train_timesteps, config.beta_start, config.beta_end,
-                                              config.beta_schedule)
+    schedule = noise_schedule or DDPMSchedule(config.num_train_timesteps, config.beta_schedule,
+                                              config.beta_start, config.beta_end)
     if schedule.num_train_timesteps <= config.noise_max_t:
         raise ConfigError(f"noise_max_t={config.noise_max_t} is outside the schedule's {schedule.num_train_timesteps} "
                           "timesteps; lower noise_max_t")
@@ -363,7 +363,7 @@ def fit(data: LatentData | Any, config: FitConfig | None = None, reward_name: st
             t = torch.where(torch.rand(len(b), device=device, generator=gen) < config.clean_fraction,
                             torch.zeros_like(t), t)
             noise = torch.randn(x.shape, device=device, generator=gen, dtype=x.dtype)
-            x = schedule.add_noise(x, t, noise)
+            x = schedule.add_noise(x, noise, t, check=False)  # t <= noise_max_t < T: no range check (sync)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = member_outputs(model, x, None if ddata.text_tokens is None else ddata.text_tokens[b],
                                  None if ddata.text_mask is None else ddata.text_mask[b], t)  # (K, B)
@@ -451,7 +451,7 @@ def fit(data: LatentData | Any, config: FitConfig | None = None, reward_name: st
                           "split": "by prompt" if data.prompts is not None else "random"},
         "training": {**config_to_dict(config), "best_step": best["step"], "steps_run": step,
                      "train_time_s": train_time, "num_parameters": n_params},
-        "noise_schedule": schedule.to_dict() if noise_aware else None,
+        "noise_schedule": schedule.to_dict(with_alphas_cumprod=True) if noise_aware else None,
         "metrics": {"val": metrics, "ridge_baseline": baseline},
     }
     lrm = LatentReward(raw.cpu(), metadata)

@@ -15,7 +15,7 @@ def tiny_unet():
 def tiny_teacher(seed: int = 0):
     """A conjugate-v Denoiser over ``tiny_unet`` with weights fixed by ``seed``."""
     from distill.denoiser import Denoiser
-    from distill.schedules import DDPMSchedule
+    from lrm.schedules import DDPMSchedule
 
     torch.manual_seed(seed)
     return Denoiser(tiny_unet(), DDPMSchedule(), "conjugate_v")

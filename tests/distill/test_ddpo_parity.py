@@ -19,7 +19,7 @@ from distill.ddpo import DDPOSamples, ppo_loss, transition_log_prob
 from distill.denoiser import Denoiser
 from distill.parameterization import to_eps
 from distill.samplers import ddim_step, gaussian_log_prob, step_log_prob, stochastic_sample
-from distill.schedules import DDPMSchedule
+from lrm.schedules import DDPMSchedule
 
 TS = [999, 749, 499, 249]
 SHAPE = (3, 4, 16, 16)  # B, C, H, W: the 4x16x16 latents

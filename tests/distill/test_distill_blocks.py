@@ -7,7 +7,7 @@ import torch
 
 from distill.denoiser import Denoiser
 from distill.parameterization import PARAMETERIZATIONS, convert, target, to_eps, to_x0
-from distill.schedules import DDPMSchedule, FlowSchedule, schedule_from_dict
+from lrm.schedules import DDPMSchedule, FlowSchedule, schedule_from_dict
 
 SCHEDULES = [DDPMSchedule(beta_schedule="scaled_linear"), DDPMSchedule(beta_schedule="linear", beta_start=1e-4,
              beta_end=0.02), DDPMSchedule(beta_schedule="cosine"), FlowSchedule()]

@@ -6,8 +6,8 @@ import torch
 from distill.denoiser import Denoiser
 from distill.models import load_shapes_teacher, shapes_image_unet, shapes_video_unet
 from distill.parameterization import to_x0
-from distill.schedules import DDPMSchedule
 from distill.train_teacher import TrainTeacherConfig, teacher_loss, train_teacher
+from lrm.schedules import DDPMSchedule
 
 
 def test_teacher_loss_is_conjugate_v_mse_and_decreases_on_fixed_batch():

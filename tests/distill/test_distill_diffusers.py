@@ -17,10 +17,10 @@ from diffusers import (
 from distill.builders import build_teacher, teacher_is_diffusers
 from distill.cli import build_data, build_lrm
 from distill.denoiser import Denoiser, is_diffusers_dir
-from distill.schedules import DDPMSchedule, FlowSchedule
 from distill.trainer import DistillConfig, DistillData, DistillTrainer
 from lrm.config import ConfigError
 from lrm.io import write_json
+from lrm.schedules import DDPMSchedule, FlowSchedule
 
 TEXT_DIM = 8
 

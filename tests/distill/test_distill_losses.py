@@ -16,7 +16,6 @@ from distill.cd import (
 )
 from distill.ema import EMA, ema_update
 from distill.lrm_ft import ConcurrentLRM, lrm_ft_loss
-from distill.schedules import DDPMSchedule
 from distill.vsd import (
     backward_simulation,
     fake_score_loss,
@@ -25,6 +24,7 @@ from distill.vsd import (
     vsd_loss,
     vsd_loss_from_grad,
 )
+from lrm.schedules import DDPMSchedule
 
 
 class ConstDenoiser:

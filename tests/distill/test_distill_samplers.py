@@ -16,7 +16,7 @@ from distill.samplers import (
     stochastic_sample,
     student_sample,
 )
-from distill.schedules import DDPMSchedule
+from lrm.schedules import DDPMSchedule
 
 
 def tiny_unet2d(seed=0):

@@ -9,9 +9,9 @@ import torch
 
 from distill.denoiser import Denoiser
 from distill.lrm_ft import ConcurrentLRM
-from distill.schedules import DDPMSchedule
 from distill.trainer import DistillConfig, DistillData, DistillTrainer
 from lrm.config import ConfigError, load_config
+from lrm.schedules import DDPMSchedule
 from tests.tiny_distill import tiny_data, tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[2]

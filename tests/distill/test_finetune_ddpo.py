@@ -19,7 +19,7 @@ from distill.ddpo import (
 )
 from distill.denoiser import Denoiser
 from distill.samplers import step_mean, stochastic_sample
-from distill.schedules import DDPMSchedule
+from lrm.schedules import DDPMSchedule
 
 TS = [999, 749, 499, 249]
 

@@ -14,8 +14,8 @@ from torch import nn
 
 from distill.denoiser import Denoiser
 from distill.finetune import FinetuneConfig, FinetuneTrainer, PromptPool
-from distill.schedules import DDPMSchedule
 from lrm.config import ConfigError
+from lrm.schedules import DDPMSchedule
 
 DELTA = torch.tensor([0.3, -0.2, 0.1, 0.0])  # per-channel bias shift of the student; channel 3 unshifted
 HW = 16  # 4 x 4 latents

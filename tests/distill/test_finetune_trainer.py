@@ -8,8 +8,8 @@ import torch
 from distill.denoiser import Denoiser
 from distill.direct import direct_reward_loss, sample_with_grad, subsample_frames
 from distill.finetune import FinetuneConfig, FinetuneTrainer, PromptPool
-from distill.schedules import DDPMSchedule
 from lrm.config import ConfigError
+from lrm.schedules import DDPMSchedule
 
 TS = [999, 749, 499, 249]
 

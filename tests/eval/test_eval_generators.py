@@ -11,7 +11,7 @@ def tiny_denoiser(seed=0):
     from diffusers import UNet2DConditionModel
 
     from distill.denoiser import Denoiser
-    from distill.schedules import DDPMSchedule
+    from lrm.schedules import DDPMSchedule
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),

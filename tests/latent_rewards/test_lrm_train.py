@@ -150,7 +150,7 @@ def test_ddpm_schedule_add_noise():
 
     s = DDPMSchedule()
     x0 = torch.ones(4096, 4)
-    xt = s.add_noise(x0, torch.full((4096,), 999))
+    xt = s.add_noise(x0, torch.randn_like(x0), torch.full((4096,), 999))  # diffusers' order: (x0, noise, t)
     abar = float(s.alphas_cumprod[999])
     assert float(xt.mean()) == pytest.approx(abar ** 0.5, abs=0.02)
     assert float(xt.std()) == pytest.approx((1 - abar) ** 0.5, abs=0.02)
