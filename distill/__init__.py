@@ -13,7 +13,7 @@ from distill.samplers import (
     stochastic_sample,
     student_sample,
 )
-from distill.schedules import DDPMSchedule, FlowSchedule, schedule_from_dict
+from lrm.schedules import DDPMSchedule, FlowSchedule, schedule_from_dict
 
 __all__ = [
     "DDPMSchedule", "FlowSchedule", "schedule_from_dict", "PARAMETERIZATIONS", "to_x0", "to_eps", "to_x0_eps",

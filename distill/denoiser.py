@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from distill.parameterization import PARAMETERIZATIONS, to_x0_eps
-from distill.schedules import _as_timesteps
+from lrm.schedules import _as_timesteps
 
 
 class Denoiser(nn.Module):
@@ -212,8 +212,8 @@ class Denoiser(nn.Module):
 
         import diffusers
 
-        from distill.schedules import schedule_from_dict
         from lrm.io import load_tensors, read_json
+        from lrm.schedules import schedule_from_dict
 
         directory = Path(directory)
         meta_path = directory / "denoiser.json"
@@ -263,7 +263,7 @@ class Denoiser(nn.Module):
         """
         import diffusers
 
-        from distill.schedules import DDPMSchedule, FlowSchedule
+        from lrm.schedules import DDPMSchedule, FlowSchedule
 
         cache_dir = cache_dir or os.environ.get("LRM_CACHE_DIR")
         src = str(path_or_id)

@@ -1,6 +1,6 @@
 """What a network predicts, and exact conversions between the parameterisations.
 
-With ``x_t = a_t x0 + b_t eps`` (see ``distill.schedules``):
+With ``x_t = a_t x0 + b_t eps`` (see ``lrm.schedules``):
 
 ==============  ===========================  =============================================
 kind            training target              x0 from the output ``o``
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.schedules import _as_timesteps, broadcast
+from lrm.schedules import _as_timesteps, broadcast
 
 PARAMETERIZATIONS = ("eps", "v", "conjugate_v", "x0", "flow")
 

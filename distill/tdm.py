@@ -29,7 +29,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 
 from distill import parameterization as P
-from distill.schedules import broadcast
+from lrm.schedules import broadcast
 
 DISTANCES = ("paper", "code")
 FAKE_TARGETS = ("x0", "native")

@@ -242,11 +242,11 @@ def init_weights(unet: torch.nn.Module, ema: torch.nn.Module, path: str | Path, 
 
 def train_teacher(cfg: TrainTeacherConfig) -> Path:
     from distill.denoiser import Denoiser
-    from distill.schedules import DDPMSchedule
     from lrm.checkpoint import find_checkpoint, load_training_state, save_training_state
     from lrm.io import write_json
     from lrm.latent_space import VAE
     from lrm.run import prepare_run_dir, resolve_device, seed_everything
+    from lrm.schedules import DDPMSchedule
     from lrm.text import TextEncoder
     from shapes.grid import save_grid, save_video_strip
 

@@ -8,11 +8,11 @@
 
 from latent_rewards.data import LatentData, split_by_prompt
 from latent_rewards.heads import ConvLRM, EnsembleLRM, LRMInputError
-from latent_rewards.layers import DDPMSchedule
 from latent_rewards.metrics import calibration_plot, regression_metrics, ridge_baseline
 from latent_rewards.pretrained import LatentReward, TextEncoderMismatchError
 from latent_rewards.registry import create_lrm, describe_lrm, list_lrms, register_lrm
 from latent_rewards.train import FitConfig, FitResult, evaluate, fit
+from lrm.schedules import DDPMSchedule
 
 __all__ = [
     "ConvLRM", "DDPMSchedule", "EnsembleLRM", "FitConfig", "FitResult", "LRMInputError", "LatentData", "LatentReward",

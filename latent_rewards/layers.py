@@ -1,6 +1,6 @@
 """Shared building blocks of the LRM heads: conv trunks (2D / 3D), timestep FiLM, cross-attention.
 
-The noise schedule of noise-aware heads is ``lrm.schedules.DDPMSchedule`` (shared with ``distill``), re-exported here.
+The noise schedule of noise-aware heads is ``lrm.schedules.DDPMSchedule`` (shared with ``distill``).
 
 Every head is a ``trunk -> (optional text cross-attention) -> pool -> output`` pipeline; the trunks follow
 DOLLAR Tab. 10 (Conv kxk stride k -> GN -> SiLU; Conv 3x3 s2 -> GN -> SiLU) with configurable width/depth.
@@ -13,8 +13,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from lrm.schedules import DDPMSchedule as DDPMSchedule  # re-exported: latent_rewards.DDPMSchedule
 
 # Default GroupNorm groups. Tab. 10's 189,441 parameters count only GN's affine weights (2 x 128 per norm), which
 # do not depend on the group count, and the paper does not state it. Few groups matter: with one channel per group

@@ -117,7 +117,7 @@ class LatentReward(nn.Module):
     @property
     def noise_schedule(self):
         """The ``DDPMSchedule`` a noise-aware LRM was trained on (``None`` for clean-latent LRMs)."""
-        from latent_rewards.layers import DDPMSchedule
+        from lrm.schedules import DDPMSchedule
 
         ns = self.metadata.get("noise_schedule")
         return None if not ns else DDPMSchedule(alphas_cumprod=torch.tensor(ns["alphas_cumprod"]))

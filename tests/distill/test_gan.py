@@ -17,7 +17,7 @@ from distill.gan import (
     hinge_g_loss,
     teacher_features,
 )
-from distill.schedules import DDPMSchedule, FlowSchedule
+from lrm.schedules import DDPMSchedule, FlowSchedule
 from tests.tiny_distill import tiny_unet
 
 

@@ -20,7 +20,7 @@ from distill.reward import (
     temporal_loss,
     total_loss,
 )
-from distill.schedules import DDPMSchedule
+from lrm.schedules import DDPMSchedule
 from reward_adapters.base import Reward, select_frames
 from tests.tiny_distill import tiny_unet
 

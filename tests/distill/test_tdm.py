@@ -10,7 +10,6 @@ import torch.nn as nn
 
 from distill.denoiser import Denoiser
 from distill.samplers import STUDENT_TIMESTEPS, ddim_step
-from distill.schedules import DDPMSchedule, FlowSchedule
 from distill.tdm import (
     Renoised,
     fake_score_loss,
@@ -27,6 +26,7 @@ from distill.tdm import (
     tdm_loss_from_x0,
     transition,
 )
+from lrm.schedules import DDPMSchedule, FlowSchedule
 from tests.tiny_distill import tiny_unet
 
 
