@@ -335,3 +335,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="reward-overoptimization study: fit a proxy LRM on a gold reward, fine-tune (lrm / ddpo / "
                             "direct) with checkpoints, evaluate gold and proxy vs d = sqrt(KL), Gao fits, peak gold, "
                             "early stopping; sweeps over any config key; report.html")
+
+    from eval.human_eval.cli import register as register_human_eval
+
+    register_human_eval(sub)

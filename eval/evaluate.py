@@ -7,7 +7,9 @@ return a tensor, or a dict with ``"latents"`` and optionally ``"nfe"`` (network 
 and ``"kl"`` (``(B,)`` per-sample KL from the reference chain, see ``eval.kl.gaussian_chain_kl``).
 
 Output: one row per sample (tidy), a per-prompt view, and a summary with bootstrap confidence intervals
-(resampling PROMPTS, since samples of one prompt are correlated).
+(resampling PROMPTS, since samples of one prompt are correlated). With ``save_samples=True`` every sample is
+also kept as a file (``samples/p{prompt_id:04d}_s{seed}.webp``, column ``sample_file``): the input of a human
+pairwise study (``lrm human-eval prepare``).
 """
 
 from __future__ import annotations
@@ -142,6 +144,37 @@ def noise_seed(seed: int, prompt_index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(prompt_index)]).generate_state(1)[0])
 
 
+# ---- per-sample files ------------------------------------------------------------------------------------
+
+SAMPLE_FPS = 8  # frame rate of saved videos (shapes.grid.save_gif's)
+
+
+def encode_sample(x: torch.Tensor, fps: int = SAMPLE_FPS) -> bytes:
+    """One sample as a lossless WebP: ``(3, H, W)`` -> an image, ``(T, 3, H, W)`` -> an animated (looping) WebP.
+
+    WebP, not PNG/GIF: lossless for both images and videos (GIF has 256 colours), no video codec needed, every
+    browser shows it, and ``eval.report`` (which inlines every PNG/GIF of a run) does not list each sample."""
+    import io
+
+    from PIL import Image
+
+    from shapes.grid import to_uint8
+
+    a = to_uint8(x.float())  # (H, W, 3) or (T, H, W, 3)
+    buf = io.BytesIO()
+    if a.ndim == 3:
+        Image.fromarray(a).save(buf, "WEBP", lossless=True, quality=100, method=4)
+    else:
+        frames = [Image.fromarray(f) for f in a]
+        frames[0].save(buf, "WEBP", save_all=True, append_images=frames[1:], lossless=True, quality=100, method=4,
+                       duration=int(round(1000 / fps)), loop=0)
+    return buf.getvalue()
+
+
+def sample_file_name(prompt_id: int, seed: int) -> str:
+    return f"samples/p{int(prompt_id):04d}_s{int(seed)}.webp"
+
+
 # ---- results -----------------------------------------------------------------------------------------
 
 def _bootstrap_ci(groups: list[np.ndarray], stat: Callable[[np.ndarray], float], n_boot: int, ci: float,
@@ -170,13 +203,16 @@ def _nanmean(a: np.ndarray) -> float:
 @dataclass
 class EvalResult:
     """``samples``: one row per sample; ``per_prompt``: means per prompt (+ diversity); ``summary``: one row per
-    metric with mean and bootstrap CI; ``meta``: settings and speed; ``preview``: pixels of the first samples."""
+    metric with mean and bootstrap CI; ``meta``: settings and speed; ``preview``: pixels of the first samples;
+    ``sample_files``: (save_samples) every sample's encoded file, keyed by its path relative to the output directory
+    (the ``sample_file`` column)."""
 
     samples: pd.DataFrame
     per_prompt: pd.DataFrame
     summary: pd.DataFrame
     meta: dict = field(default_factory=dict)
     preview: torch.Tensor | None = None
+    sample_files: dict[str, bytes] = field(default_factory=dict)
 
     def metric(self, name: str) -> float:
         row = self.summary[self.summary["metric"] == name]
@@ -185,12 +221,17 @@ class EvalResult:
         return float(row["mean"].iloc[0])
 
     def save(self, out_dir: str | Path, preview_nrow: int | None = None) -> dict[str, Path]:
-        """Write samples/per_prompt/summary as Parquet + CSV, ``eval.json`` and a preview grid (PNG; GIF for video)."""
-        from lrm.io import write_json
+        """Write samples/per_prompt/summary as Parquet + CSV, ``eval.json``, a preview grid (PNG; GIF for video)
+        and, when kept (save_samples), one file per sample under ``samples/``."""
+        from lrm.io import atomic_write_bytes, write_json
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths: dict[str, Path] = {}
+        for rel, data in self.sample_files.items():  # before the tables that name them
+            atomic_write_bytes(out / rel, data)
+        if self.sample_files:
+            paths["sample_files"] = out / Path(next(iter(self.sample_files))).parent
         for name, df in (("samples", self.samples), ("per_prompt", self.per_prompt), ("summary", self.summary)):
             df.to_parquet(out / f"{name}.parquet", index=False)
             df.to_csv(out / f"{name}.csv", index=False)
@@ -255,6 +296,7 @@ def evaluate(
     warmup: bool = True,
     progress: bool = True,
     name: str = "generator",
+    save_samples: bool = False,
 ) -> EvalResult:
     """Evaluate ``generator`` on ``prompts`` x ``n_per_prompt`` fixed-seed samples.
 
@@ -283,6 +325,8 @@ def evaluate(
         n_bootstrap, ci: bootstrap resamples over prompts and the confidence level.
         n_preview: how many decoded samples (prompt-major) to keep for a preview grid.
         warmup: run the first batch once untimed (CUDA init, cudnn autotune) before timing.
+        save_samples: keep every decoded sample as a lossless WebP (``encode_sample``; videos animated at
+            ``SAMPLE_FPS``) in ``EvalResult.sample_files``, named in the ``sample_file`` column; ``save`` writes them.
     """
     from tqdm.auto import tqdm
 
@@ -294,6 +338,9 @@ def evaluate(
     seed_list = [int(seeds) + j for j in range(n_per_prompt)] if isinstance(seeds, (int, np.integer)) else list(seeds)
     if len(seed_list) != n_per_prompt:
         raise ValueError(f"got {len(seed_list)} seeds for n_per_prompt={n_per_prompt}; pass one per sample or an int")
+    if save_samples and len(set(seed_list)) != len(seed_list):
+        raise ValueError(f"save_samples names each file by (prompt, seed), but seeds {seed_list} repeat; pass distinct "
+                         "seeds")
     gold_rewards = dict(gold_rewards or {})
     proxy_rewards = dict(proxy_rewards or {})
     accuracy_rewards = dict(accuracy_rewards or {})
@@ -318,6 +365,7 @@ def evaluate(
     rows: list[dict] = []
     keyframes: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(prompts))}
     preview: list[torch.Tensor] = []
+    sample_files: dict[str, bytes] = {}
     gen_time, n_timed, nfe_seen = 0.0, 0, set()
     batches = [items[k:k + batch_size] for k in range(0, len(items), batch_size)]
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -365,6 +413,9 @@ def evaluate(
             if nfe is not None:
                 row["nfe"] = int(nfe)
                 row["time_per_nfe_s"] = dt / len(batch) / max(int(nfe), 1)
+            if save_samples:
+                row["sample_file"] = sample_file_name(i, seed_list[j])
+                sample_files[row["sample_file"]] = encode_sample(pix_cpu[k])
             for c, v in cols.items():
                 row[c] = float(v[k])
             if accuracy_rewards:
@@ -434,4 +485,4 @@ def evaluate(
             "gold_rewards": sorted(gold_rewards), "proxy_rewards": sorted(proxy_rewards),
             "accuracy_attributes": sorted(accuracy_rewards)}
     return EvalResult(samples=samples, per_prompt=per_prompt, summary=summary, meta=meta,
-                      preview=torch.stack(preview) if preview else None)
+                      preview=torch.stack(preview) if preview else None, sample_files=sample_files)

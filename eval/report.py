@@ -5,7 +5,9 @@
 - a study table ``study.csv`` (one row per checkpoint: ``step``, ``d``, ``gold/*``, ``proxy/*``, ``acc/*``,
   ``diversity`` with ``*_ci_low``/``*_ci_high``) -> plots of reward vs step and vs d with the fitted Gao et al.
   curves from ``fits.json``, the peak-gold marker and the early-stopping recommendations (``early_stop.json``,
-  which may use gold, and the gold-free ``early_stop_proxy.json``);
+  which may use gold, and the gold-free ``early_stop_proxy.json``); with a ``human_win_rate.csv`` beside it
+  (``lrm human-eval results --into-report``), the human win rate against the initial model vs d next to the gold
+  and proxy reward;
 - a best-of-n table ``bon.csv`` (``n``, ``d``, ``gold``, ``proxy``) -> reward vs d_bon with the R_bon fit;
 - a single evaluation ``summary.csv`` (``metric``, ``mean``, ``ci_low``, ``ci_high``) -> a bar chart with CIs;
 - every CSV (or Parquet without a CSV twin) and small JSON file as a table;
@@ -383,6 +385,12 @@ def write_report(run_dir: str | Path, title: str | None = None) -> Path:
         p = plot_vs_d(study, fits, plots_dir / "reward_vs_d.png", d_note, early_proxy)
         if p:
             plots.append(("Rewards vs distance from the reference, with fitted Gao et al. curves", p))
+        if (root / "human_win_rate.csv").exists():  # `lrm human-eval results --into-report`
+            from eval.human_eval.analysis import plot_human_vs_d
+
+            p = plot_human_vs_d(study, pd.read_csv(root / "human_win_rate.csv"), plots_dir / "human_vs_d.png", d_note)
+            if p:
+                plots.append(("Human win rate against the initial model vs d, beside gold and proxy reward", p))
     if (root / "bon.csv").exists():
         p = plot_bon(pd.read_csv(root / "bon.csv"), fits, plots_dir / "best_of_n.png")
         if p:
