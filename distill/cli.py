@@ -78,6 +78,41 @@ def build_lrm(cfg: DistillConfig, data: DistillData, vae: Any, device: torch.dev
     return ConcurrentLRM(head, opt, reward, vae)
 
 
+def build_mixed_reward(cfg: DistillConfig, vae: Any, device: torch.device, text_encoder: Any = None):
+    """Paper 004's mixed rewards from ``spatial_rewards`` / ``temporal_reward``: a LatentReward directory gives the
+    latent form (checked against the VAE and, for text heads, the captions' encoder), any other name a pixel reward
+    through the decoder; ``None`` when both are unset."""
+    from pathlib import Path
+
+    from distill.reward import LatentRewardTerm, MixedReward, PixelReward
+
+    names = list(cfg.spatial_rewards) + ([cfg.temporal_reward] if cfg.temporal_reward else [])
+    if not names:
+        return None
+
+    def term(name: str):
+        if Path(name).is_dir():
+            from latent_rewards import LatentReward
+
+            lrm = LatentReward.from_pretrained(name, device=device)
+            lrm.check_inputs(latent_space=vae.latent_space,
+                             text_encoder=text_identity(cfg, text_encoder) if lrm.needs_text else None)
+            return LatentRewardTerm(lrm)
+        from reward_adapters import create_reward
+
+        if vae is None:
+            raise ConfigError(f"pixel reward {name!r} needs the VAE to decode; set vae")
+        reward = create_reward(name, device=str(device))
+        if not getattr(reward, "differentiable", False):
+            raise ConfigError(f"reward {name!r} is not differentiable; use a differentiable one (colorfulness, "
+                              "sharpness, brightness, ...) or a LatentReward directory")
+        return PixelReward(reward, vae, checkpointing=cfg.gradient_checkpointing)
+
+    spatial = [term(n) for n in cfg.spatial_rewards] + [None, None]
+    return MixedReward(spatial[0], spatial[1], term(cfg.temporal_reward) if cfg.temporal_reward else None,
+                       weights=(cfg.beta_gan, cfg.beta_spatial, cfg.beta_temporal))
+
+
 def build_trainer(cfg: DistillConfig) -> DistillTrainer:
     """Teacher, VAE, data latents and LRM from the config -> a ready ``DistillTrainer``."""
     acc = make_accelerator(cfg)
@@ -94,7 +129,8 @@ def build_trainer(cfg: DistillConfig) -> DistillTrainer:
     check_text_width(teacher, data.text_tokens.shape[-1],
                      f"caption embeddings of {cfg.data_cache or 'the Shapes data'}")
     lrm = build_lrm(cfg, data, vae, device, text_encoder=text)
-    return DistillTrainer(cfg, teacher, data, lrm=lrm, vae=vae, accelerator=acc)
+    mixed = build_mixed_reward(cfg, vae, device, text_encoder=text)
+    return DistillTrainer(cfg, teacher, data, lrm=lrm, vae=vae, accelerator=acc, mixed_reward=mixed)
 
 
 def run_distill(cfg: DistillConfig) -> DistillTrainer:

@@ -32,9 +32,12 @@ from distill import fsdp as fsdp_util
 from distill.cd import cd_distance, cd_inputs_and_target, consistency_output, ddim_grid
 from distill.denoiser import Denoiser
 from distill.ema import EMA
+from distill.gan import Discriminator, discriminator_loss, generator_adv_loss
 from distill.guard import NonFiniteGuard
 from distill.lrm_ft import ConcurrentLRM, lrm_ft_loss
 from distill.samplers import STUDENT_TIMESTEPS, k_step_sample
+from distill.tdm import fake_score_loss as tdm_fake_score_loss
+from distill.tdm import renoise, tdm_generator_loss
 from distill.vsd import fake_score_loss, vsd_loss
 from lrm.checkpoint import find_checkpoint, load_training_state, save_training_state
 from lrm.config import ConfigError, opt
@@ -52,7 +55,8 @@ from lrm.run import (
 MUTABLE_KEYS = ("steps", "resume", "overwrite", "progress", "log_every", "ckpt_every", "sample_every", "tensorboard",
                 "final_checkpoint", "student_fp16", "max_nonfinite_steps", "num_sample_prompts", "samples_per_prompt",
                 "vae_chunk_size", "device")
-LOG_COLUMNS = ["step", "loss_g", "loss_vsd", "loss_cd", "loss_ft", "lrm_reward", "loss_fake", "loss_lrm",
+LOG_COLUMNS = ["step", "loss_g", "loss_vsd", "loss_tdm", "loss_cd", "loss_ft", "lrm_reward", "loss_gan", "loss_mixed",
+               "loss_fake", "loss_disc", "loss_lrm",
                "grad_norm_g", "vsd_grad_norm", "lr", "sec_per_step"]
 
 
@@ -105,6 +109,26 @@ class DistillConfig:
     beta_vsd: float = opt(1.0, "weight of L_VSD")
     beta_cd: float = opt(0.5, "weight of L_CD (DOLLAR beta_CD)")
     beta_ft: float = opt(1.0, "weight of L_FT (DOLLAR beta_FT), in 1 / reward units")
+    # ---- TDM, adversarial term, mixed rewards (paper 004: distill/tdm.py, gan.py, reward.py) ----------------
+    use_tdm: bool = opt(False, "trajectory distribution matching (paper 004 Eq. 2-10) instead of VSD: the fake score "
+                               "learns the student's samples re-noised inside the graded step's stage (AdamW betas "
+                               "(0, 0.95) for it, as the TDM code; set fake_updates 1 as there)")
+    beta_tdm: float = opt(1.0, "weight of L_traj")
+    tdm_guidance: float = opt(4.5, "CFG scale of the teacher's x0 in TDM's target (the TDM code's README: 4.5)")
+    tdm_distance: Literal["paper", "code"] = opt("paper", "TDM distance: paper (pseudo-Huber of the per-sample "
+                                                          "norm, c = 0.00054 sqrt(d)) or code (per element, c = 1e-3,"
+                                                          " normalised by mean|x0 - x0_real,cfg|)")
+    use_gan: bool = opt(False, "adversarial term (paper 004 Eq. 11-12): hinge loss of discriminator heads on the "
+                               "frozen teacher's down/mid-block features; real samples are the data latents")
+    beta_gan: float = opt(0.5, "weight of L_gen (paper 004 lambda_1)")
+    lr_disc: float = opt(2e-5, "discriminator heads' learning rate (AdamW betas (0, 0.95)); one D step per G step")
+    spatial_rewards: list[str] = opt([], "mixed rewards (paper 004 Eq. 13): up to two rewards (R_it, R_iq) on the "
+                                         "first, middle and last frame, each a reward_adapters name (pixels, through "
+                                         "the decoder) or a LatentReward directory (latents, no decoder)")
+    temporal_reward: str | None = opt(None, "mixed rewards (Eq. 14): R_v on the whole sample, a reward name or a "
+                                            "LatentReward directory")
+    beta_spatial: float = opt(1.0, "weight of L_spatial (paper 004 lambda_2)")
+    beta_temporal: float = opt(1.5, "weight of L_temporal (paper 004 lambda_3)")
     # ---- VSD -------------------------------------------------------------------------------------------
     real_guidance: float = opt(3.5, "CFG scale of the real score (teacher), Imagen form uncond + s (cond - uncond)")
     vsd_t_min: float = opt(0.02, "VSD/fake-score timesteps t ~ U[t_min T, t_max T]: lower end, fraction of T")
@@ -163,16 +187,22 @@ class DistillConfig:
     progress: bool = opt(True, "tqdm progress bar")
 
     def __post_init__(self) -> None:
-        if not (self.use_vsd or self.use_cd or self.use_lrm_ft):
-            raise ConfigError("all losses are off: set use_vsd, use_cd and/or use_lrm_ft to true")
+        if not (self.use_vsd or self.use_cd or self.use_lrm_ft or self.use_tdm or self.use_gan or self.spatial_rewards
+                or self.temporal_reward):
+            raise ConfigError("all losses are off: set use_vsd / use_tdm, use_cd, use_gan, use_lrm_ft or the mixed "
+                              "rewards (spatial_rewards, temporal_reward)")
+        if self.use_vsd and self.use_tdm:
+            raise ConfigError("use_vsd and use_tdm both train the fake score with their own objective: pick one")
+        if len(self.spatial_rewards) > 2:
+            raise ConfigError(f"spatial_rewards takes at most two rewards (R_it, R_iq), got {self.spatial_rewards}")
         if self.student_timesteps is None and self.student_steps not in STUDENT_TIMESTEPS:
             raise ConfigError(f"student_steps={self.student_steps} has no default timesteps "
                               f"({sorted(STUDENT_TIMESTEPS)}); pass student_timesteps explicitly")
         for name in ("steps", "batch_size", "grad_accum", "cd_ddim_steps", "cd_teacher_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.fake_updates < 1 and self.use_vsd:
-            raise ConfigError(f"fake_updates must be >= 1 with use_vsd, got {self.fake_updates}")
+        if self.fake_updates < 1 and (self.use_vsd or self.use_tdm):
+            raise ConfigError(f"fake_updates must be >= 1 with use_vsd / use_tdm, got {self.fake_updates}")
         if not 0.0 <= self.vsd_t_min < self.vsd_t_max <= 1.0:
             raise ConfigError(f"need 0 <= vsd_t_min < vsd_t_max <= 1, got {self.vsd_t_min}, {self.vsd_t_max}")
         if not 0.0 <= self.cd_ema_decay <= 1.0:
@@ -300,7 +330,7 @@ class DistillTrainer:
     """
 
     def __init__(self, config: DistillConfig, teacher: Denoiser, data: DistillData, lrm: Any = None,
-                 vae: Any = None, accelerator: Any = None):
+                 vae: Any = None, accelerator: Any = None, mixed_reward: Any = None):
         self.config = cfg = config
         if accelerator is None:
             accelerator = make_accelerator(cfg)
@@ -324,7 +354,7 @@ class DistillTrainer:
         # Teacher (frozen), student and fake score (both initialised from the teacher), CD target (EMA).
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.student = _student_from_teacher(self.teacher, cfg.parameterization)
-        self.fake = copy.deepcopy(self.teacher).requires_grad_(True).train() if cfg.use_vsd else None
+        self.fake = copy.deepcopy(self.teacher).requires_grad_(True).train() if (cfg.use_vsd or cfg.use_tdm) else None
         self.target = EMA(self.student, cfg.cd_ema_decay) if cfg.use_cd else None
         # FSDP: save_student writes the gathered weights through this unsharded copy (main process, CPU)
         self._plain_student = copy.deepcopy(self.student.model).cpu() if self.fsdp and acc.is_main_process else None
@@ -367,8 +397,20 @@ class DistillTrainer:
         betas = (cfg.adam_beta1, cfg.adam_beta2)
         self.opt_g = torch.optim.AdamW(self.student.model.parameters(), lr=cfg.lr_student, betas=betas,
                                        weight_decay=cfg.weight_decay)
-        self.opt_f = torch.optim.AdamW(self.fake.model.parameters(), lr=cfg.lr_fake, betas=betas,
+        self.opt_f = torch.optim.AdamW(self.fake.model.parameters(), lr=cfg.lr_fake,
+                                       betas=(0.0, 0.95) if cfg.use_tdm else betas,  # TDM code's fake optimizer
                                        weight_decay=cfg.weight_decay) if self.fake is not None else None
+        self.disc = self.opt_d = None
+        if cfg.use_gan:
+            if acc.num_processes > 1:
+                raise ConfigError("use_gan runs in one process for now (the discriminator heads are not wrapped for "
+                                  "DDP / FSDP); run without torchrun / accelerate launch")
+            self.disc = Discriminator.for_teacher(self.teacher).to(self.device)
+            self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=cfg.lr_disc, betas=(0.0, 0.95))
+        if (cfg.spatial_rewards or cfg.temporal_reward) and mixed_reward is None:
+            raise ConfigError("spatial_rewards / temporal_reward need mixed_reward= (a distill.reward.MixedReward; "
+                              "`lrm distill` builds it from the names)")
+        self.mixed_reward = mixed_reward
         if acc.num_processes > 1 and not self.fsdp:  # DDP: gradients of every trained network are all-reduced
             self.student.model = acc.prepare_model(self.student.model)
             if self.fake is not None:
@@ -384,6 +426,7 @@ class DistillTrainer:
         self.step = 0
         self.history: list[dict[str, float]] = []
         self._last: list[tuple[DistillData, torch.Tensor]] = []  # (batch, x_hat) of the last generator step
+        self._last_r: list[Any] = []  # TDM: the re-noised points of those x_hat
         self._csv_path = Path(cfg.run_dir) / "log.csv"
         self._tb = None
 
@@ -451,6 +494,39 @@ class DistillTrainer:
         return state.x_t, state.t
 
     @torch.no_grad()
+    def _tdm_point(self, x_hat: torch.Tensor, x_k: torch.Tensor, t_k: torch.Tensor):
+        """TDM steps 1-2 for the graded step's stage [stage end e, t_k]: tau ~ U[max(20, e), t_k - 10), then x_hat
+        re-noised along the student's own trajectory (``distill.tdm.renoise``)."""
+        ts = self.timesteps
+        i = ts.index(int(t_k.flatten()[0]))
+        end = ts[i + 1] + 1 if i + 1 < len(ts) else 0
+        lo, hi = max(20, end), int(t_k.flatten()[0]) - 10
+        if hi <= lo:
+            raise ConfigError(f"TDM: the stage [{end}, {ts[i]}] of student timesteps {ts} is too short for a tau in "
+                              "[max(20, end), start - 10); use fewer, wider steps")
+        tau = torch.randint(lo, hi, (x_hat.shape[0],), device=self.device)
+        e = torch.full_like(tau, end)
+        t_start = t_k.reshape(-1).expand(x_hat.shape[0]) if t_k.numel() == 1 else t_k
+        return renoise(x_hat, x_k, t_start, e, tau, self.teacher.schedule)
+
+    def disc_step(self) -> float:
+        """One step of the discriminator heads (hinge L_D) on the data latents of the last generator step's batches
+        (real) and its student samples (fake)."""
+        self.disc.train()
+        self.opt_d.zero_grad(set_to_none=True)
+        total = 0.0
+        for batch, x_hat in self._last:
+            loss, _ = discriminator_loss(self.disc, self.teacher, batch.latents, batch.text_tokens, batch.text_mask,
+                                         x_hat, batch.text_tokens, batch.text_mask, autocast=self.autocast)
+            (loss / len(self._last)).backward()
+            total += float(loss.detach()) / len(self._last)
+        gn = torch.nn.utils.clip_grad_norm_(self.disc.parameters(), self.config.max_grad_norm or float("inf"))
+        if self.guard.check(gn, "discriminator loss / gradient", self.step + 1, key="disc"):
+            self.opt_d.step()
+        self.opt_d.zero_grad(set_to_none=True)
+        return total
+
+    @torch.no_grad()
     def generate(self, batch: DistillData) -> torch.Tensor:
         """Student samples for ``batch``'s captions as the fake score sees them (backward simulation)."""
         x, t = self._graded_input(batch)
@@ -475,8 +551,9 @@ class DistillTrainer:
         self.student.train()
         self.opt_g.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        self._last = []
-        need_x_hat = cfg.use_vsd or cfg.use_lrm_ft or self.concurrent
+        self._last, self._last_r = [], []
+        need_x_hat = (cfg.use_vsd or cfg.use_tdm or cfg.use_gan or cfg.use_lrm_ft or self.concurrent
+                      or self.mixed_reward is not None)
         grad_dtype = torch.float64 if cfg.vsd_grad_dtype == "float64" else torch.float32
         for micro in range(cfg.grad_accum):
             batch = self.sample_batch()
@@ -507,6 +584,21 @@ class DistillTrainer:
                 if need_x_hat:
                     x_hat = parts[0]
                     self._last.append((batch, x_hat.detach()))
+                if cfg.use_tdm:
+                    r = self._tdm_point(x_hat, x_k, t_k)
+                    self._last_r.append(r)
+                    l_tdm, _ = tdm_generator_loss(x_hat, r, self.teacher, self.fake, tok, mask, null_t, null_m,
+                                                  cfg.tdm_guidance, cfg.tdm_distance, autocast=self.autocast)
+                    loss = loss + cfg.beta_tdm * l_tdm
+                    logs["loss_tdm"] = float(l_tdm.detach())
+                if cfg.use_gan:
+                    l_gan, _ = generator_adv_loss(self.disc, self.teacher, x_hat, tok, mask, autocast=self.autocast)
+                    loss = loss + cfg.beta_gan * l_gan
+                    logs["loss_gan"] = float(l_gan.detach())
+                if self.mixed_reward is not None:  # weights inside: beta_spatial, beta_temporal
+                    l_mix, _ = self.mixed_reward.loss(x_hat, tok, mask, batch.prompts)
+                    loss = loss + l_mix
+                    logs["loss_mixed"] = float(l_mix.detach())
                 if cfg.use_vsd:
                     l_vsd, info = vsd_loss(x_hat, self.teacher, self.fake, tok, mask, null_t, null_m,
                                            cfg.real_guidance, min_frac=cfg.vsd_t_min, max_frac=cfg.vsd_t_max,
@@ -551,20 +643,32 @@ class DistillTrainer:
         """Lines 12-13: one optimizer step of the fake score on the teacher objective at sg(x_hat)."""
         cfg, acc = self.config, self.accelerator
         if self.fake is None:
-            raise RuntimeError("fake_score_step needs use_vsd=true")
+            raise RuntimeError("fake_score_step needs use_vsd=true or use_tdm=true")
         self.fake.train()
         self.opt_f.zero_grad(set_to_none=True)
         pairs = list(self._last) if (reuse_last and self._last) else []
         total = 0.0
         for micro in range(cfg.grad_accum):
+            r = None
             if micro < len(pairs):
                 batch, x_hat = pairs[micro]
+                r = self._last_r[micro] if cfg.use_tdm else None
             else:
                 batch = self.sample_batch()
-                x_hat = self.generate(batch)
+                if cfg.use_tdm:
+                    with torch.no_grad():
+                        x_k, t_k = self._graded_input(batch)
+                        x_hat = self.student_x0(x_k, t_k, batch.text_tokens, batch.text_mask)
+                        r = self._tdm_point(x_hat, x_k, t_k)
+                else:
+                    x_hat = self.generate(batch)
             with self._no_sync(self.fake.model, micro == cfg.grad_accum - 1):
-                loss = fake_score_loss(self.fake, x_hat, batch.text_tokens, batch.text_mask, min_frac=cfg.vsd_t_min,
-                                       max_frac=cfg.vsd_t_max, autocast=self.autocast)
+                if cfg.use_tdm:  # TDM Eq. 8 / 10 at the re-noised point (x0 target, min(SNR, 5) weight)
+                    loss = tdm_fake_score_loss(self.fake, x_hat, r, batch.text_tokens, batch.text_mask,
+                                               autocast=self.autocast)
+                else:
+                    loss = fake_score_loss(self.fake, x_hat, batch.text_tokens, batch.text_mask,
+                                           min_frac=cfg.vsd_t_min, max_frac=cfg.vsd_t_max, autocast=self.autocast)
                 acc.backward(loss / cfg.grad_accum)
             total += float(loss.detach()) / cfg.grad_accum
         gn = self._clip(self.fake.model, cfg.max_grad_norm)
@@ -590,9 +694,11 @@ class DistillTrainer:
         t0 = time.perf_counter()
         self._draws = 0
         row = self.generator_step()
-        if self.config.use_vsd:
+        if self.fake is not None:
             fl = [self.fake_score_step(reuse_last=(i == 0)) for i in range(self.config.fake_updates)]
             row["loss_fake"] = sum(fl) / len(fl)
+        if self.disc is not None:
+            row["loss_disc"] = self.disc_step()
         if self.concurrent:
             row["loss_lrm"] = self.lrm_step()
         self.step += 1
@@ -611,6 +717,9 @@ class DistillTrainer:
             optims["fake"] = self.opt_f
         if self.target is not None:
             modules["target"] = self.target.shadow.model
+        if self.disc is not None:
+            modules["disc"] = self.disc
+            optims["disc"] = self.opt_d
         if self.concurrent:
             modules["lrm_head"] = self._unwrap(self.lrm.head)
             modules["lrm_target_stats"] = self.lrm.stats
