@@ -101,6 +101,8 @@ class EvalConfig:
     batch_size: int = opt(32, "samples per generator call (the samples of one call are decoded in vae_chunk_size "
                               "chunks, then scored)")
     device: str = opt("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    save_samples: bool = opt(False, "one lossless WebP per sample in samples/ (the input of `lrm human-eval "
+                                    "prepare`)")
     report: bool = opt(True, "write report.html")
 
     def __post_init__(self):
@@ -297,7 +299,8 @@ def run_eval(cfg: EvalConfig):
                    keyframe_stride=cfg.keyframe_stride, reference=reference, kl_sigma=cfg.kl_sigma,
                    diversity_features=diversity_embedding(cfg.diversity_features, vae, cfg.diversity_pool),
                    batch_size=cfg.batch_size, device=device, n_bootstrap=cfg.n_bootstrap,
-                   n_preview=min(len(prompts), 8) * cfg.n_per_prompt, name=str(generator))
+                   n_preview=min(len(prompts), 8) * cfg.n_per_prompt, name=str(generator),
+                   save_samples=cfg.save_samples)
     res.meta.update(generator=repr(generator), image_size=size, shapes_captions=shapes_captions)
     res.save(out)
     print(res.summary.to_string(index=False, float_format=lambda v: f"{v:.4g}"))

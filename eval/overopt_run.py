@@ -185,6 +185,8 @@ class OveroptConfig:
     sweep: dict = opt({}, "config key -> list of values, one sub-run per value in RUN/<key>=<value>/ (several keys: "
                           "their product); keys: any field here but run_dir/sweep/report, or finetune.<field> / "
                           "lrm_fit.<field>")
+    save_samples: bool = opt(False, "one lossless WebP per sample in samples/ (the input of `lrm human-eval "
+                                    "prepare`)")
     report: bool = opt(True, "write report.html files")
     progress: bool = opt(True, "tqdm progress bars")
 
@@ -790,6 +792,7 @@ def evaluate_run(cfg: OveroptConfig, run_dir: Path, lrm, latent_shape, timesteps
                     decode=vae, text_encoder=text, latent_shape=latent_shape,
                     accuracy_rewards=shapes_accuracy_rewards(video) if accuracy else None,
                     keyframe_stride=cfg.keyframe_stride, kl_sigma=cfg.kl_sigma, batch_size=cfg.eval_batch_size,
+                    save_samples=cfg.save_samples,
                     device=device, n_bootstrap=cfg.n_bootstrap, n_preview=min(cfg.num_eval_prompts, 6) *
                     cfg.n_per_prompt, progress=cfg.progress)
     if bon_fits:
