@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from lrm.io import atomic_write_bytes, file_sha256, read_json, write_json
+from lrm.io import atomic_write_bytes, file_sha256, fsync_dir, read_json, write_json
 
 FORMAT = "lrm-latent-cache"
 FORMAT_VERSION = 1
@@ -148,21 +148,8 @@ def write_shard_file(path: Path, table: pa.Table, metadata: dict[str, Any]) -> d
     """Atomically write ``table`` (temp + fsync + rename); returns ``{"bytes", "sha256"}``."""
     data = table_to_bytes(table, metadata)
     atomic_write_bytes(path, data)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def open_table(path: Path, memory_map: bool = True) -> pa.Table:

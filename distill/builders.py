@@ -11,22 +11,49 @@ these, so the same keys mean the same thing in every config:
   text_encoder       'all-MiniLM-L6-v2' or a transformers encoder path / hub id / pipeline directory
   text_max_length    caption length in tokens (SD's CLIP: 77)
 
-A spec is any object with these attributes (the run configs); missing optional ones take the defaults above.
+A spec is any object with these attributes; the run configs inherit them from ``ModelSpec`` (``teacher`` itself is
+each config's own: ``lrm eval`` calls it ``denoiser``).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lrm.config import ConfigError
+from lrm.config import ConfigError, opt
 
 SHAPES_TEACHERS = ("shapes-image", "shapes-video")
 PROMPT_COLUMNS = ("prompt", "caption", "text")
+
+
+@dataclass
+class ModelSpec:
+    """The model keys every run config shares (``lrm distill / finetune / eval / overopt``); see the module doc."""
+
+    teacher_subfolder: str | None = opt(None, "model subfolder of a diffusers teacher; None: 'transformer' if the "
+                                              "directory has one, else 'unet'; '' for a bare model directory")
+    vae: str = opt("shapes", "'shapes' (the Shapes world's VAE) or a diffusers AutoencoderKL path / hub id (a pipeline "
+                             "directory with vae_subfolder 'vae')")
+    vae_subfolder: str | None = opt(None, "subfolder of the VAE inside a pipeline repo (e.g. 'vae')")
+    vae_bf16: bool = opt(False, "run the VAE under bf16 autocast (CUDA; weights unchanged): about half the "
+                                "activations; recommended at 512 px")
+    vae_chunk_size: int = opt(0, "images / frames per VAE call; 0 = auto by pixel area (16 at 512x512, 64 at 256x256: "
+                                 "lrm.latent_space.auto_chunk_size); lower it if the VAE runs out of memory")
+    text_encoder: str = opt("all-MiniLM-L6-v2", "text encoder name or path (lrm.text.TextEncoder); for a diffusers "
+                                                "teacher, the pipeline directory (its text_encoder/ + tokenizer/)")
+    text_max_length: int = opt(32, "caption length in tokens (padded/truncated), of the captions and the null caption; "
+                                   "Stable Diffusion's CLIP: 77")
+
+    def __post_init__(self) -> None:
+        if self.vae_chunk_size < 0:
+            raise ConfigError(f"vae_chunk_size must be >= 1, or 0 for auto, got {self.vae_chunk_size}")
+        if self.text_max_length < 1:
+            raise ConfigError(f"text_max_length must be >= 1, got {self.text_max_length}")
 
 
 def build_text_encoder(spec: Any, device: torch.device | str = "cpu"):
@@ -141,5 +168,5 @@ def check_text_width(denoiser: Any, text_dim: int, what: str) -> None:
                           "itself for a diffusers teacher")
 
 
-__all__ = ["build_text_encoder", "teacher_is_diffusers", "build_teacher", "build_vae", "load_prompt_file",
+__all__ = ["ModelSpec", "build_text_encoder", "teacher_is_diffusers", "build_teacher", "build_vae", "load_prompt_file",
            "check_text_identity", "check_text_width", "SHAPES_TEACHERS"]

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from distill.builders import ModelSpec
 from distill.cd import cd_loss, consistency_output, ddim_grid
 from distill.ddpo import (
     DDPOSamples,
@@ -89,7 +90,7 @@ LOG_COLUMNS = ["step", "method", "gold_reward", "proxy_reward", "eval_gold_rewar
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(ModelSpec):
     # ---- run -------------------------------------------------------------------------------------------
     method: Literal["lrm", "ddpo", "direct"] = opt("lrm", "lrm: latent reward gradient (DOLLAR Eq. 11); ddpo: "
                                                           "DDPO_SF / PPO on the pixel reward (Alg. 2); direct: "
@@ -102,17 +103,6 @@ class FinetuneConfig:
     teacher: str = opt("shapes-image", "student initialisation (and teacher of distill_losses): 'shapes-image' / "
                                        "'shapes-video' (shipped Shapes teachers), a Denoiser directory (e.g. "
                                        "RUN/student of `lrm distill`), or a diffusers pipeline directory / hub id")
-    teacher_subfolder: str | None = opt(None, "model subfolder of a diffusers teacher; None: 'transformer' if the "
-                                              "directory has one, else 'unet'")
-    vae: str = opt("shapes", "'shapes' (built-in VAE) or a diffusers AutoencoderKL path / hub id")
-    vae_subfolder: str | None = opt(None, "subfolder of the VAE inside a pipeline repo (e.g. 'vae')")
-    vae_bf16: bool = opt(False, "run the VAE decoder (gold reward, direct's gradient, grids) under bf16 autocast "
-                                "(CUDA): half the decoder activations; recommended at 512 px")
-    vae_chunk_size: int = opt(0, "images / frames per VAE call; 0 = auto by pixel area (16 at 512x512, 64 at "
-                                 "256x256: lrm.latent_space.auto_chunk_size)")
-    text_encoder: str = opt("all-MiniLM-L6-v2", "text encoder name or path (lrm.text.TextEncoder); for a diffusers "
-                                                "teacher, the pipeline directory itself (its text_encoder/)")
-    text_max_length: int = opt(32, "caption length in tokens (padded/truncated); Stable Diffusion's CLIP: 77")
     gold_reward: str = opt("colorfulness", "reward_adapters name of the gold pixel reward (the DDPO / direct "
                                            "training signal; logged for every method)")
     gold_reward_kwargs: dict = opt({}, "constructor options of the gold reward, e.g. {frames: first-middle-last}")
@@ -214,13 +204,14 @@ class FinetuneConfig:
     progress: bool = opt(True, "tqdm progress bar")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.method not in METHODS:
             raise ConfigError(f"method {self.method!r} is not one of {METHODS}")
         if self.student_timesteps is None and self.student_steps not in STUDENT_TIMESTEPS:
             raise ConfigError(f"student_steps={self.student_steps} has no default timesteps "
                               f"({sorted(STUDENT_TIMESTEPS)}); pass student_timesteps explicitly")
         for name in ("steps", "batch_size", "sample_batch_size", "num_sample_batches", "train_batch_size",
-                     "inner_epochs", "num_prompts", "num_eval", "eval_batch_size", "text_max_length"):
+                     "inner_epochs", "num_prompts", "num_eval", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         total = self.sample_batch_size * self.num_sample_batches
@@ -258,8 +249,6 @@ class FinetuneConfig:
             raise ConfigError(f"beta_kl must be >= 0 (a penalty weight; 0 = off), got {self.beta_kl}")
         if self.data_cache is not None and self.prompt_file is not None:
             raise ConfigError("set one prompt source: data_cache or prompt_file, not both")
-        if self.vae_chunk_size < 0:
-            raise ConfigError(f"vae_chunk_size must be >= 1, or 0 for auto, got {self.vae_chunk_size}")
         if self.log_prob_reduction not in LOG_PROB_REDUCTIONS:
             raise ConfigError(f"log_prob_reduction must be one of {LOG_PROB_REDUCTIONS}, got "
                               f"{self.log_prob_reduction!r}")

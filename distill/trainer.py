@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from distill import fsdp as fsdp_util
+from distill.builders import ModelSpec
 from distill.cd import cd_distance, cd_inputs_and_target, consistency_output, ddim_grid
 from distill.denoiser import Denoiser
 from distill.ema import EMA
@@ -61,7 +62,7 @@ LOG_COLUMNS = ["step", "loss_g", "loss_vsd", "loss_tdm", "loss_cd", "loss_ft", "
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(ModelSpec):
     """Everything ``DistillTrainer`` / ``lrm distill`` needs; per-process sizes, steps in generator steps.
 
     Multi-process (``accelerate launch`` / ``torchrun``): DDP by default (the student, fake score and concurrent
@@ -79,17 +80,6 @@ class DistillConfig:
     teacher: str = opt("shapes-image", "'shapes-image' / 'shapes-video' (the built-in world's teachers), a "
                                        "Denoiser directory written by Denoiser.save_pretrained, or a diffusers "
                                        "pipeline directory / hub id (Denoiser.from_diffusers)")
-    teacher_subfolder: str | None = opt(None, "model subfolder of a diffusers teacher; None: 'transformer' if the "
-                                              "directory has one, else 'unet'; '' for a bare model directory")
-    vae: str = opt("shapes", "'shapes' (built-in VAE) or a diffusers AutoencoderKL path / hub id")
-    vae_subfolder: str | None = opt(None, "subfolder of the VAE inside a pipeline repo (e.g. 'vae')")
-    vae_bf16: bool = opt(False, "run the VAE (data encoding, sample grids) under bf16 autocast (CUDA)")
-    vae_chunk_size: int = opt(0, "images / frames per VAE call; 0 = auto by pixel area (16 at 512x512, 64 at "
-                                 "256x256: lrm.latent_space.auto_chunk_size)")
-    text_encoder: str = opt("all-MiniLM-L6-v2", "text encoder name or path (lrm.text.TextEncoder); for a diffusers "
-                                                "teacher, the pipeline directory itself (its text_encoder/)")
-    text_max_length: int = opt(32, "caption length in tokens (padded/truncated) for the data captions and the "
-                                   "teacher's null caption; Stable Diffusion's CLIP: 77")
     data_cache: str | None = opt(None, "LatentCache directory with data latents + text; None: encode samples of the "
                                        "Shapes world")
     num_data: int = opt(2048, "Shapes world samples encoded as data latents (when data_cache is None)")
@@ -187,6 +177,7 @@ class DistillConfig:
     progress: bool = opt(True, "tqdm progress bar")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not (self.use_vsd or self.use_cd or self.use_lrm_ft or self.use_tdm or self.use_gan or self.spatial_rewards
                 or self.temporal_reward):
             raise ConfigError("all losses are off: set use_vsd / use_tdm, use_cd, use_gan, use_lrm_ft or the mixed "
@@ -207,10 +198,6 @@ class DistillConfig:
             raise ConfigError(f"need 0 <= vsd_t_min < vsd_t_max <= 1, got {self.vsd_t_min}, {self.vsd_t_max}")
         if not 0.0 <= self.cd_ema_decay <= 1.0:
             raise ConfigError(f"cd_ema_decay must be in [0, 1], got {self.cd_ema_decay}")
-        if self.text_max_length < 1:
-            raise ConfigError(f"text_max_length must be >= 1, got {self.text_max_length}")
-        if self.vae_chunk_size < 0:
-            raise ConfigError(f"vae_chunk_size must be >= 1, or 0 for auto, got {self.vae_chunk_size}")
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes"):
             raise ConfigError(f"ACCELERATE_USE_DEEPSPEED={os.environ['ACCELERATE_USE_DEEPSPEED']}: distillation "
                               "runs under DDP or FSDP, not DeepSpeed. Run `accelerate launch` with the multi-GPU "

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal
 
+from distill.builders import ModelSpec
 from lrm.config import ConfigError, opt
 
 # default gold rewards: the Shapes attribute reward only where the prompts are Shapes captions (it scores what a
@@ -31,7 +32,7 @@ SHAPES_SIZES = (32, 64)
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ModelSpec):
     out_dir: str = opt("runs/eval", "output directory: samples/per_prompt/summary (.parquet + .csv), eval.json, "
                                     "samples.png (.gif for video), report.html")
     # ---- generator ---------------------------------------------------------------------------------------
@@ -42,8 +43,6 @@ class EvalConfig:
                                         "'shapes-video' (shipped teachers), a Denoiser directory (e.g. RUN/student "
                                         "of `lrm distill` / `lrm finetune`) or a diffusers pipeline directory / hub "
                                         "id (then set vae, vae_subfolder, text_encoder, text_max_length to its own)")
-    teacher_subfolder: str | None = opt(None, "model subfolder of a diffusers denoiser / reference; None: "
-                                              "'transformer' if the directory has one, else 'unet'")
     sampler: Literal["ddim", "student", "stochastic"] = opt(
         "ddim", "ddim (deterministic, `steps`), student (k-step consistency sampler at `timesteps`, default "
                 "999,749,499,249) or stochastic (DDIM(eta) posterior chain, the DDPO sampler)")
@@ -89,15 +88,6 @@ class EvalConfig:
     diversity_pool: int = opt(8, "diversity_features=pooled: pooled size in pixels per side")
     n_bootstrap: int = opt(1000, "bootstrap resamples (over prompts) for the 95% confidence intervals")
     # ---- models and runtime --------------------------------------------------------------------------------
-    vae: str = opt("shapes", "'shapes' (shipped Shapes VAE) or a diffusers AutoencoderKL path / hub id (a pipeline "
-                             "directory with vae_subfolder 'vae')")
-    vae_subfolder: str | None = opt(None, "VAE subfolder inside a pipeline repo (e.g. 'vae')")
-    vae_bf16: bool = opt(False, "run the VAE under bf16 autocast (CUDA); recommended at 512 px")
-    vae_chunk_size: int = opt(0, "images / frames per VAE call when decoding; 0 = auto by pixel area (16 at "
-                                 "512x512: lrm.latent_space.auto_chunk_size); lower it if decoding runs out of memory")
-    text_encoder: str = opt("all-MiniLM-L6-v2", "text encoder name or path (lrm.text.TextEncoder); for a diffusers "
-                                                "denoiser, the pipeline directory itself (its text_encoder/)")
-    text_max_length: int = opt(32, "caption length in tokens (padded/truncated); Stable Diffusion's CLIP: 77")
     batch_size: int = opt(32, "samples per generator call (the samples of one call are decoded in vae_chunk_size "
                               "chunks, then scored)")
     device: str = opt("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -106,15 +96,14 @@ class EvalConfig:
     report: bool = opt(True, "write report.html")
 
     def __post_init__(self):
-        for k in ("n_per_prompt", "num_prompts", "batch_size", "diversity_pool", "text_max_length"):
+        super().__post_init__()
+        for k in ("n_per_prompt", "num_prompts", "batch_size", "diversity_pool"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.kl_sigma <= 0:
             raise ConfigError(f"kl_sigma must be > 0, got {self.kl_sigma}")
         if self.pixel_noise < 0:
             raise ConfigError(f"pixel_noise must be >= 0, got {self.pixel_noise}")
-        if self.vae_chunk_size < 0:
-            raise ConfigError(f"vae_chunk_size must be >= 1, or 0 for auto, got {self.vae_chunk_size}")
         if self.image_size is not None:
             if self.shapes_world and self.image_size not in SHAPES_SIZES:
                 raise ConfigError(f"image_size must be 32 or 64 in the Shapes world (generator / reference "

@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from distill.builders import ModelSpec
 from lrm.config import ConfigError, config_to_dict, opt
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ NOT_SWEEPABLE = ("sweep", "run_dir", "report")
 
 
 @dataclass
-class OveroptConfig:
+class OveroptConfig(ModelSpec):
     run_dir: str = opt("runs/overopt", "output directory (see eval.overopt_run's module doc for the layout)")
     seed: int = opt(0, "seed of the cache, the LRM fit, the fine-tuning and the evaluation noise")
     device: str = opt("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -96,8 +97,6 @@ class OveroptConfig:
                                        "'shapes-video', a Denoiser directory (RUN/student of `lrm distill` / `lrm "
                                        "finetune`) or a diffusers pipeline directory / hub id (then set vae, "
                                        "vae_subfolder, text_encoder, text_max_length and the prompt sources)")
-    teacher_subfolder: str | None = opt(None, "model subfolder of a diffusers teacher; None: 'transformer' if the "
-                                              "directory has one, else 'unet'")
     num_frames: int = opt(16, "frames per video (Shapes video teacher)")
     gold_reward: str = opt("jpeg-compressibility", "reward_adapters name of the gold pixel reward (cache target, "
                                                    "study gold; the training signal of ddpo / direct)")
@@ -116,15 +115,6 @@ class OveroptConfig:
     finetune: dict = opt({}, "any other distill.finetune.FinetuneConfig field, e.g. {distill_losses: [cd], "
                              "beta_cd: 0.5, sample_batch_size: 16}; sweep one as 'finetune.<field>'")
     # ---- models and prompt sources (distill.builders; the same keys as `lrm finetune`) ---------------------------
-    vae: str = opt("shapes", "'shapes' (the Shapes world's VAE) or a diffusers AutoencoderKL path / hub id (a "
-                             "pipeline directory with vae_subfolder 'vae')")
-    vae_subfolder: str | None = opt(None, "subfolder of the VAE inside a pipeline repo (e.g. 'vae')")
-    vae_bf16: bool = opt(False, "run the VAE under bf16 autocast (CUDA); recommended at 512 px")
-    vae_chunk_size: int = opt(0, "images / frames per VAE call; 0 = auto by pixel area (16 at 512x512: "
-                                 "lrm.latent_space.auto_chunk_size)")
-    text_encoder: str = opt("all-MiniLM-L6-v2", "text encoder name or path (lrm.text.TextEncoder); for a diffusers "
-                                                "teacher, the pipeline directory itself (its text_encoder/)")
-    text_max_length: int = opt(32, "caption length in tokens (padded/truncated); Stable Diffusion's CLIP: 77")
     data_cache: str | None = opt(None, "a LatentCache (`lrm cache build`, same VAE and text encoder) with a "
                                        "reward/<gold_reward> column: the proxy LRM is fitted on its first "
                                        "lrm_train_size scored records instead of a Shapes cache, and its captions "
@@ -191,9 +181,9 @@ class OveroptConfig:
     progress: bool = opt(True, "tqdm progress bars")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for k in ("steps", "eval_every", "batch_size", "num_prompts", "lrm_width", "lrm_ensemble", "lrm_train_size",
-                  "lrm_steps", "lrm_batch_size", "num_eval_prompts", "n_per_prompt", "eval_batch_size",
-                  "text_max_length"):
+                  "lrm_steps", "lrm_batch_size", "num_eval_prompts", "n_per_prompt", "eval_batch_size"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.eval_every > self.steps:
@@ -225,8 +215,6 @@ class OveroptConfig:
                 and self.stop_on != "diversity":
             raise ConfigError(f"stop_on must be a study column: gold/<reward>, proxy/lrm, acc/<attribute> or "
                               f"diversity, got {self.stop_on!r}")
-        if self.vae_chunk_size < 0:
-            raise ConfigError(f"vae_chunk_size must be >= 1, or 0 for auto, got {self.vae_chunk_size}")
         if self.lrm_patch is not None and self.lrm_patch < 1:
             raise ConfigError(f"lrm_patch must be >= 1 (or null for the rule by latent size), got {self.lrm_patch}")
         self.check_world()

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lrm.io import load_tensors, read_json, write_json, write_tensors_streaming
+from lrm.io import fsync_dir, load_tensors, read_json, write_json, write_tensors_streaming
 from lrm.run import get_logger
 
 log = get_logger("lrm.checkpoint")  # a stderr handler, as every lrm.* logger (propagate is off)
@@ -99,14 +99,14 @@ def save_training_state(directory: str | os.PathLike, step: int, modules: dict[s
     del tensors
     write_json(tmp / "state.json", meta)
     nbytes += (tmp / "state.json").stat().st_size
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     old = directory.with_name(directory.name + ".old")
     if directory.exists():
         if old.exists():  # left by a save killed after its rename; `directory` is complete
             shutil.rmtree(old)
         os.replace(directory, old)
     os.replace(tmp, directory)
-    _fsync_dir(directory.parent)
+    fsync_dir(directory.parent)
     if old.exists():
         shutil.rmtree(old)
     log.info("saved checkpoint %s (step %d, %s) in %.1f s", directory, int(step), _fmt_bytes(nbytes),
@@ -116,20 +116,6 @@ def save_training_state(directory: str | os.PathLike, step: int, modules: dict[s
 
 def _fmt_bytes(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames / new files in ``path`` durable (no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _py_state() -> list:
