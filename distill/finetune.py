@@ -47,7 +47,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from distill.builders import ModelSpec
 from distill.cd import cd_loss, consistency_output, ddim_grid
 from distill.ddpo import (
     DDPOSamples,
@@ -63,6 +62,7 @@ from distill.ema import EMA
 from distill.guard import NonFiniteGuard
 from distill.lrm_ft import lrm_ft_loss
 from distill.samplers import LOG_PROB_REDUCTIONS, STUDENT_TIMESTEPS, k_step_sample, step_mean, stochastic_sample
+from distill.shell import SHELL_MUTABLE_KEYS, ShellConfig
 from distill.vsd import fake_score_loss, vsd_loss
 from lrm.checkpoint import find_checkpoint, load_training_state, save_training_state
 from lrm.config import ConfigError, opt
@@ -80,17 +80,15 @@ from lrm.run import (
 METHODS = ("lrm", "ddpo", "direct")
 DISTILL_LOSSES = ("vsd", "cd")
 # config keys a resumed run may change (how long, how often it reports and evaluates; not what it trains)
-MUTABLE_KEYS = ("steps", "max_gpu_seconds", "resume", "overwrite", "progress", "log_every", "eval_every",
-                "eval_every_gpu_s", "eval_batch_size", "ckpt_every", "sample_every", "final_checkpoint", "student_fp16",
-                "max_nonfinite_steps", "num_sample_prompts", "samples_per_prompt", "log_gold_train", "vae_chunk_size",
-                "async_reward", "device")
+MUTABLE_KEYS = SHELL_MUTABLE_KEYS + ("max_gpu_seconds", "eval_every", "eval_every_gpu_s", "eval_batch_size",
+                                    "log_gold_train", "async_reward")
 LOG_COLUMNS = ["step", "method", "gold_reward", "proxy_reward", "eval_gold_reward", "loss", "loss_ft", "loss_vsd",
                "loss_cd", "loss_fake", "kl", "approx_kl", "clipfrac", "adv_std", "grad_norm", "optimizer_steps",
                "samples", "step_time_s", "gpu_seconds", "peak_mem_mb", "lr"]
 
 
 @dataclass
-class FinetuneConfig(ModelSpec):
+class FinetuneConfig(ShellConfig):
     # ---- run -------------------------------------------------------------------------------------------
     method: Literal["lrm", "ddpo", "direct"] = opt("lrm", "lrm: latent reward gradient (DOLLAR Eq. 11); ddpo: "
                                                           "DDPO_SF / PPO on the pixel reward (Alg. 2); direct: "
@@ -177,7 +175,6 @@ class FinetuneConfig(ModelSpec):
     cd_guidance: float = opt(7.5, "CFG scale of the CD teacher (Imagen form)")
     cd_ema_decay: float = opt(0.95, "EMA decay of the CD target network")
     # ---- logging ---------------------------------------------------------------------------------------
-    log_every: int = opt(10, "log to log.txt every N steps (log.csv gets every step)")
     eval_every: int = opt(10, "gold reward of the k-step sampler on the fixed evaluation set every N steps "
                               "(0 = only at start and end); not counted in step time")
     eval_every_gpu_s: float | None = opt(None, "also evaluate each time the cumulative step time passes a multiple "
@@ -189,19 +186,7 @@ class FinetuneConfig(ModelSpec):
                                      "counted in step time)")
     ckpt_every: int = opt(100, "save a resumable checkpoint every N steps (0 = only at the end, see "
                                "final_checkpoint)")
-    final_checkpoint: bool = opt(True, "save a resumable checkpoint at the end of the run (before the final "
-                                       "evaluation); the student/ folder is written either way")
-    student_fp16: bool = opt(False, "write the student/ folder's weights in fp16 (half the size; loaded back as "
-                                    "fp32); checkpoints keep the training precision for an exact resume")
-    max_nonfinite_steps: int = opt(10, "steps with a non-finite reward batch, loss or gradient are skipped (logged, "
-                                       "never applied); more than this many in a row stop the run")
     sample_every: int = opt(100, "save a sample grid every N steps (0 = only at the end)")
-    num_sample_prompts: int = opt(8, "prompts in the sample grid")
-    samples_per_prompt: int = opt(4, "samples per prompt in the grid")
-    resume: bool = opt(True, "continue from run_dir/checkpoint when it exists (the same run only: a changed config "
-                             "or input is refused, see overwrite)")
-    overwrite: bool = opt(False, "start over in run_dir: delete its checkpoint first")
-    progress: bool = opt(True, "tqdm progress bar")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -29,7 +29,6 @@ import torch
 import torch.nn as nn
 
 from distill import fsdp as fsdp_util
-from distill.builders import ModelSpec
 from distill.cd import cd_distance, cd_inputs_and_target, consistency_output, ddim_grid
 from distill.denoiser import Denoiser
 from distill.ema import EMA
@@ -37,6 +36,7 @@ from distill.gan import Discriminator, discriminator_loss, generator_adv_loss
 from distill.guard import NonFiniteGuard
 from distill.lrm_ft import ConcurrentLRM, lrm_ft_loss
 from distill.samplers import STUDENT_TIMESTEPS, k_step_sample
+from distill.shell import SHELL_MUTABLE_KEYS, ShellConfig
 from distill.tdm import fake_score_loss as tdm_fake_score_loss
 from distill.tdm import renoise, tdm_generator_loss
 from distill.vsd import fake_score_loss, vsd_loss
@@ -53,16 +53,14 @@ from lrm.run import (
 )
 
 # config keys a resumed run may change (how long, how often it reports; not what it trains)
-MUTABLE_KEYS = ("steps", "resume", "overwrite", "progress", "log_every", "ckpt_every", "sample_every", "tensorboard",
-                "final_checkpoint", "student_fp16", "max_nonfinite_steps", "num_sample_prompts", "samples_per_prompt",
-                "vae_chunk_size", "device")
+MUTABLE_KEYS = SHELL_MUTABLE_KEYS + ("tensorboard",)
 LOG_COLUMNS = ["step", "loss_g", "loss_vsd", "loss_tdm", "loss_cd", "loss_ft", "lrm_reward", "loss_gan", "loss_mixed",
                "loss_fake", "loss_disc", "loss_lrm",
                "grad_norm_g", "vsd_grad_norm", "lr", "sec_per_step"]
 
 
 @dataclass
-class DistillConfig(ModelSpec):
+class DistillConfig(ShellConfig):
     """Everything ``DistillTrainer`` / ``lrm distill`` needs; per-process sizes, steps in generator steps.
 
     Multi-process (``accelerate launch`` / ``torchrun``): DDP by default (the student, fake score and concurrent
@@ -158,23 +156,10 @@ class DistillConfig(ModelSpec):
                             "UNet / transformer block) instead of DDP replicas; the teacher stays replicated")
     gradient_checkpointing: bool = opt(False, "activation checkpointing in the student and fake score")
     # ---- logging ---------------------------------------------------------------------------------------
-    log_every: int = opt(10, "log to log.txt every N steps (log.csv gets every step)")
     ckpt_every: int = opt(500, "save a resumable checkpoint every N steps (0 = only at the end, see "
                                "final_checkpoint)")
-    final_checkpoint: bool = opt(True, "save a resumable checkpoint at the end of the run (the student/ folder is "
-                                       "written either way)")
-    max_nonfinite_steps: int = opt(10, "optimizer steps with a non-finite loss / gradient are skipped (logged, never "
-                                       "applied); more than this many in a row stop the run")
-    student_fp16: bool = opt(False, "write the student/ folder's weights in fp16 (half the size; loaded back as "
-                                    "fp32); checkpoints keep the training precision for an exact resume")
     sample_every: int = opt(500, "save a sample grid every N steps (0 = only at the end)")
-    num_sample_prompts: int = opt(8, "prompts in the sample grid (the first data captions)")
-    samples_per_prompt: int = opt(4, "samples per prompt in the grid")
-    resume: bool = opt(True, "continue from run_dir/checkpoint when it exists (the same run only: a changed config "
-                             "or input is refused, see overwrite)")
-    overwrite: bool = opt(False, "start over in run_dir: delete its checkpoint first")
     tensorboard: bool = opt(True, "also log to TensorBoard (run_dir/tb) when tensorboard is installed")
-    progress: bool = opt(True, "tqdm progress bar")
 
     def __post_init__(self) -> None:
         super().__post_init__()
