@@ -62,17 +62,13 @@ from distill.ema import EMA
 from distill.guard import NonFiniteGuard
 from distill.lrm_ft import lrm_ft_loss
 from distill.samplers import LOG_PROB_REDUCTIONS, STUDENT_TIMESTEPS, k_step_sample, step_mean, stochastic_sample
-from distill.shell import SHELL_MUTABLE_KEYS, ShellConfig
+from distill.shell import SHELL_MUTABLE_KEYS, ShellConfig, StudentShell
 from distill.vsd import fake_score_loss, vsd_loss
-from lrm.checkpoint import find_checkpoint, load_training_state, save_training_state
+from lrm.checkpoint import load_training_state, save_training_state
 from lrm.config import ConfigError, opt
 from lrm.run import (
-    check_resume,
-    clear_checkpoints,
     fingerprint,
     get_logger,
-    prepare_run_dir,
-    record_run,
     resolve_device,
     seed_everything,
 )
@@ -286,7 +282,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class FinetuneTrainer:
+class FinetuneTrainer(StudentShell):
     """Reward fine-tuning of a student (one of ``METHODS``), logging the same quantities for each.
 
     Args:
@@ -375,7 +371,6 @@ class FinetuneTrainer:
         self.peak_mem_mb = 0.0
         self._evals_by_time = 0
         self.history: list[dict[str, Any]] = []
-        self._csv_path = Path(cfg.run_dir) / "log.csv"
         # fixed evaluation set: noise + prompts (same for every method with the same seed)
         g = torch.Generator().manual_seed(cfg.seed + 12345)
         self.latent_shape = tuple(latent_shape) if latent_shape is not None else self._latent_shape()
@@ -383,6 +378,8 @@ class FinetuneTrainer:
         self._eval_noise = torch.randn((cfg.num_eval, *self.latent_shape), generator=g)
 
     # ---- helpers -----------------------------------------------------------------------------------------
+    LOG_COLUMNS = LOG_COLUMNS
+    is_main = True  # one process
     def _latent_shape(self) -> tuple[int, ...]:
         if self.pool.latents is not None:
             return tuple(self.pool.latents.shape[1:])
@@ -717,10 +714,6 @@ class FinetuneTrainer:
             modules["target"] = self.target.shadow.model
         return modules, optims
 
-    @property
-    def checkpoint_dir(self) -> Path:
-        return Path(self.config.run_dir) / "checkpoint"
-
     def save_checkpoint(self) -> Path:
         modules, optims = self._state()
         extra = {"config": dataclasses.asdict(self.config), "tracker": self.tracker.state_dict(),
@@ -743,25 +736,8 @@ class FinetuneTrainer:
         return self.step
 
     # ---- logs and samples ---------------------------------------------------------------------------------
-    def _open_logs(self, resumed: bool) -> None:
-        rows = []
-        if resumed and self._csv_path.exists():
-            with open(self._csv_path) as fh:
-                rows = [r for r in csv.DictReader(fh) if r.get("step") and int(r["step"]) <= self.step]
-        self._csv_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._csv_path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=LOG_COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
-
-    def _log_row(self, row: dict[str, Any]) -> None:
-        with open(self._csv_path, "a", newline="") as fh:
-            csv.DictWriter(fh, fieldnames=LOG_COLUMNS).writerow({k: row.get(k, "") for k in LOG_COLUMNS})
-
     @torch.no_grad()
     def save_samples(self, tag: str | None = None) -> Path | None:
-        from shapes.grid import save_gif, save_grid, save_video_strip
-
         cfg = self.config
         P, S = min(cfg.num_sample_prompts, len(self.pool)), cfg.samples_per_prompt
         idx = torch.arange(P).repeat_interleave(S)
@@ -772,24 +748,11 @@ class FinetuneTrainer:
         pixels = torch.cat([self.vae.decode(self.sample(noise[s:s + n], tok[s:s + n], mask[s:s + n],
                                                         generator=g).float()).cpu()
                             for s in range(0, len(idx), n)])
-        out = Path(cfg.run_dir) / "samples"
-        name = tag or f"step_{self.step:06d}"
-        if pixels.dim() == 5:
-            save_gif(pixels, out / f"{name}.gif", nrow=S)
-            return save_video_strip(pixels, out / f"{name}.png")
-        return save_grid(pixels, out / f"{name}.png", nrow=S, scale=2)
+        return self.write_grid(pixels, tag, S)
 
     def save_student(self, directory: str | Path | None = None) -> Path:
-        from lrm.io import write_json
-
-        directory = Path(directory or Path(self.config.run_dir) / "student")
-        self.student.save_pretrained(directory, fp16=self.config.student_fp16)
-        write_json(directory / "student.json", {
-            "timesteps": self.timesteps, "parameterization": self.student.parameterization, "step": self.step,
-            "finetune_method": self.config.method, "gold_reward": self.config.gold_reward,
-            "consistency_function": {"sigma_data": self.config.sigma_data,
-                                     "timestep_scaling": self.config.timestep_scaling}})
-        return directory
+        return self.export_student(self.student, directory, {"finetune_method": self.config.method,
+                                                             "gold_reward": self.config.gold_reward})
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def train(self, steps: int | None = None) -> list[dict[str, Any]]:
@@ -798,20 +761,7 @@ class FinetuneTrainer:
 
         cfg = self.config
         total = steps if steps is not None else cfg.steps
-        if cfg.overwrite:
-            clear_checkpoints(cfg.run_dir, self.checkpoint_dir)
-        # a trainer already past step 0 in this process (train(steps) called again) goes on from memory
-        on_disk = self.step == 0 and cfg.resume and find_checkpoint(self.checkpoint_dir) is not None
-        if on_disk:
-            check_resume(cfg.run_dir, cfg, self.inputs, MUTABLE_KEYS)
-        prepare_run_dir(cfg.run_dir, cfg, logger_name="lrm.finetune")
-        record_run(cfg.run_dir, cfg, self.inputs)
-        resumed = self.step > 0
-        if on_disk:
-            self.load_checkpoint()
-            resumed = True
-            self.logger.info("resumed from %s at step %d", self.checkpoint_dir, self.step)
-        self._open_logs(resumed)
+        resumed = self._start_run(self.inputs, MUTABLE_KEYS, "lrm.finetune")
         per_step = (cfg.sample_batch_size * cfg.num_sample_batches if cfg.method == "ddpo" else cfg.batch_size)
         opt_per_step = (per_step // cfg.train_batch_size * cfg.inner_epochs if cfg.method == "ddpo" else 1)
         self.logger.info(

@@ -1,13 +1,22 @@
-"""What the student trainers (``lrm distill``'s ``DistillTrainer``, ``lrm finetune``'s ``FinetuneTrainer``) share:
-the run-control keys of their configs, and which of them a resumed run may change. (The trainers' shell methods are
-still two copies: issue 18 moves them here.)"""
+"""The shell both student trainers share (``lrm distill``'s ``DistillTrainer``, ``lrm finetune``'s
+``FinetuneTrainer``): ``ShellConfig``, the model and run-control keys of their configs (and which of them a resumed
+run may change), and ``StudentShell``, the run-dir set-up with the resume checks, log.csv / TensorBoard, sample grids
+and the student export. What is left per trainer: its objective terms, its step, its checkpoint contents and its
+loop's hooks (issue 18 moves those behind one interface)."""
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
 
 from distill.builders import ModelSpec
+from lrm.checkpoint import find_checkpoint
 from lrm.config import ConfigError, opt
+from lrm.run import check_resume, clear_checkpoints, prepare_run_dir, record_run
 
 # run-control keys a resumed run may change (how long, how often it reports; not what it trains)
 SHELL_MUTABLE_KEYS = ("steps", "resume", "overwrite", "progress", "log_every", "ckpt_every", "sample_every",
@@ -39,4 +48,102 @@ class ShellConfig(ModelSpec):
             raise ConfigError(f"max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
 
 
-__all__ = ["ShellConfig", "SHELL_MUTABLE_KEYS"]
+
+
+class StudentShell:
+    """The run shell both student trainers use: run-dir set-up with the resume checks, log.csv (+ TensorBoard), sample
+    grids and the student export. A trainer provides ``config`` (a ``ShellConfig``), ``step``, ``logger``,
+    ``LOG_COLUMNS``, ``is_main``, ``load_checkpoint()`` and, for TensorBoard, ``TB_PREFIX``."""
+
+    LOG_COLUMNS: list[str] = []
+    TB_PREFIX: str | None = None
+    _tb: Any = None
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.config.run_dir) / "checkpoint"
+
+    @property
+    def _csv_path(self) -> Path:
+        return Path(self.config.run_dir) / "log.csv"
+
+    def _start_run(self, inputs: dict[str, Any], mutable: tuple[str, ...], logger_name: str,
+                   barrier: Callable[[], None] = lambda: None) -> bool:
+        """``--overwrite``; the resume check against run.json (before anything is written); config.yaml + run.json;
+        the checkpoint (unless this trainer is already past step 0 in memory); log.csv. Returns whether it resumed."""
+        cfg = self.config
+        if cfg.overwrite and self.is_main:
+            clear_checkpoints(cfg.run_dir, self.checkpoint_dir)
+        barrier()
+        on_disk = self.step == 0 and cfg.resume and find_checkpoint(self.checkpoint_dir) is not None
+        if on_disk:  # every rank: all raise alike
+            check_resume(cfg.run_dir, cfg, inputs, mutable)
+        if self.is_main:
+            prepare_run_dir(cfg.run_dir, cfg, logger_name=logger_name)
+            record_run(cfg.run_dir, cfg, inputs)
+        resumed = self.step > 0
+        if on_disk:
+            self.load_checkpoint()
+            resumed = True
+            self.logger.info("resumed from %s at step %d", self.checkpoint_dir, self.step)
+        self._open_logs(resumed)
+        return resumed
+
+    def _open_logs(self, resumed: bool) -> None:
+        """log.csv: a resumed run keeps its rows up to the checkpoint's step (later ones were not saved)."""
+        if not self.is_main:
+            return
+        rows = []
+        if resumed and self._csv_path.exists():
+            with open(self._csv_path) as fh:
+                rows = [r for r in csv.DictReader(fh) if r.get("step") and int(r["step"]) <= self.step]
+        self._csv_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._csv_path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=self.LOG_COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+        if self.TB_PREFIX and getattr(self.config, "tensorboard", False):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(self.config.run_dir) / "tb"))
+            except ImportError:
+                self._tb = None
+
+    def _log_row(self, row: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        with open(self._csv_path, "a", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=self.LOG_COLUMNS).writerow({k: row.get(k, "") for k in self.LOG_COLUMNS})
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"{self.TB_PREFIX}/{k}", v, row["step"])
+
+    def write_grid(self, pixels: torch.Tensor, tag: str | None, per_row: int) -> Path:
+        """run_dir/samples/<tag or step_N>.png (+ .gif for videos): ``pixels`` (N, 3, H, W) or (N, T, 3, H, W)."""
+        from shapes.grid import save_gif, save_grid, save_video_strip
+
+        out = Path(self.config.run_dir) / "samples"
+        name = tag or f"step_{self.step:06d}"
+        if pixels.dim() == 5:
+            save_gif(pixels, out / f"{name}.gif", nrow=per_row)
+            return save_video_strip(pixels, out / f"{name}.png")
+        return save_grid(pixels, out / f"{name}.png", nrow=per_row, scale=2)
+
+    def export_student(self, student: Any, directory: str | Path | None, meta: dict[str, Any]) -> Path:
+        """``student`` (a Denoiser) as a Denoiser directory (fp16 with ``student_fp16``) + ``student.json``
+        (timesteps, parameterisation, boundary scalings, step, and ``meta``)."""
+        from lrm.io import write_json
+
+        cfg = self.config
+        directory = Path(directory or Path(cfg.run_dir) / "student")
+        student.save_pretrained(directory, fp16=cfg.student_fp16)
+        write_json(directory / "student.json", {
+            "timesteps": self.timesteps, "parameterization": student.parameterization, "step": self.step,
+            "consistency_function": {"sigma_data": cfg.sigma_data, "timestep_scaling": cfg.timestep_scaling},
+            **meta})
+        return directory
+
+
+__all__ = ["ShellConfig", "StudentShell", "SHELL_MUTABLE_KEYS"]

@@ -15,7 +15,6 @@ at the student's timesteps (>= 249) c_skip < 1e-6, so ``distill.samplers.student
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import math
 import os
@@ -36,19 +35,15 @@ from distill.gan import Discriminator, discriminator_loss, generator_adv_loss
 from distill.guard import NonFiniteGuard
 from distill.lrm_ft import ConcurrentLRM, lrm_ft_loss
 from distill.samplers import STUDENT_TIMESTEPS, k_step_sample
-from distill.shell import SHELL_MUTABLE_KEYS, ShellConfig
+from distill.shell import SHELL_MUTABLE_KEYS, ShellConfig, StudentShell
 from distill.tdm import fake_score_loss as tdm_fake_score_loss
 from distill.tdm import renoise, tdm_generator_loss
 from distill.vsd import fake_score_loss, vsd_loss
 from lrm.checkpoint import find_checkpoint, load_training_state, save_training_state
 from lrm.config import ConfigError, opt
 from lrm.run import (
-    check_resume,
-    clear_checkpoints,
     fingerprint,
     get_logger,
-    prepare_run_dir,
-    record_run,
     seed_everything,
 )
 
@@ -287,7 +282,7 @@ def _student_from_teacher(teacher: Denoiser, parameterization: str) -> Denoiser:
     return student.to(teacher.device).requires_grad_(True).train()
 
 
-class DistillTrainer:
+class DistillTrainer(StudentShell):
     """DOLLAR Alg. 1 on a ``Denoiser`` teacher.
 
     Args:
@@ -399,10 +394,16 @@ class DistillTrainer:
         self.history: list[dict[str, float]] = []
         self._last: list[tuple[DistillData, torch.Tensor]] = []  # (batch, x_hat) of the last generator step
         self._last_r: list[Any] = []  # TDM: the re-noised points of those x_hat
-        self._csv_path = Path(cfg.run_dir) / "log.csv"
         self._tb = None
 
     # ---- small helpers ---------------------------------------------------------------------------------
+    LOG_COLUMNS = LOG_COLUMNS
+    TB_PREFIX = "distill"
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
     def autocast(self):
         if self.config.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -713,10 +714,6 @@ class DistillTrainer:
         return ({k: fsdp_util.full_state(m) if k in nets else m for k, m in modules.items()},
                 {k: fsdp_util.full_optim_state(nets[k], o) if k in nets else o for k, o in optims.items()})
 
-    @property
-    def checkpoint_dir(self) -> Path:
-        return Path(self.config.run_dir) / "checkpoint"
-
     def _rng_path(self, directory: Path) -> Path:
         return Path(directory) / f"rng_rank{self.accelerator.process_index}.safetensors"
 
@@ -785,43 +782,12 @@ class DistillTrainer:
                 "lrm": None if lrm is None else fingerprint(lrm.state_dict().items())}
 
     # ---- logging and samples ----------------------------------------------------------------------------
-    def _open_logs(self, resumed: bool) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        rows = []
-        if resumed and self._csv_path.exists():
-            with open(self._csv_path) as fh:
-                rows = [r for r in csv.DictReader(fh) if r.get("step") and int(r["step"]) <= self.step]
-        with open(self._csv_path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=LOG_COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
-        if self.config.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(Path(self.config.run_dir) / "tb"))
-            except ImportError:
-                self._tb = None
-
-    def _log_row(self, row: dict[str, float]) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        with open(self._csv_path, "a", newline="") as fh:
-            csv.DictWriter(fh, fieldnames=LOG_COLUMNS).writerow({k: row.get(k, "") for k in LOG_COLUMNS})
-        if self._tb is not None:
-            for k, v in row.items():
-                if k != "step":
-                    self._tb.add_scalar(f"distill/{k}", v, row["step"])
-
     @torch.no_grad()
     def save_samples(self, tag: str | None = None) -> Path | None:
         """Grid of student samples (decoded with the VAE) for the first prompts; fixed noise per run."""
         cfg = self.config
         if self.vae is None or not (self.accelerator.is_main_process or self.fsdp):  # FSDP: every rank samples
             return None
-        from shapes.grid import save_gif, save_grid, save_video_strip
-
         P, S = min(cfg.num_sample_prompts, len(self.data)), cfg.samples_per_prompt
         idx = torch.arange(P).repeat_interleave(S)
         batch = self.data.batch(idx)
@@ -830,18 +796,10 @@ class DistillTrainer:
         x0 = self.sample(noise, batch.text_tokens, batch.text_mask, generator=g)
         if not self.accelerator.is_main_process:
             return None
-        pixels = self.vae.decode(x0.float()).cpu()
-        out = Path(cfg.run_dir) / "samples"
-        name = tag or f"step_{self.step:06d}"
-        if pixels.dim() == 5:
-            save_gif(pixels, out / f"{name}.gif", nrow=S)
-            return save_video_strip(pixels, out / f"{name}.png")
-        return save_grid(pixels, out / f"{name}.png", nrow=S, scale=2)
+        return self.write_grid(self.vae.decode(x0.float()).cpu(), tag, S)
 
     def save_student(self, directory: str | Path | None = None) -> Path:
-        """The student as a Denoiser directory + ``student.json`` (timesteps, boundary scalings)."""
-        from lrm.io import write_json
-
+        """The student as a Denoiser directory + ``student.json`` (timesteps, boundary scalings, losses)."""
         directory = Path(directory or Path(self.config.run_dir) / "student")
         student = self._unwrap_denoiser(self.student)
         if self.fsdp:  # gather (every rank) into the unsharded copy the main process keeps
@@ -849,14 +807,11 @@ class DistillTrainer:
             if self.accelerator.is_main_process:
                 self._plain_student.load_state_dict(full)
                 student = _with_model(self.student, self._plain_student)
-        if self.accelerator.is_main_process:
-            student.save_pretrained(directory, fp16=self.config.student_fp16)
-            write_json(directory / "student.json", {
-                "timesteps": self.timesteps, "parameterization": self.student.parameterization,
-                "consistency_function": {"sigma_data": self.config.sigma_data,
-                                         "timestep_scaling": self.config.timestep_scaling},
-                "step": self.step, "losses": {"vsd": self.config.use_vsd, "cd": self.config.use_cd,
-                                              "lrm_ft": self.config.use_lrm_ft}})
+        if self.is_main:
+            cfg = self.config
+            self.export_student(student, directory, {"losses": {
+                "vsd": cfg.use_vsd, "tdm": cfg.use_tdm, "cd": cfg.use_cd, "gan": cfg.use_gan, "lrm_ft": cfg.use_lrm_ft,
+                "mixed_rewards": list(cfg.spatial_rewards) + ([cfg.temporal_reward] if cfg.temporal_reward else [])}})
         return directory
 
     # ---- the loop ---------------------------------------------------------------------------------------
@@ -866,22 +821,8 @@ class DistillTrainer:
 
         cfg, acc = self.config, self.accelerator
         total = steps if steps is not None else cfg.steps
-        if cfg.overwrite and acc.is_main_process:
-            clear_checkpoints(cfg.run_dir, self.checkpoint_dir)
-        if acc.num_processes > 1:
-            acc.wait_for_everyone()
-        inputs = self.input_fingerprint()
-        if cfg.resume and find_checkpoint(self.checkpoint_dir) is not None:  # every rank: all raise alike
-            check_resume(cfg.run_dir, cfg, inputs, MUTABLE_KEYS)
-        if acc.is_main_process:
-            prepare_run_dir(cfg.run_dir, cfg, logger_name="lrm.distill")
-            record_run(cfg.run_dir, cfg, inputs)
-        resumed = False
-        if cfg.resume and find_checkpoint(self.checkpoint_dir) is not None:
-            self.load_checkpoint()
-            resumed = True
-            self.logger.info("resumed from %s at step %d", self.checkpoint_dir, self.step)
-        self._open_logs(resumed)
+        self._start_run(self.input_fingerprint(), MUTABLE_KEYS, "lrm.distill",
+                        barrier=acc.wait_for_everyone if acc.num_processes > 1 else lambda: None)
         eff = cfg.batch_size * cfg.grad_accum * acc.num_processes
         self.logger.info(
             "distill: %d generator steps x effective batch %d (%d per process x %d accum x %d processes); "
