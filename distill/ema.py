@@ -33,14 +33,16 @@ class EMA(nn.Module):
     """A frozen deep copy of ``model`` updated by ``update(model)`` with ``decay``.
 
     LCM's target network theta^- is ``EMA(student, decay=0.95)``; ``EMA(..., 0.999)`` is the usual eval EMA.
+    ``shadow``: a network to use as the copy instead of a deep copy (LoRA: a Denoiser over the "ema" adapter of the
+    student's base, whose parameters are the EMA adapter's only; it must start equal to ``model``).
     """
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, shadow: nn.Module | None = None):
         super().__init__()
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         self.decay = float(decay)
-        self.shadow = copy.deepcopy(model).requires_grad_(False).eval()
+        self.shadow = (copy.deepcopy(model) if shadow is None else shadow).requires_grad_(False).eval()
 
     def update(self, model: nn.Module) -> None:
         ema_update(self.shadow, model, self.decay)

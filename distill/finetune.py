@@ -323,11 +323,22 @@ class FinetuneTrainer(StudentShell):
         # copy, then move: the caller's init stays where it is (it may be large and kept on the CPU)
         self.student = Denoiser(copy.deepcopy(init.model).to(self.device), init.schedule, init.parameterization,
                                 cfg_null=null, use_text_mask=init.use_text_mask)
-        self.student = self.student.to(self.device).requires_grad_(True).train()
+        self.student = self.student.to(self.device)
+        self.lora = self._base = None
+        if cfg.lora_rank > 0:  # distill.lora: the copy of init is the one frozen base, the student an adapter on it
+            from distill.lora import lora_base, role
+
+            self._base = self.student
+            self.lora = lora_base(cfg, self._base.model)
+            self.student = role(self._base, self.lora.add("student"))
+        self.student = self.student.requires_grad_(True).train()
         self.schedule = self.student.schedule
-        # frozen initial student pi_ref of the KL / reference penalty (beta_kl > 0 only: it costs a model copy)
+        # frozen initial student pi_ref of the KL / reference penalty (beta_kl > 0 only: it costs a model copy;
+        # LoRA: none, pi_ref is the base with the student adapter disabled)
         self.ref: Denoiser | None = None
-        if cfg.beta_kl > 0:
+        if cfg.beta_kl > 0 and self.lora is not None:
+            self.ref = role(self._base, self.lora.view(None)).eval()
+        elif cfg.beta_kl > 0:
             self.ref = Denoiser(copy.deepcopy(init.model).to(self.device), init.schedule, init.parameterization,
                                 cfg_null=null, use_text_mask=init.use_text_mask).to(self.device).eval()
             self.ref.requires_grad_(False)
@@ -351,15 +362,21 @@ class FinetuneTrainer(StudentShell):
         self.teacher = self.fake = self.target = self.opt_f = None
         if cfg.distill_losses:
             base = teacher if teacher is not None else init
-            self.teacher = copy.deepcopy(base).to(self.device).eval().requires_grad_(False)
+            shared = self.lora is not None and teacher is None  # LoRA: teacher = init = the base, adapters off
+            if shared:
+                self.teacher = role(self._base, self.lora.view(None)).eval()
+            else:  # a separate teacher network stays a separate frozen copy (its fake score a full copy of it)
+                self.teacher = copy.deepcopy(base).to(self.device).eval().requires_grad_(False)
             if "vsd" in cfg.distill_losses:
-                self.fake = copy.deepcopy(self.teacher).requires_grad_(True).train()
+                self.fake = (role(self._base, self.lora.add("fake")) if shared
+                             else copy.deepcopy(self.teacher)).requires_grad_(True).train()
                 self.opt_f = torch.optim.AdamW(self.fake.model.parameters(), lr=cfg.lr_fake,
                                                betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
             if "cd" in cfg.distill_losses:
                 if self.pool.latents is None:
                     raise ConfigError("distill_losses [cd] needs data latents in the prompt pool (PromptPool.latents)")
-                self.target = EMA(self.student, cfg.cd_ema_decay)
+                self.target = EMA(self.student, cfg.cd_ema_decay, shadow=None if self.lora is None else role(
+                    self._base, self.lora.add("ema", trainable=False, init_from="student")))
                 self.grid = ddim_grid(self.schedule.num_train_timesteps, 50, device=self.device)
         self.opt = torch.optim.AdamW(self.student.model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                      weight_decay=cfg.weight_decay)

@@ -6,6 +6,7 @@ loop's hooks (issue 18 moves those behind one interface)."""
 
 from __future__ import annotations
 
+import copy
 import csv
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from lrm.run import check_resume, clear_checkpoints, prepare_run_dir, record_run
 # run-control keys a resumed run may change (how long, how often it reports; not what it trains)
 SHELL_MUTABLE_KEYS = ("steps", "resume", "overwrite", "progress", "log_every", "ckpt_every", "sample_every",
                       "final_checkpoint", "student_fp16", "max_nonfinite_steps", "num_sample_prompts",
-                      "samples_per_prompt", "vae_chunk_size", "device")
+                      "samples_per_prompt", "vae_chunk_size", "device", "merge_lora")
 
 
 @dataclass
@@ -41,11 +42,37 @@ class ShellConfig(ModelSpec):
                              "or input is refused, see overwrite)")
     overwrite: bool = opt(False, "start over in run_dir: delete its checkpoint first")
     progress: bool = opt(True, "tqdm progress bar")
+    # ---- LoRA (distill/lora.py) ----------------------------------------------------------------------------
+    lora_rank: int = opt(0, "LoRA rank of the student (and fake score / CD target) adapters on one frozen base "
+                            "network; 0 = full fine-tuning")
+    lora_alpha: int = opt(0, "LoRA alpha (the adapter's output is scaled by alpha / rank); 0 = lora_rank (scale 1, "
+                             "as diffusers' LoRA training scripts)")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA adapters' input, in [0, 1)")
+    lora_target_modules: list[str] = opt(["to_q", "to_k", "to_v", "to_out.0"],
+                                         "module names (suffixes) that get adapters; default: the attention "
+                                         "projections diffusers' LoRA training scripts target")
+    merge_lora: bool = opt(False, "lora_rank > 0: the student/ export is a full Denoiser directory with the adapter "
+                                  "fused into the base weights, instead of pytorch_lora_weights.safetensors (the "
+                                  "diffusers LoRA format, loaded onto the teacher's pipeline)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.max_nonfinite_steps < 0:
             raise ConfigError(f"max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
+        if self.lora_rank < 0:
+            raise ConfigError(f"lora_rank must be >= 0 (0 = full fine-tuning), got {self.lora_rank}")
+        if self.lora_alpha < 0:
+            raise ConfigError(f"lora_alpha must be >= 0 (0 = lora_rank), got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_rank > 0 and not self.lora_target_modules:
+            raise ConfigError("lora_target_modules is empty: name the layers that get adapters, e.g. "
+                              "[to_q, to_k, to_v, to_out.0]")
+        if self.merge_lora and self.lora_rank == 0:
+            raise ConfigError("merge_lora: true needs lora_rank > 0 (a full fine-tuning run exports full weights)")
+        if self.lora_rank > 0 and getattr(self, "gradient_checkpointing", False):
+            raise ConfigError("gradient_checkpointing with lora_rank > 0 is not supported yet (a recomputed block "
+                              "would run with another role's adapter); set one of them off")
 
 
 
@@ -133,16 +160,37 @@ class StudentShell:
 
     def export_student(self, student: Any, directory: str | Path | None, meta: dict[str, Any]) -> Path:
         """``student`` (a Denoiser) as a Denoiser directory (fp16 with ``student_fp16``) + ``student.json``
-        (timesteps, parameterisation, boundary scalings, step, and ``meta``)."""
+        (timesteps, parameterisation, boundary scalings, step, and ``meta``).
+
+        LoRA (``lora_rank > 0``): the student adapter as ``pytorch_lora_weights.safetensors`` in diffusers' LoRA
+        format (``pipeline.load_lora_weights(directory)`` on the teacher's pipeline loads it: the base weights stay
+        the teacher's / init's and are not written); ``merge_lora: true`` writes the fused full Denoiser instead."""
+        from distill.lora import AdapterView
         from lrm.io import write_json
 
         cfg = self.config
         directory = Path(directory or Path(cfg.run_dir) / "student")
-        student.save_pretrained(directory, fp16=cfg.student_fp16)
+        lora = None
+        if isinstance(student.model, AdapterView):
+            view = student.model
+            if cfg.merge_lora:
+                merged = copy.copy(student)
+                merged._modules = dict(student._modules)
+                merged._modules["model"] = view._lora.merged(view.adapter)
+                merged.save_pretrained(directory, fp16=cfg.student_fp16)
+            else:
+                directory.mkdir(parents=True, exist_ok=True)
+                view._lora.save_diffusers(view.adapter, directory, fp16=cfg.student_fp16)
+                lora = {"format": "diffusers", "weights": "pytorch_lora_weights.safetensors", "rank": cfg.lora_rank,
+                        "alpha": cfg.lora_alpha or cfg.lora_rank, "target_modules": list(cfg.lora_target_modules),
+                        "base": "the teacher's network (lrm distill) / the init's (lrm finetune); not written here",
+                        "denoiser": student.describe()}
+        else:
+            student.save_pretrained(directory, fp16=cfg.student_fp16)
         write_json(directory / "student.json", {
             "timesteps": self.timesteps, "parameterization": student.parameterization, "step": self.step,
             "consistency_function": {"sigma_data": cfg.sigma_data, "timestep_scaling": cfg.timestep_scaling},
-            **meta})
+            **({"lora": lora} if lora else {}), **meta})
         return directory
 
 

@@ -320,9 +320,14 @@ class DistillTrainer(StudentShell):
 
         # Teacher (frozen), student and fake score (both initialised from the teacher), CD target (EMA).
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
-        self.student = _student_from_teacher(self.teacher, cfg.parameterization)
-        self.fake = copy.deepcopy(self.teacher).requires_grad_(True).train() if (cfg.use_vsd or cfg.use_tdm) else None
-        self.target = EMA(self.student, cfg.cd_ema_decay) if cfg.use_cd else None
+        self.lora = None
+        if cfg.lora_rank > 0:  # one base (the teacher's network): student / fake / EMA adapters on it
+            self._build_lora(acc)
+        else:
+            self.student = _student_from_teacher(self.teacher, cfg.parameterization)
+            self.fake = (copy.deepcopy(self.teacher).requires_grad_(True).train() if (cfg.use_vsd or cfg.use_tdm)
+                         else None)
+            self.target = EMA(self.student, cfg.cd_ema_decay) if cfg.use_cd else None
         # FSDP: save_student writes the gathered weights through this unsharded copy (main process, CPU)
         self._plain_student = copy.deepcopy(self.student.model).cpu() if self.fsdp and acc.is_main_process else None
         if cfg.gradient_checkpointing:
@@ -395,6 +400,30 @@ class DistillTrainer(StudentShell):
         self._last: list[tuple[DistillData, torch.Tensor]] = []  # (batch, x_hat) of the last generator step
         self._last_r: list[Any] = []  # TDM: the re-noised points of those x_hat
         self._tb = None
+
+    def _build_lora(self, acc: Any) -> None:
+        """``distill.lora``: the teacher's network becomes the one frozen base; the teacher is the base with every
+        adapter disabled, the student the base + "student", the fake score the base + "fake" (its own optimizer;
+        the active adapter is switched per call), the CD target theta^- the base + "ema" (an EMA of the student
+        adapter's weights only)."""
+        from distill.lora import lora_base, role
+
+        cfg = self.config
+        if acc.num_processes > 1:
+            raise ConfigError("lora_rank > 0 runs in one process for now (DDP / FSDP of the adapter views is not "
+                              "wired); run without torchrun / accelerate launch, or set lora_rank: 0")
+        if cfg.use_gan:
+            raise ConfigError("use_gan with lora_rank > 0 is not supported (the discriminator's feature hooks on "
+                              "the shared base would see every role's calls); set one of them off")
+        teacher = self.teacher
+        self.lora = lora = lora_base(cfg, teacher.model)
+        kind = teacher.parameterization if cfg.parameterization == "homogeneous" else "x0"
+        self.student = role(teacher, lora.add("student"), kind).train()
+        self.fake = role(teacher, lora.add("fake")).train() if (cfg.use_vsd or cfg.use_tdm) else None
+        self.target = (EMA(self.student, cfg.cd_ema_decay,
+                           shadow=role(teacher, lora.add("ema", trainable=False, init_from="student")))
+                       if cfg.use_cd else None)
+        self.teacher = role(teacher, lora.view(None)).eval()
 
     # ---- small helpers ---------------------------------------------------------------------------------
     LOG_COLUMNS = LOG_COLUMNS

@@ -1,0 +1,231 @@
+"""LoRA students (distill/lora.py): one frozen base, adapters for student / fake score / CD EMA target, teacher and
+reference = the base with adapters off; adapter-only checkpoints with an exact resume; diffusers-format export."""
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from distill.finetune import FinetuneConfig, FinetuneTrainer
+from distill.trainer import DistillConfig, DistillTrainer
+from lrm.config import ConfigError
+from tests.distill.test_finetune_trainer import _cfg as ft_cfg
+from tests.distill.test_finetune_trainer import pool, tiny_denoiser
+from tests.tiny_distill import tiny_data, tiny_teacher
+
+LORA = dict(lora_rank=4)
+
+
+def mean_lrm(latents, tokens, mask):
+    return latents.mean(dim=(1, 2, 3))
+
+
+def dcfg(run_dir, **kw):
+    base = dict(run_dir=str(run_dir), device="cpu", steps=2, batch_size=2, fake_updates=1, cd_teacher_steps=1,
+                ckpt_every=0, sample_every=0, progress=False, tensorboard=False, lr_student=1e-3, lr_fake=1e-3,
+                use_lrm_ft=True, **LORA)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def snap(named):
+    return {k: p.detach().clone() for k, p in named}
+
+
+def probe(seed=3, text=8, n=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, 8, 8, generator=g), torch.full((n,), 500), torch.randn(n, 5, text, generator=g)
+
+
+def out(den, x, t, tok):
+    with torch.no_grad():
+        return den(x, t, tok)
+
+
+def ckpt_keys(run_dir):
+    with safe_open(str(run_dir / "checkpoint" / "state.safetensors"), "pt") as f:
+        return list(f.keys())
+
+
+def ckpt_bytes(run_dir):
+    return (run_dir / "checkpoint" / "state.safetensors").stat().st_size
+
+
+def test_config_keys_are_checked():
+    with pytest.raises(ConfigError, match="lora_rank"):
+        DistillConfig(lora_rank=-1)
+    with pytest.raises(ConfigError, match="lora_dropout"):
+        DistillConfig(lora_rank=4, lora_dropout=1.0)
+    with pytest.raises(ConfigError, match="lora_target_modules"):
+        DistillConfig(lora_rank=4, lora_target_modules=[])
+    with pytest.raises(ConfigError, match="merge_lora"):
+        FinetuneConfig(merge_lora=True)
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        DistillConfig(lora_rank=4, gradient_checkpointing=True)
+    assert DistillConfig().lora_target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def test_distill_vsd_cd_trains_only_adapters_teacher_is_the_base(tmp_path):
+    tr = DistillTrainer(dcfg(tmp_path / "run"), tiny_teacher(), tiny_data(), lrm=mean_lrm)
+    lora = tr.lora
+    assert set(lora.adapters) == {"student", "fake", "ema"}
+    base0 = snap(lora.named(None))
+    s0, f0 = snap(lora.named("student")), snap(lora.named("fake"))
+    # optimizers hold the adapters only
+    ids = {id(p) for g in tr.opt_g.param_groups for p in g["params"]}
+    assert ids == {id(p) for _, p in lora.named("student")}
+    assert {id(p) for g in tr.opt_f.param_groups for p in g["params"]} == {id(p) for _, p in lora.named("fake")}
+    hist = tr.train()
+    assert len(hist) == 2 and {"loss_vsd", "loss_cd", "loss_fake"} <= set(hist[0])
+    base1 = snap(lora.named(None))
+    assert base0.keys() == base1.keys() and all(torch.equal(base0[k], base1[k]) for k in base0)
+    s1, f1, e1 = snap(lora.named("student")), snap(lora.named("fake")), snap(lora.named("ema"))
+    assert any(not torch.equal(s0[k], s1[k]) for k in s0) and any(not torch.equal(f0[k], f1[k]) for k in f0)
+    # the EMA adapter: 0.95 * (copy of the initial student) + 0.05 * student, per step
+    assert any(not torch.equal(s0[k], e1[k]) for k in s0) and any(not torch.equal(s1[k], e1[k]) for k in s1)
+    # the teacher (adapters off) is exactly the untouched base network
+    x, t, tok = probe()
+    ref = out(tiny_teacher(), x, t, tok)
+    assert torch.equal(out(tr.teacher, x, t, tok), ref)
+    assert not torch.equal(out(tr.student, x, t, tok), ref)
+    assert not torch.equal(out(tr.fake, x, t, tok), ref)
+    # the bare base network (outside any role's call) is the teacher too
+    assert torch.equal(out(tiny_teacher().__class__(tr.lora.model, tr.teacher.schedule, tr.teacher.parameterization),
+                           x, t, tok), ref)
+    keys = [k for k in ckpt_keys(tmp_path / "run") if k.startswith("module.")]
+    assert keys and all("lora_" in k for k in keys if not k.startswith("module.lrm")), keys[:3]
+
+
+def test_distill_resume_is_exact_and_checkpoint_is_small(tmp_path):
+    kw = dict(ckpt_every=2, grad_accum=2)
+    full_tr = DistillTrainer(dcfg(tmp_path / "a", steps=4, **kw), tiny_teacher(), tiny_data(), lrm=mean_lrm)
+    full = full_tr.train()
+    DistillTrainer(dcfg(tmp_path / "b", steps=2, **kw), tiny_teacher(), tiny_data(), lrm=mean_lrm).train()
+    res_tr = DistillTrainer(dcfg(tmp_path / "b", steps=4, **kw), tiny_teacher(), tiny_data(), lrm=mean_lrm)
+    resumed = res_tr.train()
+    assert [r["step"] for r in resumed] == [3, 4]
+    for a, b in zip(full[2:], resumed, strict=True):
+        for k in ("loss_g", "loss_vsd", "loss_cd", "loss_fake"):
+            assert a[k] == b[k], (k, a[k], b[k])
+    for name in ("student", "fake", "ema"):
+        a, b = snap(full_tr.lora.named(name)), snap(res_tr.lora.named(name))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # the same run with full fine-tuning: its checkpoint holds three networks + two AdamW states
+    DistillTrainer(dcfg(tmp_path / "full", steps=1, lora_rank=0), tiny_teacher(), tiny_data(), lrm=mean_lrm).train()
+    DistillTrainer(dcfg(tmp_path / "lora1", steps=1), tiny_teacher(), tiny_data(), lrm=mean_lrm).train()
+    ratio = ckpt_bytes(tmp_path / "full") / ckpt_bytes(tmp_path / "lora1")
+    print(f"checkpoint size full / LoRA rank 4: {ratio:.1f}x")
+    assert ratio > 10
+
+
+@pytest.fixture(scope="module")
+def vae():
+    from lrm.latent_space import VAE
+
+    return VAE.shapes()
+
+
+@pytest.mark.parametrize("method", ["lrm", "ddpo"])
+def test_finetune_trains_only_adapters_reference_is_the_init(tmp_path, vae, method):
+    from reward_adapters import create_reward
+
+    init = tiny_denoiser()
+    init0 = snap(init.model.named_parameters())
+    lrm = (lambda z, tok, mask: z.flatten(1).mean(1)) if method == "lrm" else None
+    kw = dict(distill_losses=["vsd", "cd"], fake_updates=1) if method == "ddpo" else {}
+    tr = FinetuneTrainer(ft_cfg(tmp_path, method, beta_kl=0.1, eval_every=0, **LORA, **kw), init, pool(),
+                         create_reward("brightness"), vae, lrm=lrm)
+    assert set(tr.lora.adapters) == ({"student", "fake", "ema"} if method == "ddpo" else {"student"})
+    base0, s0 = snap(tr.lora.named(None)), snap(tr.lora.named("student"))
+    assert {id(p) for g in tr.opt.param_groups for p in g["params"]} == {id(p) for _, p in tr.lora.named("student")}
+    tr.train()
+    tr.close()
+    base1, s1 = snap(tr.lora.named(None)), snap(tr.lora.named("student"))
+    assert all(torch.equal(base0[k], base1[k]) for k in base0)
+    assert any(not torch.equal(s0[k], s1[k]) for k in s0)
+    assert all(torch.equal(init0[k], p) for k, p in init.model.named_parameters())  # the init is not modified
+    x, t, tok = probe(text=24)
+    ref = out(init, x, t, tok)
+    assert torch.equal(out(tr.ref, x, t, tok), ref)  # pi_ref = the base with the student adapter off
+    assert not torch.equal(out(tr.student, x, t, tok), ref)
+    if method == "ddpo":
+        assert torch.equal(out(tr.teacher, x, t, tok), ref)
+    keys = [k for k in ckpt_keys(tmp_path / method) if k.startswith("module.")]
+    assert keys and all("lora_" in k for k in keys)
+
+
+def test_finetune_ddpo_resume_is_exact(tmp_path, vae):
+    from reward_adapters import create_reward
+
+    def make(run, steps):
+        cfg = ft_cfg(tmp_path, "ddpo", run_dir=str(tmp_path / run), steps=steps, eval_every=0, beta_kl=0.1,
+                     ckpt_every=1, **LORA)
+        return FinetuneTrainer(cfg, tiny_denoiser(), pool(), create_reward("brightness"), vae)
+
+    full = make("full", 2)
+    full.train()
+    full.close()
+    part = make("part", 1)
+    part.train()
+    part.close()
+    resumed = make("part", 2)
+    resumed.train()
+    resumed.close()
+    assert resumed.step == 2
+    a, b = snap(full.lora.named("student")), snap(resumed.lora.named("student"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _sd_trainer(tiny_sd_dir, run_dir, **kw):
+    from distill.denoiser import Denoiser
+    from distill.trainer import DistillData
+
+    teacher = Denoiser.from_diffusers(tiny_sd_dir)
+    L = teacher.null_tokens.shape[1]
+    g = torch.Generator().manual_seed(1)
+    data = DistillData(torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, L, 32, generator=g),
+                       torch.ones(4, L, dtype=torch.bool), [f"p{i}" for i in range(4)])
+    tr = DistillTrainer(dcfg(run_dir, use_lrm_ft=False, use_vsd=False, **kw), teacher, data)
+    with torch.no_grad():  # a non-trivial adapter (lora_B starts at 0)
+        for _, p in tr.lora.named("student"):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return tr
+
+
+def test_student_lora_loads_into_the_diffusers_pipeline(tmp_path, tiny_sd_dir):
+    from diffusers import StableDiffusionPipeline
+
+    from lrm.io import read_json
+
+    tr = _sd_trainer(tiny_sd_dir, tmp_path / "run")
+    d = tr.save_student()
+    assert (d / "pytorch_lora_weights.safetensors").exists() and not (d / "config.json").exists()
+    meta = read_json(d / "student.json")
+    assert meta["lora"]["rank"] == 4 and meta["timesteps"] == tr.timesteps
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+    pipe.load_lora_weights(d)
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500, 300])
+    enc = torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        ours = tr.student.model(x, t, encoder_hidden_states=enc).sample
+        theirs = pipe.unet(x, t, encoder_hidden_states=enc).sample
+        base = tr.teacher.model(x, t, encoder_hidden_states=enc).sample
+    assert not torch.allclose(ours, base, atol=1e-4)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_lora_writes_a_full_denoiser(tmp_path, tiny_sd_dir):
+    from distill.denoiser import Denoiser
+
+    tr = _sd_trainer(tiny_sd_dir, tmp_path / "run", merge_lora=True)
+    d = tr.save_student()
+    merged = Denoiser.from_pretrained(d)
+    assert "lora" not in "".join(k for k, _ in merged.model.named_parameters())
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500, 300])
+    enc = torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(merged.model(x, t, encoder_hidden_states=enc).sample,
+                                   tr.student.model(x, t, encoder_hidden_states=enc).sample, rtol=1e-5, atol=1e-5)
+    # the trainer's own base is untouched by the export
+    assert any("lora_" in k for k, _ in tr.lora.model.named_parameters())
