@@ -218,6 +218,41 @@ class FlowSchedule(_Schedule):
         return f"FlowSchedule(num_train_timesteps={self.num_train_timesteps})"
 
 
+def schedule_from_scheduler_config(scheduler: Any) -> tuple[DDPMSchedule | FlowSchedule, str, Any]:
+    """``(schedule, parameterisation, flow_shift)`` from a diffusers scheduler (object, config or config dict).
+
+    Flow matching (``FlowMatch*`` schedulers; ``UniPCMultistepScheduler`` with ``use_flow_sigmas`` or
+    ``prediction_type="flow_prediction"``, as Wan ships): ``FlowSchedule`` and ``"flow"``. The scheduler's shift
+    (``shift`` / ``flow_shift``; ``"dynamic"`` for FLUX's resolution-dependent ``use_dynamic_shifting``) only warps
+    which timesteps a sampler visits, not ``x_t = (1 - s) x0 + s z`` nor ``timestep = 1000 s``, so it is returned
+    for the sampler, not folded into the schedule. DDPM family: ``DDPMSchedule.from_diffusers`` and
+    ``prediction_type`` epsilon -> ``"eps"``, v_prediction -> ``"v"`` (CogVideoX), sample -> ``"x0"``.
+    """
+    get = _config_getter(scheduler)
+    name = str(get("_class_name", type(scheduler).__name__))
+    pred = get("prediction_type", "epsilon")
+    if "FlowMatch" in name or pred == "flow_prediction" or get("use_flow_sigmas", False):
+        shift = "dynamic" if get("use_dynamic_shifting", False) else float(get("flow_shift", None) or
+                                                                             get("shift", None) or 1.0)
+        return FlowSchedule(int(get("num_train_timesteps", 1000))), "flow", shift
+    types = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+    if pred not in types:
+        raise ValueError(f"{name} prediction_type {pred!r} is not supported; supported: {list(types)} "
+                         "(or pass parameterization=)")
+    if get("rescale_betas_zero_snr", False) or get("snr_shift_scale", None) not in (None, 1.0):
+        # CogVideoX: SNR-shifted (snr_shift_scale) and zero-terminal-SNR alphas_cumprod; take the scheduler's own
+        # table, its terminal 0 raised to 2**-24 (diffusers' Euler convention) so that x0 / eps stay finite.
+        import diffusers
+
+        cfg = dict(scheduler) if isinstance(scheduler, dict) else dict(getattr(scheduler, "config", {}))
+        cls = getattr(diffusers, name, None)
+        if cls is None:
+            raise ValueError(f"cannot rebuild {name!r} from diffusers to read its rescaled alphas_cumprod")
+        ac = cls.from_config(cfg).alphas_cumprod.double().clamp_min(2.0 ** -24)
+        return DDPMSchedule(alphas_cumprod=ac), types[pred], None
+    return DDPMSchedule.from_diffusers(scheduler), types[pred], None
+
+
 def schedule_from_dict(d: dict[str, Any]) -> DDPMSchedule | FlowSchedule:
     """Inverse of ``schedule.to_dict()`` (stored in ``denoiser.json`` and a noise-aware LRM's metadata).
 
@@ -237,4 +272,5 @@ def schedule_from_dict(d: dict[str, Any]) -> DDPMSchedule | FlowSchedule:
     raise ValueError(f"unknown schedule type {kind!r}; expected 'ddpm' or 'flow'")
 
 
-__all__ = ["BETA_SCHEDULES", "DDPMSchedule", "FlowSchedule", "broadcast", "schedule_from_dict"]
+__all__ = ["BETA_SCHEDULES", "DDPMSchedule", "FlowSchedule", "broadcast", "schedule_from_dict",
+           "schedule_from_scheduler_config"]
