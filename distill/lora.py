@@ -14,8 +14,9 @@ A view's forward activates its adapter (or none) for the duration of the call, s
 state. A view's ``parameters()`` / ``state_dict()`` are its adapter's tensors only (the base view: the frozen base's),
 so optimizers, gradient clipping, EMA updates and checkpoints see the adapters and never the base.
 
-Limits: block-level gradient checkpointing recomputes blocks outside the view's call (the wrong adapter would be
-active), DDP / FSDP and the GAN term's feature hooks on the shared base are not wired; the trainers refuse them.
+Gradient checkpointing: diffusers' block checkpointing with a checkpoint function that recomputes each block under the
+adapter of its forward (the backward runs after other roles' calls). Limits: DDP / FSDP of the views and the GAN
+term's feature hooks on the shared base are not wired; the trainers refuse them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 # diffusers' train_text_to_image_lora.py / train_dreambooth_lora*.py: the attention projections
 DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -129,14 +131,32 @@ class LoraBase:
         self._current = name
 
     @contextlib.contextmanager
-    def active(self, name: str | None):
-        """Adapter ``name`` (None: none) active inside the block."""
-        prev = self._current
+    def active(self, name: str | None, training: bool | None = None):
+        """Adapter ``name`` (None: none) active inside the block (and the base in ``training`` mode, if given)."""
+        prev, was = self._current, self.model.training
         self._set(name)
+        if training is not None and training != was:
+            self.model.train(training)
         try:
             yield
         finally:
             self._set(prev)
+            if training is not None and training != was:
+                self.model.train(was)
+
+    def _checkpoint(self, block: nn.Module, *args: Any):
+        """diffusers' block checkpointing with the adapter (and dropout mode) of the forward restored when the
+        backward recomputes the block: by then another role's call may have switched the adapter."""
+        state, training = self._current, self.model.training
+        return torch.utils.checkpoint.checkpoint(
+            block.__call__, *args, use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), self.active(state, training)))
+
+    def enable_gradient_checkpointing(self) -> None:
+        if not getattr(self.model, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"{type(self.model).__name__} has no block-level gradient checkpointing; set "
+                             "gradient_checkpointing: false")
+        self.model.enable_gradient_checkpointing(self._checkpoint)
 
     def view(self, name: str | None) -> "AdapterView":
         return AdapterView(self, name)
@@ -220,6 +240,10 @@ class AdapterView(nn.Module):
             base.train(self.training)
         with self._lora.active(self.adapter):
             return base(*args, **kwargs)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Block checkpointing of the shared base that recomputes with the adapter of the forward."""
+        self._lora.enable_gradient_checkpointing()
 
     def __getattr__(self, name: str):
         try:

@@ -70,9 +70,6 @@ class ShellConfig(ModelSpec):
                               "[to_q, to_k, to_v, to_out.0]")
         if self.merge_lora and self.lora_rank == 0:
             raise ConfigError("merge_lora: true needs lora_rank > 0 (a full fine-tuning run exports full weights)")
-        if self.lora_rank > 0 and getattr(self, "gradient_checkpointing", False):
-            raise ConfigError("gradient_checkpointing with lora_rank > 0 is not supported yet (a recomputed block "
-                              "would run with another role's adapter); set one of them off")
 
 
 

@@ -59,9 +59,38 @@ def test_config_keys_are_checked():
         DistillConfig(lora_rank=4, lora_target_modules=[])
     with pytest.raises(ConfigError, match="merge_lora"):
         FinetuneConfig(merge_lora=True)
-    with pytest.raises(ConfigError, match="gradient_checkpointing"):
-        DistillConfig(lora_rank=4, gradient_checkpointing=True)
     assert DistillConfig().lora_target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def test_gradient_checkpointing_recomputes_with_the_forwards_adapter():
+    """The student's backward runs after the fake score's and the teacher's calls: a checkpointed block must be
+    recomputed with the student adapter, giving the gradient of the run without checkpointing."""
+    from distill.lora import LoraBase, role
+
+    x, t, tok = probe()
+    grads = []
+    for ckpt in (False, True):
+        teacher = tiny_teacher()
+        lora = LoraBase(teacher.model, 4, 4, dropout=0.1)
+        student, fake = role(teacher, lora.add("student")), role(teacher, lora.add("fake"))
+        with torch.no_grad():
+            for name in ("student", "fake"):
+                for _, p in lora.named(name):
+                    p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+        if ckpt:
+            student.model.enable_gradient_checkpointing()
+            assert lora.model.is_gradient_checkpointing
+        student.train()
+        torch.manual_seed(0)
+        loss = student(x, t, tok).square().mean()
+        with torch.no_grad():  # other roles between forward and backward
+            fake.eval()(x, t, tok)
+            role(teacher, lora.view(None)).eval()(x, t, tok)
+        loss.backward()
+        grads.append({k: p.grad.clone() for k, p in lora.named("student")})
+        assert all(p.grad is None for _, p in lora.named("fake"))
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7)
 
 
 def test_distill_vsd_cd_trains_only_adapters_teacher_is_the_base(tmp_path):
@@ -229,3 +258,18 @@ def test_merge_lora_writes_a_full_denoiser(tmp_path, tiny_sd_dir):
                                    tr.student.model(x, t, encoder_hidden_states=enc).sample, rtol=1e-5, atol=1e-5)
     # the trainer's own base is untouched by the export
     assert any("lora_" in k for k, _ in tr.lora.model.named_parameters())
+
+
+def test_distill_tdm_with_checkpointing_and_heterogeneous_student(tmp_path):
+    tr = DistillTrainer(dcfg(tmp_path / "run", use_vsd=False, use_tdm=True, use_cd=False, gradient_checkpointing=True,
+                             parameterization="heterogeneous"), tiny_teacher(), tiny_data(), lrm=mean_lrm)
+    assert set(tr.lora.adapters) == {"student", "fake"} and tr.student.parameterization == "x0"
+    base0, s0 = snap(tr.lora.named(None)), snap(tr.lora.named("student"))
+    hist = tr.train()
+    assert all("loss_tdm" in h and "loss_fake" in h for h in hist)
+    base1, s1 = snap(tr.lora.named(None)), snap(tr.lora.named("student"))
+    assert all(torch.equal(base0[k], base1[k]) for k in base0)
+    assert any(not torch.equal(s0[k], s1[k]) for k in s0)
+    x, t, tok = probe()
+    assert torch.equal(out(tr.teacher, x, t, tok), out(tiny_teacher(), x, t, tok))
+    assert tr.teacher.parameterization == "conjugate_v"
