@@ -1,13 +1,15 @@
 """LoRA students (distill/lora.py): one frozen base, adapters for student / fake score / CD EMA target, teacher and
 reference = the base with adapters off; adapter-only checkpoints with an exact resume; diffusers-format export."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors import safe_open
 
 from distill.finetune import FinetuneConfig, FinetuneTrainer
 from distill.trainer import DistillConfig, DistillTrainer
-from lrm.config import ConfigError
+from lrm.config import ConfigError, load_config
 from tests.distill.test_finetune_trainer import _cfg as ft_cfg
 from tests.distill.test_finetune_trainer import pool, tiny_denoiser
 from tests.tiny_distill import tiny_data, tiny_teacher
@@ -60,6 +62,8 @@ def test_config_keys_are_checked():
     with pytest.raises(ConfigError, match="merge_lora"):
         FinetuneConfig(merge_lora=True)
     assert DistillConfig().lora_target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+    shipped = load_config(DistillConfig, Path(__file__).resolve().parents[2] / "configs" / "sd15_distill_lora.yaml")
+    assert shipped.lora_rank == 64 and shipped.gradient_checkpointing
 
 
 def test_gradient_checkpointing_recomputes_with_the_forwards_adapter():
@@ -103,7 +107,12 @@ def test_distill_vsd_cd_trains_only_adapters_teacher_is_the_base(tmp_path):
     ids = {id(p) for g in tr.opt_g.param_groups for p in g["params"]}
     assert ids == {id(p) for _, p in lora.named("student")}
     assert {id(p) for g in tr.opt_f.param_groups for p in g["params"]} == {id(p) for _, p in lora.named("fake")}
-    hist = tr.train()
+    e0 = snap(lora.named("ema"))
+    assert all(torch.equal(e0[k], s0[k]) for k in s0)  # the EMA adapter starts as a copy of the student's
+    tr.train(1)
+    s_1, e_1 = snap(lora.named("student")), snap(lora.named("ema"))
+    assert all(torch.equal(e_1[k], torch.lerp(e0[k], s_1[k], 0.05)) for k in e0)  # theta^- <- EMA_0.95(theta)
+    hist = tr.train(2)
     assert len(hist) == 2 and {"loss_vsd", "loss_cd", "loss_fake"} <= set(hist[0])
     base1 = snap(lora.named(None))
     assert base0.keys() == base1.keys() and all(torch.equal(base0[k], base1[k]) for k in base0)
