@@ -914,7 +914,13 @@ def build_finetune(cfg: FinetuneConfig, lrm: Any = None, progress: bool = True) 
 
         lrm = LatentReward.from_pretrained(cfg.lrm_path, device=device)
         lrm.check_inputs(latent_space=vae.latent_space, text_encoder=text_id if lrm.needs_text else None)
-    init = build_teacher(cfg, device, text_encoder=text)
+    from distill.lora import is_lora_student, load_lora_student
+
+    if is_lora_student(cfg.teacher):  # a LoRA student/ folder: its base network + the adapter, fused
+        init = load_lora_student(cfg.teacher, lambda base: build_teacher(
+            dataclasses.replace(cfg, teacher=base), device, text_encoder=text))
+    else:
+        init = build_teacher(cfg, device, text_encoder=text)
     pool = build_prompt_pool(cfg, vae, text, video=init.is_video, progress=progress)
     check_text_width(init, pool.text_tokens.shape[-1],
                      f"caption embeddings of {cfg.data_cache or cfg.prompt_file or 'the Shapes prompt pool'}")

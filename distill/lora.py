@@ -220,6 +220,39 @@ def role(denoiser: nn.Module, view: "AdapterView", parameterization: str | None 
     return out
 
 
+def is_lora_student(path: Any) -> bool:
+    """A ``student/`` folder written with ``lora_rank > 0`` (and no merge_lora): adapter + ``student.json``."""
+    from pathlib import Path
+
+    p = Path(str(path))
+    return (p / LORA_WEIGHT_NAME).is_file() and (p / "student.json").is_file()
+
+
+def load_lora_student(path: Any, build_base: Any) -> nn.Module:
+    """The ``Denoiser`` of a LoRA ``student/`` folder: ``build_base(student.json's lora.base)`` (the network the
+    adapter was trained on: a teacher name / directory, or itself a LoRA student, loaded the same way) with the
+    adapter fused into its weights (diffusers' ``load_lora_adapter`` + ``fuse_lora``), and the student's
+    parameterisation. ``lrm finetune --teacher runs/.../student`` starts from it."""
+    from pathlib import Path
+
+    from lrm.io import read_json
+
+    path = Path(str(path))
+    meta = read_json(path / "student.json").get("lora") or {}
+    base_path = meta.get("base_path")
+    if not base_path:
+        raise ValueError(f"{path / 'student.json'} names no base network (lora.base_path): written before LoRA "
+                         "exports recorded it; pass the teacher it was trained on, or export with merge_lora: true")
+    den = load_lora_student(base_path, build_base) if is_lora_student(base_path) else build_base(base_path)
+    model = den.model
+    prefix = _LOADERS.get(type(model).__name__, (None, None))[1]
+    model.load_lora_adapter(str(path), weight_name=LORA_WEIGHT_NAME, prefix=prefix, adapter_name="student")
+    model.fuse_lora(adapter_names=["student"])
+    model.unload_lora()
+    den.parameterization = meta.get("denoiser", {}).get("parameterization", den.parameterization)
+    return den
+
+
 class AdapterView(nn.Module):
     """The base network as one role sees it: forward with adapter ``adapter`` active (None: all disabled);
     ``parameters()`` / ``state_dict()`` hold that adapter's tensors (None: the base's), shared with the base."""
@@ -255,4 +288,5 @@ class AdapterView(nn.Module):
             return getattr(lora.model, name)  # config, dtype, ... of the base network
 
 
-__all__ = ["AdapterView", "DEFAULT_TARGET_MODULES", "LORA_WEIGHT_NAME", "LoraBase", "lora_base", "role"]
+__all__ = ["AdapterView", "DEFAULT_TARGET_MODULES", "LORA_WEIGHT_NAME", "LoraBase", "is_lora_student",
+           "load_lora_student", "lora_base", "role"]

@@ -181,6 +181,7 @@ class StudentShell:
                 lora = {"format": "diffusers", "weights": "pytorch_lora_weights.safetensors", "rank": cfg.lora_rank,
                         "alpha": cfg.lora_alpha or cfg.lora_rank, "target_modules": list(cfg.lora_target_modules),
                         "base": "the teacher's network (lrm distill) / the init's (lrm finetune); not written here",
+                        "base_path": str(cfg.teacher),
                         "denoiser": student.describe()}
         else:
             student.save_pretrained(directory, fp16=cfg.student_fp16)

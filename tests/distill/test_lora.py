@@ -222,7 +222,7 @@ def _sd_trainer(tiny_sd_dir, run_dir, **kw):
     g = torch.Generator().manual_seed(1)
     data = DistillData(torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, L, 32, generator=g),
                        torch.ones(4, L, dtype=torch.bool), [f"p{i}" for i in range(4)])
-    tr = DistillTrainer(dcfg(run_dir, use_lrm_ft=False, use_vsd=False, **kw), teacher, data)
+    tr = DistillTrainer(dcfg(run_dir, use_lrm_ft=False, use_vsd=False, teacher=str(tiny_sd_dir), **kw), teacher, data)
     with torch.no_grad():  # a non-trivial adapter (lora_B starts at 0)
         for _, p in tr.lora.named("student"):
             p.add_(0.05 * torch.randn(p.shape, generator=g))
@@ -282,3 +282,34 @@ def test_distill_tdm_with_checkpointing_and_heterogeneous_student(tmp_path):
     x, t, tok = probe()
     assert torch.equal(out(tr.teacher, x, t, tok), out(tiny_teacher(), x, t, tok))
     assert tr.teacher.parameterization == "conjugate_v"
+
+
+def test_cli_finetune_with_lora_exports_the_adapter(tmp_path):
+    """`lrm finetune --lora_rank 4` end to end on the shipped Shapes teacher: the student/ folder is the adapter."""
+    from lrm.cli import main
+    from lrm.io import read_json
+    from tests.distill.test_finetune_cli import TINY
+
+    run = tmp_path / "ddpo"
+    assert main(["finetune", "--method", "ddpo", "--run_dir", str(run), "--lora_rank", "4", *TINY]) == 0
+    student = run / "student"
+    assert (student / "pytorch_lora_weights.safetensors").exists() and not (student / "config.json").exists()
+    assert read_json(student / "student.json")["lora"]["rank"] == 4
+    with safe_open(str(student / "pytorch_lora_weights.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("unet.") and "lora" in k for k in keys)
+
+
+def test_lora_student_folder_loads_back_as_a_denoiser(tmp_path, tiny_sd_dir):
+    """What `lrm finetune --teacher <LoRA student/>` starts from: student.json's base + the adapter, fused."""
+    from distill.denoiser import Denoiser
+    from distill.lora import is_lora_student, load_lora_student
+
+    tr = _sd_trainer(tiny_sd_dir, tmp_path / "run", parameterization="heterogeneous")
+    d = tr.save_student()
+    assert is_lora_student(d) and not is_lora_student(tiny_sd_dir)
+    init = load_lora_student(d, lambda base: Denoiser.from_diffusers(base))
+    assert init.parameterization == "x0" and not any("lora" in k for k, _ in init.model.named_parameters())
+    x, t, _ = probe()
+    tok = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(out(init, x, t, tok), out(tr.student, x, t, tok), rtol=1e-5, atol=1e-5)
