@@ -313,3 +313,31 @@ def test_lora_student_folder_loads_back_as_a_denoiser(tmp_path, tiny_sd_dir):
     x, t, _ = probe()
     tok = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(out(init, x, t, tok), out(tr.student, x, t, tok), rtol=1e-5, atol=1e-5)
+
+
+def test_cli_distill_then_finetune_chain_of_lora_students(tmp_path):
+    """`lrm distill --lora_rank 4` -> student/ (adapter); `lrm finetune --teacher student/ --lora_rank 4` starts from
+    the Shapes teacher + that adapter, fused, and writes its own adapter; the chain loads back."""
+    from distill.builders import build_teacher
+    from distill.lora import load_lora_student
+    from lrm.cli import main
+    from lrm.io import read_json
+
+    d, f = tmp_path / "d", tmp_path / "f"
+    common = ["--device", "cpu", "--steps", "2", "--ckpt_every", "0", "--sample_every", "0", "--progress", "false",
+              "--lora_rank", "4", "--num_sample_prompts", "1", "--samples_per_prompt", "1"]
+    assert main(["distill", "--run_dir", str(d), "--batch_size", "2", "--fake_updates", "1", "--cd_teacher_steps", "1",
+                 "--num_data", "8", "--tensorboard", "false", *common]) == 0
+    assert main(["finetune", "--method", "direct", "--teacher", str(d / "student"), "--run_dir", str(f),
+                 "--batch_size", "2", "--num_prompts", "2", "--num_eval", "2", "--eval_every", "0", "--lr", "1e-2",
+                 "--gold_reward", "brightness", *common]) == 0
+    assert read_json(f / "student" / "student.json")["lora"]["base_path"] == str(d / "student")
+
+    def build(base):
+        return build_teacher(DistillConfig(teacher=base), "cpu")
+
+    teacher, distilled = build("shapes-image"), load_lora_student(d / "student", build)
+    tuned = load_lora_student(f / "student", build)
+    x, t, tok = probe(text=teacher.null_tokens.shape[-1])
+    y0, y1, y2 = out(teacher, x, t, tok), out(distilled, x, t, tok), out(tuned, x, t, tok)
+    assert not torch.allclose(y0, y1) and not torch.allclose(y1, y2)
