@@ -11,6 +11,10 @@ One trainer step (``FinetuneTrainer.train_step``):
                  the last ``ddpo_grad_steps`` transitions (+ distillation losses per optimizer step).
   then, with ``distill_losses: [vsd]``, ``fake_updates`` fake-score steps (DMD2).
 
+LoRA (``lora_rank`` > 0, ``distill.lora``): one frozen copy of ``init`` is the base; the student is its "student"
+adapter, pi_ref and the distillation teacher are the base with adapters off, the fake score and CD target are
+"fake" / "ema" adapters on it (a separate ``teacher=`` stays a separate frozen network, its fake score a full copy).
+
 KL / reference regularisation (``beta_kl`` > 0) toward the frozen initial student pi_ref (a copy of ``init``);
 the logged ``kl`` column is the estimate below, the loss adds ``beta_kl * kl``:
   method=ddpo    the per-step Gaussian KL of the two chains at the sampled states (both transitions have the same

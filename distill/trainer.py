@@ -10,6 +10,8 @@ One training iteration (``DistillTrainer.train``):
   4. EMA update of the CD target network theta^-; logs, checkpoints, sample grids.
 The student's x0 map is the consistency function f(x, t) = c_skip x + c_out x0_theta(x, t) (``distill.cd``);
 at the student's timesteps (>= 249) c_skip < 1e-6, so ``distill.samplers.student_sample`` gives the same samples.
+With ``lora_rank`` > 0 (``distill.lora``) the teacher's network is the one frozen base: student, fake score and CD
+target are adapters on it, the teacher is the base with adapters off (``DistillTrainer._build_lora``).
 """
 
 from __future__ import annotations
