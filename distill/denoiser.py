@@ -385,6 +385,10 @@ class Denoiser(nn.Module):
                                  f"gives {tokens.shape[-1]}-d tokens but {name} of {src!r} takes {dim}-d "
                                  "encoder_hidden_states; use the pipeline's own text encoder")
             null = (tokens, mask)
+            pdim = family.pooled_dim()
+            if pdim is not None and null_pooled is not None and null_pooled.shape[-1] != int(pdim):
+                raise ValueError(f"the text encoder's pooled vector is {null_pooled.shape[-1]}-d but {name} takes "
+                                 f"{pdim}-d pooled_projections; use the pipeline's own encoders (PipelineText)")
         if use_text_mask is None:
             use_text_mask = family.use_text_mask
         den = cls(model.to(device), schedule, parameterization, cfg_null=null, use_text_mask=use_text_mask,

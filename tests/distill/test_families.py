@@ -3,6 +3,8 @@ models, called as each diffusers pipeline calls them (packing, timestep scaling,
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -225,6 +227,9 @@ def test_flux_pipeline_dir_with_its_text_encoders_end_to_end(tmp_path):
         out = den.guided(x, 400.0, emb.tokens, emb.mask, guidance_scale=3.0, pooled=emb.pooled)
         assert torch.allclose(out, unc + 3 * (cond - unc), atol=1e-5)
     _k_step(den, (1, 4, 4, 4), (emb.tokens, emb.mask), pooled=emb.pooled, guidance_scale=3.0)
+    wrong = lambda prompts: SimpleNamespace(tokens=null.tokens, mask=null.mask, pooled=torch.zeros(1, 7))  # noqa: E731
+    with pytest.raises(ValueError, match="7-d but FluxTransformer2DModel takes 24-d"):
+        Denoiser.from_diffusers(tmp_path, text_encoder=wrong)
 
 
 def test_cogvideox15_temporal_patch_needs_a_multiple_of_latent_frames():
