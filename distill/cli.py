@@ -148,3 +148,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_command(subparsers, "distill", DistillConfig, run_distill,
                        "distil a 50-step teacher into a 1-4 step student (VSD + CD, optional latent-reward "
                        "fine-tuning; DOLLAR Alg. 1)")
+    from distill.export import register as register_export
+
+    register_export(subparsers)  # lrm export
