@@ -1,0 +1,243 @@
+"""Sampling speed: the 50-step CFG teacher against the 4 / 2 / 1-step student, eager against optimized (issue 21).
+
+Side by side in one process, on the same UNet and VAE (Stable Diffusion 1.5 configs with random weights by default,
+or ``--pipeline DIR``: any StableDiffusionPipeline directory, e.g. ``bench/device/make_sd15_pipeline.py``'s):
+
+  teacher   ``distill.samplers.ddim_sample``, ``--teacher_steps`` (50) DDIM steps, trailing spacing, Imagen CFG
+            ``--guidance`` (7.5) as ONE batched UNet call of 2B per step (``Denoiser.guided``)
+  student   ``distill.samplers.k_step_sample`` of the consistency function (``distill.cd.consistency_output``), as
+            the trainers sample: k = 4, 2, 1 at DOLLAR's timesteps (``STUDENT_TIMESTEPS``), no CFG. The student is
+            the teacher's UNet (same cost per call; its weights do not matter for speed)
+  eager     UNet in ``--dtype`` (bf16 on CUDA), SDPA attention (diffusers' default), fp32 VAE decode
+  optimized a copy of the UNet in channels_last, ``torch.compile(mode=--compile)`` (``none``: not compiled), and the
+            VAE decode in bf16 with ``enable_slicing()``
+
+Each (batch, sampler, variant) is run ``--warmup`` times (compilation happens there), then ``--repeats`` times; a run
+records the denoising time and the decode time (CUDA events on GPU, perf_counter on CPU), so "decode excluded" and
+"decode included" come from the same runs; medians are reported, and the speedup of each student row over the
+teacher row of the same batch / variant / decode. Optimized outputs are compared with eager ones from the same noise
+and generator (max abs diff of the latents and of the pixels; ``ok`` against ``--tol``, a bf16-size tolerance).
+Writes ``sampling_speed.json`` and ``sampling_speed.md`` to ``--out``; no numbers are claimed here.
+
+    PYTHONPATH=. python bench/sampling_speed.py --out runs/bench/sampling_speed            # GPU, SD-1.5 size
+    PYTHONPATH=. python bench/sampling_speed.py --tiny --device cpu --compile none --out /tmp/ss   # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+STUDENT_STEPS = (4, 2, 1)
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/bench/sampling_speed", help="output folder (JSON + markdown)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="the tiny random SD pipeline of tests/tiny_sd.py (CPU test)")
+    p.add_argument("--pipeline", default=None, help="a StableDiffusionPipeline directory (default: random SD-1.5)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="batch sizes")
+    p.add_argument("--student_steps", type=int, nargs="+", default=list(STUDENT_STEPS), help="k of the students")
+    p.add_argument("--teacher_steps", type=int, default=50, help="DDIM steps of the teacher")
+    p.add_argument("--guidance", type=float, default=7.5, help="teacher CFG scale (Imagen form, batched)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="UNet dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--compile", choices=COMPILE_MODES, default="max-autotune-no-cudagraphs",
+                   help="torch.compile mode of the optimized UNet ('none': channels_last + bf16 decode only)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs per row (compilation happens here)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per row (the median is reported)")
+    p.add_argument("--tol", type=float, default=None,
+                   help="max abs diff allowed between optimized and eager latents (default 0.1 in bf16, 1e-3 fp32)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# ---- models --------------------------------------------------------------------------------------------------------
+def load_models(ns: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """``(teacher Denoiser, vae, text width)``: the tiny test pipeline, ``--pipeline``, or random SD-1.5 modules."""
+    from diffusers import AutoencoderKL
+
+    from distill.denoiser import Denoiser
+    from lrm.schedules import DDPMSchedule
+
+    src = ns.pipeline
+    if ns.tiny:
+        from tests.tiny_sd import save_tiny_sd_pipeline
+
+        src = save_tiny_sd_pipeline(Path(tempfile.mkdtemp(prefix="tiny_sd_")))
+    if src is not None:
+        den = Denoiser.from_diffusers(src, device=device, dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae")
+    else:
+        from bench.distill_step_cost import sd15_unet, sd_vae
+
+        torch.manual_seed(ns.seed)
+        unet, vae = sd15_unet(), sd_vae()
+        schedule = DDPMSchedule(1000, "scaled_linear", 0.00085, 0.012)
+        den = Denoiser(unet.to(device, dtype), schedule, "eps", use_text_mask=False)
+    return den.eval(), vae.to(device).eval(), int(den.model.config.cross_attention_dim)
+
+
+def optimized_copy(den, vae, mode: str):
+    """The optimized path: UNet copy in channels_last (+ torch.compile), VAE copy in bf16 with slicing."""
+    from distill.denoiser import Denoiser
+
+    unet = copy.deepcopy(den.model).to(memory_format=torch.channels_last)
+    if mode != "none":
+        unet.compile(mode=None if mode == "default" else mode)  # in place: the class (family adapter) is kept
+    opt = Denoiser(unet, den.schedule, den.parameterization, cfg_null=(den.null_tokens, den.null_mask),
+                   use_text_mask=den.use_text_mask).eval()
+    vae_opt = copy.deepcopy(vae).to(torch.bfloat16)
+    vae_opt.enable_slicing()
+    return opt, vae_opt
+
+
+# ---- samplers (the toolkit's; nothing re-implemented) -------------------------------------------------------------
+def make_sampler(name: str, den, ns: argparse.Namespace) -> Callable[..., torch.Tensor]:
+    from distill.cd import consistency_output
+    from distill.samplers import STUDENT_TIMESTEPS, ddim_sample, k_step_sample
+
+    if name == "teacher":
+        def teacher(noise, tokens, generator):
+            return ddim_sample(den, noise, tokens, None, num_steps=ns.teacher_steps, guidance_scale=ns.guidance)
+        return teacher
+    k = int(name.split("_")[1])
+    ts = STUDENT_TIMESTEPS[k]
+
+    def student(noise, tokens, generator):
+        def f(x, t):
+            return consistency_output(x, den.x0(x, t, tokens, None).float(), t)
+        return k_step_sample(f, noise, ts, den.schedule, generator=generator).x0
+    return student
+
+
+def decode(vae, x0: torch.Tensor) -> torch.Tensor:
+    z = (x0 / vae.config.scaling_factor).to(next(vae.parameters()).dtype)
+    return vae.decode(z).sample.float()
+
+
+class Timer:
+    """Elapsed ms between marks: CUDA events on GPU, perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append(e)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1000.0 for a, b in zip(self.marks, self.marks[1:])]
+
+
+@torch.no_grad()
+def run_once(sample, vae, noise, tokens, seed: int, device: torch.device):
+    """One timed run: ``(x0, pixels, denoise_ms, decode_ms)``."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    timer = Timer(device)
+    timer.mark()
+    x0 = sample(noise, tokens, g)
+    timer.mark()
+    pixels = decode(vae, x0)
+    timer.mark()
+    d, v = timer.intervals()
+    return x0, pixels, d, v
+
+
+def bench(ns: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(ns.device)
+    dt = ns.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
+    tol = ns.tol if ns.tol is not None else (1e-3 if dtype == torch.float32 and ns.compile == "none" else 0.1)
+    den, vae, text_dim = load_models(ns, device, dtype)
+    den_opt, vae_opt = optimized_copy(den, vae, ns.compile)
+    variants = {"eager": (den, vae), "optimized": (den_opt, vae_opt)}
+    samplers = ["teacher"] + [f"student_{k}" for k in ns.student_steps]
+    shape = (den.model.config.in_channels, den.model.config.sample_size, den.model.config.sample_size)
+    rows, checks = [], []
+    for B in ns.batches:
+        gen = torch.Generator().manual_seed(ns.seed + B)
+        noise = torch.randn((B, *shape), generator=gen).to(device)
+        tokens = torch.randn((B, 77, text_dim), generator=gen).to(device)
+        for name in samplers:
+            outs = {}
+            for variant, (d, v) in variants.items():
+                sample = make_sampler(name, d, ns)
+                for _ in range(ns.warmup):
+                    run_once(sample, v, noise, tokens, ns.seed, device)
+                den_ms, dec_ms = [], []
+                for _ in range(ns.repeats):
+                    x0, pixels, a, b = run_once(sample, v, noise, tokens, ns.seed, device)
+                    den_ms.append(a)
+                    dec_ms.append(b)
+                outs[variant] = (x0.float().cpu(), pixels.cpu())
+                steps = ns.teacher_steps if name == "teacher" else int(name.split("_")[1])
+                nfe = steps * (2 if name == "teacher" and ns.guidance != 1.0 else 1)  # UNet batch-B passes
+                for decode_inc in (False, True):
+                    ms = [a + (b if decode_inc else 0.0) for a, b in zip(den_ms, dec_ms)]
+                    rows.append({"batch": B, "sampler": name, "steps": steps, "nfe": nfe, "variant": variant,
+                                 "decode": "included" if decode_inc else "excluded",
+                                 "median_ms": statistics.median(ms), "times_ms": ms})
+            dl = (outs["optimized"][0] - outs["eager"][0]).abs().max().item()
+            dp = (outs["optimized"][1] - outs["eager"][1]).abs().max().item()
+            checks.append({"batch": B, "sampler": name, "max_abs_diff_latents": dl, "max_abs_diff_pixels": dp,
+                           "tol": tol, "ok": bool(dl <= tol)})
+    teacher_ms = {(r["batch"], r["variant"], r["decode"]): r["median_ms"] for r in rows if r["sampler"] == "teacher"}
+    for r in rows:
+        r["speedup_vs_teacher"] = teacher_ms[(r["batch"], r["variant"], r["decode"])] / r["median_ms"]
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "config": {k: v for k, v in vars(ns).items()}, "dtype": dt, "latent_shape": list(shape),
+            "torch": torch.__version__, "rows": rows, "checks": checks}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"# Sampling speed ({result['device']}, UNet {result['dtype']}, latents {result['latent_shape']}, "
+             f"compile={result['config']['compile']})", "",
+             "| batch | sampler | NFE | variant | decode | median ms | speedup vs teacher |",
+             "|---:|---|---:|---|---|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['batch']} | {r['sampler']} | {r['nfe']} | {r['variant']} | {r['decode']} | "
+                     f"{r['median_ms']:.2f} | {r['speedup_vs_teacher']:.2f}x |")
+    lines += ["", "| batch | sampler | max abs diff latents (opt - eager) | pixels | tol | ok |",
+              "|---:|---|---:|---:|---:|---|"]
+    for c in result["checks"]:
+        lines.append(f"| {c['batch']} | {c['sampler']} | {c['max_abs_diff_latents']:.3g} | "
+                     f"{c['max_abs_diff_pixels']:.3g} | {c['tol']:g} | {c['ok']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ns = parse_args(argv)
+    result = bench(ns)
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sampling_speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "sampling_speed.md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
