@@ -17,8 +17,6 @@ each config's own: ``lrm eval`` calls it ``denoiser``).
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 import torch
 
 from lrm.config import ConfigError, opt
+from lrm.io import read_records
 
 SHAPES_TEACHERS = ("shapes-image", "shapes-video")
 PROMPT_COLUMNS = ("prompt", "caption", "text")
@@ -115,28 +114,19 @@ def load_prompt_file(path: str | Path) -> list[str]:
         raise ConfigError(f"prompt file {path} does not exist (give a .txt with one prompt per line, a .csv with a "
                           f"column among {PROMPT_COLUMNS}, or a .jsonl with one of those keys)")
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        with open(path, newline="") as fh:
-            reader = csv.DictReader(fh)
-            col = next((c for c in PROMPT_COLUMNS if c in (reader.fieldnames or [])), None)
-            if col is None:
-                raise ConfigError(f"{path}: no column among {PROMPT_COLUMNS} (header: {reader.fieldnames})")
-            prompts = [row[col] for row in reader]
-    elif suffix in (".jsonl", ".ndjson"):
+    if suffix in (".csv", ".jsonl", ".ndjson"):
+        try:
+            records = read_records(path)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         prompts = []
-        for i, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{i} is not valid JSON ({e.msg})") from None
-            key = next((c for c in PROMPT_COLUMNS if isinstance(obj, dict) and c in obj), None)
+        for i, row in records:
+            key = next((c for c in PROMPT_COLUMNS if c in row), None)
             if key is None:
-                raise ConfigError(f"{path}:{i}: an object with one of the keys {PROMPT_COLUMNS} expected")
-            prompts.append(obj[key])
+                raise ConfigError(f"{path}:{i}: no column among {PROMPT_COLUMNS} (the record has {sorted(row)})")
+            prompts.append(row[key])
     else:
-        prompts = [ln for ln in path.read_text().splitlines()]
+        prompts = path.read_text().splitlines()
     prompts = [str(p).strip() for p in prompts]
     empty = [i for i, p in enumerate(prompts) if not p]
     if suffix not in (".csv", ".jsonl", ".ndjson"):  # blank lines of a text file are separators
@@ -150,8 +140,9 @@ def load_prompt_file(path: str | Path) -> list[str]:
 
 def check_text_identity(expected: dict, given: dict, what: str) -> None:
     """Refuse a text encoder that differs (name, width, length, pooling) from the one ``expected`` records."""
-    keys = [k for k in ("name", "dim", "max_length", "pooling") if k in expected and k in given]
-    diffs = [f"{k}: {given[k]!r} != {expected[k]!r}" for k in keys if given[k] != expected[k]]
+    from lrm.text import identity_diffs
+
+    diffs = identity_diffs(expected, given)
     if diffs:
         raise ConfigError(f"{what} were made by text encoder {expected.get('name')!r} (max_length "
                           f"{expected.get('max_length')}), but the config's is {given.get('name')!r} "

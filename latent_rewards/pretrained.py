@@ -18,6 +18,7 @@ from latent_rewards.heads.base import EnsembleLRM, LRMInputError, member_outputs
 from latent_rewards.registry import create_lrm_from_config
 from lrm.io import load_tensors, read_json, save_tensors, write_json
 from lrm.latent_space import LatentSpace, LatentSpaceMismatchError
+from lrm.text import identity_diffs
 
 FORMAT_VERSION = 1
 
@@ -29,8 +30,7 @@ class TextEncoderMismatchError(ValueError):
 def _check_text_encoder(expected: dict | None, given: dict | None, what: str = "these text embeddings") -> None:
     if expected is None or given is None:
         return
-    keys = [k for k in ("name", "dim", "max_length", "pooling") if k in expected and k in given]
-    diffs = [f"{k}: {given[k]!r} != {expected[k]!r}" for k in keys if given[k] != expected[k]]
+    diffs = identity_diffs(expected, given)
     if diffs:
         raise TextEncoderMismatchError(
             f"{what} come from text encoder {given.get('name')!r}, but this LRM was trained on "

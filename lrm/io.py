@@ -191,3 +191,26 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_records(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, row)`` of a CSV (header row, then one record per line) or JSONL file (one JSON object per
+    non-blank line). A JSONL line that is not a JSON object raises ``ValueError`` naming ``path:line``."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        import csv
+
+        with open(path, newline="") as fh:
+            return list(enumerate(csv.DictReader(fh), 2))
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i} is not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{i} is not a JSON object")
+        rows.append((i, obj))
+    return rows

@@ -12,6 +12,7 @@ sampler whose last step predicts x0 (diffusers' DDIM with ``set_alpha_to_one=Tru
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -43,12 +44,13 @@ def _config_getter(scheduler: Any):
     return cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
 
 
-class _Schedule:
+class _Schedule(ABC):
     kind: str = ""
     num_train_timesteps: int
 
-    def _ab(self, t: torch.Tensor, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def _ab(self, t: torch.Tensor, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a_t, b_t)`` of ``x_t = a_t x0 + b_t eps`` for integer timesteps ``t``."""
 
     def a(self, t) -> torch.Tensor:
         return self._ab(_as_timesteps(t))[0]

@@ -39,6 +39,15 @@ def _resolve_path(name_or_path: str) -> str:
     return name_or_path
 
 
+IDENTITY_KEYS = ("name", "dim", "max_length", "pooling")
+
+
+def identity_diffs(expected: dict, given: dict) -> list[str]:
+    """``"key: given != expected"`` for each ``TextEncoder.identity()`` field both records have and that differs."""
+    return [f"{k}: {given[k]!r} != {expected[k]!r}" for k in IDENTITY_KEYS
+            if k in expected and k in given and given[k] != expected[k]]
+
+
 class TextEncoder(torch.nn.Module):
     """Frozen text encoder returning ``TextEmbedding`` (tokens, mask, pooled).
 

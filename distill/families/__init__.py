@@ -9,6 +9,7 @@ Registry keyed by the diffusers model class name: ``register_family("FluxTransfo
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Callable
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 _FAMILIES: dict[str, type["Family"]] = {}
 
 
-class Family:
+class Family(ABC):
     """Base adapter. Subclasses set the class attributes and implement ``call``."""
 
     name = "base"
@@ -44,10 +45,11 @@ class Family:
         """The network takes a ``guidance`` value (guidance distillation: one pass instead of CFG's two)."""
         return bool(self.cfg("guidance_embeds", False))
 
+    @abstractmethod
     def call(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor,
              mask: torch.Tensor | None, pooled: torch.Tensor | None, guidance: torch.Tensor | None,
-             **kw: Any) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+             **kw: Any) -> torch.Tensor:
+        """The network's output for our latents ``x`` at ``t``, prepared as the family's pipeline prepares them."""
 
     def require_pooled(self, pooled: torch.Tensor | None, model: nn.Module) -> torch.Tensor:
         if pooled is None:

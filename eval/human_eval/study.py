@@ -17,7 +17,6 @@ The sha256 of every file is recorded: a sample changed after ``prepare`` is refu
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import re
@@ -26,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
+
+from lrm.io import read_records
 
 STUDY_FILE = "study.json"
 VOTES_DB = "votes.sqlite"
@@ -112,24 +113,12 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise StudyError(f"manifest {p} does not exist")
-    if p.suffix.lower() == ".jsonl":
-        raw = []
-        for k, line in enumerate(p.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise StudyError(f"{p} line {k} is not JSON ({e})") from None
-            if not isinstance(obj, dict):
-                raise StudyError(f"{p} line {k} is not a JSON object")
-            raw.append((k, obj))
-    elif p.suffix.lower() == ".csv":
-        with open(p, newline="") as f:
-            reader = csv.DictReader(f)
-            raw = [(k, r) for k, r in enumerate(reader, 2)]
-    else:
+    if p.suffix.lower() not in (".csv", ".jsonl"):
         raise StudyError(f"manifest {p} must be .csv or .jsonl (columns {', '.join(MANIFEST_COLUMNS)})")
+    try:
+        raw = read_records(p)
+    except ValueError as e:
+        raise StudyError(str(e)) from None
     if not raw:
         raise StudyError(f"manifest {p} has no rows")
     rows = []
