@@ -1,16 +1,18 @@
 """Sampling speed: the 50-step CFG teacher against the 4 / 2 / 1-step student, eager against optimized (issue 21).
 
-Side by side in one process, on the same UNet and VAE (Stable Diffusion 1.5 configs with random weights by default,
-or ``--pipeline DIR``: any StableDiffusionPipeline directory, e.g. ``bench/device/make_sd15_pipeline.py``'s):
+Side by side in one process, on the same network and VAE (Stable Diffusion 1.5 configs with random weights by default,
+``--pipeline DIR``: any StableDiffusionPipeline directory, e.g. ``bench/device/make_sd15_pipeline.py``'s, or
+``--teacher shapes-image|shapes-video``: a shipped Shapes teacher with the Shapes VAE), both through the library's
+sampling call ``distill.inference.sample`` (``Denoiser.sample``, what ``lrm eval`` runs):
 
-  teacher   ``distill.samplers.ddim_sample``, ``--teacher_steps`` (50) DDIM steps, trailing spacing, Imagen CFG
-            ``--guidance`` (7.5) as ONE batched UNet call of 2B per step (``Denoiser.guided``)
-  student   ``distill.samplers.k_step_sample`` of the consistency function (``distill.cd.consistency_output``), as
-            the trainers sample: k = 4, 2, 1 at DOLLAR's timesteps (``STUDENT_TIMESTEPS``), no CFG. The student is
-            the teacher's UNet (same cost per call; its weights do not matter for speed)
-  eager     UNet in ``--dtype`` (bf16 on CUDA), SDPA attention (diffusers' default), fp32 VAE decode
-  optimized a copy of the UNet in channels_last, ``torch.compile(mode=--compile)`` (``none``: not compiled), and the
-            VAE decode in bf16 with ``enable_slicing()``
+  teacher   ``sampler="ddim"``, ``--teacher_steps`` (50) DDIM steps, trailing spacing, Imagen CFG ``--guidance`` (7.5)
+            as ONE batched network call of 2B per step (``Denoiser.guided``)
+  student   ``sampler="student"``: the k-step consistency sampler, k = 4, 2, 1 at DOLLAR's timesteps
+            (``distill.samplers.STUDENT_TIMESTEPS``), no CFG. The student is the teacher's network (same cost per
+            call; its weights do not matter for speed)
+  eager     the network in ``--dtype`` (bf16 on CUDA) as loaded (diffusers' SDPA attention), fp32 VAE decode
+  optimized the library's fast path on copies: ``Denoiser.prepare_for_sampling`` (channels_last for 2-D UNets,
+            ``torch.compile(mode=--compile)``, ``--fuse_qkv``) and ``lrm.latent_space.VAE``'s bf16 sliced decode
 
 Each (batch, sampler, variant) is run ``--warmup`` times (compilation happens there), then ``--repeats`` times; a run
 records the denoising time and the decode time (CUDA events on GPU, perf_counter on CPU), so "decode excluded" and
@@ -40,8 +42,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from distill.inference import COMPILE_MODES  # noqa: E402
+
 STUDENT_STEPS = (4, 2, 1)
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,6 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="the tiny random SD pipeline of tests/tiny_sd.py (CPU test)")
     p.add_argument("--pipeline", default=None, help="a StableDiffusionPipeline directory (default: random SD-1.5)")
+    p.add_argument("--teacher", choices=("shapes-image", "shapes-video"), default=None,
+                   help="a shipped Shapes teacher with the Shapes VAE instead of an SD pipeline")
+    p.add_argument("--num_frames", type=int, default=16, help="frames of --teacher shapes-video samples")
+    p.add_argument("--text_length", type=int, default=77, help="caption tokens (random embeddings)")
+    p.add_argument("--fuse_qkv", action="store_true", help="the optimized network also fuses q, k, v projections")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="batch sizes")
     p.add_argument("--student_steps", type=int, nargs="+", default=list(STUDENT_STEPS), help="k of the students")
     p.add_argument("--teacher_steps", type=int, default=50, help="DDIM steps of the teacher")
@@ -68,12 +76,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ---- models --------------------------------------------------------------------------------------------------------
 def load_models(ns: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-    """``(teacher Denoiser, vae, text width)``: the tiny test pipeline, ``--pipeline``, or random SD-1.5 modules."""
+    """``(teacher Denoiser, diffusers VAE, vae id, text width, latent shape)``: a Shapes teacher (``--teacher``), the
+    tiny test pipeline, ``--pipeline``, or random SD-1.5 modules."""
     from diffusers import AutoencoderKL
 
     from distill.denoiser import Denoiser
     from lrm.schedules import DDPMSchedule
 
+    if ns.teacher is not None:  # the shipped Shapes teachers and VAE, at the world's 32 px
+        from distill.models import load_shapes_teacher
+        from lrm.latent_space import VAE
+
+        den = load_shapes_teacher(ns.teacher.split("-")[1], device=device)
+        den.model.to(dtype)
+        vae = VAE.from_pretrained("shapes").vae
+        C, s = int(vae.config.latent_channels), 32 // (2 ** (len(vae.config.block_out_channels) - 1))
+        shape = (ns.num_frames, C, s, s) if den.is_video else (C, s, s)
+        return den.eval(), vae.to(device).eval(), "shapes-vae", int(den.null_tokens.shape[-1]), shape
     src = ns.pipeline
     if ns.tiny:
         from tests.tiny_sd import save_tiny_sd_pipeline
@@ -89,45 +108,39 @@ def load_models(ns: argparse.Namespace, device: torch.device, dtype: torch.dtype
         unet, vae = sd15_unet(), sd_vae()
         schedule = DDPMSchedule(1000, "scaled_linear", 0.00085, 0.012)
         den = Denoiser(unet.to(device, dtype), schedule, "eps", use_text_mask=False)
-    return den.eval(), vae.to(device).eval(), int(den.model.config.cross_attention_dim)
+    cfg = den.model.config
+    return (den.eval(), vae.to(device).eval(), str(src or "random-sd15"), int(cfg.cross_attention_dim),
+            (cfg.in_channels, cfg.sample_size, cfg.sample_size))
 
 
-def optimized_copy(den, vae, mode: str):
-    """The optimized path: UNet copy in channels_last (+ torch.compile), VAE copy in bf16 with slicing."""
+def variants(den, vae, vae_id: str, ns: argparse.Namespace):
+    """``{"eager": (Denoiser, VAE), "optimized": (...)}``: the eager path (fp32 VAE decode, network as loaded) and
+    the library's fast path on copies (``Denoiser.prepare_for_sampling`` + ``lrm.latent_space.VAE``'s bf16 sliced
+    decode)."""
     from distill.denoiser import Denoiser
+    from lrm.latent_space import VAE
 
-    unet = copy.deepcopy(den.model).to(memory_format=torch.channels_last)
-    if mode != "none":
-        unet.compile(mode=None if mode == "default" else mode)  # in place: the class (family adapter) is kept
-    opt = Denoiser(unet, den.schedule, den.parameterization, cfg_null=(den.null_tokens, den.null_mask),
-                   use_text_mask=den.use_text_mask).eval()
-    vae_opt = copy.deepcopy(vae).to(torch.bfloat16)
-    vae_opt.enable_slicing()
-    return opt, vae_opt
+    opt = Denoiser(copy.deepcopy(den.model), den.schedule, den.parameterization,
+                   cfg_null=(den.null_tokens, den.null_mask), use_text_mask=den.use_text_mask).eval()
+    applied = opt.prepare_for_sampling(ns.compile, channels_last=True, fuse_qkv=ns.fuse_qkv)
+    eager = (den, VAE(vae, vae_id, chunk_size=0))
+    fast = (opt, VAE(copy.deepcopy(vae), vae_id, chunk_size=0, autocast_bf16=True, slicing=True))
+    return {"eager": eager, "optimized": fast}, applied
 
 
 # ---- samplers (the toolkit's; nothing re-implemented) -------------------------------------------------------------
 def make_sampler(name: str, den, ns: argparse.Namespace) -> Callable[..., torch.Tensor]:
-    from distill.cd import consistency_output
-    from distill.samplers import STUDENT_TIMESTEPS, ddim_sample, k_step_sample
-
+    """``distill.inference.sample``: the teacher's CFG DDIM or the k-step student sampler."""
     if name == "teacher":
         def teacher(noise, tokens, generator):
-            return ddim_sample(den, noise, tokens, None, num_steps=ns.teacher_steps, guidance_scale=ns.guidance)
+            return den.sample(noise, tokens, None, sampler="ddim", steps=ns.teacher_steps,
+                              guidance_scale=ns.guidance)
         return teacher
     k = int(name.split("_")[1])
-    ts = STUDENT_TIMESTEPS[k]
 
     def student(noise, tokens, generator):
-        def f(x, t):
-            return consistency_output(x, den.x0(x, t, tokens, None).float(), t)
-        return k_step_sample(f, noise, ts, den.schedule, generator=generator).x0
+        return den.sample(noise, tokens, None, sampler="student", steps=k, generator=generator)
     return student
-
-
-def decode(vae, x0: torch.Tensor) -> torch.Tensor:
-    z = (x0 / vae.config.scaling_factor).to(next(vae.parameters()).dtype)
-    return vae.decode(z).sample.float()
 
 
 class Timer:
@@ -160,7 +173,7 @@ def run_once(sample, vae, noise, tokens, seed: int, device: torch.device):
     timer.mark()
     x0 = sample(noise, tokens, g)
     timer.mark()
-    pixels = decode(vae, x0)
+    pixels = vae.decode(x0)
     timer.mark()
     d, v = timer.intervals()
     return x0, pixels, d, v
@@ -171,19 +184,17 @@ def bench(ns: argparse.Namespace) -> dict[str, Any]:
     dt = ns.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
     tol = ns.tol if ns.tol is not None else (1e-3 if dtype == torch.float32 and ns.compile == "none" else 0.1)
-    den, vae, text_dim = load_models(ns, device, dtype)
-    den_opt, vae_opt = optimized_copy(den, vae, ns.compile)
-    variants = {"eager": (den, vae), "optimized": (den_opt, vae_opt)}
+    den, vae, vae_id, text_dim, shape = load_models(ns, device, dtype)
+    paths, applied = variants(den, vae, vae_id, ns)
     samplers = ["teacher"] + [f"student_{k}" for k in ns.student_steps]
-    shape = (den.model.config.in_channels, den.model.config.sample_size, den.model.config.sample_size)
     rows, checks = [], []
     for B in ns.batches:
         gen = torch.Generator().manual_seed(ns.seed + B)
         noise = torch.randn((B, *shape), generator=gen).to(device)
-        tokens = torch.randn((B, 77, text_dim), generator=gen).to(device)
+        tokens = torch.randn((B, ns.text_length, text_dim), generator=gen).to(device)
         for name in samplers:
             outs = {}
-            for variant, (d, v) in variants.items():
+            for variant, (d, v) in paths.items():
                 sample = make_sampler(name, d, ns)
                 for _ in range(ns.warmup):
                     run_once(sample, v, noise, tokens, ns.seed, device)
@@ -209,6 +220,7 @@ def bench(ns: argparse.Namespace) -> dict[str, Any]:
         r["speedup_vs_teacher"] = teacher_ms[(r["batch"], r["variant"], r["decode"])] / r["median_ms"]
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "config": {k: v for k, v in vars(ns).items()}, "dtype": dt, "latent_shape": list(shape),
+            "optimized": applied,
             "torch": torch.__version__, "rows": rows, "checks": checks}
 
 

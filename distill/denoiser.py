@@ -213,6 +213,23 @@ class Denoiser(nn.Module):
         return self.x0_eps(x_t, t, text_tokens, text_mask, guidance_scale, null_tokens, null_mask, pooled=pooled,
                            null_pooled=null_pooled)[1]
 
+    # ---- sampling (distill/inference.py) ---------------------------------------------------------------
+    def sample(self, noise: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor | None = None,
+               **kw: Any) -> torch.Tensor:
+        """x0 latents from ``noise``: ``distill.inference.sample`` (``sampler="student"`` 4 steps by default,
+        ``"ddim"`` with ``steps``, ``"stochastic"``; ``guidance_scale``, ``timesteps``, ``generator``)."""
+        from distill.inference import sample
+
+        return sample(self, noise, text_tokens, text_mask, **kw)
+
+    def prepare_for_sampling(self, compile: str = "none", channels_last: bool = False,
+                             fuse_qkv: bool = False) -> dict[str, Any]:
+        """Freeze the network and make it fast for sampling, in place (``distill.inference.prepare_for_sampling``:
+        torch.compile mode, channels_last, fused QKV); returns what was applied."""
+        from distill.inference import prepare_for_sampling
+
+        return prepare_for_sampling(self, compile=compile, channels_last=channels_last, fuse_qkv=fuse_qkv)
+
     # ---- save / load -----------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """What ``denoiser.json`` records next to the diffusers weights."""

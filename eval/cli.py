@@ -91,6 +91,13 @@ class EvalConfig(ModelSpec):
     batch_size: int = opt(32, "samples per generator call (the samples of one call are decoded in vae_chunk_size "
                               "chunks, then scored)")
     device: str = opt("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = opt(
+        "none", "torch.compile mode of the sampled networks (distill.inference.prepare_for_sampling): "
+                "reduce-overhead adds CUDA graphs (best at small batch); the first batches pay the compilation")
+    channels_last: bool = opt(False, "2-D convolution networks (UNet2D) in channels_last memory format (faster bf16 "
+                                     "convolutions on GPU)")
+    fuse_qkv: bool = opt(False, "fuse the q, k, v projections into one matmul (diffusers fuse_qkv_projections; "
+                                "full or merged networks only)")
     save_samples: bool = opt(False, "one lossless WebP per sample in samples/ (the input of `lrm human-eval "
                                     "prepare`)")
     report: bool = opt(True, "write report.html")
@@ -193,6 +200,11 @@ def load_denoiser(cfg: EvalConfig, spec: str, device, vae=None, text_encoder=Non
                           f"{vae.vae.config.latent_channels}: set vae / vae_subfolder to the model's own VAE")
     if text_encoder is not None and getattr(text_encoder, "dim", None) is not None:
         check_text_width(den, text_encoder.dim, f"caption embeddings of text_encoder {cfg.text_encoder!r}")
+    if cfg.compile != "none" or cfg.channels_last or cfg.fuse_qkv:
+        from lrm.run import get_logger
+
+        applied = den.prepare_for_sampling(cfg.compile, cfg.channels_last, cfg.fuse_qkv)
+        get_logger("lrm.eval").info("denoiser %s prepared for sampling: %s", spec, applied)
     return den
 
 

@@ -89,10 +89,6 @@ def shapes_prompts(n: int, num_frames: int | None = None, seed: int = 0, start: 
 
 
 # ---- diffusion samplers over a distill.Denoiser ---------------------------------------------------------
-
-SAMPLERS = ("ddim", "student", "stochastic")
-
-
 class DenoiserGenerator:
     """A sampler closure over a ``distill`` ``Denoiser`` (teacher or student), in the generator protocol.
 
@@ -113,22 +109,15 @@ class DenoiserGenerator:
 
     def __init__(self, denoiser, sampler: str = "ddim", steps: int = 50, timesteps: list[int] | None = None,
                  guidance_scale: float | None = None, eta: float = 1.0, reference=None):
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if reference is not None and sampler != "stochastic":
             raise ValueError("a reference denoiser gives a chain KL only for sampler='stochastic'; for deterministic "
                              "samplers pass the reference as a generator to evaluate(reference=...) instead")
-        from distill.samplers import ddim_timesteps
+        from distill.inference import sampler_timesteps
 
         self.denoiser, self.sampler, self.reference = denoiser, sampler, reference
         self.guidance_scale, self.eta = guidance_scale, eta
-        T = denoiser.schedule.num_train_timesteps
-        if timesteps is not None:
-            self.timesteps = sorted((int(t) for t in timesteps), reverse=True)
-        elif sampler == "student":
-            self.timesteps = [999, 749, 499, 249]
-        else:
-            self.timesteps = ddim_timesteps(steps, T)
+        # the student sampler takes its timesteps (DOLLAR's four by default), not the DDIM step count
+        self.timesteps = sampler_timesteps(denoiser, sampler, None if sampler == "student" else steps, timesteps)
         cfg = guidance_scale is not None and guidance_scale != 1
         self.nfe = len(self.timesteps) * (2 if cfg else 1)
 
@@ -138,15 +127,13 @@ class DenoiserGenerator:
 
     @torch.no_grad()
     def __call__(self, noise: torch.Tensor, text_tokens=None, text_mask=None, seeds: list[int] | None = None):
-        from distill.samplers import ddim_sample, step_mean, stochastic_sample, student_sample
+        from distill.inference import sample
+        from distill.samplers import step_mean, stochastic_sample
 
         g = self._generator(seeds, noise.device)
-        if self.sampler == "ddim":
-            return ddim_sample(self.denoiser, noise, text_tokens, text_mask, eta=0.0, timesteps=self.timesteps,
-                               guidance_scale=self.guidance_scale)
-        if self.sampler == "student":
-            return student_sample(self.denoiser, noise, text_tokens, text_mask, timesteps=self.timesteps,
-                                  generator=g, guidance_scale=self.guidance_scale)
+        if self.sampler != "stochastic":
+            return sample(self.denoiser, noise, text_tokens, text_mask, sampler=self.sampler,
+                          timesteps=self.timesteps, guidance_scale=self.guidance_scale, generator=g)
         traj = stochastic_sample(self.denoiser, noise, text_tokens, text_mask, self.timesteps, eta=self.eta,
                                  guidance_scale=self.guidance_scale, generator=g, grad_steps=0)
         out = {"latents": traj.x0, "nfe": self.nfe}
