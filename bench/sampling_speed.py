@@ -12,7 +12,8 @@ sampling call ``distill.inference.sample`` (``Denoiser.sample``, what ``lrm eval
             call; its weights do not matter for speed)
   eager     the network in ``--dtype`` (bf16 on CUDA) as loaded (diffusers' SDPA attention), fp32 VAE decode
   optimized the library's fast path on copies: ``Denoiser.prepare_for_sampling`` (channels_last for 2-D UNets,
-            ``torch.compile(mode=--compile)``, ``--fuse_qkv``) and ``lrm.latent_space.VAE``'s bf16 sliced decode
+            ``torch.compile(mode=--compile)``, ``--fuse_qkv``) and ``lrm.latent_space.VAE``'s bf16 decode in channels_last
+            (``distill.inference.prepare_vae_for_sampling``, decoder compiled with ``--compile_vae``)
 
 Each (batch, sampler, variant) is run ``--warmup`` times (compilation happens there), then ``--repeats`` times; a run
 records the denoising time and the decode time (CUDA events on GPU, perf_counter on CPU), so "decode excluded" and
@@ -57,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a shipped Shapes teacher with the Shapes VAE instead of an SD pipeline")
     p.add_argument("--num_frames", type=int, default=16, help="frames of --teacher shapes-video samples")
     p.add_argument("--text_length", type=int, default=77, help="caption tokens (random embeddings)")
+    p.add_argument("--compile_vae", choices=COMPILE_MODES, default="none",
+                   help="torch.compile mode of the optimized VAE decoder")
     p.add_argument("--fuse_qkv", action="store_true", help="the optimized network also fuses q, k, v projections")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="batch sizes")
     p.add_argument("--student_steps", type=int, nargs="+", default=list(STUDENT_STEPS), help="k of the students")
@@ -115,17 +118,19 @@ def load_models(ns: argparse.Namespace, device: torch.device, dtype: torch.dtype
 
 def variants(den, vae, vae_id: str, ns: argparse.Namespace):
     """``{"eager": (Denoiser, VAE), "optimized": (...)}``: the eager path (fp32 VAE decode, network as loaded) and
-    the library's fast path on copies (``Denoiser.prepare_for_sampling`` + ``lrm.latent_space.VAE``'s bf16 sliced
+    the library's fast path on copies (``Denoiser.prepare_for_sampling`` + ``lrm.latent_space.VAE``'s bf16
     decode)."""
     from distill.denoiser import Denoiser
+    from distill.inference import prepare_vae_for_sampling
     from lrm.latent_space import VAE
 
     opt = Denoiser(copy.deepcopy(den.model), den.schedule, den.parameterization,
                    cfg_null=(den.null_tokens, den.null_mask), use_text_mask=den.use_text_mask).eval()
     applied = opt.prepare_for_sampling(ns.compile, channels_last=True, fuse_qkv=ns.fuse_qkv)
     eager = (den, VAE(vae, vae_id, chunk_size=0))
-    fast = (opt, VAE(copy.deepcopy(vae), vae_id, chunk_size=0, autocast_bf16=True, slicing=True))
-    return {"eager": eager, "optimized": fast}, applied
+    fast_vae = VAE(copy.deepcopy(vae), vae_id, chunk_size=0, autocast_bf16=True)
+    applied = {"denoiser": applied, "vae": prepare_vae_for_sampling(fast_vae, ns.compile_vae, channels_last=True)}
+    return {"eager": eager, "optimized": (opt, fast_vae)}, applied
 
 
 # ---- samplers (the toolkit's; nothing re-implemented) -------------------------------------------------------------

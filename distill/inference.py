@@ -23,7 +23,8 @@ in place, on a network that is no longer trained:
                  kernel-launch overhead that dominates small batches), ``max-autotune(-no-cudagraphs)`` also autotunes
                  the matmuls and convolutions; compilation happens on the first calls of each new shape
 
-The VAE side of the fast path is ``lrm.latent_space.VAE``'s: bf16 decode (``vae_bf16``) in chunks / slices / tiles.
+The VAE side of the fast path: ``lrm.latent_space.VAE``'s bf16 decode (``vae_bf16``) in chunks (slices / tiles for
+large frames), and ``prepare_vae_for_sampling`` (channels_last, a compiled decoder).
 Outputs stay equal to eager ones within bf16 tolerance (``bench/sampling_speed.py`` checks it on every row).
 """
 
@@ -112,10 +113,30 @@ def prepare_for_sampling(denoiser: Any, compile: str = "none", channels_last: bo
     return applied
 
 
+def prepare_vae_for_sampling(vae: Any, compile: str = "none", channels_last: bool = False) -> dict[str, Any]:
+    """The decode side of the fast path, in place, for an ``lrm.latent_space.VAE``: its network in channels_last
+    (2-D VAEs: the decoder is convolutions) and its decoder compiled (``compile`` as in ``prepare_for_sampling``).
+    bf16 decode is the VAE's own ``autocast_bf16`` (config key ``vae_bf16``)."""
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+    net = vae.vae
+    applied: dict[str, Any] = {"channels_last": False, "compile": compile, "bf16": bool(vae.autocast_bf16)}
+    if channels_last:
+        if vae.is_video:
+            applied["channels_last"] = "skipped (video VAE: 3-D convolutions)"
+        else:
+            net.to(memory_format=torch.channels_last)
+            applied["channels_last"] = True
+    if compile != "none":
+        net.decoder.compile(mode=None if compile == "default" else compile)
+    return applied
+
+
 def _attention(model: torch.nn.Module) -> str:
     """The attention processors in use (diffusers' defaults call SDPA; they are reported, not replaced)."""
     procs = getattr(model, "attn_processors", None)
     return ",".join(sorted({type(p).__name__ for p in procs.values()})) if procs else "n/a"
 
 
-__all__ = ["COMPILE_MODES", "SAMPLERS", "prepare_for_sampling", "sample", "sampler_timesteps"]
+__all__ = ["COMPILE_MODES", "SAMPLERS", "prepare_for_sampling", "prepare_vae_for_sampling", "sample",
+           "sampler_timesteps"]

@@ -94,8 +94,8 @@ class EvalConfig(ModelSpec):
     compile: Literal["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = opt(
         "none", "torch.compile mode of the sampled networks (distill.inference.prepare_for_sampling): "
                 "reduce-overhead adds CUDA graphs (best at small batch); the first batches pay the compilation")
-    channels_last: bool = opt(False, "2-D convolution networks (UNet2D) in channels_last memory format (faster bf16 "
-                                     "convolutions on GPU)")
+    channels_last: bool = opt(False, "2-D convolution networks (UNet2D, the image VAE) in channels_last memory "
+                                     "format (faster bf16 convolutions on GPU)")
     fuse_qkv: bool = opt(False, "fuse the q, k, v projections into one matmul (diffusers fuse_qkv_projections; "
                                 "full or merged networks only)")
     save_samples: bool = opt(False, "one lossless WebP per sample in samples/ (the input of `lrm human-eval "
@@ -273,6 +273,10 @@ def run_eval(cfg: EvalConfig):
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     vae = build_vae(cfg, device)
+    if cfg.channels_last:
+        from distill.inference import prepare_vae_for_sampling
+
+        log.info("vae prepared for sampling: %s", prepare_vae_for_sampling(vae, channels_last=True))
     text = build_text_encoder(cfg, device)
     gold = {n: create_reward(n) for n in gold_names}
     proxy = {}

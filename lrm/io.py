@@ -171,10 +171,10 @@ def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
         t = sd[k].detach().cpu()  # one tensor at a time on the host
         if t.dtype in (torch.float16, torch.bfloat16):
             t = t.float()
-        t = t.contiguous()
+        t = t.contiguous().reshape(-1)  # flat: a channels_last (O, I, 1, 1) weight is "contiguous" with stride I
         h.update(k.encode())
         h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
+        h.update(str(tuple(sd[k].shape)).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 

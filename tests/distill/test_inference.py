@@ -95,3 +95,20 @@ def test_eval_prepares_the_denoiser_from_its_config(tiny_sd_dir, tmp_path):
     den = load_denoiser(cfg, cfg.denoiser, "cpu")
     assert den.model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert any("Fused" in type(p).__name__ for p in den.model.attn_processors.values())
+
+
+def test_prepared_vae_decodes_the_same(tiny_sd_dir):
+    from distill.inference import prepare_vae_for_sampling
+    from lrm.io import state_dict_sha256
+    from lrm.latent_space import VAE
+
+    vae = VAE.from_pretrained(str(tiny_sd_dir), subfolder="vae")
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    before = vae.decode(z)
+    sha = state_dict_sha256(vae.vae.state_dict())
+    assert prepare_vae_for_sampling(vae, channels_last=True)["channels_last"] is True
+    assert vae.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(vae.decode(z), before, rtol=1e-4, atol=1e-5)
+    assert state_dict_sha256(vae.vae.state_dict()) == sha  # the memory format is not part of the VAE's identity
+    with pytest.raises(ValueError, match="compile must be one of"):
+        prepare_vae_for_sampling(vae, compile="turbo")
