@@ -184,7 +184,8 @@ def run_once(sample, vae, noise, tokens, seed: int, device: torch.device):
     return x0, pixels, d, v
 
 
-def bench(ns: argparse.Namespace) -> dict[str, Any]:
+def bench(ns: argparse.Namespace, on_batch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """All rows; ``on_batch(partial result)`` after each batch size (a run cut short keeps what it measured)."""
     device = torch.device(ns.device)
     dt = ns.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
@@ -220,6 +221,13 @@ def bench(ns: argparse.Namespace) -> dict[str, Any]:
             dp = (outs["optimized"][1] - outs["eager"][1]).abs().max().item()
             checks.append({"batch": B, "sampler": name, "max_abs_diff_latents": dl, "max_abs_diff_pixels": dp,
                            "tol": tol, "ok": bool(dl <= tol)})
+        if on_batch is not None:
+            on_batch(result(ns, device, dt, shape, applied, rows, checks))
+    return result(ns, device, dt, shape, applied, rows, checks)
+
+
+def result(ns, device, dt, shape, applied, rows, checks) -> dict[str, Any]:
+    """The JSON: rows with their speedup over the teacher row of the same batch / variant / decode."""
     teacher_ms = {(r["batch"], r["variant"], r["decode"]): r["median_ms"] for r in rows if r["sampler"] == "teacher"}
     for r in rows:
         r["speedup_vs_teacher"] = teacher_ms[(r["batch"], r["variant"], r["decode"])] / r["median_ms"]
@@ -247,13 +255,17 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ns = parse_args(argv)
-    result = bench(ns)
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sampling_speed.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "sampling_speed.md").write_text(markdown(result))
-    print(markdown(result))
-    return result
+
+    def write(res: dict[str, Any]) -> None:
+        (out / "sampling_speed.json").write_text(json.dumps(res, indent=2) + "\n")
+        (out / "sampling_speed.md").write_text(markdown(res))
+
+    res = bench(ns, on_batch=write)
+    write(res)
+    print(markdown(res))
+    return res
 
 
 if __name__ == "__main__":
