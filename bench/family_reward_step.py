@@ -21,10 +21,9 @@ torch_dtype=bfloat16)`` keeps them) under bf16 autocast, batch 1, LoRA rank 64 (
                   ``reward_adapters``): open_clip ViT-L-14 (random weights) on 8 evenly spaced decoded frames
                   (``select_frames(T, 8)``), CLIP preprocessing, features mean-pooled over frames, cosine with the
                   prompt's text feature, weight 1.
-              Video VAEs decode whole clips (causal in time). The toolkit's decoder checkpointing
-              (``decode_for_reward(checkpointing=True)``) splits latents frame by frame, which for a causal video
-              VAE would decode every latent frame as its own one-frame clip, so it is used for image VAEs only;
-              ``AutoencoderKLWan`` has no gradient checkpointing of its own;
+              Video VAEs decode whole clips (causal in time). The toolkit's decoder checkpointing for a video
+              VAE is one clip per checkpoint, which at batch 1 cannot lower the peak (the backward recomputes the
+              whole clip's decoder), so it is used for image VAEs only; ``AutoencoderKLWan`` has no gradient checkpointing of its own;
   3. the transformer's backward (``x0.backward``), 4. AdamW on the LoRA parameters.
 
 Families (``--family``):
@@ -540,7 +539,7 @@ def bench(ns: argparse.Namespace) -> dict[str, Any]:
         else:
             vae = build_vae(ns, device)
             reward, desc = build_pixel_reward(ns, device, dtype)
-            # image VAEs: the toolkit's chunked decoder checkpointing; causal video VAEs decode whole clips (see doc)
+            # image VAEs: the toolkit's chunked decoder checkpointing; video VAEs: whole clips, batch 1 (see doc)
             term = PixelReward(reward, vae, checkpointing=bool(ns.grad_ckpt) and not vae.is_video)
             result["rewards"]["pixel"] = (f"{type(vae.vae).__name__} decode (fp32 weights, bf16 autocast on CUDA, "
                                           f"{'whole clips, ' if vae.is_video else ''}decoder checkpointing "

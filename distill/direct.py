@@ -63,11 +63,15 @@ def decode_for_reward(vae: Any, latents: torch.Tensor, checkpointing: bool = Fal
     """``VAE.decode(z, clamp=False)`` with gradients, mapped into [0, 1].
 
     With ``checkpointing`` the images / frames are decoded ``chunk`` at a time, each chunk under its own
-    checkpoint, so the backward pass holds one chunk's decoder activations at a time instead of all of them.
+    checkpoint, so the backward pass holds one chunk's decoder activations at a time instead of all of them. A video
+    VAE (causal in time: ``vae.is_video``) decodes whole clips, so its chunks are clips, one per checkpoint.
     """
     fn = lambda z: vae.decode(z, clamp=False)  # noqa: E731
     if not checkpointing:
         return to_unit_range(fn(latents), pixel_clamp)
+    if getattr(vae, "is_video", False):
+        parts = [checkpoint(fn, c, use_reentrant=False) for c in latents.split(1)]
+        return to_unit_range(torch.cat(parts), pixel_clamp)
     video = latents.dim() == 5
     z = latents.flatten(0, 1) if video else latents  # (N, C, h, w)
     parts = [checkpoint(fn, c, use_reentrant=False) for c in z.split(max(1, int(chunk)))]
@@ -81,15 +85,21 @@ def direct_reward_loss(x0: torch.Tensor, vae: Any, reward: Callable[..., torch.T
                        frames: str = "all", num_frames: int = 1, checkpointing: bool = False,
                        pixel_clamp: str = "straight-through", generator: torch.Generator | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Steps 2-3: ``(-mean R(Dec(x0), c), rewards (B,) detached)``; the gradient reaches ``x0`` through the decoder."""
+    """Steps 2-3: ``(-mean R(Dec(x0), c), rewards (B,) detached)``; the gradient reaches ``x0`` through the decoder.
+
+    Videos: ``frames`` picks the scored frames. An image VAE decodes frame by frame, so only the picked latent
+    frames are decoded; a video VAE (temporally compressed, causal) decodes the whole clip, then the picked frames
+    of the decoded video are scored."""
     if not getattr(reward, "differentiable", True):
         raise ValueError(f"reward {getattr(reward, 'name', reward)!r} is not differentiable; the direct method needs "
                          "one (e.g. colorfulness, sharpness, brightness, hpsv2); use method=ddpo for black-box rewards")
     z = x0
-    if x0.dim() == 5:  # (B, T, C, h, w)
-        idx = subsample_frames(x0.shape[1], frames, num_frames, generator)
-        z = x0[:, idx]
+    video_vae = getattr(vae, "is_video", False)
+    if x0.dim() == 5 and not video_vae:  # (B, T, C, h, w), one latent per frame
+        z = x0[:, subsample_frames(x0.shape[1], frames, num_frames, generator)]
     pixels = decode_for_reward(vae, z, checkpointing, pixel_clamp)  # (B, 3, H, W) or (B, T', 3, H, W)
+    if x0.dim() == 5 and video_vae:
+        pixels = pixels[:, subsample_frames(pixels.shape[1], frames, num_frames, generator)]
     r = reward(pixels, None if prompts is None else list(prompts))
     if r.dim() != 1 or r.shape[0] != x0.shape[0]:
         raise ValueError(f"the reward must return shape ({x0.shape[0]},), got {tuple(r.shape)}")

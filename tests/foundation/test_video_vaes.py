@@ -117,3 +117,26 @@ def test_tiling_and_slicing_switches():
     vae = VAE(tiny_hunyuan(), "tiny-hy", tiling=True, slicing=True)
     assert vae.vae.use_tiling and vae.vae.use_slicing and vae.tiling and vae.slicing
     assert not VAE(tiny_hunyuan(), "tiny-hy").vae.use_tiling
+
+
+def test_reward_decode_of_a_video_vae_is_whole_clips_then_frames():
+    """distill.direct on a causal video VAE: checkpointed decode = plain decode (clips, not frames), and the scored
+    frames are picked from the decoded clip (frame 0, the middle and the last of 1 + 4k frames)."""
+    from distill.direct import decode_for_reward, direct_reward_loss
+
+    vae = VAE(tiny_wan(), "tiny-wan")
+    z = torch.randn(2, 3, 4, 4, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)  # 9 frames
+    with torch.no_grad():
+        full = decode_for_reward(vae, z)
+        torch.testing.assert_close(decode_for_reward(vae, z, checkpointing=True), full)
+    assert full.shape == (2, 9, 3, 32, 32)
+    seen = []
+
+    def reward(pixels, prompts):
+        seen.append(pixels.detach())
+        return pixels.mean(dim=(1, 2, 3, 4))
+
+    loss, r = direct_reward_loss(z, vae, reward, None, frames="first-middle-last", checkpointing=True)
+    torch.testing.assert_close(seen[0], full[:, [0, 4, 8]])
+    loss.backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0 and torch.isfinite(z.grad).all()
