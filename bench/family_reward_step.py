@@ -23,7 +23,8 @@ torch_dtype=bfloat16)`` keeps them) under bf16 autocast, batch 1, LoRA rank 64 (
                   prompt's text feature, weight 1.
               Video VAEs decode whole clips (causal in time). The toolkit's decoder checkpointing for a video
               VAE is one clip per checkpoint, which at batch 1 cannot lower the peak (the backward recomputes the
-              whole clip's decoder), so it is used for image VAEs only; ``AutoencoderKLWan`` has no gradient checkpointing of its own;
+              whole clip's decoder), so it is used for image VAEs only; ``AutoencoderKLWan`` has no gradient
+              checkpointing of its own;
   3. the transformer's backward (``x0.backward``), 4. AdamW on the LoRA parameters.
 
 Families (``--family``):
