@@ -31,8 +31,9 @@ Differences that remain: abar's square roots in float32 (diffusers) against floa
 ~1e-7 relative (on CPU fp32 the tiny pipeline's samples are bitwise equal); and the pipeline's text conditioning is
 its own CLIP text encoder with ``prompt``, ``prompt_embeds=`` passes ours.
 
-Supported: UNet students (``UNet2DConditionModel``, full weights) of a ``StableDiffusionPipeline`` teacher. LoRA-only
-student folders (``pytorch_lora_weights.safetensors``): export with ``merge_lora: true`` first.
+Supported: UNet students (``UNet2DConditionModel``) of a ``StableDiffusionPipeline`` teacher, full weights or LoRA
+(a ``pytorch_lora_weights.safetensors`` student folder: the adapter is fused into the base network it was trained on,
+``student.json``'s ``lora.base_path``, with ``distill.lora.load_lora_student``, and the fused UNet is written).
 """
 
 from __future__ import annotations
@@ -61,23 +62,36 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _student_meta(student_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(student.json, denoiser.json)`` of a student folder, refusing what cannot be exported."""
+def _is_lora(student_dir: Path) -> bool:
     from distill.lora import is_lora_student
 
+    return is_lora_student(student_dir) and not (student_dir / "denoiser.json").is_file()
+
+
+def _check_class(name: str | None, where: Path) -> None:
+    if name not in SUPPORTED_STUDENTS:
+        raise ConfigError(f"the student in {where} is a {name!r}; lrm export supports {list(SUPPORTED_STUDENTS)} "
+                          f"students of {list(SUPPORTED_PIPELINES)} teachers")
+
+
+def _student_meta(student_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(student.json, denoiser.json)`` of a student folder (LoRA: the ``lora.denoiser`` record), refusing what
+    cannot be exported."""
     if not (student_dir / "student.json").is_file():
         raise ConfigError(f"{student_dir / 'student.json'} is missing: not a student folder (pass the student/ "
                           "directory that `lrm distill` / `lrm finetune` wrote)")
-    if is_lora_student(student_dir) and not (student_dir / "denoiser.json").is_file():
-        raise ConfigError(f"{student_dir} holds a LoRA adapter only (pytorch_lora_weights.safetensors); export needs "
-                          "full weights: re-export the run with merge_lora: true, or load the adapter onto the "
-                          "teacher's pipeline with pipe.load_lora_weights(DIR)")
-    if not (student_dir / "denoiser.json").is_file():
+    student = _read_json(student_dir / "student.json")
+    if _is_lora(student_dir):  # the network class is the base's: checked against the teacher's UNet
+        den = (student.get("lora") or {}).get("denoiser")
+        if not den:
+            raise ConfigError(f"{student_dir / 'student.json'} does not describe the LoRA student's network "
+                              "(lora.denoiser): written by an older version; re-export it with merge_lora: true")
+        den = dict(den, model_class=SUPPORTED_STUDENTS[0])
+    elif not (student_dir / "denoiser.json").is_file():
         raise ConfigError(f"{student_dir / 'denoiser.json'} is missing: the student folder is incomplete")
-    student, den = _read_json(student_dir / "student.json"), _read_json(student_dir / "denoiser.json")
-    if den.get("model_class") not in SUPPORTED_STUDENTS:
-        raise ConfigError(f"the student in {student_dir} is a {den.get('model_class')!r}; lrm export supports "
-                          f"{list(SUPPORTED_STUDENTS)} students of {list(SUPPORTED_PIPELINES)} teachers")
+    else:
+        den = _read_json(student_dir / "denoiser.json")
+    _check_class(den.get("model_class"), student_dir)
     par = student.get("parameterization", den.get("parameterization"))
     if par not in PREDICTION_TYPE:
         raise ConfigError(f"the student predicts {par!r}; diffusers' LCMScheduler takes "
@@ -177,16 +191,25 @@ def export_diffusers(student_dir: str | os.PathLike, teacher: str | os.PathLike,
     default_ok = scheduler.timesteps.tolist() == timesteps
 
     # 2. the teacher's other components, the student's UNet, the scheduler, model_index.json
+    lora = _is_lora(student_dir)
+    if lora:
+        _check_class(_read_json(tdir / "unet" / "config.json").get("_class_name"), tdir / "unet")
+    files = [] if lora else [f for f in _MODEL_FILES if (student_dir / f).is_file()]
+    if not lora and ("config.json" not in files or len(files) < 2):
+        raise ConfigError(f"{student_dir} has no diffusers UNet weights (config.json + "
+                          "diffusion_pytorch_model.safetensors)")
     out.mkdir(parents=True)
     for entry in sorted(tdir.iterdir()):
         if entry.name in ("unet", "scheduler", "model_index.json") or entry.name.startswith("."):
             continue
         _place(entry, out / entry.name, link)
-    (out / "unet").mkdir()
-    files = [f for f in _MODEL_FILES if (student_dir / f).is_file()]
-    if "config.json" not in files or len(files) < 2:
-        raise ConfigError(f"{student_dir} has no diffusers UNet weights (config.json + "
-                          "diffusion_pytorch_model.safetensors)")
+    if lora:  # fused into its base network, written as a full UNet
+        from distill.denoiser import Denoiser
+        from distill.lora import load_lora_student
+
+        load_lora_student(student_dir, lambda base: Denoiser.from_diffusers(base)).model.save_pretrained(out / "unet")
+    else:
+        (out / "unet").mkdir()
     for f in files:
         shutil.copy2(student_dir / f, out / "unet" / f)
     if (student_dir / "diffusion_pytorch_model.safetensors.index.json").is_file():  # sharded weights

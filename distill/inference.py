@@ -100,7 +100,7 @@ def prepare_for_sampling(denoiser: Any, compile: str = "none", channels_last: bo
     if fuse_qkv:
         if has_lora(model):
             raise ValueError("fuse_qkv needs a full network, but this one has LoRA adapters: merge them first "
-                             "(merge_lora: true, or distill.lora.load_lora_student(..., merge=True)) or set "
+                             "(merge_lora: true, or distill.lora.load_lora_student, which fuses them) or set "
                              "fuse_qkv false")
         if not hasattr(model, "fuse_qkv_projections"):
             raise ValueError(f"{type(model).__name__} has no fuse_qkv_projections(); set fuse_qkv false")

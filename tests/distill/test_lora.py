@@ -341,3 +341,27 @@ def test_cli_distill_then_finetune_chain_of_lora_students(tmp_path):
     x, t, tok = probe(text=teacher.null_tokens.shape[-1])
     y0, y1, y2 = out(teacher, x, t, tok), out(distilled, x, t, tok), out(tuned, x, t, tok)
     assert not torch.allclose(y0, y1) and not torch.allclose(y1, y2)
+
+
+def test_lrm_export_fuses_a_lora_student_into_a_full_pipeline(tmp_path, tiny_sd_dir):
+    """`lrm export` of a LoRA student folder: the adapter fused into the teacher's UNet, an LCM pipeline whose UNet
+    computes what the trained student computes."""
+    from diffusers import StableDiffusionPipeline
+
+    from distill.export import export_diffusers
+
+    tr = _sd_trainer(tiny_sd_dir, tmp_path / "run", parameterization="eps")
+    d = tr.save_student()
+    out = export_diffusers(d, tiny_sd_dir, tmp_path / "pipe")
+    assert not (d / "denoiser.json").exists() and (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    assert type(pipe.scheduler).__name__ == "LCMScheduler"
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500, 300])
+    enc = torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        ours = tr.student.model(x, t, encoder_hidden_states=enc).sample
+        theirs = pipe.unet(x, t, encoder_hidden_states=enc).sample
+        base = tr.teacher.model(x, t, encoder_hidden_states=enc).sample
+    assert not torch.allclose(ours, base, atol=1e-4)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
