@@ -150,6 +150,9 @@ class FinetuneConfig(ShellConfig):
         if self.final_timestep >= min(self.timesteps):
             raise ConfigError(f"final_timestep {self.final_timestep} must be below the last student timestep "
                               f"{min(self.timesteps)}")
+        if self.method == "ddpo" and self.grad_accum != 1:
+            raise ConfigError(f"method=ddpo sets its own batches (sample_batch_size, train_batch_size): grad_accum "
+                              f"must be 1, got {self.grad_accum}")
         if self.method == "ddpo" and (self.eta <= 0 or self.final_timestep < 0):
             raise ConfigError("ddpo needs a stochastic chain: eta > 0 and final_timestep >= 0 (got eta="
                               f"{self.eta}, final_timestep={self.final_timestep})")

@@ -16,12 +16,13 @@ One trainer step (``train_step``):
 from __future__ import annotations
 
 import copy
+import csv
 import dataclasses
 import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -33,10 +34,17 @@ from distill.ema import EMA
 from distill.guard import NonFiniteGuard
 from distill.objective import ObjectiveTerm, StepContext
 from distill.samplers import k_step_sample
-from distill.shell import StudentShell
 from lrm.checkpoint import find_checkpoint, load_training_state, save_training_state
 from lrm.config import ConfigError
-from lrm.run import fingerprint, get_logger, seed_everything
+from lrm.run import (
+    check_resume,
+    clear_checkpoints,
+    fingerprint,
+    get_logger,
+    prepare_run_dir,
+    record_run,
+    seed_everything,
+)
 
 LOG_COLUMNS = ["step", "method", "loss", "loss_vsd", "loss_tdm", "loss_cd", "loss_gan", "loss_mixed", "loss_ft",
                "loss_direct", "kl", "proxy_reward", "gold_reward", "eval_gold_reward", "loss_fake", "loss_disc",
@@ -73,7 +81,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class GeneratorTrainer(StudentShell):
+class GeneratorTrainer:
     """A k-step student trained on a sum of objective terms.
 
     Args:
@@ -91,7 +99,7 @@ class GeneratorTrainer(StudentShell):
         export_meta: extra keys of ``student/student.json``.
     """
 
-    LOG_COLUMNS = LOG_COLUMNS
+    _tb: Any = None
 
     def __init__(self, config: Any, terms: list[ObjectiveTerm], data: Any, teacher: Denoiser | None = None,
                  init: Denoiser | None = None, vae: Any = None, gold_reward: Any = None, accelerator: Any = None,
@@ -111,7 +119,6 @@ class GeneratorTrainer(StudentShell):
         self.device = acc.device if cfg.device in ("auto", "cpu") else torch.device(cfg.device)
         if cfg.bf16 and self.device.type != "cuda":
             raise ConfigError(f"bf16=true needs a CUDA device (got {self.device}); set bf16: false on CPU")
-        self.TB_PREFIX = cfg.command
         self.logger = get_logger(f"lrm.{cfg.command}")
         self.guard = NonFiniteGuard(cfg.max_nonfinite_steps, self.logger, f"lrm {cfg.command}")
         seed_everything(cfg.seed + acc.process_index)
@@ -633,6 +640,115 @@ class GeneratorTrainer(StudentShell):
         if self.is_main:
             self.export_student(student, directory, {"objective": {t.name: t.weight for t in self.terms},
                                                      **self.export_meta})
+        return directory
+
+    # ---- run directory, logs, grids, export --------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.config.run_dir) / "checkpoint"
+
+    @property
+    def _csv_path(self) -> Path:
+        return Path(self.config.run_dir) / "log.csv"
+
+    def _start_run(self, inputs: dict[str, Any], mutable: tuple[str, ...], logger_name: str,
+                   barrier: Callable[[], None] = lambda: None) -> bool:
+        """``--overwrite``; the resume check against run.json (before anything is written); config.yaml + run.json;
+        the checkpoint (unless this trainer is already past step 0 in memory); log.csv. Returns whether it resumed."""
+        cfg = self.config
+        if cfg.overwrite and self.is_main:
+            clear_checkpoints(cfg.run_dir, self.checkpoint_dir)
+        barrier()
+        on_disk = self.step == 0 and cfg.resume and find_checkpoint(self.checkpoint_dir) is not None
+        if on_disk:  # every rank: all raise alike
+            check_resume(cfg.run_dir, cfg, inputs, mutable)
+        if self.is_main:
+            prepare_run_dir(cfg.run_dir, cfg, logger_name=logger_name)
+            record_run(cfg.run_dir, cfg, inputs)
+        resumed = self.step > 0
+        if on_disk:
+            self.load_checkpoint()
+            resumed = True
+            self.logger.info("resumed from %s at step %d", self.checkpoint_dir, self.step)
+        self._open_logs(resumed)
+        return resumed
+
+    def _open_logs(self, resumed: bool) -> None:
+        """log.csv: a resumed run keeps its rows up to the checkpoint's step (later ones were not saved)."""
+        if not self.is_main:
+            return
+        rows = []
+        if resumed and self._csv_path.exists():
+            with open(self._csv_path) as fh:
+                rows = [r for r in csv.DictReader(fh) if r.get("step") and int(r["step"]) <= self.step]
+        self._csv_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._csv_path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=LOG_COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+        if self.config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(self.config.run_dir) / "tb"))
+            except ImportError:
+                self._tb = None
+
+    def _log_row(self, row: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        with open(self._csv_path, "a", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=LOG_COLUMNS).writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"{self.config.command}/{k}", v, row["step"])
+
+    def write_grid(self, pixels: torch.Tensor, tag: str | None, per_row: int) -> Path:
+        """run_dir/samples/<tag or step_N>.png (+ .gif for videos): ``pixels`` (N, 3, H, W) or (N, T, 3, H, W)."""
+        from shapes.grid import save_gif, save_grid, save_video_strip
+
+        out = Path(self.config.run_dir) / "samples"
+        name = tag or f"step_{self.step:06d}"
+        if pixels.dim() == 5:
+            save_gif(pixels, out / f"{name}.gif", nrow=per_row)
+            return save_video_strip(pixels, out / f"{name}.png")
+        return save_grid(pixels, out / f"{name}.png", nrow=per_row, scale=2)
+
+    def export_student(self, student: Any, directory: str | Path | None, meta: dict[str, Any]) -> Path:
+        """``student`` (a Denoiser) as a Denoiser directory (fp16 with ``student_fp16``) + ``student.json``
+        (timesteps, parameterisation, boundary scalings, step, and ``meta``).
+
+        LoRA (``lora_rank > 0``): the student adapter as ``pytorch_lora_weights.safetensors`` in diffusers' LoRA
+        format (``pipeline.load_lora_weights(directory)`` on the teacher's pipeline loads it: the base weights stay
+        the teacher's / init's and are not written); ``merge_lora: true`` writes the fused full Denoiser instead."""
+        from distill.lora import AdapterView
+        from lrm.io import write_json
+
+        cfg = self.config
+        directory = Path(directory or Path(cfg.run_dir) / "student")
+        lora = None
+        if isinstance(student.model, AdapterView):
+            view = student.model
+            if cfg.merge_lora:
+                merged = copy.copy(student)
+                merged._modules = dict(student._modules)
+                merged._modules["model"] = view._lora.merged(view.adapter)
+                merged.save_pretrained(directory, fp16=cfg.student_fp16)
+            else:
+                directory.mkdir(parents=True, exist_ok=True)
+                view._lora.save_diffusers(view.adapter, directory, fp16=cfg.student_fp16)
+                lora = {"format": "diffusers", "weights": "pytorch_lora_weights.safetensors", "rank": cfg.lora_rank,
+                        "alpha": cfg.lora_alpha or cfg.lora_rank, "target_modules": list(cfg.lora_target_modules),
+                        "base": "the teacher's network (lrm distill) / the init's (lrm finetune); not written here",
+                        "base_path": str(cfg.teacher),
+                        "denoiser": student.describe()}
+        else:
+            student.save_pretrained(directory, fp16=cfg.student_fp16)
+        write_json(directory / "student.json", {
+            "timesteps": self.timesteps, "parameterization": student.parameterization, "step": self.step,
+            "consistency_function": {"sigma_data": cfg.sigma_data, "timestep_scaling": cfg.timestep_scaling},
+            **({"lora": lora} if lora else {}), **meta})
         return directory
 
     # ---- the loop ---------------------------------------------------------------------------------------

@@ -1,24 +1,17 @@
 """The configuration and run shell of the one student trainer (``distill.generator.GeneratorTrainer``):
 ``ShellConfig``, the keys every configuration of it has (``lrm distill``'s ``DistillConfig``, ``lrm finetune``'s
 ``FinetuneConfig``: models, run control, optimiser, the student's timesteps, the shared terms' settings, the eval
-hook) and which of them a resumed run may change; ``StudentShell``, the run-dir set-up with the resume checks,
-log.csv / TensorBoard, sample grids and the student export."""
+hook) and which of them a resumed run may change."""
 
 from __future__ import annotations
 
-import copy
-import csv
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
-
-import torch
+from typing import ClassVar, Literal
 
 from distill.builders import ModelSpec
-from lrm.checkpoint import find_checkpoint
+from distill.samplers import STUDENT_TIMESTEPS
 from lrm.config import ConfigError, opt
-from lrm.run import check_resume, clear_checkpoints, prepare_run_dir, record_run
 
 # run-control keys a resumed run may change (how long, how often it reports and evaluates; not what it trains)
 SHELL_MUTABLE_KEYS = ("steps", "resume", "overwrite", "progress", "log_every", "ckpt_every", "sample_every",
@@ -134,8 +127,6 @@ class ShellConfig(ModelSpec):
                                   "diffusers LoRA format, loaded onto the teacher's pipeline)")
 
     def __post_init__(self) -> None:
-        from distill.samplers import STUDENT_TIMESTEPS
-
         super().__post_init__()
         if self.student_timesteps is None and self.student_steps not in STUDENT_TIMESTEPS:
             raise ConfigError(f"student_steps={self.student_steps} has no default timesteps "
@@ -169,14 +160,13 @@ class ShellConfig(ModelSpec):
     @property
     def timesteps(self) -> list[int]:
         """Student timesteps in sampling order (descending)."""
-        from distill.samplers import STUDENT_TIMESTEPS
-
         ts = self.student_timesteps if self.student_timesteps is not None else STUDENT_TIMESTEPS[self.student_steps]
         return sorted((int(t) for t in ts), reverse=True)
 
     @property
     def student_lr(self) -> float:
-        raise NotImplementedError
+        """The student's learning rate (``lr_student`` / ``lr``: each configuration names its own key)."""
+        raise AttributeError(f"{type(self).__name__} must define student_lr")
 
     @property
     def method_name(self) -> str:
@@ -184,123 +174,4 @@ class ShellConfig(ModelSpec):
         return self.command
 
 
-
-class StudentShell:
-    """The run shell of ``GeneratorTrainer``: run-dir set-up with the resume checks, log.csv (+ TensorBoard), sample
-    grids and the student export. The trainer provides ``config`` (a ``ShellConfig``), ``step``, ``logger``,
-    ``LOG_COLUMNS``, ``is_main``, ``load_checkpoint()`` and, for TensorBoard, ``TB_PREFIX``."""
-
-    LOG_COLUMNS: list[str] = []
-    TB_PREFIX: str | None = None
-    _tb: Any = None
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return Path(self.config.run_dir) / "checkpoint"
-
-    @property
-    def _csv_path(self) -> Path:
-        return Path(self.config.run_dir) / "log.csv"
-
-    def _start_run(self, inputs: dict[str, Any], mutable: tuple[str, ...], logger_name: str,
-                   barrier: Callable[[], None] = lambda: None) -> bool:
-        """``--overwrite``; the resume check against run.json (before anything is written); config.yaml + run.json;
-        the checkpoint (unless this trainer is already past step 0 in memory); log.csv. Returns whether it resumed."""
-        cfg = self.config
-        if cfg.overwrite and self.is_main:
-            clear_checkpoints(cfg.run_dir, self.checkpoint_dir)
-        barrier()
-        on_disk = self.step == 0 and cfg.resume and find_checkpoint(self.checkpoint_dir) is not None
-        if on_disk:  # every rank: all raise alike
-            check_resume(cfg.run_dir, cfg, inputs, mutable)
-        if self.is_main:
-            prepare_run_dir(cfg.run_dir, cfg, logger_name=logger_name)
-            record_run(cfg.run_dir, cfg, inputs)
-        resumed = self.step > 0
-        if on_disk:
-            self.load_checkpoint()
-            resumed = True
-            self.logger.info("resumed from %s at step %d", self.checkpoint_dir, self.step)
-        self._open_logs(resumed)
-        return resumed
-
-    def _open_logs(self, resumed: bool) -> None:
-        """log.csv: a resumed run keeps its rows up to the checkpoint's step (later ones were not saved)."""
-        if not self.is_main:
-            return
-        rows = []
-        if resumed and self._csv_path.exists():
-            with open(self._csv_path) as fh:
-                rows = [r for r in csv.DictReader(fh) if r.get("step") and int(r["step"]) <= self.step]
-        self._csv_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._csv_path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=self.LOG_COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
-        if self.TB_PREFIX and getattr(self.config, "tensorboard", False):
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(Path(self.config.run_dir) / "tb"))
-            except ImportError:
-                self._tb = None
-
-    def _log_row(self, row: dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        with open(self._csv_path, "a", newline="") as fh:
-            csv.DictWriter(fh, fieldnames=self.LOG_COLUMNS).writerow({k: row.get(k, "") for k in self.LOG_COLUMNS})
-        if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(f"{self.TB_PREFIX}/{k}", v, row["step"])
-
-    def write_grid(self, pixels: torch.Tensor, tag: str | None, per_row: int) -> Path:
-        """run_dir/samples/<tag or step_N>.png (+ .gif for videos): ``pixels`` (N, 3, H, W) or (N, T, 3, H, W)."""
-        from shapes.grid import save_gif, save_grid, save_video_strip
-
-        out = Path(self.config.run_dir) / "samples"
-        name = tag or f"step_{self.step:06d}"
-        if pixels.dim() == 5:
-            save_gif(pixels, out / f"{name}.gif", nrow=per_row)
-            return save_video_strip(pixels, out / f"{name}.png")
-        return save_grid(pixels, out / f"{name}.png", nrow=per_row, scale=2)
-
-    def export_student(self, student: Any, directory: str | Path | None, meta: dict[str, Any]) -> Path:
-        """``student`` (a Denoiser) as a Denoiser directory (fp16 with ``student_fp16``) + ``student.json``
-        (timesteps, parameterisation, boundary scalings, step, and ``meta``).
-
-        LoRA (``lora_rank > 0``): the student adapter as ``pytorch_lora_weights.safetensors`` in diffusers' LoRA
-        format (``pipeline.load_lora_weights(directory)`` on the teacher's pipeline loads it: the base weights stay
-        the teacher's / init's and are not written); ``merge_lora: true`` writes the fused full Denoiser instead."""
-        from distill.lora import AdapterView
-        from lrm.io import write_json
-
-        cfg = self.config
-        directory = Path(directory or Path(cfg.run_dir) / "student")
-        lora = None
-        if isinstance(student.model, AdapterView):
-            view = student.model
-            if cfg.merge_lora:
-                merged = copy.copy(student)
-                merged._modules = dict(student._modules)
-                merged._modules["model"] = view._lora.merged(view.adapter)
-                merged.save_pretrained(directory, fp16=cfg.student_fp16)
-            else:
-                directory.mkdir(parents=True, exist_ok=True)
-                view._lora.save_diffusers(view.adapter, directory, fp16=cfg.student_fp16)
-                lora = {"format": "diffusers", "weights": "pytorch_lora_weights.safetensors", "rank": cfg.lora_rank,
-                        "alpha": cfg.lora_alpha or cfg.lora_rank, "target_modules": list(cfg.lora_target_modules),
-                        "base": "the teacher's network (lrm distill) / the init's (lrm finetune); not written here",
-                        "base_path": str(cfg.teacher),
-                        "denoiser": student.describe()}
-        else:
-            student.save_pretrained(directory, fp16=cfg.student_fp16)
-        write_json(directory / "student.json", {
-            "timesteps": self.timesteps, "parameterization": student.parameterization, "step": self.step,
-            "consistency_function": {"sigma_data": cfg.sigma_data, "timestep_scaling": cfg.timestep_scaling},
-            **({"lora": lora} if lora else {}), **meta})
-        return directory
-
-
-__all__ = ["ShellConfig", "StudentShell", "SHELL_MUTABLE_KEYS"]
+__all__ = ["ShellConfig", "SHELL_MUTABLE_KEYS"]
