@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import torch
 
+from distill.objective import ObjectiveTerm, StepContext
+from lrm.config import ConfigError
 from lrm.schedules import broadcast
 
 DISTANCES = ("huber", "l2")
@@ -141,3 +143,45 @@ def cd_loss(student_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0
         x0 = student_x0(x_start, t_start)
     pred = consistency_output(x_start, x0.float(), t_start, sigma_data, timestep_scaling)
     return cd_distance(pred, target, distance, huber_c)
+
+
+class CDTerm(ObjectiveTerm):
+    """L_CD: the student's prediction at x_{t_{n+m}} rides in the step's one graded student call; the target network
+    theta^- (an EMA of the student, updated after each student optimizer step) is the term's own network."""
+
+    name, needs_teacher = "cd", True
+
+    def __init__(self, weight: float = 0.5, ddim_steps: int = 50, teacher_steps: int = 5, guidance: float = 7.5,
+                 ema_decay: float = 0.95, distance: str = "huber", huber_c: float = 1e-3):
+        super().__init__(weight)
+        self.ddim_steps, self.teacher_steps, self.guidance = int(ddim_steps), int(teacher_steps), float(guidance)
+        self.ema_decay, self.distance, self.huber_c = float(ema_decay), distance, float(huber_c)
+        self.target = None
+
+    def setup(self, trainer: Any) -> None:
+        if trainer.data.latents is None:
+            raise ConfigError("the cd term needs data latents (a data_cache, or DistillData / PromptPool latents)")
+        self.target = trainer.ema_target(self.ema_decay)
+        self.grid = ddim_grid(trainer.schedule.num_train_timesteps, self.ddim_steps, device=trainer.device)
+
+    def prepare(self, ctx: StepContext) -> None:
+        tr, tok, mask = ctx.trainer, ctx.tok, ctx.mask
+        shadow, cfg = self.target.shadow, tr.config
+        x_s, t_s, target = cd_inputs_and_target(
+            ctx.batch.latents, tr.teacher, lambda x, t: shadow.x0(x, t, tok, mask), tok, mask, *ctx.null_text(),
+            self.grid, self.teacher_steps, self.guidance, cfg.sigma_data, cfg.timestep_scaling, autocast=tr.autocast)
+        ctx.query("cd", x_s, t_s)
+        ctx.extras["cd_target"] = target
+
+    def generator_loss(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, Any]]:
+        loss = cd_distance(ctx.outputs["cd"], ctx.extras.pop("cd_target"), self.distance, self.huber_c)
+        return loss, {"loss_cd": float(loss.detach())}
+
+    def after_generator_step(self, trainer: Any) -> None:
+        trainer.update_ema(self.target)
+
+    def modules(self) -> dict[str, Any]:
+        return {"target": self.target.shadow.model}
+
+    def sharded(self) -> dict[str, Any]:
+        return {"target": self.target.shadow.model}

@@ -33,6 +33,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from distill.data import DistillData
+from distill.kl import chain_step_kl
+from distill.objective import ObjectiveTerm, StepContext
 from distill.samplers import gaussian_log_prob, step_mean, stochastic_sample
 
 
@@ -215,5 +218,155 @@ def transition_log_prob(denoiser, samples: DDPOSamples, k: int, eta: float = 1.0
     return transition_mean_log_prob(denoiser, samples, k, eta, guidance_scale, reduction)[0]
 
 
-__all__ = ["PerPromptStatTracker", "global_advantages", "ppo_loss", "reinforce_loss", "DDPOSamples",
-           "sample_chain", "trained_step_indices", "transition_log_prob", "transition_mean_log_prob"]
+def concat_samples(batches: list[DDPOSamples]) -> DDPOSamples:
+    """One ``DDPOSamples`` of several batches (captions padded to the longest)."""
+    b0 = batches[0]
+    L = max(b.text_tokens.shape[1] for b in batches)
+
+    def pad(t, L):
+        if t.shape[1] == L:
+            return t
+        return torch.cat([t, t.new_zeros(t.shape[0], L - t.shape[1], *t.shape[2:])], 1)
+
+    return DDPOSamples(torch.cat([b.latents for b in batches]), torch.cat([b.log_probs for b in batches]),
+                       b0.timesteps, b0.prev_timesteps, torch.cat([pad(b.text_tokens, L) for b in batches]),
+                       None if b0.text_mask is None else torch.cat([pad(b.text_mask, L) for b in batches]),
+                       [p for b in batches for p in b.prompts], torch.cat([b.resolve_rewards() for b in batches]),
+                       log_prob_reduction=b0.log_prob_reduction)
+
+
+class DDPOTerm(ObjectiveTerm):
+    """Alg. 2 as a driver term: it owns the student update of a trainer step (steps 1-4 above: ``num_sample_batches``
+    chains, rewards in a worker thread while the next batch samples, advantages, ``inner_epochs`` x (samples /
+    ``train_batch_size``) PPO optimizer steps), adding the other terms' losses (VSD, CD) at each optimizer step and,
+    with a ``kl`` term, its per-step Gaussian KL on the trained transitions (logged ``kl``: the full chain's)."""
+
+    name, driver, single_process = "ddpo", True, True
+
+    def __init__(self, reward: Any, sample_batch_size: int = 16, num_sample_batches: int = 2,
+                 train_batch_size: int = 16, inner_epochs: int = 1, grad_steps: int = 2, eta: float = 1.0,
+                 final_timestep: int = 0, per_prompt_stats: bool = True, buffer_size: int = 16, min_count: int = 16,
+                 adv_clip: float = 5.0, clip_range: float = 1e-4, reduction: str = "mean", async_reward: bool = True):
+        super().__init__(1.0)
+        self.reward, self.sample_batch_size, self.num_sample_batches = reward, sample_batch_size, num_sample_batches
+        self.train_batch_size, self.inner_epochs, self.grad_steps = train_batch_size, inner_epochs, grad_steps
+        self.eta, self.final_timestep, self.per_prompt_stats = eta, final_timestep, per_prompt_stats
+        self.adv_clip, self.clip_range, self.reduction = adv_clip, clip_range, reduction
+        self.tracker = PerPromptStatTracker(buffer_size, min_count)
+        self._exec = None
+        if async_reward:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._exec = ThreadPoolExecutor(max_workers=1)
+
+    def _reward_job(self, trainer: Any, latents: torch.Tensor, prompts: list[str]):
+        pixels = trainer.vae.decode(latents.float(), clamp=True)  # decode on the main thread (GPU stream order)
+
+        def job():
+            with torch.no_grad():
+                return self.reward(pixels, prompts).float().cpu()
+
+        return self._exec.submit(job) if self._exec is not None else job()
+
+    @torch.no_grad()
+    def _sample(self, trainer: Any, kl_term: Any) -> tuple[DDPOSamples, torch.Tensor | None, torch.Tensor | None]:
+        """One sample batch; with a KL term also pi_ref's means at every sampled state ``(B, K, ...)`` and the
+        per-sample full-chain KL ``(B,)`` of the sampling policy."""
+        b = trainer.sample_batch(self.sample_batch_size)
+        tok, mask = b.text_tokens, b.text_mask
+        with trainer.autocast():  # the stochastic chain, keeping the trajectory's per-step means
+            traj = stochastic_sample(trainer.student, trainer.noise(self.sample_batch_size), tok, mask,
+                                     list(trainer.timesteps), eta=self.eta, grad_steps=0,
+                                     final_timestep=self.final_timestep, reduction=self.reduction)
+        s = DDPOSamples.from_trajectory(traj, tok, mask, b.prompts)
+        s.latents, s.log_probs = s.latents.float(), s.log_probs.float()
+        s.rewards = self._reward_job(trainer, s.x0, b.prompts)
+        if kl_term is None:
+            return s, None, None
+        with trainer.autocast():
+            ref_means = [step_mean(kl_term.ref, x, int(t), int(sp), tok, mask, self.eta)[0].float()
+                         for x, t, sp in zip(traj.latents[:-1], traj.timesteps, traj.prev_timesteps)]
+        kl = sum(chain_step_kl(m, r, float(sd)) for m, r, sd in zip(traj.means, ref_means, traj.stds))
+        return s, torch.stack(ref_means, 1), kl
+
+    def run(self, trainer: Any) -> dict[str, Any]:
+        kl_term = trainer.term("kl")
+        others = [t for t in trainer.terms if not t.driver and t is not kl_term]
+        trainer._set_lr()
+        trainer.last = []
+        # 1-2. sample batches; each batch's reward runs in the worker while the next one samples
+        trainer.student.eval()
+        batches, ref_means, chain_kl = [], [], []
+        for _ in range(self.num_sample_batches):
+            s, rm, kl = self._sample(trainer, kl_term)
+            if rm is not None:
+                ref_means.append(rm)
+                chain_kl.append(kl)
+            batches.append(s)
+        trainer.student.train()
+        rewards = torch.cat([b.resolve_rewards() for b in batches])  # (N,)
+        if not trainer.guard.check(rewards, f"reward ({int((~torch.isfinite(rewards)).sum())} of {len(rewards)} "
+                                   "samples)", trainer.step + 1):
+            return {"gold_reward": float("nan"), "samples": len(rewards)}  # nothing reaches the tracker or weights
+        prompts_all = [p for b in batches for p in b.prompts]
+        # 3. advantages
+        adv = (self.tracker.update(prompts_all, rewards.numpy()) if self.per_prompt_stats
+               else global_advantages(rewards.numpy()))
+        adv = torch.as_tensor(adv, dtype=torch.float32, device=trainer.device)
+        samples = concat_samples(batches)
+        N = len(samples)
+        ref_all = torch.cat(ref_means) if ref_means else None  # (N, K, ...) reference means at the sampled states
+        # 4. inner epochs of PPO on the last grad_steps transitions
+        steps_idx = trained_step_indices(len(trainer.timesteps), self.grad_steps)
+        infos: dict[str, list[float]] = {"approx_kl": [], "clipfrac": [], "loss": [], "grad_norm": []}
+        logs: dict[str, Any] = {}
+        data = trainer.data
+        for _ in range(self.inner_epochs):
+            perm = torch.randperm(N)
+            for s0 in range(0, N, self.train_batch_size):
+                idx = perm[s0:s0 + self.train_batch_size]
+                sub = samples.subset(idx)
+                a = adv[idx.to(trainer.device)]
+                total = 0.0
+                for k in steps_idx:
+                    with trainer.autocast():
+                        lp, mu, sigma = transition_mean_log_prob(trainer.student, sub, k, self.eta)
+                    loss, info = ppo_loss(lp, sub.log_probs[:, k], a, self.clip_range, self.adv_clip)
+                    loss = loss / len(steps_idx)
+                    if ref_all is not None:  # per-step KL to the reference chain at the sampled state
+                        loss = loss + kl_term.weight * chain_step_kl(mu, ref_all[idx.to(trainer.device), k],
+                                                                     sigma).mean()
+                    loss.backward()
+                    total += float(loss.detach())
+                    infos["approx_kl"].append(info["approx_kl"])
+                    infos["clipfrac"].append(info["clipfrac"])
+                if others:  # the other terms (VSD, CD) on this optimizer step's captions
+                    lat = None if data.latents is None else data.latents[torch.randint(len(data), (len(idx),))]
+                    ctx = StepContext(trainer, DistillData(lat, sub.text_tokens, sub.text_mask, sub.prompts))
+                    l_d, dlogs = trainer.objective(ctx)
+                    l_d.backward()
+                    trainer.last.append(ctx.release())
+                    total += float(l_d.detach())
+                    logs.update({kk: v for kk, v in dlogs.items() if kk != "loss"})
+                infos["loss"].append(total)
+                infos["grad_norm"].append(trainer.optimizer_step("loss / gradient"))
+        logs.update({k: float(np.mean(v)) for k, v in infos.items() if v})
+        logs.update(gold_reward=float(rewards.mean()), adv_std=float(adv.std()), samples=N)
+        if chain_kl:
+            logs["kl"] = float(torch.cat(chain_kl).mean())
+        return logs
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "tracker" in state:
+            self.tracker.load_state_dict(state["tracker"])
+
+    def close(self) -> None:
+        if self._exec is not None:
+            self._exec.shutdown(wait=True)
+
+
+__all__ = ["DDPOTerm", "concat_samples", "PerPromptStatTracker", "global_advantages", "ppo_loss", "reinforce_loss",
+           "DDPOSamples", "sample_chain", "trained_step_indices", "transition_log_prob", "transition_mean_log_prob"]

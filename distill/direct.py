@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from distill.objective import ObjectiveTerm, StepContext
 from distill.samplers import k_step_sample
 
 FRAME_SUBSAMPLING = ("all", "first", "middle", "last", "first-middle-last", "random")
@@ -124,5 +125,34 @@ def sample_with_grad(student_x0: Callable[[torch.Tensor, torch.Tensor], torch.Te
                          generator=generator).x0
 
 
-__all__ = ["FRAME_SUBSAMPLING", "PIXEL_CLAMPS", "subsample_frames", "to_unit_range", "decode_for_reward",
-           "direct_reward_loss", "sample_with_grad"]
+class DirectRewardTerm(ObjectiveTerm):
+    """Steps 1-3 as a term: its own k-step sample (fresh noise, graph on the last ``grad_steps`` steps), L = -R(Dec(x0),
+    c); the KL term measures this sample's last step (``ctx.kl_point``)."""
+
+    name, single_process = "direct", True
+
+    def __init__(self, reward: Callable[..., torch.Tensor], grad_steps: int = 1, frames: str = "first-middle-last",
+                 num_random_frames: int = 2, pixel_clamp: str = "straight-through", checkpointing: bool = False,
+                 weight: float = 1.0):
+        super().__init__(weight)
+        if not getattr(reward, "differentiable", False):
+            from lrm.config import ConfigError
+
+            raise ConfigError(f"method=direct needs a differentiable gold reward; {getattr(reward, 'name', '?')!r} "
+                              "is not (try colorfulness, sharpness or brightness, or use method=ddpo)")
+        self.reward, self.grad_steps, self.frames = reward, int(grad_steps), frames
+        self.num_random_frames, self.pixel_clamp = int(num_random_frames), pixel_clamp
+        self.checkpointing = checkpointing
+
+    def generator_loss(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, Any]]:
+        tr, tok, mask = ctx.trainer, ctx.tok, ctx.mask
+        state = k_step_sample(lambda x, t: tr.student_x0(x, t, tok, mask), tr.noise(tok.shape[0]), tr.timesteps,
+                              tr.schedule, self.grad_steps, self.checkpointing)
+        loss, r = direct_reward_loss(state.x0, tr.vae, self.reward, ctx.batch.prompts, self.frames,
+                                     self.num_random_frames, self.checkpointing, self.pixel_clamp)
+        ctx.kl_point = (state.x_t.detach(), state.t, state.x0)  # the final step's input and output
+        return loss, {"loss_direct": float(loss.detach()), "gold_reward": float(r.mean())}
+
+
+__all__ = ["DirectRewardTerm", "FRAME_SUBSAMPLING", "PIXEL_CLAMPS", "subsample_frames", "to_unit_range",
+           "decode_for_reward", "direct_reward_loss", "sample_with_grad"]

@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.objective import ObjectiveTerm, StepContext
 from distill.vsd import sample_timesteps
+from lrm.config import ConfigError
 
 
 class _Stop(Exception):
@@ -200,3 +202,54 @@ def generator_adv_loss(disc: Discriminator, teacher: Any, x_fake: torch.Tensor, 
     loss = hinge_g_loss(fake)
     return loss, {"g_adv_d_fake": float(-loss.detach())}
 
+
+
+class GANTerm(ObjectiveTerm):
+    """L_gen (Eq. 11) on the backward-simulated x_hat; its own update: one hinge L_D step (Eq. 12) of the heads on
+    the data latents (real) and the student samples (fake) of the generator step, AdamW betas (0, 0.95)."""
+
+    name, needs_x_hat, needs_teacher, single_process = "gan", True, True, True
+
+    def __init__(self, weight: float = 0.5, lr: float = 2e-5):
+        super().__init__(weight)
+        self.lr = float(lr)
+        self.disc = self.opt = None
+
+    def setup(self, trainer: Any) -> None:
+        if trainer.lora is not None:
+            raise ConfigError("use_gan with lora_rank > 0 is not supported (the discriminator's feature hooks on "
+                              "the shared base would see every role's calls); set one of them off")
+        if trainer.data.latents is None:
+            raise ConfigError("the gan term needs real data latents (a data_cache, or DistillData latents)")
+        self.disc = Discriminator.for_teacher(trainer.teacher).to(trainer.device)
+
+    def setup_optimizers(self, trainer: Any) -> None:
+        self.opt = torch.optim.AdamW(self.disc.parameters(), lr=self.lr, betas=(0.0, 0.95))
+
+    def generator_loss(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, Any]]:
+        tr = ctx.trainer
+        loss, _ = generator_adv_loss(self.disc, tr.teacher, ctx.x_hat, ctx.tok, ctx.mask, autocast=tr.autocast)
+        return loss, {"loss_gan": float(loss.detach())}
+
+    def update(self, trainer: Any) -> dict[str, Any]:
+        self.disc.train()
+        self.opt.zero_grad(set_to_none=True)
+        last = [c for c in trainer.last if c.x_hat is not None and c.batch.latents is not None]
+        total = 0.0
+        for c in last:
+            b = c.batch
+            loss, _ = discriminator_loss(self.disc, trainer.teacher, b.latents, b.text_tokens, b.text_mask,
+                                         c.x_hat, b.text_tokens, b.text_mask, autocast=trainer.autocast)
+            (loss / len(last)).backward()
+            total += float(loss.detach()) / len(last)
+        gn = torch.nn.utils.clip_grad_norm_(self.disc.parameters(), trainer.config.max_grad_norm or float("inf"))
+        if trainer.guard.check(gn, "discriminator loss / gradient", trainer.step + 1, key="disc"):
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return {"loss_disc": total}
+
+    def modules(self) -> dict[str, Any]:
+        return {"disc": self.disc}
+
+    def optimizers(self) -> dict[str, Any]:
+        return {"disc": self.opt}

@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from distill.objective import ObjectiveTerm, StepContext
+
 LatentRewardFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 
 
@@ -164,3 +166,64 @@ class ConcurrentLRM:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
+
+
+class LRMTerm(ObjectiveTerm):
+    """L_FT = -R^l(x_hat, c) on the backward-simulated x_hat (logged ``proxy_reward``), with a frozen LRM or a
+    ``ConcurrentLRM``, whose own update is Eq. 10 on data latents | the generator step's samples (Alg. 1 l. 15-16)."""
+
+    name, needs_x_hat = "ft", True
+
+    def __init__(self, lrm: Any, weight: float = 1.0):
+        super().__init__(weight)
+        self.lrm = lrm
+        self.concurrent = isinstance(lrm, ConcurrentLRM)
+
+    def setup(self, trainer: Any) -> None:
+        if self.concurrent:
+            self.lrm.head.to(trainer.device)
+            self.lrm.stats.to(trainer.device)
+        elif isinstance(self.lrm, nn.Module):
+            self.lrm.to(trainer.device).eval().requires_grad_(False)
+        if hasattr(self.lrm, "check_finite"):  # NaN latents: the guard skips the step (no host sync per call)
+            self.lrm.check_finite = False
+
+    def setup_optimizers(self, trainer: Any) -> None:
+        if trainer.accelerator.num_processes > 1 and self.concurrent:  # else each rank fits only its own samples
+            if trainer.fsdp:  # a small head: replicated (torch DDP, whatever accelerate's plugin would do)
+                ids = [trainer.device.index] if trainer.device.type == "cuda" else None
+                self.lrm.head = DistributedDataParallel(self.lrm.head, device_ids=ids)
+            else:
+                self.lrm.head = trainer.accelerator.prepare_model(self.lrm.head)
+                self.lrm.optimizer = trainer.accelerator.prepare_optimizer(self.lrm.optimizer)
+
+    def generator_loss(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, Any]]:
+        loss, r = lrm_ft_loss(self.lrm, ctx.x_hat, ctx.tok, ctx.mask)
+        return loss, {"loss_ft": float(loss.detach()), "proxy_reward": float(r.mean())}
+
+    def update(self, trainer: Any) -> dict[str, Any]:
+        if not self.concurrent:
+            return {}
+        last = [c for c in trainer.last if c.x_hat is not None and c.batch.latents is not None]
+        if not last:
+            b = trainer.sample_batch()
+            last = [StepContext(trainer, b)]
+            last[0].x_hat = trainer.generate(b)
+        lat = torch.cat([torch.cat([c.batch.latents, c.x_hat]) for c in last])
+        tok = torch.cat([torch.cat([c.tok, c.tok]) for c in last])
+        mask = torch.cat([torch.cat([c.mask, c.mask]) for c in last])
+        prompts = [p for c in last for p in (c.batch.prompts + c.batch.prompts)]
+        return {"loss_lrm": self.lrm.step(lat, tok, mask, prompts)}
+
+    def modules(self) -> dict[str, Any]:
+        return {"lrm_head": self.lrm.head, "lrm_target_stats": self.lrm.stats} if self.concurrent else {}
+
+    def optimizers(self) -> dict[str, Any]:
+        return {"lrm": self.lrm.optimizer} if self.concurrent else {}
+
+    def fingerprint(self) -> str | None:
+        if self.concurrent or not isinstance(self.lrm, nn.Module):
+            return None
+        from lrm.run import fingerprint
+
+        return fingerprint(self.lrm.state_dict().items())

@@ -24,6 +24,7 @@ import torch
 
 from distill.direct import PIXEL_CLAMPS, direct_reward_loss
 from distill.lrm_ft import lrm_ft_loss
+from distill.objective import ObjectiveTerm, StepContext
 from reward_adapters.base import Reward, select_frames
 
 DEFAULT_WEIGHTS = (0.5, 1.0, 1.5)  # (lambda_1 L_gen, lambda_2 L_spatial, lambda_3 L_temporal), paper §4.1
@@ -153,5 +154,19 @@ class MixedReward:
                       "l_temporal": float(l_t.detach()) if l_t is not None else 0.0}
 
 
-__all__ = ["DEFAULT_WEIGHTS", "spatial_frames", "PixelReward", "LatentRewardTerm", "as_term", "frames_as_images",
-           "spatial_loss", "temporal_loss", "total_loss", "MixedReward"]
+class MixedRewardTerm(ObjectiveTerm):
+    """Paper 004's mixed rewards (Eq. 13-15) on the backward-simulated x_hat; the lambdas live in ``mixed``."""
+
+    name, needs_x_hat = "mixed", True
+
+    def __init__(self, mixed: MixedReward):
+        super().__init__(1.0)
+        self.mixed = mixed
+
+    def generator_loss(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, Any]]:
+        loss, _ = self.mixed.loss(ctx.x_hat, ctx.tok, ctx.mask, ctx.batch.prompts)
+        return loss, {"loss_mixed": float(loss.detach())}
+
+
+__all__ = ["MixedRewardTerm", "DEFAULT_WEIGHTS", "spatial_frames", "PixelReward", "LatentRewardTerm", "as_term",
+           "frames_as_images", "spatial_loss", "temporal_loss", "total_loss", "MixedReward"]

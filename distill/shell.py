@@ -1,33 +1,104 @@
-"""The shell both student trainers share (``lrm distill``'s ``DistillTrainer``, ``lrm finetune``'s
-``FinetuneTrainer``): ``ShellConfig``, the model and run-control keys of their configs (and which of them a resumed
-run may change), and ``StudentShell``, the run-dir set-up with the resume checks, log.csv / TensorBoard, sample grids
-and the student export. What is left per trainer: its objective terms, its step, its checkpoint contents and its
-loop's hooks (issue 18 moves those behind one interface)."""
+"""The configuration and run shell of the one student trainer (``distill.generator.GeneratorTrainer``):
+``ShellConfig``, the keys every configuration of it has (``lrm distill``'s ``DistillConfig``, ``lrm finetune``'s
+``FinetuneConfig``: models, run control, optimiser, the student's timesteps, the shared terms' settings, the eval
+hook) and which of them a resumed run may change."""
 
 from __future__ import annotations
 
-import copy
-import csv
+import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import ClassVar, Literal
 
 from distill.builders import ModelSpec
-from lrm.checkpoint import find_checkpoint
+from distill.samplers import STUDENT_TIMESTEPS
 from lrm.config import ConfigError, opt
-from lrm.run import check_resume, clear_checkpoints, prepare_run_dir, record_run
 
-# run-control keys a resumed run may change (how long, how often it reports; not what it trains)
+# run-control keys a resumed run may change (how long, how often it reports and evaluates; not what it trains)
 SHELL_MUTABLE_KEYS = ("steps", "resume", "overwrite", "progress", "log_every", "ckpt_every", "sample_every",
                       "final_checkpoint", "student_fp16", "max_nonfinite_steps", "num_sample_prompts",
-                      "samples_per_prompt", "vae_chunk_size", "device", "merge_lora")
+                      "samples_per_prompt", "vae_chunk_size", "device", "merge_lora", "tensorboard", "max_gpu_seconds",
+                      "eval_every", "eval_every_gpu_s", "eval_batch_size", "log_gold_train")
 
 
 @dataclass
 class ShellConfig(ModelSpec):
-    """Model keys (``ModelSpec``) + the run control every student trainer has."""
+    """Model keys (``ModelSpec``) + what every configuration of the student trainer has; per-process sizes."""
+
+    command: ClassVar[str] = "train"  # logger lrm.<command>, TensorBoard prefix
+    mutable_keys: ClassVar[tuple[str, ...]] = SHELL_MUTABLE_KEYS
+
+    # ---- run -------------------------------------------------------------------------------------------
+    run_dir: str = opt("runs/train", "output directory: config.yaml, log.txt, log.csv, checkpoint/, samples/, "
+                                    "student/")
+    seed: int = opt(0, "random seed (per process: seed + process index)")
+    device: str = opt("auto", "'auto' (cuda if available), 'cuda', 'cuda:N' (single process) or 'cpu'")
+    # ---- models and data (used by the CLI builders; the Python API takes objects) ------------------------
+    teacher: str = opt("shapes-image", "'shapes-image' / 'shapes-video' (the built-in world's teachers), a "
+                                       "Denoiser directory (Denoiser.save_pretrained, or RUN/student of `lrm "
+                                       "distill`), or a diffusers pipeline directory / hub id")
+    data_cache: str | None = opt(None, "LatentCache directory with data latents + text; None: encode samples of the "
+                                       "Shapes world")
+    data_seed: int = opt(0, "ShapesWorld seed of the data / prompt pool")
+    num_frames: int = opt(16, "frames per video for the Shapes video world (teacher 'shapes-video')")
+    # ---- student ---------------------------------------------------------------------------------------
+    student_steps: int = opt(4, "student sampling steps k (1, 2 or 4 use DOLLAR's timesteps)")
+    student_timesteps: list[int] | None = opt(None, "custom student timesteps (overrides student_steps), e.g. "
+                                                    "[249, 499, 749, 999]")
+    parameterization: Literal["homogeneous", "heterogeneous"] = opt(
+        "homogeneous", "homogeneous: student predicts the teacher's (init's) quantity and starts from it; "
+                       "heterogeneous: student predicts x0 directly (weights still copied)")
+    sigma_data: float = opt(0.5, "sigma_d of the consistency boundary scalings")
+    timestep_scaling: float = opt(10.0, "LCM timestep scaling inside the boundary scalings")
+    # ---- terms shared by both commands: VSD, CD, LRM ----------------------------------------------------
+    beta_vsd: float = opt(1.0, "weight of L_VSD")
+    beta_cd: float = opt(0.5, "weight of L_CD (DOLLAR beta_CD)")
+    beta_ft: float = opt(1.0, "weight of L_FT = -R^l(x_hat, c) (DOLLAR beta_FT), in 1 / reward units")
+    real_guidance: float = opt(3.5, "CFG scale of the real score (teacher), Imagen form uncond + s (cond - uncond)")
+    vsd_t_min: float = opt(0.02, "VSD/fake-score timesteps t ~ U[t_min T, t_max T]: lower end, fraction of T")
+    vsd_t_max: float = opt(0.98, "upper end of the VSD/fake-score timestep range, fraction of T")
+    vsd_grad_dtype: Literal["float32", "float64"] = opt("float32", "precision of the normalised VSD gradient")
+    fake_updates: int = opt(5, "fake-score optimizer steps per trainer step (DMD2: 5)")
+    lr_fake: float = opt(5e-5, "fake-score learning rate (AdamW)")
+    cd_ddim_steps: int = opt(50, "N of the DDIM skip grid (step T / N = 20 timesteps)")
+    cd_teacher_steps: int = opt(5, "m teacher DDIM steps per CD target (1 = CD1, 5 = CD5)")
+    cd_guidance: float = opt(7.5, "CFG scale of the CD teacher, Imagen form")
+    cd_ema_decay: float = opt(0.95, "EMA decay of the CD target network theta^- (per student optimizer step)")
+    cd_distance: Literal["huber", "l2"] = opt("huber", "CD distance: pseudo-Huber or L2")
+    huber_c: float = opt(1e-3, "pseudo-Huber constant c, latent units")
+    lrm_path: str | None = opt(None, "LatentReward directory (a frozen LRM for L_FT), e.g. from `lrm train`")
+    # ---- optimisation ----------------------------------------------------------------------------------
+    steps: int = opt(1000, "trainer steps")
+    batch_size: int = opt(32, "samples per micro-batch, per process")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (DOLLAR: 7)")
+    adam_beta1: float = opt(0.9, "AdamW beta1 (student and fake score)")
+    adam_beta2: float = opt(0.999, "AdamW beta2 (student and fake score)")
+    weight_decay: float = opt(0.0, "AdamW weight decay (student and fake score)")
+    max_grad_norm: float = opt(10.0, "gradient clipping (L2 norm) for student and fake score; 0 = off")
+    warmup_steps: int = opt(0, "linear learning-rate warm-up, in trainer steps")
+    bf16: bool = opt(False, "bf16 autocast for network calls (CUDA only; losses and VSD gradient stay fp32)")
+    fsdp: bool = opt(False, "multi-process: shard student, fake score and CD target with FSDP2 (one unit per "
+                            "UNet / transformer block) instead of DDP replicas; the teacher stays replicated")
+    gradient_checkpointing: bool = opt(False, "activation checkpointing in the student and fake score (and, for "
+                                              "the direct term, each student call and the decoder)")
+    max_gpu_seconds: float | None = opt(None, "stop once the cumulative step time (device-seconds) exceeds this; "
+                                              "None = run all steps")
+    # ---- eval hook: the gold reward of the k-step sampler ------------------------------------------------
+    gold_reward: str | None = opt(None, "reward_adapters name of the gold pixel reward (None: no evaluation)")
+    gold_reward_kwargs: dict = opt({}, "constructor options of the gold reward, e.g. {frames: first-middle-last}")
+    eval_every: int = opt(10, "gold reward of the k-step sampler on the fixed evaluation set every N steps "
+                              "(0 = only at start and end); not counted in step time")
+    eval_every_gpu_s: float | None = opt(None, "also evaluate each time the cumulative step time passes a multiple "
+                                               "of this many device-seconds (even curves across methods)")
+    num_eval: int = opt(64, "evaluation samples (prompts cycle through the pool)")
+    eval_batch_size: int = opt(16, "samples per sampling call in evaluation and sample grids (decoding is chunked "
+                                   "by vae_chunk_size)")
+    log_gold_train: bool = opt(True, "also score the training samples x_hat with the gold reward (not counted in "
+                                     "step time)")
+    # ---- logging ---------------------------------------------------------------------------------------
+    ckpt_every: int = opt(500, "save a resumable checkpoint every N steps (0 = only at the end, see "
+                               "final_checkpoint)")
+    sample_every: int = opt(500, "save a sample grid every N steps (0 = only at the end)")
+    tensorboard: bool = opt(True, "also log to TensorBoard (run_dir/tb) when tensorboard is installed")
 
     log_every: int = opt(10, "log to log.txt every N steps (log.csv gets every step)")
     final_checkpoint: bool = opt(True, "save a resumable checkpoint at the end of the run (before a final "
@@ -57,6 +128,21 @@ class ShellConfig(ModelSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.student_timesteps is None and self.student_steps not in STUDENT_TIMESTEPS:
+            raise ConfigError(f"student_steps={self.student_steps} has no default timesteps "
+                              f"({sorted(STUDENT_TIMESTEPS)}); pass student_timesteps explicitly")
+        for name in ("steps", "batch_size", "grad_accum", "cd_ddim_steps", "cd_teacher_steps", "num_eval",
+                     "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.vsd_t_min < self.vsd_t_max <= 1.0:
+            raise ConfigError(f"need 0 <= vsd_t_min < vsd_t_max <= 1, got {self.vsd_t_min}, {self.vsd_t_max}")
+        if not 0.0 <= self.cd_ema_decay <= 1.0:
+            raise ConfigError(f"cd_ema_decay must be in [0, 1], got {self.cd_ema_decay}")
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes"):
+            raise ConfigError(f"ACCELERATE_USE_DEEPSPEED={os.environ['ACCELERATE_USE_DEEPSPEED']}: the trainer "
+                              "runs under DDP or FSDP, not DeepSpeed. Run `accelerate launch` with the multi-GPU "
+                              "(DDP) or FSDP config, or torchrun (fsdp: true for FSDP)")
         if self.max_nonfinite_steps < 0:
             raise ConfigError(f"max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
         if self.lora_rank < 0:
@@ -71,125 +157,21 @@ class ShellConfig(ModelSpec):
         if self.merge_lora and self.lora_rank == 0:
             raise ConfigError("merge_lora: true needs lora_rank > 0 (a full fine-tuning run exports full weights)")
 
-
-
-
-class StudentShell:
-    """The run shell both student trainers use: run-dir set-up with the resume checks, log.csv (+ TensorBoard), sample
-    grids and the student export. A trainer provides ``config`` (a ``ShellConfig``), ``step``, ``logger``,
-    ``LOG_COLUMNS``, ``is_main``, ``load_checkpoint()`` and, for TensorBoard, ``TB_PREFIX``."""
-
-    LOG_COLUMNS: list[str] = []
-    TB_PREFIX: str | None = None
-    _tb: Any = None
+    @property
+    def timesteps(self) -> list[int]:
+        """Student timesteps in sampling order (descending)."""
+        ts = self.student_timesteps if self.student_timesteps is not None else STUDENT_TIMESTEPS[self.student_steps]
+        return sorted((int(t) for t in ts), reverse=True)
 
     @property
-    def checkpoint_dir(self) -> Path:
-        return Path(self.config.run_dir) / "checkpoint"
+    def student_lr(self) -> float:
+        """The student's learning rate (``lr_student`` / ``lr``: each configuration names its own key)."""
+        raise AttributeError(f"{type(self).__name__} must define student_lr")
 
     @property
-    def _csv_path(self) -> Path:
-        return Path(self.config.run_dir) / "log.csv"
-
-    def _start_run(self, inputs: dict[str, Any], mutable: tuple[str, ...], logger_name: str,
-                   barrier: Callable[[], None] = lambda: None) -> bool:
-        """``--overwrite``; the resume check against run.json (before anything is written); config.yaml + run.json;
-        the checkpoint (unless this trainer is already past step 0 in memory); log.csv. Returns whether it resumed."""
-        cfg = self.config
-        if cfg.overwrite and self.is_main:
-            clear_checkpoints(cfg.run_dir, self.checkpoint_dir)
-        barrier()
-        on_disk = self.step == 0 and cfg.resume and find_checkpoint(self.checkpoint_dir) is not None
-        if on_disk:  # every rank: all raise alike
-            check_resume(cfg.run_dir, cfg, inputs, mutable)
-        if self.is_main:
-            prepare_run_dir(cfg.run_dir, cfg, logger_name=logger_name)
-            record_run(cfg.run_dir, cfg, inputs)
-        resumed = self.step > 0
-        if on_disk:
-            self.load_checkpoint()
-            resumed = True
-            self.logger.info("resumed from %s at step %d", self.checkpoint_dir, self.step)
-        self._open_logs(resumed)
-        return resumed
-
-    def _open_logs(self, resumed: bool) -> None:
-        """log.csv: a resumed run keeps its rows up to the checkpoint's step (later ones were not saved)."""
-        if not self.is_main:
-            return
-        rows = []
-        if resumed and self._csv_path.exists():
-            with open(self._csv_path) as fh:
-                rows = [r for r in csv.DictReader(fh) if r.get("step") and int(r["step"]) <= self.step]
-        self._csv_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._csv_path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=self.LOG_COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
-        if self.TB_PREFIX and getattr(self.config, "tensorboard", False):
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(Path(self.config.run_dir) / "tb"))
-            except ImportError:
-                self._tb = None
-
-    def _log_row(self, row: dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        with open(self._csv_path, "a", newline="") as fh:
-            csv.DictWriter(fh, fieldnames=self.LOG_COLUMNS).writerow({k: row.get(k, "") for k in self.LOG_COLUMNS})
-        if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(f"{self.TB_PREFIX}/{k}", v, row["step"])
-
-    def write_grid(self, pixels: torch.Tensor, tag: str | None, per_row: int) -> Path:
-        """run_dir/samples/<tag or step_N>.png (+ .gif for videos): ``pixels`` (N, 3, H, W) or (N, T, 3, H, W)."""
-        from shapes.grid import save_gif, save_grid, save_video_strip
-
-        out = Path(self.config.run_dir) / "samples"
-        name = tag or f"step_{self.step:06d}"
-        if pixels.dim() == 5:
-            save_gif(pixels, out / f"{name}.gif", nrow=per_row)
-            return save_video_strip(pixels, out / f"{name}.png")
-        return save_grid(pixels, out / f"{name}.png", nrow=per_row, scale=2)
-
-    def export_student(self, student: Any, directory: str | Path | None, meta: dict[str, Any]) -> Path:
-        """``student`` (a Denoiser) as a Denoiser directory (fp16 with ``student_fp16``) + ``student.json``
-        (timesteps, parameterisation, boundary scalings, step, and ``meta``).
-
-        LoRA (``lora_rank > 0``): the student adapter as ``pytorch_lora_weights.safetensors`` in diffusers' LoRA
-        format (``pipeline.load_lora_weights(directory)`` on the teacher's pipeline loads it: the base weights stay
-        the teacher's / init's and are not written); ``merge_lora: true`` writes the fused full Denoiser instead."""
-        from distill.lora import AdapterView
-        from lrm.io import write_json
-
-        cfg = self.config
-        directory = Path(directory or Path(cfg.run_dir) / "student")
-        lora = None
-        if isinstance(student.model, AdapterView):
-            view = student.model
-            if cfg.merge_lora:
-                merged = copy.copy(student)
-                merged._modules = dict(student._modules)
-                merged._modules["model"] = view._lora.merged(view.adapter)
-                merged.save_pretrained(directory, fp16=cfg.student_fp16)
-            else:
-                directory.mkdir(parents=True, exist_ok=True)
-                view._lora.save_diffusers(view.adapter, directory, fp16=cfg.student_fp16)
-                lora = {"format": "diffusers", "weights": "pytorch_lora_weights.safetensors", "rank": cfg.lora_rank,
-                        "alpha": cfg.lora_alpha or cfg.lora_rank, "target_modules": list(cfg.lora_target_modules),
-                        "base": "the teacher's network (lrm distill) / the init's (lrm finetune); not written here",
-                        "base_path": str(cfg.teacher),
-                        "denoiser": student.describe()}
-        else:
-            student.save_pretrained(directory, fp16=cfg.student_fp16)
-        write_json(directory / "student.json", {
-            "timesteps": self.timesteps, "parameterization": student.parameterization, "step": self.step,
-            "consistency_function": {"sigma_data": cfg.sigma_data, "timestep_scaling": cfg.timestep_scaling},
-            **({"lora": lora} if lora else {}), **meta})
-        return directory
+    def method_name(self) -> str:
+        """The ``method`` column of log.csv."""
+        return self.command
 
 
-__all__ = ["ShellConfig", "StudentShell", "SHELL_MUTABLE_KEYS"]
+__all__ = ["ShellConfig", "SHELL_MUTABLE_KEYS"]

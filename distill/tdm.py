@@ -29,6 +29,9 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 
 from distill import parameterization as P
+from distill.objective import StepContext
+from distill.vsd import VSDTerm
+from lrm.config import ConfigError
 from lrm.schedules import broadcast
 
 DISTANCES = ("paper", "code")
@@ -193,6 +196,54 @@ def fake_score_loss(fake: Any, x0_hat: torch.Tensor, r: Renoised, text_tokens: t
     return (per * w).mean()
 
 
-__all__ = ["DISTANCES", "FAKE_TARGETS", "stage_bounds", "student_timesteps", "sample_stage", "pick_stage_inputs",
-           "transition", "Renoised", "renoise", "paper_huber_c", "pseudo_huber", "generator_target",
-           "tdm_loss_from_x0", "tdm_generator_loss", "importance_weight", "fake_score_loss"]
+class TDMTerm(VSDTerm):
+    """L_traj (steps 1-3) on the backward-simulated x_hat, re-noised inside its stage; the fake score learns the
+    re-noised student samples (step 4, Eq. 8 / 10) with AdamW betas (0, 0.95) as the TDM code."""
+
+    name = "tdm"
+    betas = (0.0, 0.95)
+
+    def __init__(self, weight: float = 1.0, guidance: float = 4.5, distance: str = "paper", fake_updates: int = 1,
+                 lr: float = 5e-5):
+        super().__init__(weight, fake_updates=fake_updates, lr=lr)
+        self.guidance, self.distance = float(guidance), distance
+
+    @torch.no_grad()
+    def point(self, trainer: Any, x_hat: torch.Tensor, x_k: torch.Tensor, t_k: torch.Tensor) -> Renoised:
+        """Steps 1-2 for the graded step's stage [stage end e, t_k]: tau ~ U[max(20, e), t_k - 10), then x_hat
+        re-noised along the student's own trajectory (``renoise``)."""
+        ts = trainer.timesteps
+        i = ts.index(int(t_k.flatten()[0]))
+        end = ts[i + 1] + 1 if i + 1 < len(ts) else 0
+        lo, hi = max(20, end), int(t_k.flatten()[0]) - 10
+        if hi <= lo:
+            raise ConfigError(f"TDM: the stage [{end}, {ts[i]}] of student timesteps {ts} is too short for a tau in "
+                              "[max(20, end), start - 10); use fewer, wider steps")
+        tau = torch.randint(lo, hi, (x_hat.shape[0],), device=x_hat.device)
+        e = torch.full_like(tau, end)
+        t_start = t_k.reshape(-1).expand(x_hat.shape[0]) if t_k.numel() == 1 else t_k
+        return renoise(x_hat, x_k, t_start, e, tau, trainer.schedule)
+
+    def generator_loss(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, Any]]:
+        tr = ctx.trainer
+        r = ctx.extras["tdm"] = self.point(tr, ctx.x_hat, ctx.x_k, ctx.t_k)
+        loss, _ = tdm_generator_loss(ctx.x_hat, r, tr.teacher, self.fake, ctx.tok, ctx.mask, *ctx.null_text(),
+                                     self.guidance, self.distance, autocast=tr.autocast)
+        return loss, {"loss_tdm": float(loss.detach())}
+
+    def fake_input(self, trainer: Any, ctx: StepContext | None) -> tuple[Any, torch.Tensor, Any]:
+        if ctx is not None:
+            return ctx.batch, ctx.x_hat, ctx.extras["tdm"]
+        batch = trainer.sample_batch()
+        with torch.no_grad():
+            x_k, t_k = trainer.graded_input(batch)
+            x_hat = trainer.student_x0(x_k, t_k, batch.text_tokens, batch.text_mask)
+        return batch, x_hat, self.point(trainer, x_hat, x_k, t_k)
+
+    def fake_loss(self, trainer: Any, batch: Any, x_hat: torch.Tensor, r: Any) -> torch.Tensor:
+        return fake_score_loss(self.fake, x_hat, r, batch.text_tokens, batch.text_mask, autocast=trainer.autocast)
+
+
+__all__ = ["TDMTerm", "DISTANCES", "FAKE_TARGETS", "stage_bounds", "student_timesteps", "sample_stage",
+           "pick_stage_inputs", "transition", "Renoised", "renoise", "paper_huber_c", "pseudo_huber",
+           "generator_target", "tdm_loss_from_x0", "tdm_generator_loss", "importance_weight", "fake_score_loss"]

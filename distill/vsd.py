@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from distill import parameterization as P
+from distill.objective import ObjectiveTerm, StepContext
 from distill.samplers import k_step_sample
 
 
@@ -114,3 +115,85 @@ def backward_simulation(student_x0: Callable[[torch.Tensor, torch.Tensor], torch
         raise ValueError(f"num_steps must be in [0, {len(timesteps)}), got {num_steps}")
     state = k_step_sample(student_x0, noise, timesteps, schedule, grad_steps=0, stop_at=num_steps)
     return state.x_t, state.t
+
+
+class VSDTerm(ObjectiveTerm):
+    """L_VSD on the backward-simulated x_hat, and its fake score (a trainable copy of the teacher) trained with the
+    teacher's objective ``fake_updates`` times per trainer step (Alg. 1 lines 12-13); the first update reuses the
+    generator step's samples, the others draw new ones."""
+
+    name, needs_x_hat, needs_teacher = "vsd", True, True
+    betas: tuple[float, float] | None = None  # None: the config's adam betas
+
+    def __init__(self, weight: float = 1.0, guidance: float = 3.5, t_min: float = 0.02, t_max: float = 0.98,
+                 grad_dtype: str = "float32", fake_updates: int = 5, lr: float = 5e-5):
+        super().__init__(weight)
+        self.guidance, self.t_min, self.t_max = float(guidance), float(t_min), float(t_max)
+        self.grad_dtype = torch.float64 if grad_dtype == "float64" else torch.float32
+        self.fake_updates, self.lr = int(fake_updates), float(lr)
+        self.fake = self.opt = None
+
+    def setup(self, trainer: Any) -> None:
+        self.fake = trainer.trainable_copy("fake")
+
+    def setup_optimizers(self, trainer: Any) -> None:
+        cfg = trainer.config
+        self.opt = torch.optim.AdamW(self.fake.model.parameters(), lr=self.lr,
+                                     betas=self.betas or (cfg.adam_beta1, cfg.adam_beta2),
+                                     weight_decay=cfg.weight_decay)
+        self.fake.model = trainer.prepare_ddp(self.fake.model)
+
+    def set_lr(self, scale: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr * scale
+
+    def generator_loss(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, Any]]:
+        tr = ctx.trainer
+        loss, info = vsd_loss(ctx.x_hat, tr.teacher, self.fake, ctx.tok, ctx.mask, *ctx.null_text(), self.guidance,
+                              min_frac=self.t_min, max_frac=self.t_max, grad_dtype=self.grad_dtype,
+                              autocast=tr.autocast)
+        return loss, {"loss_vsd": float(loss.detach()), "vsd_grad_norm": info["vsd_grad_norm"]}
+
+    # the fake score's own update -------------------------------------------------------------------------
+    def fake_input(self, trainer: Any, ctx: StepContext | None) -> tuple[Any, torch.Tensor, Any]:
+        """``(batch, sg(x_hat), extra)`` of one fake-score micro-batch: a generator step's, or a new draw."""
+        if ctx is not None:
+            return ctx.batch, ctx.x_hat, None
+        batch = trainer.sample_batch()
+        return batch, trainer.generate(batch), None
+
+    def fake_loss(self, trainer: Any, batch: Any, x_hat: torch.Tensor, extra: Any) -> torch.Tensor:
+        return fake_score_loss(self.fake, x_hat, batch.text_tokens, batch.text_mask, min_frac=self.t_min,
+                               max_frac=self.t_max, autocast=trainer.autocast)
+
+    def fake_step(self, trainer: Any, reuse_last: bool = True) -> float:
+        """One optimizer step of the fake score on the teacher objective at sg(x_hat)."""
+        n = trainer.config.grad_accum
+        self.fake.train()
+        self.opt.zero_grad(set_to_none=True)
+        last = [c for c in trainer.last if c.x_hat is not None] if reuse_last else []
+        total = 0.0
+        for micro in range(n):
+            batch, x_hat, extra = self.fake_input(trainer, last[micro] if micro < len(last) else None)
+            with trainer.no_sync(self.fake.model, micro == n - 1):
+                loss = self.fake_loss(trainer, batch, x_hat, extra)
+                trainer.accelerator.backward(loss / n)
+            total += float(loss.detach()) / n
+        gn = trainer.clip(self.fake.model)
+        if trainer.guard.check(gn, "fake-score loss / gradient", trainer.step + 1, key="fake"):
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return total
+
+    def update(self, trainer: Any) -> dict[str, Any]:
+        losses = [self.fake_step(trainer, reuse_last=(i == 0)) for i in range(self.fake_updates)]
+        return {"loss_fake": sum(losses) / len(losses)}
+
+    def modules(self) -> dict[str, Any]:
+        return {"fake": self.fake.model}
+
+    def optimizers(self) -> dict[str, Any]:
+        return {"fake": self.opt}
+
+    def sharded(self) -> dict[str, Any]:
+        return {"fake": self.fake.model}

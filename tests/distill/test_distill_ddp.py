@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
     student_w = float(sum(p.double().sum() for p in tr.student.model.parameters()))
     trainer("cut", 2, 2)[0].train()  # "killed" after the step-2 checkpoint
     resumed = trainer("cut", 3, 2)[0].train()
-    keys = ("loss_g", "loss_vsd", "loss_cd", "loss_ft", "loss_fake", "loss_lrm")
+    keys = ("loss", "loss_vsd", "loss_cd", "loss_ft", "loss_fake", "loss_lrm")
     print("RESULT", json.dumps({"rank": os.environ["RANK"], "head": head_w, "student": student_w,
                                 "full": [[r[k] for k in keys] for r in full],
                                 "resumed": [[r["step"]] + [r[k] for k in keys] for r in resumed]}))

@@ -248,7 +248,7 @@ def test_deepspeed_and_other_backends_are_refused(tmp_path, monkeypatch):
                        ["a", "b"])
     teacher = Denoiser(tiny_unet2d(), DDPMSchedule(), "v")
     for kind in (DistributedType.DEEPSPEED, DistributedType.XLA):
-        with pytest.raises(ConfigError, match=f"distributed_type={kind.value}: DistillTrainer runs in one process"):
+        with pytest.raises(ConfigError, match=f"distributed_type={kind.value}: the trainer runs in one process"):
             DistillTrainer(c, teacher, data, accelerator=SimpleNamespace(distributed_type=kind))
     # a torchrun launch that accelerate does not see as one (N separate runs in one run_dir) is refused
     import accelerate
@@ -281,7 +281,7 @@ def test_sd_class_teacher_with_clip_text_encoder_trains(sd_dir, clip77, tmp_path
     assert tr.student.use_text_mask is False and tr.student.parameterization == "v"
     s0 = {k: v.clone() for k, v in tr.student.model.state_dict().items()}
     hist = tr.train()
-    assert [h["step"] for h in hist] == [1, 2] and all(math.isfinite(h["loss_g"]) for h in hist)
+    assert [h["step"] for h in hist] == [1, 2] and all(math.isfinite(h["loss"]) for h in hist)
     assert all(torch.equal(t0[k], v) for k, v in teacher.model.state_dict().items())
     assert any(not torch.equal(s0[k], v) for k, v in tr.student.model.state_dict().items())
     short = DistillData(data.latents, emb.tokens[:, :32], emb.mask[:, :32], prompts)

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
         return tiny_trainer(os.path.join(root, run), vae, device=device, steps=steps, ckpt_every=ckpt_every,
                             fake_updates=2, **kw)[0]
 
-    keys = ("loss_g", "loss_vsd", "loss_cd", "loss_ft", "loss_fake", "loss_lrm", "grad_norm_g")
+    keys = ("loss", "loss_vsd", "loss_cd", "loss_ft", "loss_fake", "loss_lrm", "grad_norm")
     out = {"rank": os.environ["RANK"]}
     # 1-step students draw no graded step, so DDP and FSDP see the same random streams
     for mode in ("ddp", "fsdp"):

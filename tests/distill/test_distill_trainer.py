@@ -39,7 +39,7 @@ def test_steps_change_student_and_keep_teacher_frozen(tmp_path):
     tr = DistillTrainer(cfg(tmp_path, use_lrm_ft=True), teacher, tiny_data(), lrm=mean_lrm)
     s0, f0 = params(tr.student.model), params(tr.fake.model)
     hist = tr.train()
-    assert len(hist) == 2 and all(math.isfinite(h["loss_g"]) for h in hist)
+    assert len(hist) == 2 and all(math.isfinite(h["loss"]) for h in hist)
     assert {"loss_vsd", "loss_cd", "loss_ft", "loss_fake"} <= set(hist[0])
     after = params(teacher.model)
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -77,7 +77,7 @@ def test_resume_gives_the_same_loss_curve(tmp_path):
     assert [r["step"] for r in resumed] == [3, 4]
     assert len(full) == 4
     for a, b in zip(full[2:], resumed, strict=True):
-        for k in ("loss_g", "loss_vsd", "loss_cd", "loss_ft", "loss_fake"):
+        for k in ("loss", "loss_vsd", "loss_cd", "loss_ft", "loss_fake"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (k, a["step"])
     rows = list(csv.DictReader(open(tmp_path / "b" / "run" / "log.csv")))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
@@ -138,8 +138,8 @@ def test_image_only_latent_reward_drives_the_ft_term(tmp_path):
                         tiny_teacher(), tiny_data(), lrm=lrm)
     s0 = params(tr.student.model)
     row = tr.train()[0]
-    assert math.isfinite(row["loss_ft"]) and math.isfinite(row["loss_g"])
-    assert row["loss_ft"] == pytest.approx(-row["lrm_reward"])
+    assert math.isfinite(row["loss_ft"]) and math.isfinite(row["loss"])
+    assert row["loss_ft"] == pytest.approx(-row["proxy_reward"])
     s1 = params(tr.student.model)
     assert any(not torch.equal(s0[k], s1[k]) for k in s0)
 
@@ -252,7 +252,7 @@ def test_resume_is_exact_with_tdm_gan_and_mixed_rewards(tmp_path):
                              mixed_reward=_mixed()).train()
     assert [r["step"] for r in resumed] == [3, 4]
     for a, b in zip(full[2:], resumed, strict=True):
-        for k in ("loss_g", "loss_tdm", "loss_cd", "loss_gan", "loss_mixed", "loss_fake", "loss_disc"):
+        for k in ("loss", "loss_tdm", "loss_cd", "loss_gan", "loss_mixed", "loss_fake", "loss_disc"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (k, a["step"])
 
 

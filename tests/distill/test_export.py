@@ -16,7 +16,7 @@ from lrm.config import ConfigError
 
 def _student(tiny_sd_dir, root, parameterization="eps", timesteps=(999, 749, 499, 249), sigma_data=0.5,
              timestep_scaling=10.0):
-    """A student folder as ``StudentShell.export_student`` writes it: the tiny pipeline's UNet, perturbed (so the
+    """A student folder as ``GeneratorTrainer.export_student`` writes it: the tiny pipeline's UNet, perturbed (so the
     export must ship the student's weights, not the teacher's), + student.json."""
     den = Denoiser.from_diffusers(tiny_sd_dir, parameterization=parameterization)
     torch.manual_seed(1)

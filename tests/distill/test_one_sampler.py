@@ -16,9 +16,8 @@ from torch.utils.checkpoint import checkpoint
 from distill.cd import consistency_output
 from distill.denoiser import Denoiser
 from distill.direct import sample_with_grad
-from distill.finetune import FinetuneTrainer
+from distill.generator import GeneratorTrainer
 from distill.samplers import _descending, _randn_like, k_step_sample, student_sample
-from distill.trainer import DistillTrainer
 from distill.vsd import backward_simulation
 from lrm.schedules import DDPMSchedule, FlowSchedule, schedule_from_dict
 
@@ -242,7 +241,7 @@ def test_backward_simulation_equals_todays_loop(den, num_steps):
 
 
 def trainer_stub(den, timesteps=TS):
-    """The attributes ``DistillTrainer.sample`` / ``FinetuneTrainer.sample`` read."""
+    """The attributes ``GeneratorTrainer.sample`` (``lrm distill`` and ``lrm finetune``) reads."""
     def student_x0(x, t, tok, mask):
         return consistency_output(x, den.x0(x, t, tok, mask).float(), t)
 
@@ -256,8 +255,8 @@ def test_trainer_sample_methods_equal_todays_loops(den, gen_seed, timesteps):
     noise, tok, mask = inputs()
     stub = trainer_stub(den, timesteps)
     den.train()
-    for new, ref in ((DistillTrainer.sample, ref_distill_trainer_sample),
-                     (FinetuneTrainer.sample, ref_finetune_trainer_sample)):
+    for new, ref in ((GeneratorTrainer.sample, ref_distill_trainer_sample),
+                     (GeneratorTrainer.sample, ref_finetune_trainer_sample)):
         a, b = run_twice(lambda g: new(stub, noise, tok, mask, g), lambda g: ref(stub, noise, tok, mask, g),
                          gen_seed=gen_seed)
         assert_same(a, b)
