@@ -4,8 +4,9 @@
 # shipped configs/sd15_*.yaml unchanged except for step counts (kept small: this checks that each command runs and
 # measures its time and peak GPU memory, it trains nothing useful).
 #
-#   bench/sd15_workflow.sh OUT_DIR [STAGES]     # STAGES: any of setup cache train evaluate distill finetune_lrm
-#                                               #   finetune_ddpo finetune_direct overopt eval (default: all, in order)
+#   bench/sd15_workflow.sh OUT_DIR [STAGES]     # STAGES: any of setup cache train evaluate distill distill_lora
+#                                               #   export finetune_lrm finetune_ddpo finetune_direct finetune_lora
+#                                               #   overopt eval (default: all, in order)
 #
 # Each command runs under bench/device/gpu_peak.py: OUT_DIR/steps.jsonl gets one line per command (wall seconds, peak
 # GPU memory from nvidia-smi, exit code) and OUT_DIR/logs/NAME.log its output. Stages whose output exists are
@@ -14,7 +15,8 @@
 set -uo pipefail
 OUT=${1:?usage: bench/sd15_workflow.sh OUT_DIR [STAGES]}
 shift
-STAGES=${*:-setup cache train evaluate distill finetune_lrm finetune_ddpo finetune_direct overopt eval}
+STAGES=${*:-setup cache train evaluate distill distill_lora export finetune_lrm finetune_ddpo finetune_direct \
+finetune_lora overopt eval}
 mkdir -p "$OUT/logs"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PY=${PY:-python3}
@@ -56,6 +58,32 @@ for stage in $STAGES; do
             run distill_resume $LRM distill --config configs/sd15_distill.yaml --steps 3 --ckpt_every 2 \
                 --sample_every 2 --final_checkpoint false
             rm -rf $R/distill/checkpoint  # 3 UNets + 2 AdamW states; the student/ folder is what the next steps use
+        fi
+        ;;
+    distill_lora)  # configs/sd15_distill_lora.yaml: one frozen UNet + student / fake / CD-target adapters
+        if [ ! -f $R/distill_lora/student/student.json ]; then
+            run distill_lora $LRM distill --config configs/sd15_distill_lora.yaml --steps 2 --ckpt_every 2 \
+                --sample_every 2
+            ckpt_info distill_lora $R/distill_lora/checkpoint
+            run distill_lora_resume $LRM distill --config configs/sd15_distill_lora.yaml --steps 3 --ckpt_every 2 \
+                --sample_every 2 --final_checkpoint false
+        fi
+        ;;
+    export)  # each student that exists, as a diffusers pipeline (student UNet + LCMScheduler) that samples
+        for d in distill distill_lora; do
+            [ -f $R/$d/student/student.json ] || continue
+            run "export_$d" $LRM export --student $R/$d/student --teacher $R/pipeline --out $R/export_$d --overwrite \
+                && run "export_${d}_sample" $PY -c "import torch, diffusers, json; p = diffusers.DiffusionPipeline.\
+from_pretrained('$R/export_$d').to('cuda'); c = json.load(open('$R/export_$d/lrm_export.json'))['pipeline_call']; \
+im = p('a red circle on a blue background', output_type='np', **c).images; print(type(p).__name__, \
+type(p.scheduler).__name__, im.shape, float(im.mean()))"
+        done
+        ;;
+    finetune_lora)  # lrm finetune from the LoRA student (fused into the teacher) with new LoRA adapters
+        if [ ! -f $R/finetune-lora/summary.json ]; then
+            run finetune_lora $LRM finetune --config configs/sd15_finetune.yaml --method lrm \
+                --teacher $R/distill_lora/student --lora_rank 64 --run_dir $R/finetune-lora --steps 2 --ckpt_every 2 \
+                --eval_every 2 --sample_every 2
         fi
         ;;
     finetune_lrm | finetune_ddpo | finetune_direct)
