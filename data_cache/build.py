@@ -137,20 +137,9 @@ def check_reward_modality(reward: Any, is_video: bool) -> None:
 # ---- GPU kernels ------------------------------------------------------------------------------------
 def encode_pixels(vae: VAE, pixels: torch.Tensor, sample: bool = False) -> torch.Tensor:
     """``VAE.encode`` without its range check, which would synchronise the GPU every batch; the loader has
-    already validated the pixels on CPU. (B, 3, H, W) / (B, T, 3, H, W) in [0, 1] -> scaled latents."""
-    video = pixels.dim() == 5
-    B = pixels.shape[0]
-    x = pixels.flatten(0, 1) if video else pixels  # (N, 3, H, W)
-    dtype = next(vae.vae.parameters()).dtype
-    outs = []
-    for chunk in x.split(vae.frames_per_call(x.shape[-2], x.shape[-1])):
-        chunk = chunk.to(vae.device, dtype, non_blocking=True) * 2 - 1
-        with vae._autocast():
-            dist = vae.vae.encode(chunk).latent_dist
-        z = dist.sample() if sample else dist.mean
-        outs.append((z.float() - vae.shift_factor) * vae.scaling_factor)
-    z = torch.cat(outs)  # (N, C, h, w)
-    return z.unflatten(0, (B, -1)) if video else z
+    already validated the pixels on CPU. (B, 3, H, W) / (B, T, 3, H, W) in [0, 1] -> scaled latents (a video VAE
+    encodes whole clips: (B, T', C, h, w) with its temporal compression and per-channel normalisation)."""
+    return vae.encode(pixels, sample=sample, check=False)
 
 
 def score_reward(reward: Any, pixels: torch.Tensor, prompts: list[str], retry_timeouts: bool = False

