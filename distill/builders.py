@@ -3,7 +3,8 @@
 these, so the same keys mean the same thing in every config:
 
   teacher            'shapes-image' / 'shapes-video' (the built-in world), a ``Denoiser.save_pretrained`` directory
-                     (a distilled / fine-tuned student), or a diffusers pipeline directory / hub id
+                     (a distilled / fine-tuned student), a LoRA student/ folder, or a diffusers pipeline directory /
+                     hub id
   teacher_subfolder  model subfolder of a diffusers teacher (None: 'transformer' if present, else 'unet')
   vae, vae_subfolder 'shapes' or a diffusers AutoencoderKL path / hub id (+ 'vae' inside a pipeline)
   vae_bf16           run the VAE under bf16 autocast (CUDA)
@@ -13,12 +14,19 @@ these, so the same keys mean the same thing in every config:
 
 A spec is any object with these attributes; the run configs inherit them from ``ModelSpec`` (``teacher`` itself is
 each config's own: ``lrm eval`` calls it ``denoiser``).
+
+Also here, the inputs of the student trainers built from their configs: the data (``build_data``: a data cache or
+Shapes samples; ``build_prompt_pool``: a cache, a prompt file or Shapes prompts), the identity of the text encoder
+behind them (``text_identity``), and the rewards (``load_latent_reward``: a frozen LRM checked against the VAE and the
+captions' encoder; ``build_lrm``: DOLLAR's L_FT reward; ``build_mixed_reward``: paper 004's mixed rewards).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -76,8 +84,9 @@ def teacher_is_diffusers(spec: Any) -> bool:
 
 
 def build_teacher(spec: Any, device: torch.device | str, text_encoder: Any = None):
-    """The ``Denoiser`` named by ``spec.teacher``: a Shapes teacher, a ``Denoiser.save_pretrained`` directory, or a
-    diffusers pipeline directory / hub id (``Denoiser.from_diffusers``; its null caption is ``text_encoder([""])``,
+    """The ``Denoiser`` named by ``spec.teacher`` (the one resolver of model names): a Shapes teacher, a
+    ``Denoiser.save_pretrained`` directory, a LoRA ``student/`` folder (fused into its base), or a diffusers pipeline
+    directory / hub id (``Denoiser.from_diffusers``; its null caption is ``text_encoder([""])``,
     built from ``spec`` when not given)."""
     from distill.denoiser import Denoiser
 
@@ -85,6 +94,12 @@ def build_teacher(spec: Any, device: torch.device | str, text_encoder: Any = Non
         from distill.models import load_shapes_teacher
 
         return load_shapes_teacher(spec.teacher.split("-")[1], device=device)
+    from distill.lora import is_lora_student, load_lora_student
+
+    if is_lora_student(spec.teacher):  # a LoRA student/ folder: its base network (resolved here) + the adapter, fused
+        return load_lora_student(spec.teacher, lambda base: build_teacher(
+            dataclasses.replace(spec, teacher=base) if dataclasses.is_dataclass(spec)
+            else SimpleNamespace(**{**vars(spec), "teacher": base}), device, text_encoder=text_encoder))
     if not teacher_is_diffusers(spec):
         return Denoiser.from_pretrained(spec.teacher, device=device)
     sub = getattr(spec, "teacher_subfolder", None)
@@ -158,6 +173,128 @@ def check_text_width(denoiser: Any, text_dim: int, what: str) -> None:
                           "text_max_length) to the encoder the model was trained with, e.g. the pipeline directory "
                           "itself for a diffusers teacher")
 
+# ---- data and rewards of the student trainers ------------------------------------------------------------------
+def text_identity(spec: Any, text_encoder: Any = None) -> dict:
+    """The identity of the text encoder behind the data's caption embeddings: the cache's record with
+    ``data_cache``, else ``text_encoder.identity()`` (default: ``build_text_encoder(spec)``)."""
+    if getattr(spec, "data_cache", None) is not None:
+        from data_cache import LatentCache
+
+        return dict(LatentCache.open(spec.data_cache).text_encoder)
+    if text_encoder is None:
+        text_encoder = build_text_encoder(spec, torch.device("cpu"))
+    return text_encoder.identity()
+
+
+def _cache_data(spec: Any, vae: Any):
+    """``DistillData`` of ``spec.data_cache``, its latent space checked against the VAE's."""
+    from data_cache import LatentCache
+    from distill.data import DistillData
+
+    vae.latent_space.check_compatible(LatentCache.open(spec.data_cache).latent_space,
+                                      f"latents of cache {spec.data_cache}")
+    return DistillData.from_cache(spec.data_cache)
+
+
+def build_data(spec: Any, vae: Any, device: torch.device, video: bool = False, text_encoder: Any = None):
+    """``lrm distill``'s data: the LatentCache ``data_cache``, else ``num_data`` encoded Shapes world samples
+    (captions encoded by ``text_encoder``, default ``build_text_encoder(spec)``)."""
+    from distill.data import DistillData
+
+    if spec.data_cache is not None:
+        return _cache_data(spec, vae)
+    text_encoder = text_encoder if text_encoder is not None else build_text_encoder(spec, device)
+    return DistillData.from_shapes(spec.num_data, vae, text_encoder, num_frames=spec.num_frames if video else None,
+                                   seed=spec.data_seed, progress=spec.progress)
+
+
+def build_prompt_pool(spec: Any, vae: Any, text_encoder: Any, video: bool = False, progress: bool = True):
+    """``lrm finetune``'s prompt pool: a data cache (captions, embeddings, latents), a prompt file (encoded by
+    ``text_encoder``; no latents) or, for the Shapes teachers, ``num_prompts`` encoded Shapes world samples."""
+    from distill.data import DistillData, PromptPool
+
+    if spec.data_cache is not None:
+        return PromptPool.from_distill_data(_cache_data(spec, vae))
+    if spec.prompt_file is not None:
+        prompts = load_prompt_file(spec.prompt_file)
+        toks, masks = [], []
+        for s in range(0, len(prompts), 256):
+            emb = text_encoder(prompts[s:s + 256])
+            toks.append(emb.tokens.float().cpu())
+            masks.append(emb.mask.cpu())
+        return PromptPool(torch.cat(toks), torch.cat(masks), prompts)
+    if teacher_is_diffusers(spec) or spec.vae != "shapes":
+        raise ConfigError(f"teacher {spec.teacher!r} / vae {spec.vae!r}: Shapes world prompts fit only the Shapes "
+                          "teachers and VAE; set data_cache (a LatentCache from `lrm cache build`) or prompt_file")
+    data = DistillData.from_shapes(spec.num_prompts, vae, text_encoder, num_frames=spec.num_frames if video else None,
+                                   seed=spec.data_seed, progress=progress)
+    return PromptPool.from_distill_data(data)
+
+
+def load_latent_reward(path: str, vae: Any, text_id: Any, device: torch.device | str):
+    """A frozen ``LatentReward`` directory (``lrm train``), checked against the VAE's latent space and, for text
+    heads, against ``text_id``: the identity of the captions' text encoder, or a function returning it (called only
+    for a text head)."""
+    from latent_rewards import LatentReward
+
+    lrm = LatentReward.from_pretrained(path, device=device)
+    if lrm.needs_text and callable(text_id):
+        text_id = text_id()
+    lrm.check_inputs(latent_space=vae.latent_space, text_encoder=text_id if lrm.needs_text else None)
+    return lrm
+
+
+def build_lrm(spec: Any, data: Any, vae: Any, device: torch.device, text_encoder: Any = None):
+    """DOLLAR's L_FT reward: a frozen ``LatentReward`` (``load_latent_reward``) or a ``ConcurrentLRM`` (a new head
+    fit to ``pixel_reward`` during distillation); ``None`` without use_lrm_ft."""
+    if not spec.use_lrm_ft:
+        return None
+    if spec.lrm_mode == "frozen":
+        if spec.lrm_path is None:
+            raise ConfigError("use_lrm_ft=true with lrm_mode=frozen needs lrm_path (a LatentReward directory from "
+                              "`lrm train`), or set lrm_mode=concurrent")
+        return load_latent_reward(spec.lrm_path, vae, lambda: text_identity(spec, text_encoder), device)
+    from distill.lrm_ft import ConcurrentLRM
+    from latent_rewards import create_lrm
+    from reward_adapters import create_reward
+
+    kw = dict(spec.lrm_head_kwargs)
+    kw.setdefault("in_channels", int(data.latents.shape[-3]))
+    if spec.lrm_head.startswith("text-"):
+        kw.setdefault("text_dim", int(data.text_tokens.shape[-1]))
+    head = create_lrm(spec.lrm_head, **kw).to(device)
+    reward = create_reward(spec.pixel_reward, device=str(device))
+    return ConcurrentLRM(head, torch.optim.AdamW(head.parameters(), lr=spec.lr_lrm), reward, vae)
+
+
+def build_mixed_reward(spec: Any, vae: Any, device: torch.device, text_encoder: Any = None):
+    """Paper 004's mixed rewards from ``spatial_rewards`` / ``temporal_reward``: a LatentReward directory gives the
+    latent form (``load_latent_reward``), any other name a differentiable pixel reward through the decoder; ``None``
+    when both are unset."""
+    from distill.reward import LatentRewardTerm, MixedReward, PixelReward
+
+    names = list(spec.spatial_rewards) + ([spec.temporal_reward] if spec.temporal_reward else [])
+    if not names:
+        return None
+
+    def term(name: str):
+        if Path(name).is_dir():
+            return LatentRewardTerm(load_latent_reward(name, vae, lambda: text_identity(spec, text_encoder), device))
+        from reward_adapters import create_reward
+
+        if vae is None:
+            raise ConfigError(f"pixel reward {name!r} needs the VAE to decode; set vae")
+        reward = create_reward(name, device=str(device))
+        if not getattr(reward, "differentiable", False):
+            raise ConfigError(f"reward {name!r} is not differentiable; use a differentiable one (colorfulness, "
+                              "sharpness, brightness, ...) or a LatentReward directory")
+        return PixelReward(reward, vae, checkpointing=spec.gradient_checkpointing)
+
+    spatial = [term(n) for n in spec.spatial_rewards] + [None, None]
+    return MixedReward(spatial[0], spatial[1], term(spec.temporal_reward) if spec.temporal_reward else None,
+                       weights=(spec.beta_gan, spec.beta_spatial, spec.beta_temporal))
+
 
 __all__ = ["ModelSpec", "build_text_encoder", "teacher_is_diffusers", "build_teacher", "build_vae", "load_prompt_file",
-           "check_text_identity", "check_text_width", "SHAPES_TEACHERS"]
+           "check_text_identity", "check_text_width", "SHAPES_TEACHERS", "text_identity", "build_data",
+           "build_prompt_pool", "load_latent_reward", "build_lrm", "build_mixed_reward"]

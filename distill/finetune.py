@@ -40,15 +40,12 @@ k-step sampler on a fixed evaluation set (same noise, same prompts, for every me
 from __future__ import annotations
 
 import csv
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from distill.cd import CDTerm
-from distill.data import DistillData, PromptPool
+from distill.data import PromptPool
 from distill.ddpo import DDPOTerm
 from distill.denoiser import Denoiser
 from distill.direct import FRAME_SUBSAMPLING, PIXEL_CLAMPS, DirectRewardTerm
@@ -238,45 +235,19 @@ def FinetuneTrainer(config: FinetuneConfig, init: Denoiser, pool: PromptPool, go
 
 
 # ---- building everything from a config (CLI, benchmarks) ----------------------------------------------------
-def build_prompt_pool(cfg: FinetuneConfig, vae: Any, text_encoder: Any, video: bool = False,
-                      progress: bool = True) -> PromptPool:
-    """The prompt pool of ``cfg``: a data cache (captions, embeddings, latents), a prompt file (encoded by
-    ``text_encoder``; no latents) or, for the Shapes teachers, ``num_prompts`` encoded Shapes world samples."""
-    from distill.builders import load_prompt_file, teacher_is_diffusers
-
-    if cfg.data_cache is not None:
-        from data_cache import LatentCache
-
-        cache = LatentCache.open(cfg.data_cache)
-        vae.latent_space.check_compatible(cache.latent_space, f"latents of cache {cfg.data_cache}")
-        return PromptPool.from_distill_data(DistillData.from_cache(cfg.data_cache))
-    if cfg.prompt_file is not None:
-        prompts = load_prompt_file(cfg.prompt_file)
-        toks, masks = [], []
-        for s in range(0, len(prompts), 256):
-            emb = text_encoder(prompts[s:s + 256])
-            toks.append(emb.tokens.float().cpu())
-            masks.append(emb.mask.cpu())
-        return PromptPool(torch.cat(toks), torch.cat(masks), prompts)
-    if teacher_is_diffusers(cfg) or cfg.vae != "shapes":
-        raise ConfigError(f"teacher {cfg.teacher!r} / vae {cfg.vae!r}: Shapes world prompts fit only the Shapes "
-                          "teachers and VAE; set data_cache (a LatentCache from `lrm cache build`) or prompt_file")
-    nf = cfg.num_frames if video else None
-    data = DistillData.from_shapes(cfg.num_prompts, vae, text_encoder, num_frames=nf, seed=cfg.data_seed,
-                                   progress=progress)
-    return PromptPool.from_distill_data(data)
-
-
 def build_finetune(cfg: FinetuneConfig, lrm: Any = None, progress: bool = True) -> FinetuneTrainer:
     """Load the student init, VAE, text encoder, prompt pool, gold reward and LRM named in ``cfg`` (the model keys
     mean what they mean in ``lrm distill``: ``distill.builders``), checking that they fit together."""
     from distill.builders import (
+        build_prompt_pool,
         build_teacher,
         build_text_encoder,
         build_vae,
         check_text_identity,
         check_text_width,
+        load_latent_reward,
         teacher_is_diffusers,
+        text_identity,
     )
     from reward_adapters import create_reward
 
@@ -284,28 +255,14 @@ def build_finetune(cfg: FinetuneConfig, lrm: Any = None, progress: bool = True) 
     needs_text = teacher_is_diffusers(cfg) or cfg.data_cache is None
     text = build_text_encoder(cfg, device) if needs_text else None
     vae = build_vae(cfg, device)
-    if cfg.data_cache is not None:  # the pool's embeddings are the cache's: the null caption must match them
-        from data_cache import LatentCache
-
-        text_id = dict(LatentCache.open(cfg.data_cache).text_encoder)
-        if text is not None:
-            check_text_identity(text_id, text.identity(), f"caption embeddings of cache {cfg.data_cache}")
-    else:
-        text_id = text.identity()
+    text_id = text_identity(cfg, text)
+    if cfg.data_cache is not None and text is not None:  # the pool's embeddings are the cache's: so must the null be
+        check_text_identity(text_id, text.identity(), f"caption embeddings of cache {cfg.data_cache}")
     if lrm is None and cfg.method == "lrm":  # checked before the large models load
         if cfg.lrm_path is None:
             raise ConfigError("method=lrm needs lrm_path: a LatentReward directory (train one with `lrm train`)")
-        from latent_rewards import LatentReward
-
-        lrm = LatentReward.from_pretrained(cfg.lrm_path, device=device)
-        lrm.check_inputs(latent_space=vae.latent_space, text_encoder=text_id if lrm.needs_text else None)
-    from distill.lora import is_lora_student, load_lora_student
-
-    if is_lora_student(cfg.teacher):  # a LoRA student/ folder: its base network + the adapter, fused
-        init = load_lora_student(cfg.teacher, lambda base: build_teacher(
-            dataclasses.replace(cfg, teacher=base), device, text_encoder=text))
-    else:
-        init = build_teacher(cfg, device, text_encoder=text)
+        lrm = load_latent_reward(cfg.lrm_path, vae, text_id, device)
+    init = build_teacher(cfg, device, text_encoder=text)
     pool = build_prompt_pool(cfg, vae, text, video=init.is_video, progress=progress)
     check_text_width(init, pool.text_tokens.shape[-1],
                      f"caption embeddings of {cfg.data_cache or cfg.prompt_file or 'the Shapes prompt pool'}")
@@ -338,5 +295,5 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["FinetuneConfig", "FinetuneTrainer", "PromptPool", "build_finetune", "build_prompt_pool", "run_finetune",
+__all__ = ["FinetuneConfig", "FinetuneTrainer", "PromptPool", "build_finetune", "run_finetune",
            "finetune_terms", "LOG_COLUMNS", "METHODS", "DISTILL_LOSSES"]

@@ -20,14 +20,23 @@ from distill.cd import consistency_output
 from distill.objective import ObjectiveTerm, StepContext
 
 
+def gaussian_kl(mu: torch.Tensor, mu_ref: torch.Tensor, sigma: float | torch.Tensor = 1.0,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-sample ``KL(N(mu, sigma^2 I) || N(mu_ref, sigma^2 I)) = ||mu - mu_ref||^2 / (2 sigma^2)`` (summed over
+    elements) in ``dtype``, ``(B,)``; differentiable in ``mu`` only. ``sigma``: a float or ``(B,)``. The one formula
+    behind the training penalties here and the reported KLs of ``eval.kl``."""
+    sq = (mu.to(dtype) - mu_ref.detach().to(dtype)).pow(2).flatten(1).sum(1)
+    return sq / (2 * torch.as_tensor(sigma, dtype=dtype, device=sq.device) ** 2)
+
+
 def x0_kl(x_hat: torch.Tensor, x_ref: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``||x_hat - x_ref||^2 / 2`` (summed over elements), ``(B,)``; differentiable in ``x_hat``."""
-    return (x_hat.float() - x_ref.detach().float()).pow(2).flatten(1).sum(1) / 2
+    """Per-sample ``||x_hat - x_ref||^2 / 2``: ``gaussian_kl`` at sigma = 1 (one scaled-latent unit)."""
+    return gaussian_kl(x_hat, x_ref)
 
 
 def chain_step_kl(mu: torch.Tensor, mu_ref: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Per-sample ``||mu - mu_ref||^2 / (2 sigma^2)`` of one Gaussian transition, ``(B,)``."""
-    return (mu.float() - mu_ref.detach().float()).pow(2).flatten(1).sum(1) / (2 * sigma ** 2)
+    """Per-sample KL of one Gaussian transition with std ``sigma``: ``gaussian_kl``."""
+    return gaussian_kl(mu, mu_ref, sigma)
 
 
 class KLTerm(ObjectiveTerm):
@@ -62,4 +71,4 @@ class KLTerm(ObjectiveTerm):
         return kl, {"kl": float(kl.detach())}
 
 
-__all__ = ["KLTerm", "x0_kl", "chain_step_kl"]
+__all__ = ["KLTerm", "gaussian_kl", "x0_kl", "chain_step_kl"]

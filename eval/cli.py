@@ -281,11 +281,10 @@ def run_eval(cfg: EvalConfig):
     gold = {n: create_reward(n) for n in gold_names}
     proxy = {}
     for d in cfg.proxy_rewards:
+        from distill.builders import load_latent_reward
         from eval.overopt_run import ProxyView
-        from latent_rewards import LatentReward
 
-        lrm = LatentReward.from_pretrained(d).to(device).eval()
-        lrm.check_inputs(latent_space=vae.latent_space, text_encoder=text if lrm.needs_text else None)
+        lrm = load_latent_reward(d, vae, text, device).eval()
         proxy[f"{lrm.reward_name}@{Path(d).name}"] = ProxyView(lrm)  # drops the caption for text-free heads
     generator, reference = build_generators(cfg, vae, device, text)
     size = resolve_image_size(cfg, vae, getattr(generator, "denoiser", None))

@@ -64,8 +64,9 @@ def gaussian_chain_kl(mu_theta: torch.Tensor | Sequence[torch.Tensor], mu_ref: t
             f"every sigma_t must be > 0, got min {float(s.min()):.3g}: a deterministic step has infinite KL unless "
             "the means agree; drop it from the chain or use smoothed_output_kl"
         )
-    sq = (mt - mr).pow(2).flatten(2).sum(-1)  # (S, B)
-    return (sq / (2 * s.pow(2))).sum(0)  # (B,)
+    from distill.kl import gaussian_kl
+
+    return gaussian_kl(mt.flatten(0, 1), mr.flatten(0, 1), s.reshape(-1), torch.float64).view(S, B).sum(0)  # (B,)
 
 
 def smoothed_output_kl(x_theta: torch.Tensor, x_ref: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
@@ -77,8 +78,9 @@ def smoothed_output_kl(x_theta: torch.Tensor, x_ref: torch.Tensor, sigma: float 
         raise ValueError(f"x_theta {tuple(x_theta.shape)} and x_ref {tuple(x_ref.shape)} must have the same shape")
     if not sigma > 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
-    diff = (x_theta.to(torch.float64) - x_ref.to(torch.float64)).flatten(1)
-    return diff.pow(2).sum(1) / (2 * sigma**2)  # (B,)
+    from distill.kl import gaussian_kl
+
+    return gaussian_kl(x_theta, x_ref, sigma, torch.float64)  # (B,)
 
 
 def paired_output_kl(generator: Callable, reference: Callable, noise: torch.Tensor, text_tokens=None, text_mask=None,

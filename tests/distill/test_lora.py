@@ -365,3 +365,25 @@ def test_lrm_export_fuses_a_lora_student_into_a_full_pipeline(tmp_path, tiny_sd_
         base = tr.teacher.model(x, t, encoder_hidden_states=enc).sample
     assert not torch.allclose(ours, base, atol=1e-4)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lora_student_is_a_model_name_everywhere(tmp_path, tiny_sd_dir):
+    """The one resolver (distill.builders.build_teacher) takes a LoRA student folder: `lrm eval --denoiser DIR`
+    samples the trained student (the adapter fused into its base), not the base."""
+    from eval.cli import EvalConfig, load_denoiser
+
+    tr = _sd_trainer(tiny_sd_dir, tmp_path / "run")
+    d = tr.save_student()
+    cfg = EvalConfig(out_dir=str(tmp_path / "eval"), generator="denoiser", denoiser=str(d), vae=str(tiny_sd_dir),
+                     vae_subfolder="vae", text_encoder=str(tiny_sd_dir), text_max_length=77)
+    den = load_denoiser(cfg, cfg.denoiser, "cpu")
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500, 300])
+    enc = torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        ours = tr.student.model(x, t, encoder_hidden_states=enc).sample
+        loaded = den.model(x, t, encoder_hidden_states=enc).sample
+        base = tr.teacher.model(x, t, encoder_hidden_states=enc).sample
+    assert not torch.allclose(ours, base, atol=1e-4)
+    torch.testing.assert_close(loaded, ours, rtol=1e-5, atol=1e-5)
+    assert den.parameterization == tr.student.parameterization
