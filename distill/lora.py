@@ -152,11 +152,11 @@ class LoraBase:
             block.__call__, *args, use_reentrant=False,
             context_fn=lambda: (contextlib.nullcontext(), self.active(state, training)))
 
-    def enable_gradient_checkpointing(self) -> None:
-        if not getattr(self.model, "_supports_gradient_checkpointing", False):
-            raise ValueError(f"{type(self.model).__name__} has no block-level gradient checkpointing; set "
-                             "gradient_checkpointing: false")
-        self.model.enable_gradient_checkpointing(self._checkpoint)
+    def enable_gradient_checkpointing(self) -> str:
+        """``distill.checkpointing``: diffusers' switch or block-wise, recomputing under the forward's adapter."""
+        from distill.checkpointing import enable_gradient_checkpointing
+
+        return enable_gradient_checkpointing(self.model, self._checkpoint)
 
     def view(self, name: str | None) -> "AdapterView":
         return AdapterView(self, name)
