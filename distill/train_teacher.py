@@ -55,8 +55,10 @@ class TrainTeacherConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     ema_decay: float = opt(0.999, "EMA decay of the shipped weights (ramped up as (1 + step) / (10 + step))")
     caption_dropout: float = opt(0.1, "probability that a caption is replaced by the null caption (for CFG)")
-    parameterization: str = opt("conjugate_v", "training target: conjugate_v (DOLLAR Eq. 13), eps, v, x0")
-    beta_schedule: str = opt("scaled_linear", "DDPM beta schedule: scaled_linear, linear, cosine")
+    parameterization: str = opt("conjugate_v", "training target: conjugate_v (DOLLAR Eq. 13), eps, v, x0 (DDPM), or "
+                                               "flow: rectified flow as SD3 / Wan (x_t = (1 - s) x0 + s eps, "
+                                               "s = t / 1000, target the velocity eps - x0; paper 004's teachers)")
+    beta_schedule: str = opt("scaled_linear", "DDPM beta schedule: scaled_linear, linear, cosine (not used by flow)")
     width: int = opt(0, "UNet base width; 0 = default (image 48, video 40)")
     num_samples: int = opt(0, "training pool size (images or videos); 0 = default (image 100000, video 10000)")
     num_frames: int = opt(16, "frames per video (video teacher)")
@@ -83,9 +85,8 @@ class TrainTeacherConfig:
             raise ValueError(f"kind must be 'image' or 'video', got {self.kind!r}")
         from distill.parameterization import PARAMETERIZATIONS
 
-        if self.parameterization not in PARAMETERIZATIONS or self.parameterization == "flow":
-            raise ValueError(f"parameterization {self.parameterization!r} is not a DDPM parameterization; "
-                             "use conjugate_v, eps, v or x0")
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization {self.parameterization!r} is not one of {PARAMETERIZATIONS}")
         for k, v in DEFAULTS[self.kind].items():
             if getattr(self, k) == 0:
                 setattr(self, k, v)
@@ -204,8 +205,8 @@ def build_teacher_unet(cfg: TrainTeacherConfig, latent_channels: int = 4, text_d
 
 def teacher_loss(denoiser, batch_x0: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
                  generator: torch.Generator | None = None, bf16: bool = False) -> torch.Tensor:
-    """The teacher objective (Eq. 13 for conjugate v): MSE between the output and the parameterisation's
-    target at uniformly sampled integer timesteps."""
+    """The teacher objective (Eq. 13 for conjugate v; the velocity ``eps - x0`` for flow): MSE between the output
+    and the parameterisation's target at uniformly sampled integer timesteps (flow: s = t / T uniform on the grid)."""
     from distill.parameterization import target
 
     B = batch_x0.shape[0]
@@ -246,7 +247,7 @@ def train_teacher(cfg: TrainTeacherConfig) -> Path:
     from lrm.io import write_json
     from lrm.latent_space import VAE
     from lrm.run import prepare_run_dir, resolve_device, seed_everything
-    from lrm.schedules import DDPMSchedule
+    from lrm.schedules import DDPMSchedule, FlowSchedule
     from lrm.text import TextEncoder
     from shapes.grid import save_grid, save_video_strip
 
@@ -259,7 +260,7 @@ def train_teacher(cfg: TrainTeacherConfig) -> Path:
     null = text([""])
     null_tokens, null_mask = null.tokens.to(device), null.mask.to(device)  # (1, L, D), (1, L)
 
-    schedule = DDPMSchedule(1000, cfg.beta_schedule)
+    schedule = FlowSchedule(1000) if cfg.parameterization == "flow" else DDPMSchedule(1000, cfg.beta_schedule)
     unet = build_teacher_unet(cfg, vae.latent_space.latent_channels, text.dim).to(device)
     denoiser = Denoiser(unet, schedule, cfg.parameterization, cfg_null=(null_tokens, null_mask)).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False).eval()
