@@ -229,6 +229,19 @@ def _sd_trainer(tiny_sd_dir, run_dir, **kw):
     return tr
 
 
+def assert_computes_the_student(unet, tr):
+    """``unet`` (a loaded / exported student) computes what the trainer's LoRA student computes, not the base."""
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500, 300])
+    enc = torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        ours = tr.student.model(x, t, encoder_hidden_states=enc).sample
+        theirs = unet(x, t, encoder_hidden_states=enc).sample
+        base = tr.teacher.model(x, t, encoder_hidden_states=enc).sample
+    assert not torch.allclose(ours, base, atol=1e-4)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
 def test_student_lora_loads_into_the_diffusers_pipeline(tmp_path, tiny_sd_dir):
     from diffusers import StableDiffusionPipeline
 
@@ -241,15 +254,7 @@ def test_student_lora_loads_into_the_diffusers_pipeline(tmp_path, tiny_sd_dir):
     assert meta["lora"]["rank"] == 4 and meta["timesteps"] == tr.timesteps
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
     pipe.load_lora_weights(d)
-    g = torch.Generator().manual_seed(5)
-    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500, 300])
-    enc = torch.randn(2, 77, 32, generator=g)
-    with torch.no_grad():
-        ours = tr.student.model(x, t, encoder_hidden_states=enc).sample
-        theirs = pipe.unet(x, t, encoder_hidden_states=enc).sample
-        base = tr.teacher.model(x, t, encoder_hidden_states=enc).sample
-    assert not torch.allclose(ours, base, atol=1e-4)
-    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert_computes_the_student(pipe.unet, tr)
 
 
 def test_merge_lora_writes_a_full_denoiser(tmp_path, tiny_sd_dir):
@@ -356,15 +361,7 @@ def test_lrm_export_fuses_a_lora_student_into_a_full_pipeline(tmp_path, tiny_sd_
     assert not (d / "denoiser.json").exists() and (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
     assert type(pipe.scheduler).__name__ == "LCMScheduler"
-    g = torch.Generator().manual_seed(5)
-    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500, 300])
-    enc = torch.randn(2, 77, 32, generator=g)
-    with torch.no_grad():
-        ours = tr.student.model(x, t, encoder_hidden_states=enc).sample
-        theirs = pipe.unet(x, t, encoder_hidden_states=enc).sample
-        base = tr.teacher.model(x, t, encoder_hidden_states=enc).sample
-    assert not torch.allclose(ours, base, atol=1e-4)
-    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert_computes_the_student(pipe.unet, tr)
 
 
 def test_a_lora_student_is_a_model_name_everywhere(tmp_path, tiny_sd_dir):
@@ -377,13 +374,5 @@ def test_a_lora_student_is_a_model_name_everywhere(tmp_path, tiny_sd_dir):
     cfg = EvalConfig(out_dir=str(tmp_path / "eval"), generator="denoiser", denoiser=str(d), vae=str(tiny_sd_dir),
                      vae_subfolder="vae", text_encoder=str(tiny_sd_dir), text_max_length=77)
     den = load_denoiser(cfg, cfg.denoiser, "cpu")
-    g = torch.Generator().manual_seed(5)
-    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500, 300])
-    enc = torch.randn(2, 77, 32, generator=g)
-    with torch.no_grad():
-        ours = tr.student.model(x, t, encoder_hidden_states=enc).sample
-        loaded = den.model(x, t, encoder_hidden_states=enc).sample
-        base = tr.teacher.model(x, t, encoder_hidden_states=enc).sample
-    assert not torch.allclose(ours, base, atol=1e-4)
-    torch.testing.assert_close(loaded, ours, rtol=1e-5, atol=1e-5)
+    assert_computes_the_student(den.model, tr)
     assert den.parameterization == tr.student.parameterization
