@@ -5,9 +5,7 @@
 set -u
 OUT=${1:?out dir}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whlsd/*.whl \
-  && python3 -m zipfile -e .dev/diffusers_trim.zip /tmp/site || exit 1
-export PYTHONPATH=/tmp/site:.
+source bench/device/env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 run() { local limit=$1 name=$2 script=$3; shift 3; echo "== $name"; timeout "$limit" python3 "$script" "$@" \
   > "$OUT/$name.log" 2>&1; echo "rc=$? $name"; tail -4 "$OUT/$name.log"; }
