@@ -45,7 +45,7 @@ from lrm.config import config_to_dict
 from lrm.io import read_json
 from lrm.latent_space import VAE, LatentSpace
 from lrm.run import get_logger, resolve_device
-from lrm.text import TextEncoder
+from lrm.text import TextEncoder, text_encoder_for
 
 log = get_logger("lrm.data_cache")
 
@@ -417,7 +417,7 @@ def _dist_info(rank: int | None, world_size: int | None, cpu: bool = False):
 
 def _header(cfg: BuildCacheConfig, source, space: LatentSpace, te_identity: dict, rewards: list[Any],
             text_shape: tuple[int, int], source_from_cfg: bool = True,
-            reward_options: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+            reward_options: list[dict[str, Any]] | None = None, pooled_dim: int | None = None) -> dict[str, Any]:
     opts = reward_options or [{} for _ in rewards]
     return {
         "format": st.FORMAT, "format_version": st.FORMAT_VERSION, "toolkit_version": lrm.__version__,
@@ -430,7 +430,8 @@ def _header(cfg: BuildCacheConfig, source, space: LatentSpace, te_identity: dict
         "source": source.describe(), "source_config": config_to_dict(cfg.source) if source_from_cfg else None,
         "is_video": bool(source.is_video) if source.is_video is not None else None,
         "latent_shape": None, "pixel_shape": None, "latent_dtype": cfg.latent_dtype, "text_dtype": cfg.text_dtype,
-        "text_shape": list(text_shape), "shard_size": cfg.shard_size, "batch_size": cfg.batch_size,
+        "text_shape": list(text_shape), "text_pooled_dim": int(pooled_dim or text_shape[1]),
+        "shard_size": cfg.shard_size, "batch_size": cfg.batch_size,
         "sample_latents": cfg.sample_latents, "num_records_planned": None, "shards": [], "sidecars": {},
         "complete": False, "counts": {},
     }
@@ -596,6 +597,11 @@ def check_resume_compatible(manifest: dict[str, Any], header: dict[str, Any], ro
         if manifest["rewards"][k].get("options", {}) != v.get("options", {}):
             raise st.CacheError(f"cache {root} scores {k!r} with options {manifest['rewards'][k].get('options', {})}, "
                                 f"this build with {v.get('options', {})}; resume with the original reward_options")
+    D = header["text_shape"][1]
+    if manifest.get("text_pooled_dim", manifest["text_shape"][1]) != header.get("text_pooled_dim", D):
+        raise st.CacheError(f"cache {root} stores {manifest.get('text_pooled_dim', manifest['text_shape'][1])}-d "
+                            f"pooled text, this build's text encoder gives {header.get('text_pooled_dim', D)}-d; use "
+                            "the same text encoder or build a new cache")
     for k in ("source", "latent_dtype", "text_dtype", "text_shape", "shard_size", "batch_size", "sample_latents"):
         if manifest.get(k) != header.get(k):
             raise st.CacheError(f"cache {root} has {k}={manifest.get(k)!r} but this build has {header.get(k)!r}; "
@@ -757,15 +763,17 @@ class _Writer(threading.Thread):
         n = len(cols["index"])
         h = self.header
         L, D = h["text_shape"]
+        P = int(h.get("text_pooled_dim", D))  # pooled width (FLUX / SD3 / HunyuanVideo: the CLIP pooled vector)
         latent_shape = tuple(self.latent_shape) if self.latent_shape else (1,)
         for k, shape, dt in (("latent", latent_shape, st.NP_DTYPES[h["latent_dtype"]]),
                              ("text_tokens", (L, D), st.NP_DTYPES[h["text_dtype"]]),
-                             ("text_mask", (L,), np.uint8), ("text_pooled", (D,), st.NP_DTYPES[h["text_dtype"]])):
+                             ("text_mask", (L,), np.uint8), ("text_pooled", (P,), st.NP_DTYPES[h["text_dtype"]])):
             cols[k] = np.concatenate(cols[k]) if cols[k] else np.zeros((0,) + shape, dt)
         for name in self.reward_names:
             c = st.reward_column(name)
             cols[c] = np.concatenate(cols[c]) if cols[c] else np.zeros(0, np.float32)
-        schema = st.make_schema(latent_shape, h["latent_dtype"], (L, D), h["text_dtype"], self.reward_names)
+        schema = st.make_schema(latent_shape, h["latent_dtype"], (L, D), h["text_dtype"], self.reward_names,
+                                pooled_dim=P)
         table = st.records_to_table(cols, schema)
         rejects: dict[str, int] = {}
         missing: dict[str, int] = {}
@@ -821,8 +829,9 @@ def build_cache(cfg: BuildCacheConfig, *, source: Callable | PixelSource | Gener
     else:
         src = make_source(cfg.source, generator=source, device=device)
     vae = vae if vae is not None else load_vae(cfg.vae, cfg.vae_subfolder, device, cfg.vae_bf16, cfg.vae_chunk_size)
-    te = text_encoder if text_encoder is not None else TextEncoder(cfg.text_encoder, cfg.text_max_length,
-                                                                   device=device)
+    # a FLUX / SD3 / HunyuanVideo pipeline: its PipelineText (the tokens + pooled vector the network takes)
+    te = text_encoder if text_encoder is not None else text_encoder_for(cfg.text_encoder, cfg.text_max_length,
+                                                                        device=device)
     reward_objs = list(rewards) if rewards is not None else resolve_rewards(cfg.rewards, device, cfg.reward_options)
     reward_opts = None if rewards is not None else [cfg.reward_options.get(n, {}) for n in cfg.rewards]
     names = [r.name for r in reward_objs]
@@ -837,8 +846,10 @@ def build_cache(cfg: BuildCacheConfig, *, source: Callable | PixelSource | Gener
             raise ValueError(f"source.num_samples={cfg.source.num_samples} but the source holds only "
                              f"{src.num_records} records")
         num_records = num_records or src.num_records
-    header = _header(cfg, src, vae.latent_space, te.identity(), reward_objs, (te.max_length, te.dim),
-                     source_from_cfg=not isinstance(source, (PixelSource, GeneratorSource)), reward_options=reward_opts)
+    header = _header(cfg, src, vae.latent_space, te.identity(), reward_objs,
+                     (int(getattr(te, "num_tokens", te.max_length)), te.dim),
+                     source_from_cfg=not isinstance(source, (PixelSource, GeneratorSource)), reward_options=reward_opts,
+                     pooled_dim=getattr(te, "pooled_dim", None))
 
     # 2. create / check / recover the directory (rank 0, holding the build lock), then everyone reads the manifest
     lock = contextlib.nullcontext()

@@ -16,7 +16,8 @@ class LatentCache(torch.utils.data.Dataset):
     """A cache directory opened for reading (memory-mapped Arrow shards, zero copy).
 
     ``cache[i]`` is a dict of tensors: ``latents`` float32 (C, h, w) / (T, C, h, w), ``text_tokens`` (L, D),
-    ``text_mask`` (L,) bool, ``text_pooled`` (D,), ``reward/<name>`` () float32 (NaN = missing) and ``index``
+    ``text_mask`` (L,) bool, ``text_pooled`` (P,)
+    (``manifest["text_pooled_dim"]``, default D), ``reward/<name>`` () float32 (NaN = missing) and ``index``
     (the record's source index). A view made by ``subset``/``filter`` shares the mapped shards.
     """
 
@@ -60,7 +61,8 @@ class LatentCache(torch.utils.data.Dataset):
                      "latent": st.fixed_list_numpy(t.column("latent"), latent_shape),
                      "text_tokens": st.fixed_list_numpy(t.column("text_tokens"), (L, D)),
                      "text_mask": st.fixed_list_numpy(t.column("text_mask"), (L,)),
-                     "text_pooled": st.fixed_list_numpy(t.column("text_pooled"), (D,)),
+                     "text_pooled": st.fixed_list_numpy(t.column("text_pooled"),
+                                                        (int(manifest.get("text_pooled_dim", D)),)),
                      "rewards": {}}
             except (KeyError, ValueError) as ex:  # a column missing or of another size than the manifest says
                 raise st.CacheError(f"{path} does not match the manifest ({type(ex).__name__}: {ex}); "

@@ -102,7 +102,8 @@ def _fixed_list(flat: np.ndarray, size: int) -> pa.Array:
 
 
 def make_schema(latent_shape: tuple[int, ...], latent_dtype: str, text_shape: tuple[int, int], text_dtype: str,
-                rewards: list[str]) -> pa.Schema:
+                rewards: list[str], pooled_dim: int | None = None) -> pa.Schema:
+    """``pooled_dim``: width of ``text_pooled`` (default the token width D; FLUX / SD3 / HunyuanVideo differ)."""
     L, D = text_shape
     fields = [
         pa.field("index", pa.int64()),
@@ -112,7 +113,7 @@ def make_schema(latent_shape: tuple[int, ...], latent_dtype: str, text_shape: tu
         pa.field("latent", pa.list_(ARROW_DTYPES[latent_dtype], int(np.prod(latent_shape)))),
         pa.field("text_tokens", pa.list_(ARROW_DTYPES[text_dtype], L * D)),
         pa.field("text_mask", pa.list_(pa.uint8(), L)),
-        pa.field("text_pooled", pa.list_(ARROW_DTYPES[text_dtype], D)),
+        pa.field("text_pooled", pa.list_(ARROW_DTYPES[text_dtype], int(pooled_dim or D))),
     ]
     fields += [pa.field(reward_column(r), pa.float32()) for r in rewards]
     return pa.schema(fields)

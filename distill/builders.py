@@ -64,10 +64,11 @@ class ModelSpec:
 
 
 def build_text_encoder(spec: Any, device: torch.device | str = "cpu"):
-    """``lrm.text.TextEncoder(spec.text_encoder, max_length=spec.text_max_length)``."""
-    from lrm.text import TextEncoder
+    """``lrm.text.text_encoder_for(spec.text_encoder, spec.text_max_length)``: ``PipelineText`` (tokens + pooled
+    vector, as the pipeline encodes them) for a FLUX / SD3 / HunyuanVideo pipeline, else ``TextEncoder``."""
+    from lrm.text import text_encoder_for
 
-    return TextEncoder(spec.text_encoder, max_length=int(getattr(spec, "text_max_length", 32)), device=device)
+    return text_encoder_for(spec.text_encoder, max_length=int(getattr(spec, "text_max_length", 32)), device=device)
 
 
 def teacher_is_diffusers(spec: Any) -> bool:

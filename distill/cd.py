@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from distill.objective import ObjectiveTerm, StepContext
+from distill.samplers import pooled_kw
 from lrm.config import ConfigError
 from lrm.schedules import broadcast
 
@@ -76,8 +77,10 @@ def grid_timesteps(grid: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def teacher_multistep(teacher: Any, x: torch.Tensor, index: torch.Tensor, grid: torch.Tensor, num_steps: int,
                       text_tokens: torch.Tensor, text_mask: torch.Tensor | None, null_tokens: torch.Tensor | None,
                       null_mask: torch.Tensor | None, guidance_scale: float = 7.5,
-                      autocast: Callable[[], Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num_steps`` (m) deterministic DDIM steps of the CFG teacher from ``x`` at ``grid[index]`` down the grid.
+                      autocast: Callable[[], Any] | None = None,
+                      pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_steps`` (m) deterministic DDIM steps of the CFG teacher from ``x`` at ``grid[index]`` down the grid
+    (``pooled``: the captions' pooled text, FLUX / SD3 / HunyuanVideo).
 
     Returns ``(x_hat_{t_n}, t_n)``; samples that reach the clean end point (t = -1) stop there.
     DDIM (eta = 0): x_prev = a_prev x0_hat + b_prev eps_hat, with eps_hat implied by the CFG x0 prediction
@@ -93,7 +96,7 @@ def teacher_multistep(teacher: Any, x: torch.Tensor, index: torch.Tensor, grid: 
         t_nxt = grid_timesteps(grid, nxt_i)
         with (autocast() if autocast is not None else nullcontext()):
             x0 = teacher.x0(x, t_cur, text_tokens, text_mask, guidance_scale=guidance_scale,
-                            null_tokens=null_tokens, null_mask=null_mask)
+                            null_tokens=null_tokens, null_mask=null_mask, **pooled_kw(pooled))
         x0 = x0.to(x.dtype)
         a, b = broadcast(schedule.a(t_cur), x), broadcast(schedule.b(t_cur), x)
         eps = (x - a * x0) / b
@@ -108,8 +111,8 @@ def cd_inputs_and_target(x0_data: torch.Tensor, teacher: Any, target_x0: Callabl
                          null_tokens: torch.Tensor | None, null_mask: torch.Tensor | None, grid: torch.Tensor,
                          num_teacher_steps: int = 5, guidance_scale: float = 7.5, sigma_data: float = 0.5,
                          timestep_scaling: float = 10.0, index: torch.Tensor | None = None,
-                         noise: torch.Tensor | None = None, autocast: Callable[[], Any] | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         noise: torch.Tensor | None = None, autocast: Callable[[], Any] | None = None,
+                         pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Steps 2-4: returns ``(x_{t_{n+m}}, t_{n+m}, target)``; the student's pred is
     ``consistency_output(x, student_x0(x, t), t)``. ``target_x0(x, t)`` is the EMA network's x0 prediction."""
     B = x0_data.shape[0]
@@ -121,7 +124,7 @@ def cd_inputs_and_target(x0_data: torch.Tensor, teacher: Any, target_x0: Callabl
     x_start = teacher.schedule.add_noise(x0_data, noise, t_start)  # (B, ...)
     with torch.no_grad():
         x_hat, t_n = teacher_multistep(teacher, x_start, index, grid, num_teacher_steps, text_tokens, text_mask,
-                                       null_tokens, null_mask, guidance_scale, autocast)
+                                       null_tokens, null_mask, guidance_scale, autocast, pooled)
         with (autocast() if autocast is not None else nullcontext()):
             x0_tgt = target_x0(x_hat, t_n.clamp_min(0)).to(x_hat.dtype)
         target = consistency_output(x_hat, x0_tgt, t_n, sigma_data, timestep_scaling)
@@ -134,11 +137,11 @@ def cd_loss(student_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0
             grid: torch.Tensor, num_teacher_steps: int = 5, guidance_scale: float = 7.5, distance: str = "huber",
             huber_c: float = 1e-3, sigma_data: float = 0.5, timestep_scaling: float = 10.0,
             index: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-            autocast: Callable[[], Any] | None = None) -> torch.Tensor:
+            autocast: Callable[[], Any] | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
     """L_CD (steps 1-5) in one call; ``student_x0(x, t)`` carries the gradient."""
     x_start, t_start, target = cd_inputs_and_target(
         x0_data, teacher, target_x0, text_tokens, text_mask, null_tokens, null_mask, grid, num_teacher_steps,
-        guidance_scale, sigma_data, timestep_scaling, index, noise, autocast)
+        guidance_scale, sigma_data, timestep_scaling, index, noise, autocast, pooled)
     with (autocast() if autocast is not None else nullcontext()):
         x0 = student_x0(x_start, t_start)
     pred = consistency_output(x_start, x0.float(), t_start, sigma_data, timestep_scaling)
@@ -165,11 +168,12 @@ class CDTerm(ObjectiveTerm):
         self.grid = ddim_grid(trainer.schedule.num_train_timesteps, self.ddim_steps, device=trainer.device)
 
     def prepare(self, ctx: StepContext) -> None:
-        tr, tok, mask = ctx.trainer, ctx.tok, ctx.mask
+        tr, tok, mask, pooled = ctx.trainer, ctx.tok, ctx.mask, ctx.batch.text_pooled
         shadow, cfg = self.target.shadow, tr.config
         x_s, t_s, target = cd_inputs_and_target(
-            ctx.batch.latents, tr.teacher, lambda x, t: shadow.x0(x, t, tok, mask), tok, mask, *ctx.null_text(),
-            self.grid, self.teacher_steps, self.guidance, cfg.sigma_data, cfg.timestep_scaling, autocast=tr.autocast)
+            ctx.batch.latents, tr.teacher, lambda x, t: shadow.x0(x, t, tok, mask, **pooled_kw(pooled)), tok, mask,
+            *ctx.null_text(), self.grid, self.teacher_steps, self.guidance, cfg.sigma_data, cfg.timestep_scaling,
+            autocast=tr.autocast, pooled=pooled)
         ctx.query("cd", x_s, t_s)
         ctx.extras["cd_target"] = target
 

@@ -17,6 +17,12 @@ Policy-gradient fine-tuning of the student on a black-box pixel reward:
    ``max(-A r, -A clip(r, 1 - eps, 1 + eps))``, r = exp(logp - logp_old). With one inner epoch fully on-policy
    r = 1 and its gradient is REINFORCE's ``-A grad logp`` (DDPO_SF, Eq. in Alg. 2).
 
+On a flow student (Wan, SD3, FLUX, HunyuanVideo) step 1 is the same DDIM(eta) chain written for ``x_t = a_t x0 +
+b_t eps`` with a = 1 - s, b = s: exactly DDIM(eta) of the variance-preserving process ``x_t / sqrt(a^2 + b^2)`` with
+``abar = a^2 / (a^2 + b^2)`` (``FlowSchedule.alphas_cumprod``), x0 / eps from the velocity output; eta = 1 gives
+that process's DDPM posterior std. It is not Flow-GRPO's SDE sampler (another per-step noise level). The chain ends
+at ``final_timestep`` (None: 0 on DDPM schedules, 1 on flow schedules, whose t = 0 carries no noise).
+
 Formulas follow ddpo-pytorch (Black et al. 2023, ``ddpo_pytorch/stat_tracking.py``, ``train.py`` and
 ``diffusers_patch/ddim_with_logprob.py``) and TRL 0.11 (``DDPOTrainer.calculate_loss``); parity is tested in
 tests/distill/test_ddpo_parity.py. Not taken from them: training on every timestep (here truncation to the last
@@ -136,6 +142,7 @@ class DDPOSamples:
     prompts: list[str]
     rewards: torch.Tensor | Future | None = None  # (B,) float32 CPU, or a Future of it
     log_prob_reduction: str = "mean"  # how ``log_probs`` were reduced; re-evaluation uses the same
+    text_pooled: torch.Tensor | None = None  # (B, P) pooled text of FLUX / SD3 / HunyuanVideo captions
 
     @property
     def x0(self) -> torch.Tensor:
@@ -146,10 +153,11 @@ class DDPOSamples:
 
     @classmethod
     def from_trajectory(cls, traj, text_tokens: torch.Tensor, text_mask: torch.Tensor | None,
-                        prompts: list[str]) -> "DDPOSamples":
+                        prompts: list[str], text_pooled: torch.Tensor | None = None) -> "DDPOSamples":
         """Stack a ``samplers.SampleTrajectory`` (K + 1 latents) for re-evaluation."""
         return cls(torch.stack(traj.latents, 1), traj.log_probs.detach(), traj.timesteps, traj.prev_timesteps,
-                   text_tokens, text_mask, list(prompts), log_prob_reduction=traj.log_prob_reduction)
+                   text_tokens, text_mask, list(prompts), log_prob_reduction=traj.log_prob_reduction,
+                   text_pooled=text_pooled)
 
     def resolve_rewards(self) -> torch.Tensor:
         if isinstance(self.rewards, Future):
@@ -163,20 +171,21 @@ class DDPOSamples:
         i = idx.to(dev)
         return DDPOSamples(self.latents[i], self.log_probs[i], self.timesteps, self.prev_timesteps,
                            self.text_tokens[i], None if self.text_mask is None else self.text_mask[i],
-                           [self.prompts[j] for j in idx.tolist()], None, self.log_prob_reduction)
+                           [self.prompts[j] for j in idx.tolist()], None, self.log_prob_reduction,
+                           None if self.text_pooled is None else self.text_pooled[i])
 
 
 @torch.no_grad()
 def sample_chain(denoiser, noise: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor | None,
-                 prompts: list[str], timesteps: Sequence[int], eta: float = 1.0, final_timestep: int = 0,
+                 prompts: list[str], timesteps: Sequence[int], eta: float = 1.0, final_timestep: int | None = None,
                  guidance_scale: float | None = None, generator: torch.Generator | None = None,
-                 reduction: str = "mean") -> DDPOSamples:
+                 reduction: str = "mean", pooled: torch.Tensor | None = None) -> DDPOSamples:
     """Step 1: the stochastic posterior chain (Eq. 25-26) without autograd, stacked for re-evaluation; log-probs
     reduced over the latent elements by ``reduction`` (``"mean"``: ddpo-pytorch / TRL; ``"sum"``: exact density)."""
     traj = stochastic_sample(denoiser, noise, text_tokens, text_mask, list(timesteps), eta=eta,
                              guidance_scale=guidance_scale, generator=generator, grad_steps=0,
-                             final_timestep=final_timestep, reduction=reduction)
-    return DDPOSamples.from_trajectory(traj, text_tokens, text_mask, prompts)
+                             final_timestep=final_timestep, reduction=reduction, pooled=pooled)
+    return DDPOSamples.from_trajectory(traj, text_tokens, text_mask, prompts, pooled)
 
 
 def trained_step_indices(num_steps: int, grad_steps: int) -> list[int]:
@@ -207,7 +216,7 @@ def transition_mean_log_prob(denoiser, samples: DDPOSamples, k: int, eta: float 
     red = _reduction_of(samples, reduction)
     t, s = int(samples.timesteps[k]), int(samples.prev_timesteps[k])
     mu, sigma, _ = step_mean(denoiser, samples.latents[:, k], t, s, samples.text_tokens, samples.text_mask, eta,
-                             guidance_scale)
+                             guidance_scale, samples.text_pooled)
     return gaussian_log_prob(samples.latents[:, k + 1].detach(), mu, sigma, red), mu, sigma
 
 
@@ -232,7 +241,8 @@ def concat_samples(batches: list[DDPOSamples]) -> DDPOSamples:
                        b0.timesteps, b0.prev_timesteps, torch.cat([pad(b.text_tokens, L) for b in batches]),
                        None if b0.text_mask is None else torch.cat([pad(b.text_mask, L) for b in batches]),
                        [p for b in batches for p in b.prompts], torch.cat([b.resolve_rewards() for b in batches]),
-                       log_prob_reduction=b0.log_prob_reduction)
+                       log_prob_reduction=b0.log_prob_reduction,
+                       text_pooled=None if b0.text_pooled is None else torch.cat([b.text_pooled for b in batches]))
 
 
 class DDPOTerm(ObjectiveTerm):
@@ -245,7 +255,8 @@ class DDPOTerm(ObjectiveTerm):
 
     def __init__(self, reward: Any, sample_batch_size: int = 16, num_sample_batches: int = 2,
                  train_batch_size: int = 16, inner_epochs: int = 1, grad_steps: int = 2, eta: float = 1.0,
-                 final_timestep: int = 0, per_prompt_stats: bool = True, buffer_size: int = 16, min_count: int = 16,
+                 final_timestep: int | None = None, per_prompt_stats: bool = True, buffer_size: int = 16,
+                 min_count: int = 16,
                  adv_clip: float = 5.0, clip_range: float = 1e-4, reduction: str = "mean", async_reward: bool = True):
         super().__init__(1.0)
         self.reward, self.sample_batch_size, self.num_sample_batches = reward, sample_batch_size, num_sample_batches
@@ -273,18 +284,18 @@ class DDPOTerm(ObjectiveTerm):
         """One sample batch; with a KL term also pi_ref's means at every sampled state ``(B, K, ...)`` and the
         per-sample full-chain KL ``(B,)`` of the sampling policy."""
         b = trainer.sample_batch(self.sample_batch_size)
-        tok, mask = b.text_tokens, b.text_mask
+        tok, mask, pooled = b.text_tokens, b.text_mask, b.text_pooled
         with trainer.autocast():  # the stochastic chain, keeping the trajectory's per-step means
             traj = stochastic_sample(trainer.student, trainer.noise(self.sample_batch_size), tok, mask,
                                      list(trainer.timesteps), eta=self.eta, grad_steps=0,
-                                     final_timestep=self.final_timestep, reduction=self.reduction)
-        s = DDPOSamples.from_trajectory(traj, tok, mask, b.prompts)
+                                     final_timestep=self.final_timestep, reduction=self.reduction, pooled=pooled)
+        s = DDPOSamples.from_trajectory(traj, tok, mask, b.prompts, pooled)
         s.latents, s.log_probs = s.latents.float(), s.log_probs.float()
         s.rewards = self._reward_job(trainer, s.x0, b.prompts)
         if kl_term is None:
             return s, None, None
         with trainer.autocast():
-            ref_means = [step_mean(kl_term.ref, x, int(t), int(sp), tok, mask, self.eta)[0].float()
+            ref_means = [step_mean(kl_term.ref, x, int(t), int(sp), tok, mask, self.eta, pooled=pooled)[0].float()
                          for x, t, sp in zip(traj.latents[:-1], traj.timesteps, traj.prev_timesteps)]
         kl = sum(chain_step_kl(m, r, float(sd)) for m, r, sd in zip(traj.means, ref_means, traj.stds))
         return s, torch.stack(ref_means, 1), kl
@@ -342,7 +353,8 @@ class DDPOTerm(ObjectiveTerm):
                     infos["clipfrac"].append(info["clipfrac"])
                 if others:  # the other terms (VSD, CD) on this optimizer step's captions
                     lat = None if data.latents is None else data.latents[torch.randint(len(data), (len(idx),))]
-                    ctx = StepContext(trainer, DistillData(lat, sub.text_tokens, sub.text_mask, sub.prompts))
+                    ctx = StepContext(trainer, DistillData(lat, sub.text_tokens, sub.text_mask, sub.prompts,
+                                                           sub.text_pooled))
                     l_d, dlogs = trainer.objective(ctx)
                     l_d.backward()
                     trainer.last.append(ctx.release())

@@ -21,7 +21,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from distill.objective import ObjectiveTerm, StepContext
-from distill.samplers import k_step_sample
+from distill.samplers import k_step_sample, pooled_kw
 
 FRAME_SUBSAMPLING = ("all", "first", "middle", "last", "first-middle-last", "random")
 PIXEL_CLAMPS = ("clamp", "straight-through")
@@ -145,8 +145,9 @@ class DirectRewardTerm(ObjectiveTerm):
         self.checkpointing = checkpointing
 
     def generator_loss(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, Any]]:
-        tr, tok, mask = ctx.trainer, ctx.tok, ctx.mask
-        state = k_step_sample(lambda x, t: tr.student_x0(x, t, tok, mask), tr.noise(tok.shape[0]), tr.timesteps,
+        tr, tok, mask, pooled = ctx.trainer, ctx.tok, ctx.mask, ctx.batch.text_pooled
+        state = k_step_sample(lambda x, t: tr.student_x0(x, t, tok, mask, **pooled_kw(pooled)), tr.noise(tok.shape[0]),
+                              tr.timesteps,
                               tr.schedule, self.grad_steps, self.checkpointing)
         loss, r = direct_reward_loss(state.x0, tr.vae, self.reward, ctx.batch.prompts, self.frames,
                                      self.num_random_frames, self.checkpointing, self.pixel_clamp)

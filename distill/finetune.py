@@ -100,7 +100,10 @@ class FinetuneConfig(ShellConfig):
     inner_epochs: int = opt(1, "ddpo: passes over the samples per trainer step (PPO inner epochs)")
     ddpo_grad_steps: int = opt(2, "ddpo: truncation, gradients only on the last N transitions (DOLLAR: 2)")
     eta: float = opt(1.0, "ddpo: DDIM eta of the stochastic posterior (1 = DDPM posterior sigma)")
-    final_timestep: int = opt(0, "ddpo: where the chain ends (0: a proper Gaussian last step; -1 is deterministic)")
+    final_timestep: int | None = opt(
+        None, "ddpo: where the stochastic chain ends; None = 0 on a DDPM schedule (a proper Gaussian last step), 1 on "
+              "a flow schedule (t = 0 has no noise, a zero-variance step); -1 is deterministic. A flow student's chain "
+              "is DDIM(eta) of its variance-preserving form (abar = a^2 / (a^2 + b^2)), not Flow-GRPO's SDE")
     per_prompt_stats: bool = opt(True, "ddpo: normalise advantages per prompt (else over the whole batch)")
     stat_buffer_size: int = opt(16, "ddpo: per-prompt reward buffer length")
     stat_min_count: int = opt(16, "ddpo: rewards a prompt needs before its own statistics are used")
@@ -144,13 +147,13 @@ class FinetuneConfig(ShellConfig):
         if not 1 <= self.direct_grad_steps <= k:
             raise ConfigError(f"direct_grad_steps must be in [1, {k}] for a {k}-step student, got "
                               f"{self.direct_grad_steps}")
-        if self.final_timestep >= min(self.timesteps):
+        if self.final_timestep is not None and self.final_timestep >= min(self.timesteps):
             raise ConfigError(f"final_timestep {self.final_timestep} must be below the last student timestep "
                               f"{min(self.timesteps)}")
         if self.method == "ddpo" and self.grad_accum != 1:
             raise ConfigError(f"method=ddpo sets its own batches (sample_batch_size, train_batch_size): grad_accum "
                               f"must be 1, got {self.grad_accum}")
-        if self.method == "ddpo" and (self.eta <= 0 or self.final_timestep < 0):
+        if self.method == "ddpo" and (self.eta <= 0 or (self.final_timestep or 0) < 0):
             raise ConfigError("ddpo needs a stochastic chain: eta > 0 and final_timestep >= 0 (got eta="
                               f"{self.eta}, final_timestep={self.final_timestep})")
         if self.stat_min_count > self.stat_buffer_size:

@@ -33,7 +33,7 @@ from distill.denoiser import Denoiser
 from distill.ema import EMA
 from distill.guard import NonFiniteGuard
 from distill.objective import ObjectiveTerm, StepContext
-from distill.samplers import k_step_sample
+from distill.samplers import k_step_sample, pooled_kw
 from lrm.checkpoint import find_checkpoint, load_training_state, save_training_state
 from lrm.config import ConfigError
 from lrm.run import (
@@ -143,7 +143,7 @@ class GeneratorTrainer:
                        "vae": getattr(getattr(vae, "latent_space", None), "vae_hash", None)}
         self._build_networks(init, teacher, any(t.needs_teacher for t in self.terms))
         self.schedule = self.student.schedule
-        self.data = data.to(self.device)
+        self.data = self._pooled_text(data.to(self.device))
         if self.teacher is not None and not self.teacher.use_text_mask and \
                 self.teacher.null_tokens.shape[1] != self.data.text_tokens.shape[1]:
             raise ConfigError(
@@ -181,6 +181,26 @@ class GeneratorTrainer:
         self._eval_idx = torch.arange(cfg.num_eval) % len(self.data)
         self._eval_noise = torch.randn((cfg.num_eval, *self.latent_shape), generator=g)
 
+    def _pooled_text(self, data: Any) -> Any:
+        """The data's pooled text vectors go to every network call of a student that takes them (FLUX, SD3,
+        HunyuanVideo: ``distill.data.takes_pooled``) and must then be there, of its width; other students get none."""
+        from distill.data import takes_pooled
+
+        if not takes_pooled(self.student):
+            if data.text_pooled is not None:
+                data = copy.copy(data)
+                data.text_pooled = None
+            return data
+        want = self.student.family.cfg("pooled_projection_dim") or self.student.null_pooled.shape[-1]
+        got = None if data.text_pooled is None else data.text_pooled.shape[-1]
+        if got != int(want):
+            raise ConfigError(
+                f"{type(self.student.family).__name__} networks take {want}-d pooled text, but the data's captions "
+                f"have "
+                f"{'none' if got is None else f'{got}-d'}: encode them with the pipeline's own encoders (build the "
+                "data cache with text_encoder = the pipeline directory, which gives lrm.text.PipelineText)")
+        return data
+
     def _build_networks(self, init: Denoiser, teacher: Denoiser | None, needs_teacher: bool) -> None:
         """Student (a copy of ``init``, or a LoRA adapter on one frozen base), the frozen teacher."""
         cfg = self.config
@@ -210,8 +230,11 @@ class GeneratorTrainer:
         """A copy of ``init`` on the device with parameterisation ``kind`` (copy, then move: the caller's init stays
         where it is; it may be large and kept on the CPU)."""
         null = (init.null_tokens.detach().cpu(), init.null_mask.detach().cpu())
-        return Denoiser(copy.deepcopy(init.model).to(self.device), init.schedule, kind, cfg_null=null,
-                        use_text_mask=init.use_text_mask).to(self.device)
+        d = Denoiser(copy.deepcopy(init.model).to(self.device), init.schedule, kind, cfg_null=null,
+                     use_text_mask=init.use_text_mask, distilled_guidance=init.distilled_guidance,
+                     cfg_null_pooled=None if init.null_pooled is None else init.null_pooled.detach().cpu())
+        d.flow_shift = getattr(init, "flow_shift", None)
+        return d.to(self.device)
 
     # ---- networks the terms ask for ----------------------------------------------------------------------
     def enable_checkpointing(self, d: Denoiser) -> None:
@@ -350,11 +373,11 @@ class GeneratorTrainer:
         return torch.randn((n, *self.latent_shape), device=self.device)
 
     def student_x0(self, x_t: torch.Tensor, t: torch.Tensor, text_tokens: torch.Tensor,
-                   text_mask: torch.Tensor | None) -> torch.Tensor:
+                   text_mask: torch.Tensor | None, pooled: torch.Tensor | None = None) -> torch.Tensor:
         """The student's consistency function f_theta(x_t, t) (fp32 output; equals the raw x0 prediction at the
-        student's timesteps >= 249 up to 1e-6)."""
+        student's timesteps >= 249 up to 1e-6). ``pooled``: the captions' pooled text (FLUX / SD3 / HunyuanVideo)."""
         with self.autocast():
-            x0 = self.student.x0(x_t, t, text_tokens, text_mask)
+            x0 = self.student.x0(x_t, t, text_tokens, text_mask, **pooled_kw(pooled))
         return consistency_output(x_t, x0.float(), t, self.config.sigma_data, self.config.timestep_scaling)
 
     def graded_input(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,7 +390,8 @@ class GeneratorTrainer:
             k = int(torch.randint(len(self.timesteps), (1,), generator=g))
         elif len(self.timesteps) > 1:
             k = int(torch.randint(len(self.timesteps), (1,)))
-        state = k_step_sample(lambda x, t: self.student_x0(x, t, batch.text_tokens, batch.text_mask), noise,
+        state = k_step_sample(lambda x, t: self.student_x0(x, t, batch.text_tokens, batch.text_mask,
+                                                           **pooled_kw(batch.text_pooled)), noise,
                               self.timesteps, self.schedule, grad_steps=0, stop_at=k)
         return state.x_t, state.t
 
@@ -375,15 +399,16 @@ class GeneratorTrainer:
     def generate(self, batch: Any) -> torch.Tensor:
         """Student samples for ``batch``'s captions as the fake score sees them (backward simulation)."""
         x, t = self.graded_input(batch)
-        return self.student_x0(x, t, batch.text_tokens, batch.text_mask)
+        return self.student_x0(x, t, batch.text_tokens, batch.text_mask, **pooled_kw(batch.text_pooled))
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor | None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
         """k-step student sampling from ``noise`` (x0 latents), as deployed."""
         was = self.student.training
         self.student.eval()
-        x0 = k_step_sample(lambda x, t: self.student_x0(x, t, text_tokens, text_mask), noise.to(self.device),
+        x0 = k_step_sample(lambda x, t: self.student_x0(x, t, text_tokens, text_mask, **pooled_kw(pooled)),
+                           noise.to(self.device),
                            self.timesteps, self.schedule, generator=generator).x0
         self.student.train(was)
         return x0
@@ -401,8 +426,9 @@ class GeneratorTrainer:
         if ctx.queries:
             xs, ts = zip(*ctx.queries.values())
             n, tok, mask = len(xs), ctx.tok, ctx.mask
+            pooled = ctx.batch.text_pooled
             f = self.student_x0(torch.cat(xs), torch.cat(ts), tok.repeat(n, *[1] * (tok.dim() - 1)),
-                                mask.repeat(n, 1))
+                                mask.repeat(n, 1), **pooled_kw(None if pooled is None else pooled.repeat(n, 1)))
             ctx.outputs = dict(zip(ctx.queries, f.split(tok.shape[0])))
             ctx.x_hat = ctx.outputs.get("x_hat")
         loss = torch.zeros((), device=self.device)
@@ -499,7 +525,8 @@ class GeneratorTrainer:
         n = self.config.eval_batch_size
         for s in range(0, self.config.num_eval, n):
             b = self.data.batch(self._eval_idx[s:s + n])
-            x0 = self.sample(self._eval_noise[s:s + n], b.text_tokens, b.text_mask, generator=g)
+            x0 = self.sample(self._eval_noise[s:s + n], b.text_tokens, b.text_mask, generator=g,
+                             **pooled_kw(b.text_pooled))
             out.append(self.gold(x0, b.prompts))
         return float(torch.cat(out).mean())
 
@@ -621,8 +648,10 @@ class GeneratorTrainer:
         g = torch.Generator().manual_seed(cfg.seed)
         noise = torch.randn((P * S, *self.latent_shape), generator=g)
         n = cfg.eval_batch_size
+        pooled = batch.text_pooled
         x0 = torch.cat([self.sample(noise[s:s + n], batch.text_tokens[s:s + n], batch.text_mask[s:s + n],
-                                    generator=g) for s in range(0, P * S, n)])
+                                    generator=g, **pooled_kw(None if pooled is None else pooled[s:s + n]))
+                        for s in range(0, P * S, n)])
         if not self.is_main:
             return None
         return self.write_grid(self.vae.decode(x0.float()).cpu(), tag, S)

@@ -61,21 +61,23 @@ def sampler_timesteps(denoiser: Any, sampler: str, steps: int | None = None, tim
 @torch.no_grad()
 def sample(denoiser: Any, noise: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor | None = None, *,
            sampler: str = "student", steps: int | None = None, timesteps=None, guidance_scale: float | None = None,
-           eta: float = 1.0, generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+           eta: float = 1.0, generator: torch.Generator | None = None, progress: bool = False,
+           pooled: torch.Tensor | None = None) -> torch.Tensor:
     """x0 latents sampled from ``noise`` (``(B, C, h, w)`` / ``(B, T, C, h, w)``) for captions ``text_tokens``
-    ``(B, L, D)`` (mask ``(B, L)``). See the module docstring for the samplers; ``generator`` drives the student's
+    ``(B, L, D)`` (mask ``(B, L)``; ``pooled`` ``(B, P)``: the pooled text of FLUX / SD3 / HunyuanVideo, from
+    ``lrm.text.PipelineText``). See the module docstring for the samplers; ``generator`` drives the student's
     re-noising and the stochastic chain."""
     from distill.samplers import ddim_sample, stochastic_sample, student_sample
 
     ts = sampler_timesteps(denoiser, sampler, steps, timesteps)
     if sampler == "ddim":
         return ddim_sample(denoiser, noise, text_tokens, text_mask, eta=0.0, timesteps=ts,
-                           guidance_scale=guidance_scale, progress=progress)
+                           guidance_scale=guidance_scale, progress=progress, pooled=pooled)
     if sampler == "student":
         return student_sample(denoiser, noise, text_tokens, text_mask, timesteps=ts, generator=generator,
-                              guidance_scale=guidance_scale)
+                              guidance_scale=guidance_scale, pooled=pooled)
     return stochastic_sample(denoiser, noise, text_tokens, text_mask, ts, eta=eta, guidance_scale=guidance_scale,
-                             generator=generator, grad_steps=0).x0
+                             generator=generator, grad_steps=0, pooled=pooled).x0
 
 
 def has_lora(model: torch.nn.Module) -> bool:

@@ -15,6 +15,17 @@ For DDPM this is DDIM's sigma with ``sigma^2 = eta^2 (1 - abar_s)/(1 - abar_t) (
 
 Transition log-probs (DDPO) are the MEAN of the per-element Gaussian log-density by default, as in ddpo-pytorch and
 TRL (``reduction="sum"`` gives the exact density); see ``gaussian_log_prob``.
+
+On a flow schedule (``x_t = (1 - s) x0 + s eps``, a = 1 - s, b = s) the same formulas are exactly DDIM(eta) of the
+variance-preserving process ``x_t / sqrt(a_t^2 + b_t^2)`` with ``abar_t = a_t^2 / (a_t^2 + b_t^2)``
+(``FlowSchedule.alphas_cumprod``), mapped back to the flow scale: the x0 / eps predictions come from the flow (velocity)
+output, the transition std is the DDPM-posterior std at eta = 1. This is what DDPO on a flow model samples and scores;
+it is not Flow-GRPO's SDE (``x + [v + sigma_t^2 / (2t) (x + (1 - t) v)] dt + sigma_t sqrt(dt) z``, Liu et al. 2025),
+which has another noise level per step. A flow chain cannot end at t = 0 (s = 0: b = 0, a zero-variance last step):
+``default_final_timestep`` is 1 there (0 on DDPM schedules).
+
+Every sampler takes ``pooled=``: the captions' pooled text vector for families whose network takes one (FLUX, SD3,
+HunyuanVideo), passed to each Denoiser call (the CFG branch uses the Denoiser's null pooled vector).
 """
 
 from __future__ import annotations
@@ -72,11 +83,23 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
 
 
+def pooled_kw(pooled: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """``{"pooled": pooled}``, or ``{}`` when None (a Denoiser-like without pooled text keeps its plain call)."""
+    return {} if pooled is None else {"pooled": pooled}
+
+
+def default_final_timestep(schedule: Any) -> int:
+    """Where a stochastic chain ends by default: 0 on a DDPM schedule (``abar_0`` just below 1), 1 on a flow
+    schedule (t = 0 is s = 0, no noise: the last transition would have zero variance)."""
+    return 1 if getattr(schedule, "kind", None) == "flow" else 0
+
+
 def step_mean(denoiser, x_t: torch.Tensor, t: int, t_prev: int, text_tokens, text_mask, eta: float = 0.0,
-              guidance_scale: float | None = None) -> tuple[torch.Tensor, float, torch.Tensor]:
+              guidance_scale: float | None = None, pooled: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, float, torch.Tensor]:
     """Mean ``mu`` (Eq. 25) and std of ``p(x_{t_prev} | x_t)``, and the x0 prediction."""
     schedule = denoiser.schedule
-    x0, eps = denoiser.x0_eps(x_t, t, text_tokens, text_mask, guidance_scale)
+    x0, eps = denoiser.x0_eps(x_t, t, text_tokens, text_mask, guidance_scale, **pooled_kw(pooled))
     sigma = step_sigma(schedule, t, t_prev, eta)
     a_s, b_s = float(schedule.a(t_prev)), float(schedule.b(t_prev))
     mu = a_s * x0 + math.sqrt(max(b_s ** 2 - sigma ** 2, 0.0)) * eps
@@ -85,9 +108,9 @@ def step_mean(denoiser, x_t: torch.Tensor, t: int, t_prev: int, text_tokens, tex
 
 def ddim_step(denoiser, x_t: torch.Tensor, t: int, t_prev: int, text_tokens, text_mask=None, eta: float = 0.0,
               guidance_scale: float | None = None, generator: torch.Generator | None = None,
-              noise: torch.Tensor | None = None) -> torch.Tensor:
+              noise: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
     """One DDIM(eta) step ``x_t -> x_{t_prev}`` (``t_prev = -1``: return the x0 prediction)."""
-    mu, sigma, _ = step_mean(denoiser, x_t, t, t_prev, text_tokens, text_mask, eta, guidance_scale)
+    mu, sigma, _ = step_mean(denoiser, x_t, t, t_prev, text_tokens, text_mask, eta, guidance_scale, pooled)
     if sigma > 0:
         mu = mu + sigma * (noise if noise is not None else _randn_like(mu, generator))
     return mu
@@ -96,7 +119,7 @@ def ddim_step(denoiser, x_t: torch.Tensor, t: int, t_prev: int, text_tokens, tex
 def ddim_sample(denoiser, noise: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor | None = None,
                 num_steps: int = 50, eta: float = 0.0, guidance_scale: float | None = None,
                 generator: torch.Generator | None = None, timesteps=None, progress: bool = False,
-                enable_grad: bool = False) -> torch.Tensor:
+                enable_grad: bool = False, pooled: torch.Tensor | None = None) -> torch.Tensor:
     """DDIM from pure noise ``x_T = noise`` to x0 latents. ``timesteps`` (any order, descending used)
     overrides ``num_steps``'s trailing spacing. Runs without autograd unless ``enable_grad``."""
     T = denoiser.schedule.num_train_timesteps
@@ -106,7 +129,7 @@ def ddim_sample(denoiser, noise: torch.Tensor, text_tokens: torch.Tensor, text_m
     ctx = contextlib.nullcontext() if enable_grad else torch.no_grad()
     with ctx:
         for t, s in tqdm(list(zip(ts, prevs)), desc="ddim", disable=not progress, leave=False):
-            x = ddim_step(denoiser, x, t, s, text_tokens, text_mask, eta, guidance_scale, generator)
+            x = ddim_step(denoiser, x, t, s, text_tokens, text_mask, eta, guidance_scale, generator, pooled=pooled)
     return x
 
 
@@ -160,11 +183,13 @@ def k_step_sample(student_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
 
 def student_sample(denoiser, noise: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor | None = None,
                    timesteps=(999, 749, 499, 249), generator: torch.Generator | None = None,
-                   guidance_scale: float | None = None) -> torch.Tensor:
+                   guidance_scale: float | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
     """``k_step_sample`` of a ``Denoiser``'s x0 prediction (timesteps sorted descending); returns the last x0
     prediction. Keeps autograd (wrap in ``torch.no_grad()`` to sample)."""
     ts = _descending(timesteps, denoiser.schedule.num_train_timesteps)
-    return k_step_sample(lambda x, t: denoiser.x0(x, t, text_tokens, text_mask, guidance_scale), noise, ts,
+    return k_step_sample(lambda x, t: denoiser.x0(x, t, text_tokens, text_mask, guidance_scale, **pooled_kw(pooled)),
+                         noise,
+                         ts,
                          denoiser.schedule, generator=generator).x0
 
 
@@ -195,7 +220,7 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float, reduction
     _check_reduction(reduction)
     if std <= 0:
         raise ValueError("the transition has zero variance (deterministic step); use eta > 0 and a final "
-                         "timestep with noise (final_timestep >= 0 on a DDPM schedule)")
+                         "timestep with noise (final_timestep >= 0 on a DDPM schedule, >= 1 on a flow schedule)")
     var = std ** 2
     d = (x.float() - mean.float()) ** 2
     lp = (-0.5 * (d / var + math.log(2 * math.pi * var))).flatten(1)  # (B, C*H*W)
@@ -204,12 +229,12 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float, reduction
 
 def step_log_prob(denoiser, x_t: torch.Tensor, x_prev: torch.Tensor, t: int, t_prev: int, text_tokens,
                   text_mask=None, eta: float = 1.0, guidance_scale: float | None = None,
-                  reduction: str = "mean") -> torch.Tensor:
+                  reduction: str = "mean", pooled: torch.Tensor | None = None) -> torch.Tensor:
     """``log p_theta(x_prev | x_t)`` of a given transition, ``(B,)``; differentiable in the model (PPO / REINFORCE).
     ``reduction``: ``"mean"`` over the latent elements (DDPO's convention) or ``"sum"`` (exact density), see
     ``gaussian_log_prob``."""
     _check_reduction(reduction)
-    mu, sigma, _ = step_mean(denoiser, x_t, t, t_prev, text_tokens, text_mask, eta, guidance_scale)
+    mu, sigma, _ = step_mean(denoiser, x_t, t, t_prev, text_tokens, text_mask, eta, guidance_scale, pooled)
     return gaussian_log_prob(x_prev.detach(), mu, sigma, reduction)
 
 
@@ -228,13 +253,15 @@ class SampleTrajectory:
 def stochastic_sample(denoiser, noise: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor | None,
                       timesteps, eta: float = 1.0, guidance_scale: float | None = None,
                       generator: torch.Generator | None = None, grad_steps: int | None = None,
-                      final_timestep: int = 0, reduction: str = "mean") -> SampleTrajectory:
+                      final_timestep: int | None = None, reduction: str = "mean",
+                      pooled: torch.Tensor | None = None) -> SampleTrajectory:
     """Sample with the DDIM(eta) posterior along ``timesteps`` and record per-step log-probs (DOLLAR Eq. 25-26).
 
-    The chain ends at ``final_timestep`` (default 0: ``abar_0`` is just below 1 for DDPM schedules, so the last
-    transition has a proper Gaussian). Truncation: only the last ``grad_steps`` transitions run with autograd
-    (``None`` = all, ``0`` = none); the earlier ones run under ``torch.no_grad()``. Latents are detached between
-    steps, so gradients reach the model only through each step's mean (the score-function form DDPO needs).
+    The chain ends at ``final_timestep`` (None: ``default_final_timestep`` -- 0 on DDPM schedules, where ``abar_0``
+    is just below 1 so the last transition has a proper Gaussian; 1 on flow schedules, whose t = 0 has no noise).
+    Truncation: only the last ``grad_steps`` transitions run with autograd (``None`` = all, ``0`` = none); the
+    earlier ones run under ``torch.no_grad()``. Latents are detached between steps, so gradients reach the model
+    only through each step's mean (the score-function form DDPO needs).
     ``reduction`` of the recorded log-probs: ``"mean"`` over the latent elements (default, DDPO's convention) or
     ``"sum"`` (exact density); the means and stds (for exact KLs) do not depend on it.
 
@@ -249,6 +276,11 @@ def stochastic_sample(denoiser, noise: torch.Tensor, text_tokens: torch.Tensor, 
     """
     _check_reduction(reduction)
     ts = _descending(timesteps, denoiser.schedule.num_train_timesteps)
+    if final_timestep is None:
+        final_timestep = default_final_timestep(denoiser.schedule)
+    elif final_timestep == 0 and eta > 0 and getattr(denoiser.schedule, "kind", None) == "flow":
+        raise ValueError("final_timestep 0 on a flow schedule is s = 0 (no noise): the last transition has zero "
+                         "variance and no log-prob; use final_timestep >= 1 (None picks 1)")
     if final_timestep >= ts[-1]:
         raise ValueError(f"final_timestep {final_timestep} must be below the last timestep {ts[-1]}")
     prevs = ts[1:] + [final_timestep]
@@ -261,7 +293,7 @@ def stochastic_sample(denoiser, noise: torch.Tensor, text_tokens: torch.Tensor, 
     for k, (t, s) in enumerate(zip(ts, prevs)):
         ctx = torch.no_grad() if k < K - g else contextlib.nullcontext()
         with ctx:
-            mu, sigma, _ = step_mean(denoiser, x.detach(), t, s, text_tokens, text_mask, eta, guidance_scale)
+            mu, sigma, _ = step_mean(denoiser, x.detach(), t, s, text_tokens, text_mask, eta, guidance_scale, pooled)
             x_prev = (mu + sigma * _randn_like(mu, generator)).detach()
             logps.append(gaussian_log_prob(x_prev, mu, sigma, reduction))
         means.append(mu)

@@ -30,6 +30,7 @@ import torch
 
 from distill import parameterization as P
 from distill.objective import StepContext
+from distill.samplers import pooled_kw
 from distill.vsd import VSDTerm
 from lrm.config import ConfigError
 from lrm.schedules import broadcast
@@ -156,14 +157,14 @@ def tdm_loss_from_x0(x0_hat: torch.Tensor, x0_real_cfg: torch.Tensor, x0_fake: t
 def tdm_generator_loss(x0_hat: torch.Tensor, r: Renoised, teacher: Any, fake: Any, text_tokens: torch.Tensor,
                        text_mask: torch.Tensor | None, null_tokens: torch.Tensor | None = None,
                        null_mask: torch.Tensor | None = None, guidance_scale: float = 4.5, distance: str = "paper",
-                       c: float | None = None, autocast: Callable[[], Any] | None = None
-                       ) -> tuple[torch.Tensor, dict[str, float]]:
+                       c: float | None = None, autocast: Callable[[], Any] | None = None,
+                       pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """L_traj for the graded ``x0_hat`` at ``r.x_tau``: teacher x0 with Imagen CFG s (= the target's split form,
     Denoiser CFG is affine) and the fake's plain x0, both without grad. Returns ``(loss, info)``."""
     with torch.no_grad(), (autocast() if autocast is not None else nullcontext()):
         x_real = teacher.x0(r.x_tau, r.tau, text_tokens, text_mask, guidance_scale=guidance_scale,
-                            null_tokens=null_tokens, null_mask=null_mask)
-        x_fake = fake.x0(r.x_tau, r.tau, text_tokens, text_mask)
+                            null_tokens=null_tokens, null_mask=null_mask, **pooled_kw(pooled))
+        x_fake = fake.x0(r.x_tau, r.tau, text_tokens, text_mask, **pooled_kw(pooled))
     loss = tdm_loss_from_x0(x0_hat, x_real, x_fake, distance, c)
     return loss, {"tdm_real_fake_gap": float((x_real.float() - x_fake.float()).abs().mean())}
 
@@ -176,13 +177,14 @@ def importance_weight(noise_total: torch.Tensor, noise: torch.Tensor) -> torch.T
 
 def fake_score_loss(fake: Any, x0_hat: torch.Tensor, r: Renoised, text_tokens: torch.Tensor,
                     text_mask: torch.Tensor | None, target: str = "x0", snr_cap: float | None = 5.0,
-                    importance: bool = True, autocast: Callable[[], Any] | None = None) -> torch.Tensor:
+                    importance: bool = True, autocast: Callable[[], Any] | None = None,
+                    pooled: torch.Tensor | None = None) -> torch.Tensor:
     """Step 4: per-sample MSE x omega, mean; gradient reaches the fake's parameters only (x0_hat, x_tau are data)."""
     if target not in FAKE_TARGETS:
         raise ValueError(f"target must be one of {FAKE_TARGETS}, got {target!r}")
     x0, x_tau = x0_hat.detach().float(), r.x_tau.detach()
     with (autocast() if autocast is not None else nullcontext()):
-        out = fake(x_tau, r.tau, text_tokens, text_mask).float()
+        out = fake(x_tau, r.tau, text_tokens, text_mask, **pooled_kw(pooled)).float()
     if target == "x0":
         pred, tgt = P.to_x0(out, x_tau.float(), r.tau, fake.schedule, fake.parameterization), x0
     else:
@@ -228,7 +230,7 @@ class TDMTerm(VSDTerm):
         tr = ctx.trainer
         r = ctx.extras["tdm"] = self.point(tr, ctx.x_hat, ctx.x_k, ctx.t_k)
         loss, _ = tdm_generator_loss(ctx.x_hat, r, tr.teacher, self.fake, ctx.tok, ctx.mask, *ctx.null_text(),
-                                     self.guidance, self.distance, autocast=tr.autocast)
+                                     self.guidance, self.distance, autocast=tr.autocast, pooled=ctx.batch.text_pooled)
         return loss, {"loss_tdm": float(loss.detach())}
 
     def fake_input(self, trainer: Any, ctx: StepContext | None) -> tuple[Any, torch.Tensor, Any]:
@@ -237,11 +239,12 @@ class TDMTerm(VSDTerm):
         batch = trainer.sample_batch()
         with torch.no_grad():
             x_k, t_k = trainer.graded_input(batch)
-            x_hat = trainer.student_x0(x_k, t_k, batch.text_tokens, batch.text_mask)
+            x_hat = trainer.student_x0(x_k, t_k, batch.text_tokens, batch.text_mask, **pooled_kw(batch.text_pooled))
         return batch, x_hat, self.point(trainer, x_hat, x_k, t_k)
 
     def fake_loss(self, trainer: Any, batch: Any, x_hat: torch.Tensor, r: Any) -> torch.Tensor:
-        return fake_score_loss(self.fake, x_hat, r, batch.text_tokens, batch.text_mask, autocast=trainer.autocast)
+        return fake_score_loss(self.fake, x_hat, r, batch.text_tokens, batch.text_mask, autocast=trainer.autocast,
+                               pooled=batch.text_pooled)
 
 
 __all__ = ["TDMTerm", "DISTANCES", "FAKE_TARGETS", "stage_bounds", "student_timesteps", "sample_stage",

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from distill import parameterization as P
 from distill.objective import ObjectiveTerm, StepContext
-from distill.samplers import k_step_sample
+from distill.samplers import k_step_sample, pooled_kw
 
 
 def sample_timesteps(batch: int, num_train_timesteps: int = 1000, min_frac: float = 0.02, max_frac: float = 0.98,
@@ -58,11 +58,13 @@ def vsd_loss(x_hat: torch.Tensor, teacher: Any, fake: Any, text_tokens: torch.Te
              null_tokens: torch.Tensor | None, null_mask: torch.Tensor | None, guidance_scale: float = 3.5,
              t: torch.Tensor | None = None, noise: torch.Tensor | None = None, min_frac: float = 0.02,
              max_frac: float = 0.98, grad_dtype: torch.dtype = torch.float32,
-             autocast: Callable[[], Any] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+             autocast: Callable[[], Any] | None = None,
+             pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """L_VSD for the student sample ``x_hat`` (grad flows into it); returns ``(loss, info)``.
 
     ``teacher`` (real score, CFG ``guidance_scale``) and ``fake`` are ``distill.denoiser.Denoiser`` objects;
-    both run without gradients. ``t`` / ``noise`` may be given (tests); otherwise they are drawn.
+    both run without gradients. ``t`` / ``noise`` may be given (tests); otherwise they are drawn. ``pooled``:
+    the captions' pooled text (FLUX / SD3 / HunyuanVideo; the CFG branch uses the teacher's null pooled vector).
     """
     B = x_hat.shape[0]
     schedule = teacher.schedule
@@ -74,8 +76,8 @@ def vsd_loss(x_hat: torch.Tensor, teacher: Any, fake: Any, text_tokens: torch.Te
         x_t = schedule.add_noise(x_hat.detach(), noise, t)  # (B, ...)
         with (autocast() if autocast is not None else nullcontext()):
             x_real = teacher.x0(x_t, t, text_tokens, text_mask, guidance_scale=guidance_scale,
-                                null_tokens=null_tokens, null_mask=null_mask)
-            x_fake = fake.x0(x_t, t, text_tokens, text_mask)
+                                null_tokens=null_tokens, null_mask=null_mask, **pooled_kw(pooled))
+            x_fake = fake.x0(x_t, t, text_tokens, text_mask, **pooled_kw(pooled))
     grad = normalized_vsd_grad(x_hat, x_real, x_fake, dtype=grad_dtype)
     loss = vsd_loss_from_grad(x_hat, grad)
     info = {"vsd_grad_norm": float(grad.flatten(1).norm(dim=1).mean()),
@@ -85,7 +87,8 @@ def vsd_loss(x_hat: torch.Tensor, teacher: Any, fake: Any, text_tokens: torch.Te
 
 def fake_score_loss(fake: Any, x_hat: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor | None,
                     t: torch.Tensor | None = None, noise: torch.Tensor | None = None, min_frac: float = 0.02,
-                    max_frac: float = 0.98, autocast: Callable[[], Any] | None = None) -> torch.Tensor:
+                    max_frac: float = 0.98, autocast: Callable[[], Any] | None = None,
+                    pooled: torch.Tensor | None = None) -> torch.Tensor:
     """The teacher's objective on sg(x_hat) for the fake score (Alg. 1 lines 12-13): MSE to the target of
     ``fake.parameterization`` (conjugate v: ``x0 - eps``, Eq. 13), mean over elements, in fp32."""
     x0 = x_hat.detach()
@@ -97,7 +100,7 @@ def fake_score_loss(fake: Any, x_hat: torch.Tensor, text_tokens: torch.Tensor, t
         noise = torch.randn_like(x0)
     x_t = schedule.add_noise(x0, noise, t)
     with (autocast() if autocast is not None else nullcontext()):
-        out = fake(x_t, t, text_tokens, text_mask)
+        out = fake(x_t, t, text_tokens, text_mask, **pooled_kw(pooled))
     tgt = P.target(x0, noise, t, schedule, fake.parameterization)
     return F.mse_loss(out.float(), tgt.float())
 
@@ -151,7 +154,7 @@ class VSDTerm(ObjectiveTerm):
         tr = ctx.trainer
         loss, info = vsd_loss(ctx.x_hat, tr.teacher, self.fake, ctx.tok, ctx.mask, *ctx.null_text(), self.guidance,
                               min_frac=self.t_min, max_frac=self.t_max, grad_dtype=self.grad_dtype,
-                              autocast=tr.autocast)
+                              autocast=tr.autocast, pooled=ctx.batch.text_pooled)
         return loss, {"loss_vsd": float(loss.detach()), "vsd_grad_norm": info["vsd_grad_norm"]}
 
     # the fake score's own update -------------------------------------------------------------------------
@@ -164,7 +167,7 @@ class VSDTerm(ObjectiveTerm):
 
     def fake_loss(self, trainer: Any, batch: Any, x_hat: torch.Tensor, extra: Any) -> torch.Tensor:
         return fake_score_loss(self.fake, x_hat, batch.text_tokens, batch.text_mask, min_frac=self.t_min,
-                               max_frac=self.t_max, autocast=trainer.autocast)
+                               max_frac=self.t_max, autocast=trainer.autocast, pooled=batch.text_pooled)
 
     def fake_step(self, trainer: Any, reuse_last: bool = True) -> float:
         """One optimizer step of the fake score on the teacher objective at sg(x_hat)."""

@@ -103,18 +103,22 @@ class DenoiserGenerator:
         eta: DDIM eta of the stochastic sampler (1 = DDPM posterior).
         reference: reference ``Denoiser`` for the stochastic chain KL: sum_t ||mu - mu_ref||^2 / (2 sigma_t^2) with
             both means at the sampled states (``eval.kl.gaussian_chain_kl``), final step at t = 0.
+        text_encoder: the captions' encoder (``lrm.text.PipelineText``) for a denoiser that takes pooled text (FLUX /
+            SD3 / HunyuanVideo: ``denoiser.null_pooled`` is set): the pooled vectors of the ``prompts`` the evaluation
+            passes are computed with it when the call gives no ``text_pooled``.
     Noise for the student's re-noising and the stochastic chain comes from a generator seeded by the batch's
     sample seeds, so a run is reproducible for a fixed batch size.
     """
 
     def __init__(self, denoiser, sampler: str = "ddim", steps: int = 50, timesteps: list[int] | None = None,
-                 guidance_scale: float | None = None, eta: float = 1.0, reference=None):
+                 guidance_scale: float | None = None, eta: float = 1.0, reference=None, text_encoder=None):
         if reference is not None and sampler != "stochastic":
             raise ValueError("a reference denoiser gives a chain KL only for sampler='stochastic'; for deterministic "
                              "samplers pass the reference as a generator to evaluate(reference=...) instead")
         from distill.inference import sampler_timesteps
 
         self.denoiser, self.sampler, self.reference = denoiser, sampler, reference
+        self.text_encoder = text_encoder
         self.guidance_scale, self.eta = guidance_scale, eta
         # the student sampler takes its timesteps (DOLLAR's four by default), not the DDIM step count
         self.timesteps = sampler_timesteps(denoiser, sampler, None if sampler == "student" else steps, timesteps)
@@ -126,22 +130,33 @@ class DenoiserGenerator:
         return torch.Generator(device=device).manual_seed(s)
 
     @torch.no_grad()
-    def __call__(self, noise: torch.Tensor, text_tokens=None, text_mask=None, seeds: list[int] | None = None):
+    def __call__(self, noise: torch.Tensor, text_tokens=None, text_mask=None, seeds: list[int] | None = None,
+                 text_pooled: torch.Tensor | None = None, prompts: list[str] | None = None):
+        """``text_pooled``: the captions' pooled text (FLUX / SD3 / HunyuanVideo), passed to every network call;
+        None: ``text_encoder(prompts).pooled`` when the denoiser takes pooled text and both are given."""
+        from distill.data import takes_pooled
         from distill.inference import sample
+
+        if text_pooled is None and takes_pooled(self.denoiser):
+            if self.text_encoder is None or prompts is None:
+                raise ValueError(f"{type(self.denoiser.model).__name__} takes pooled text: pass text_pooled=, or "
+                                 "build DenoiserGenerator(..., text_encoder=PipelineText) and call it with prompts=")
+            text_pooled = self.text_encoder(list(prompts)).pooled.to(noise.device)
         from distill.samplers import step_mean, stochastic_sample
 
         g = self._generator(seeds, noise.device)
         if self.sampler != "stochastic":
             return sample(self.denoiser, noise, text_tokens, text_mask, sampler=self.sampler,
-                          timesteps=self.timesteps, guidance_scale=self.guidance_scale, generator=g)
+                          timesteps=self.timesteps, guidance_scale=self.guidance_scale, generator=g,
+                          pooled=text_pooled)
         traj = stochastic_sample(self.denoiser, noise, text_tokens, text_mask, self.timesteps, eta=self.eta,
-                                 guidance_scale=self.guidance_scale, generator=g, grad_steps=0)
+                                 guidance_scale=self.guidance_scale, generator=g, grad_steps=0, pooled=text_pooled)
         out = {"latents": traj.x0, "nfe": self.nfe}
         if self.reference is not None:
             from eval.kl import gaussian_chain_kl
 
             ref_means = [step_mean(self.reference, x, int(t), int(s), text_tokens, text_mask, self.eta,
-                                   self.guidance_scale)[0]
+                                   self.guidance_scale, text_pooled)[0]
                          for x, t, s in zip(traj.latents[:-1], traj.timesteps, traj.prev_timesteps)]
             out["kl"] = gaussian_chain_kl(traj.means, ref_means, traj.stds)
         return out

@@ -65,7 +65,7 @@ class TextEncoder(torch.nn.Module):
 
     def __init__(self, name_or_path: str = DEFAULT_TEXT_ENCODER, max_length: int = 32, pooling: str | None = None,
                  cache_dir: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 subfolder: str | None = None, tokenizer_subfolder: str = "tokenizer"):
+                 subfolder: str | None = None, tokenizer_subfolder: str = "tokenizer", projection: bool = False):
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -93,9 +93,10 @@ class TextEncoder(torch.nn.Module):
             config = AutoConfig.from_pretrained(path, cache_dir=cache_dir, **model_kw)
             self.tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir, **tok_kw)
             if config.model_type in CLIP_MODEL_TYPES:  # a whole CLIP (its text tower is loaded) or a text tower
-                from transformers import CLIPTextModel
+                from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-                model = CLIPTextModel.from_pretrained(path, cache_dir=cache_dir, dtype=dtype, **model_kw)
+                clip_cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+                model = clip_cls.from_pretrained(path, cache_dir=cache_dir, dtype=dtype, **model_kw)
             elif config.model_type in T5_ENCODERS:
                 import transformers
 
@@ -121,6 +122,8 @@ class TextEncoder(torch.nn.Module):
             raise ValueError(f"pooling='model': a {config.model_type} encoder has no pooler; use 'mean' or 'cls'")
         mcfg = model.config  # the text tower's own config (a whole CLIP's config nests it)
         self.dim = int(getattr(mcfg, "hidden_size", None) or getattr(mcfg, "d_model"))
+        self.pooled_dim = int(getattr(mcfg, "projection_dim", self.dim)) if projection else self.dim
+        self.num_tokens = max_length  # tokens per caption
         max_pos = getattr(mcfg, "max_position_embeddings", None)  # absolute positions (CLIP 77, BERT 512)
         if max_pos is not None and max_length > max_pos:
             raise ValueError(f"max_length={max_length} exceeds {name_or_path!r}'s {max_pos} positions; "
@@ -149,7 +152,7 @@ class TextEncoder(torch.nn.Module):
         elif self.pooling == "cls":
             pooled = tokens[:, 0]
         else:
-            pooled = out.pooler_output
+            pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
         return TextEmbedding(tokens=tokens.float(), mask=mask, pooled=pooled.float())
 
     encode = forward
@@ -167,7 +170,49 @@ PIPELINE_TEXT = {
     "cogvideox": {"tokens": ("text_encoder", "tokenizer", 226, "t5_nomask"), "pooled": None},
     "hunyuan_video": {"tokens": ("text_encoder", "tokenizer", 256, "llama_template"),
                       "pooled": ("text_encoder_2", "tokenizer_2", 77)},
+    # SD3 / SD3.5: tokens = [CLIP-L | CLIP-G penultimate states (77 each, concatenated on the width, padded / cut to
+    # T5's width)] followed by the T5 states (256, no mask); pooled = [CLIP-L | CLIP-G projected text_embeds].
+    "sd3": {"tokens": ("text_encoder_3", "tokenizer_3", 256, "sd3"),
+            "pooled": ("text_encoder", "tokenizer", 77), "pooled_2": ("text_encoder_2", "tokenizer_2", 77)},
 }
+# Families whose network takes a pooled text vector (pooled_projections): their captions need PipelineText.
+POOLED_FAMILIES = ("flux", "sd3", "hunyuan_video")
+# diffusers pipeline class name prefix -> PIPELINE_TEXT family
+PIPELINE_CLASSES = {"Flux": "flux", "StableDiffusion3": "sd3", "HunyuanVideo": "hunyuan_video", "Wan": "wan",
+                    "CogVideoX": "cogvideox"}
+
+
+def pipeline_text_family(path: str, cache_dir: str | None = None) -> str | None:
+    """The ``PIPELINE_TEXT`` family of a diffusers pipeline directory / hub id (from ``model_index.json``'s
+    ``_class_name``), or None (not a pipeline, another family, or not readable offline)."""
+    import json
+
+    local = Path(str(path)).expanduser()
+    index = local / "model_index.json"
+    if not index.is_file():
+        if local.exists() or str(path).startswith((os.sep, ".", "~")) or str(path).count("/") != 1:
+            return None
+        try:  # a hub id: the cached (or, online, downloaded) model_index.json
+            from huggingface_hub import hf_hub_download
+
+            index = Path(hf_hub_download(str(path), "model_index.json",
+                                         cache_dir=cache_dir or os.environ.get("LRM_CACHE_DIR")))
+        except Exception:  # not a pipeline repo, or not available offline: not a pipeline family
+            return None
+    name = str(json.loads(index.read_text()).get("_class_name", ""))
+    return next((fam for prefix, fam in PIPELINE_CLASSES.items() if name.startswith(prefix)), None)
+
+
+def text_encoder_for(name_or_path: str, max_length: int = 32, device: str | torch.device = "cpu",
+                     dtype: torch.dtype = torch.float32, cache_dir: str | None = None):
+    """The caption encoder a command builds from a name: ``PipelineText`` for a pipeline of a family with pooled
+    text (``POOLED_FAMILIES``: FLUX, SD3, HunyuanVideo; ``max_length`` = its T5 / LLaMA token length), else
+    ``TextEncoder`` (a pipeline directory's ``text_encoder/``)."""
+    family = pipeline_text_family(name_or_path, cache_dir)
+    if family in POOLED_FAMILIES:
+        return PipelineText(name_or_path, family, max_length=max_length, cache_dir=cache_dir, device=device,
+                            dtype=dtype)
+    return TextEncoder(name_or_path, max_length=max_length, cache_dir=cache_dir, device=device, dtype=dtype)
 
 
 class PipelineText(torch.nn.Module):
@@ -179,7 +224,11 @@ class PipelineText(torch.nn.Module):
     HunyuanVideo = LLaMA-style tokens (third-last hidden state, 256 after the prompt template's ``crop_start``
     tokens are cut) + CLIP-L pooled (77). ``mask`` is True on real tokens; whether the network sees it is the
     Denoiser's ``use_text_mask`` (per family). Without a pooled encoder, ``pooled`` is the masked token mean.
-    ``max_length`` overrides the token length (FLUX-schnell: 256). SD3's three encoders are not covered.
+    SD3 = ``[CLIP-L | CLIP-G]`` penultimate hidden states (77 tokens, widths concatenated and zero-padded -- or cut,
+    as the pipeline's ``F.pad`` does -- to T5's width) followed by T5 tokens (256, no mask; zeros of the
+    transformer's ``joint_attention_dim`` when the directory has no ``text_encoder_3``), pooled = ``[CLIP-L |
+    CLIP-G]`` projected ``text_embeds``. ``max_length`` overrides the token length (FLUX-schnell: 256; SD3: the T5
+    part, so ``num_tokens`` = 77 + ``max_length``). ``pooled_dim``: the pooled width.
     """
 
     def __init__(self, path: str, family: str, max_length: int | None = None, cache_dir: str | None = None,
@@ -192,8 +241,27 @@ class PipelineText(torch.nn.Module):
         self.family, self.name = family, f"{path}:{family}"
         sub, tok_sub, length, self.how = spec["tokens"]
         self.max_length = int(max_length or length)
-        self.tokens_enc = self._load(path, sub, tok_sub, cache_dir, device, dtype)
-        self.pooled_enc = None
+        if self.how != "sd3":
+            self.tokens_enc = self._load(path, sub, tok_sub, cache_dir, device, dtype)
+        self.pooled_enc = self.pooled_enc_2 = None
+        self.num_tokens = self.max_length
+        if self.how == "sd3":
+            psub, ptok, self.pooled_length = spec["pooled"]
+            self.pooled_enc = self._load(path, psub, ptok, cache_dir, device, dtype, projection=True)
+            self.pooled_enc_2 = self._load(path, *spec["pooled_2"][:2], cache_dir, device, dtype, projection=True)
+            self.num_tokens = self.pooled_length + self.max_length
+            local = Path(str(path)).expanduser()
+            if local.is_dir() and not (local / sub / "config.json").is_file():  # SD3 without T5: zero T5 states
+                from lrm.io import read_json
+
+                self.tokens_enc = None
+                self.dim = int(read_json(local / "transformer" / "config.json")["joint_attention_dim"])
+            else:
+                self.tokens_enc = self._load(path, sub, tok_sub, cache_dir, device, dtype)
+                self.dim = self.tokens_enc.dim
+            self.pooled_dim = self.pooled_enc.pooled_dim + self.pooled_enc_2.pooled_dim
+            self.template = None
+            return
         if spec["pooled"] is not None:
             psub, ptok, self.pooled_length = spec["pooled"]
             self.pooled_enc = self._load(path, psub, ptok, cache_dir, device, dtype)
@@ -205,16 +273,17 @@ class PipelineText(torch.nn.Module):
                 prompt_template = DEFAULT_PROMPT_TEMPLATE
             self.template = dict(prompt_template)
         self.dim = self.tokens_enc.dim
+        self.pooled_dim = self.pooled_enc.dim if self.pooled_enc is not None else self.dim
 
     @staticmethod
-    def _load(path, sub, tok_sub, cache_dir, device, dtype) -> TextEncoder:
+    def _load(path, sub, tok_sub, cache_dir, device, dtype, projection: bool = False) -> TextEncoder:
         # max_length here only bounds CLIP's positions; the lengths used are PipelineText's.
         return TextEncoder(path, max_length=1, cache_dir=cache_dir, device=device, dtype=dtype, subfolder=sub,
-                           tokenizer_subfolder=tok_sub, pooling="mean")
+                           tokenizer_subfolder=tok_sub, pooling="mean", projection=projection)
 
     @property
     def device(self) -> torch.device:
-        return self.tokens_enc.device
+        return (self.tokens_enc or self.pooled_enc).device
 
     def identity(self) -> dict:
         return {"name": self.name, "dim": self.dim, "max_length": self.max_length, "pooling": "pipeline"}
@@ -247,6 +316,8 @@ class PipelineText(torch.nn.Module):
     def forward(self, prompts: list[str]) -> TextEmbedding:
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be a list of strings")
+        if self.how == "sd3":
+            return self._sd3(list(prompts))
         tokens, mask = self._tokens(list(prompts))
         if self.pooled_enc is not None:
             enc = self.pooled_enc
@@ -257,5 +328,28 @@ class PipelineText(torch.nn.Module):
             m = mask.unsqueeze(-1).to(tokens.dtype)
             pooled = (tokens * m).sum(1) / m.sum(1).clamp_min(1.0)
         return TextEmbedding(tokens=tokens.float(), mask=mask, pooled=pooled.float())
+
+    def _sd3(self, prompts: list[str]) -> TextEmbedding:
+        # StableDiffusion3Pipeline.encode_prompt (clip_skip None): penultimate CLIP states, projected pooled vectors
+        states, pooled, clip_mask = [], [], None
+        for enc in (self.pooled_enc, self.pooled_enc_2):
+            tok = enc.tokenizer(prompts, padding="max_length", max_length=self.pooled_length, truncation=True,
+                                return_tensors="pt").to(self.device)
+            out = enc.model(tok["input_ids"], output_hidden_states=True)
+            states.append(out.hidden_states[-2])  # (B, 77, D_clip)
+            pooled.append(out.text_embeds)  # (B, P_clip)
+            clip_mask = tok["attention_mask"].bool() if clip_mask is None else clip_mask
+        clip = torch.cat(states, -1)  # (B, 77, D_L + D_G)
+        if self.tokens_enc is None:
+            t5 = clip.new_zeros(len(prompts), self.max_length, self.dim)
+            t5_mask = torch.zeros(len(prompts), self.max_length, dtype=torch.bool, device=clip.device)
+        else:
+            enc = self.tokens_enc
+            tok = enc.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                                add_special_tokens=True, return_tensors="pt").to(self.device)
+            t5, t5_mask = enc.model(tok["input_ids"])[0], tok["attention_mask"].bool()  # (B, L, D_T5)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # the pipeline's pad (or cut)
+        return TextEmbedding(tokens=torch.cat([clip, t5], 1).float(), mask=torch.cat([clip_mask, t5_mask], 1),
+                             pooled=torch.cat(pooled, -1).float())
 
     encode = forward

