@@ -19,6 +19,34 @@ frame), frame strips instead of grids.
 
     PYTHONPATH=. python3 bench/distill_shapes_ablation.py --out runs/distill_ablation [--steps 300]
     PYTHONPATH=. python3 bench/distill_shapes_ablation.py --video --out runs/distill_ablation_video
+
+``--suite tdm`` (issue 18, paper 004; implies ``--video``): on one teacher (``--teacher DIR``, e.g. the rectified-flow
+Shapes video teacher; default ``shapes-video``) the rows VSD+CD, VSD+CD+LRM, TDM, TDM+GAN, TDM + mixed pixel rewards,
+TDM + mixed latent rewards and all three (pixel and latent form), from configs/distill_shapes_ablation_tdm*.yaml.
+Extra columns (any suite, with ``--frechet_n`` > 0; the tdm suite's default is 512):
+  FD        Fréchet distance to real Shapes videos (``eval.frechet``: the Shapes VAE encoder's latents, 2x2-pooled,
+            + net motion and path length; 40 dims, no download). Conditional protocol as COCO FID: the real set is
+            samples 0..N-1 of the split's world (seed 1 test / 2 val), the generated set one sample per real caption
+            (noise seed 4321); 90 % bootstrap interval, and the paired interval of FD(row) - FD(TDM) (shared resamples)
+  golds     each pixel reward the mixed terms target (colorfulness on the first / middle / last frame, flickering)
+  s/step    median ``step_time_s`` of the row's log.csv;  peak MB: max ``peak_mem_mb`` there (CUDA; null on CPU)
+Mixed latent rewards: the configs name ``LRM/<reward>``; the bench maps that to ``--lrm_dir`` (default OUT/lrms) and
+first fits any that is missing (``fit_reward_lrms``: ``lrm train``'s ``fit`` on Shapes videos of the training world,
+half of them noised in latent space for coverage; image-cnn on frames for a frame reward, video-3d-cnn on clips for a
+video reward). ``--fit_lrms_only`` stops after that (run it beside the teacher's training).
+
+GPU, three device calls of <= 9 min each (bench/device/tdm_ablation_run.sh; R = the results folder):
+    1. teacher + LRMs, side by side (~8 min):
+       python3 -m lrm.cli shapes train-teacher --kind video --parameterization flow --out_dir R/teacher_flow \
+           --max_minutes 7 --steps 20000 --batch_size 96 --num_samples 24000 --workers 12 &
+       python3 bench/distill_shapes_ablation.py --suite tdm --fit_lrms_only --lrm_dir R/lrms --out R/lrm_fit \
+           --lrm_records 4096 --lrm_steps 1500 & wait
+    2. the rows on validation prompts, one process per row (ROW in vsd_cd vsd_cd_lrm tdm tdm_gan tdm_mixed_pixel
+       tdm_mixed_latent tdm_gan_mixed_pixel tdm_gan_mixed_latent), then one table with sampling retimed alone:
+       python3 bench/distill_shapes_ablation.py --suite tdm --split val --teacher R/teacher_flow/teacher \
+           --lrm_dir R/lrms --rows ROW --out R/tdm_val/ROW --steps 150 --timing_repeats 0 &  ...; wait
+       python3 bench/distill_shapes_ablation.py --out R/tdm_val --merge R/tdm_val/* --retime
+    3. the same with --split test and the settings chosen on val (--set KEY=VALUE): the reported table.
 """
 
 from __future__ import annotations
@@ -46,6 +74,19 @@ ROWS = [  # (row name, config file suffix)
     ("VSD+CD (2 steps)", "vsd_cd_2step"),
     ("VSD+CD (1 step)", "vsd_cd_1step"),
 ]
+TDM_ROWS = [  # --suite tdm (issue 18): paper 004's terms beside DOLLAR's on the same teacher
+    ("VSD+CD (4 steps)", "vsd_cd"),
+    ("VSD+CD+LRM (4 steps)", "vsd_cd_lrm"),
+    ("TDM (4 steps)", "tdm"),
+    ("TDM+GAN", "tdm_gan"),
+    ("TDM+mixed pixel rewards", "tdm_mixed_pixel"),
+    ("TDM+mixed latent rewards", "tdm_mixed_latent"),
+    ("TDM+GAN+mixed pixel (all three)", "tdm_gan_mixed_pixel"),
+    ("TDM+GAN+mixed latent (all three)", "tdm_gan_mixed_latent"),
+]
+SUITES = {"dollar": ROWS, "tdm": TDM_ROWS}
+LRM_PREFIX = "LRM/"  # in a config's spatial_rewards / temporal_reward: a LatentReward the bench fits into --lrm_dir
+FRECHET_NOISE_SEED = 4321
 # a row-per-process run:  for r in cd_only vsd_only ...; do ... --rows $r --out OUT/$r & done; wait
 #                          then  bench/distill_shapes_ablation.py --out OUT --merge OUT/cd_only OUT/vsd_only ...
 
@@ -160,6 +201,145 @@ def with_timings(results: dict, t_time: float, student_time: dict[int, float]) -
     return out
 
 
+def config_path(suffix: str) -> Path:
+    return ROOT / f"configs/distill_shapes_ablation_{suffix}.yaml"
+
+
+def mixed_reward_names(suffix: str) -> list[str]:
+    """A row config's ``spatial_rewards`` + ``temporal_reward`` as written (``LRM/<reward>`` kept)."""
+    raw = yaml.safe_load(config_path(suffix).read_text()) or {}
+    return list(raw.get("spatial_rewards") or []) + ([raw["temporal_reward"]] if raw.get("temporal_reward") else [])
+
+
+def targeted_rewards(suffixes) -> list[str]:
+    """The pixel rewards the rows' mixed terms target (``LRM/<reward>`` counts as ``<reward>``), first-seen order."""
+    out: list[str] = []
+    for name in (n for s in suffixes for n in mixed_reward_names(s)):
+        name = name[len(LRM_PREFIX):] if name.startswith(LRM_PREFIX) else name
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def resolve_lrms(suffix: str, lrm_dir: Path) -> dict:
+    """Overrides that replace a row's ``LRM/<reward>`` names by ``lrm_dir/<reward>`` ({} when it names none)."""
+    raw = yaml.safe_load(config_path(suffix).read_text()) or {}
+
+    def fix(n: str) -> str:
+        return str(Path(lrm_dir) / n[len(LRM_PREFIX):]) if n.startswith(LRM_PREFIX) else n
+    over: dict = {}
+    if any(n.startswith(LRM_PREFIX) for n in raw.get("spatial_rewards") or []):
+        over["spatial_rewards"] = [fix(n) for n in raw["spatial_rewards"]]
+    if (raw.get("temporal_reward") or "").startswith(LRM_PREFIX):
+        over["temporal_reward"] = fix(raw["temporal_reward"])
+    return over
+
+
+def fit_reward_lrms(names: list[str], lrm_dir: Path, vae, num_frames: int, device: torch.device,
+                    records: int = 2048, steps: int = 1500, seed: int = 0) -> dict[str, dict]:
+    """A LatentReward in ``lrm_dir/<name>`` for each pixel reward ``name`` that is not there yet (``lrm train``'s
+    ``fit``; returns the new ones' held-out metrics).
+
+    Data: ``records`` videos of the training world (ShapesWorld seed ``seed``, as the distillation data; never the
+    held-out prompts), every other one noised in latent space (sigma ~ U[0, 0.5]) so that the LRM has seen the blur and
+    flicker a student may produce; targets are the reward of what the latents decode to. A video reward gets a
+    ``video-3d-cnn`` on clips; a frame reward an ``image-cnn`` on the first / middle / last frames (Eq. 13's frames,
+    one record each)."""
+    from distill.reward import spatial_frames
+    from eval.frechet import real_shapes
+    from latent_rewards import FitConfig, LatentData, fit
+    from reward_adapters import create_reward
+
+    todo = [n for n in names if not (Path(lrm_dir) / n / "model.safetensors").is_file()]
+    if not todo:
+        return {}
+    pixels, captions = real_shapes(records, seed, num_frames)
+    with torch.no_grad():
+        z = torch.cat([vae.encode(c.to(device)).float() for c in pixels.split(256)])  # (N, T, C, h, w)
+        g = torch.Generator().manual_seed(seed)
+        sigma = torch.rand(len(z), generator=g) * 0.5 * (torch.arange(len(z)) % 2)
+        z = z + sigma.view(-1, 1, 1, 1, 1).to(z) * torch.randn(z.shape, generator=g).to(z)
+        pixels = torch.cat([vae.decode(c) for c in z.split(256)])  # (N, T, 3, H, W)
+    metrics = {}
+    for name in todo:
+        reward = create_reward(name, device=str(device))
+        with torch.no_grad():
+            if reward.is_video_reward:
+                lat, prompts, head = z, captions, "video-3d-cnn"
+                target = torch.cat([reward(c) for c in pixels.split(256)])
+                kw = {"patch": 2, "width": 64, "depth": 2}
+            else:
+                idx = spatial_frames(num_frames)
+                lat, prompts, head = z[:, idx].flatten(0, 1), [c for c in captions for _ in idx], "image-cnn"
+                target = torch.cat([reward(c) for c in pixels[:, idx].flatten(0, 1).split(1024)])
+                kw = {"patch": 2, "width": 64}
+        data = LatentData(lat.cpu(), target.float().cpu(), prompts=prompts, reward_name=name,
+                          reward_info=reward.info(), latent_space=vae.latent_space.to_dict())
+        cfg = FitConfig(head=head, head_kwargs=kw, steps=steps, batch_size=256, lr=1e-3,
+                        warmup_steps=min(100, steps // 10), eval_every=max(1, min(250, steps // 2)), patience=4,
+                        seed=seed, device=str(device), progress=False, checkpoint_every=0)
+        res = fit(data, cfg, out_dir=Path(lrm_dir) / name)
+        metrics[name] = {"head": head, "spearman": res.metrics["spearman"], "r2": res.metrics["r2"],
+                         "train_s": res.train_time_s, "records": len(data)}
+        print(f"LRM {name} ({head}, {len(data)} records): held-out Spearman {res.metrics['spearman']:.3f}, "
+              f"{res.train_time_s:.0f} s", flush=True)
+    return metrics
+
+
+def log_costs(run_dir: Path, cuda: bool) -> dict:
+    """s/step (median ``step_time_s``) and peak memory (max ``peak_mem_mb``; None off CUDA) of a run's log.csv."""
+    import csv
+
+    with open(Path(run_dir) / "log.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("step_time_s")]
+    times = sorted(float(r["step_time_s"]) for r in rows)
+    peaks = [float(r["peak_mem_mb"]) for r in rows if r.get("peak_mem_mb")]
+    return {"step_time_s": times[len(times) // 2] if times else None,
+            "peak_mem_mb": max(peaks) if cuda and peaks else None}
+
+
+def frechet_columns(real_feats: torch.Tensor, gen_feats: torch.Tensor, boot: int) -> dict:
+    """FD to the real features, its 90 % bootstrap interval and the replicates (shared resamples: paired)."""
+    from eval.frechet import bootstrap_frechet, frechet_from_features, paired_interval
+
+    reps = bootstrap_frechet(real_feats, gen_feats, boot) if boot else []
+    return {"frechet": frechet_from_features(real_feats, gen_feats),
+            "frechet_ci90": paired_interval(reps) if reps else None, "frechet_boot": reps}
+
+
+def tdm_checks(results: dict, golds: list[str]) -> list[str]:
+    """Issue 18's expectations on the rows present (one line each)."""
+    from eval.frechet import paired_interval
+
+    t, lines = results["teacher"], []
+    tdm = results.get("tdm")
+    if tdm is None:
+        return lines
+    pct = (lambda a, b: f"{100 * a / max(b, 1e-12):.1f}%")
+    lines.append(f"- TDM: adherence {pct(tdm['adherence'], t['adherence'])} of the teacher (>= 95 %), sharpness "
+                 f"{pct(tdm['sharpness'], t['sharpness'])} (>= 90 %)")
+    gan = results.get("tdm_gan")
+    if gan is not None and gan.get("frechet_boot") and tdm.get("frechet_boot"):
+        lo, hi = paired_interval(gan["frechet_boot"], tdm["frechet_boot"])
+        lines.append(f"- GAN vs TDM: FD {gan['frechet']:.3f} vs {tdm['frechet']:.3f}, difference 90% CI "
+                     f"[{lo:.3f}, {hi:.3f}] (lower is better)")
+    full = results.get("tdm_gan_mixed_pixel")
+    if full is not None:
+        gains = ", ".join(f"{g} {full[f'gold:{g}'] - tdm[f'gold:{g}']:+.4g}" for g in golds)
+        lines.append(f"- all three vs TDM: {gains}; adherence {pct(full['adherence'], t['adherence'])} of the "
+                     "teacher (within 5 %)")
+    pix, lat = results.get("tdm_mixed_pixel"), results.get("tdm_mixed_latent")
+    if pix is not None and lat is not None:
+        ratios = ", ".join(
+            f"{g} {(lat[f'gold:{g}'] - tdm[f'gold:{g}']) / d:.2f}" if abs(d := pix[f"gold:{g}"] - tdm[f"gold:{g}"])
+            > 1e-12 else f"{g} n/a" for g in golds)
+        cost = (f"{lat['step_time_s'] / pix['step_time_s']:.2f}" if lat.get("step_time_s") and pix.get("step_time_s")
+                else "n/a")
+        lines.append(f"- latent / pixel reward gain over TDM (>= 0.8): {ratios}; step-time ratio latent / pixel "
+                     f"{cost}")
+    return lines
+
+
 def write_tables(out: Path, meta: dict, results: dict) -> str:
     """``out/ablation.json`` (meta + results) and ``out/ablation.md`` (the table, rows in ``ROWS`` order)."""
     from lrm.io import write_json
@@ -171,16 +351,40 @@ def write_tables(out: Path, meta: dict, results: dict) -> str:
 
     def sharp_cell(r: dict) -> str:
         return f" | {100 * r['sharpness'] / max(t['sharpness'], 1e-12):.0f}%" if has_sharp else ""
+    # issue 18's columns, after "train s" (runs without them keep the old table)
+    has_fd, golds, has_cost = "frechet" in t, list(meta.get("targeted_rewards") or []), meta.get("suite") == "tdm"
+    tdm = results.get("tdm") if has_fd and results.get("tdm", {}).get("frechet_boot") else None
+    extra_head = ((" | FD to real [90% CI]" + (" | FD - FD(TDM) [90% CI]" if tdm else "")) if has_fd else "") + \
+        "".join(f" | {g}" for g in golds) + (" | s/step | peak MB" if has_cost else "")
+    n_extra = extra_head.count(" | ")
+
+    def extra_cells(r: dict) -> str:
+        from eval.frechet import paired_interval
+
+        cells = []
+        if has_fd:
+            ci = r.get("frechet_ci90")
+            cells.append(f"{r['frechet']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+            if tdm:
+                d = (paired_interval(r["frechet_boot"], tdm["frechet_boot"]) if r.get("frechet_boot") and r is not tdm
+                     else None)
+                cells.append(f"{r['frechet'] - tdm['frechet']:+.3f} [{d[0]:+.3f}, {d[1]:+.3f}]" if d else "-")
+        cells += [f"{r[f'gold:{g}']:.4g}" if f"gold:{g}" in r else "-" for g in golds]
+        if has_cost:
+            cells += [f"{r['step_time_s']:.3f}" if r.get("step_time_s") is not None else "-",
+                      f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else "-"]
+        return "".join(f" | {c}" for c in cells)
     lines = [f"Shapes {meta['kind']} ablation on {meta['device']} ({meta['prompts']} held-out "
              f"{'validation ' if meta.get('split') == 'val' else ''}prompts x "
              f"{meta['per_prompt']} samples; gold = {meta['gold_reward']}; total {meta['total_seconds']:.0f} s"
              + ("; sampling times retimed alone in one process" if meta.get("timing") else "") + ")", "",
              "| generator | NFE | sample s | speedup | adherence | vs teacher [90% CI] | Vendi | gold"
-             f"{sharp_head} | train s |",
-             "| --- " * (10 if has_sharp else 9) + "|",
-             f"| {t['name']} | 100 | {t['seconds']:.3f} | 1.0x | {t['adherence']:.3f} | 100% | {t['vendi']:.3f} | "
-             f"{t['gold']:.2f}{' | 100%' if has_sharp else ''} | - |"]
-    for suffix in (BASELINE, *(s for _, s in ROWS)):
+             f"{sharp_head} | train s{extra_head} |",
+             "| --- " * ((10 if has_sharp else 9) + n_extra) + "|",
+             f"| {t['name']} | {t.get('network_calls', 100)} | {t['seconds']:.3f} | 1.0x | {t['adherence']:.3f} | "
+             f"100% | {t['vendi']:.3f} | "
+             f"{t['gold']:.2f}{' | 100%' if has_sharp else ''} | -{extra_cells(t)} |"]
+    for suffix in (BASELINE, *(s for _, s in SUITES[meta.get("suite") or "dollar"])):
         if suffix not in results:
             continue
         r = results[suffix]
@@ -188,7 +392,9 @@ def write_tables(out: Path, meta: dict, results: dict) -> str:
         ci = f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
         lines.append(f"| {r['name']} | {r['network_calls']} | {r['seconds']:.3f} | {r['speedup']:.1f}x | "
                      f"{r['adherence']:.3f} | {100 * r['adherence_vs_teacher']:.1f}%{ci} | {r['vendi']:.3f} | "
-                     f"{r['gold']:.2f}{sharp_cell(r)} | {r.get('train_seconds', 0):.0f} |")
+                     f"{r['gold']:.2f}{sharp_cell(r)} | {r.get('train_seconds', 0):.0f}{extra_cells(r)} |")
+    if meta.get("suite") == "tdm":
+        lines += ["", *tdm_checks(results, golds)]
     text = "\n".join(lines) + "\n"
     (out / "ablation.md").write_text(text)
     return text
@@ -202,7 +408,7 @@ def merge(out: Path, parts: list[str], retime_device: torch.device | None = None
     sampling times are measured again in this process (``retime``); with ``timings_from`` (a ``--retime`` merge of the
     same set-up) they are taken from there; else each row keeps its own speedup."""
     runs = [json.loads((Path(p) / "ablation.json").read_text()) for p in parts]
-    keys = (*EVAL_SETUP, "gold_reward", "overrides")
+    keys = (*EVAL_SETUP, "gold_reward", "overrides", "suite", "frechet_n", "targeted_rewards")
     for p, r in zip(parts[1:], runs[1:]):
         differ = [k for k in keys if r.get(k) != runs[0].get(k)]
         if differ:
@@ -224,7 +430,7 @@ def merge(out: Path, parts: list[str], retime_device: torch.device | None = None
     return write_tables(out, meta, results)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/distill_ablation")
     ap.add_argument("--steps", type=int, default=None, help="override the configs' generator steps")
@@ -236,9 +442,25 @@ def main() -> None:
                          "choose settings on val, report test)")
     ap.add_argument("--per_prompt", type=int, default=8, help="samples per prompt (Vendi is over these)")
     ap.add_argument("--teacher_cfg", type=float, default=7.5, help="CFG scale of the 50-step teacher (Imagen form)")
+    ap.add_argument("--teacher_steps", type=int, default=50,
+                    help="DDIM steps of the teacher row (fewer: CPU tests only)")
     ap.add_argument("--teacher", default=None,
                     help="override the teacher (a Denoiser dir for tests; default shapes-image / shapes-video)")
     ap.add_argument("--video", action="store_true", help="16-frame video teacher and student")
+    ap.add_argument("--suite", choices=tuple(SUITES), default="dollar",
+                    help="dollar: DOLLAR's ablation rows; tdm: paper 004's TDM / GAN / mixed-reward rows beside VSD+CD "
+                         "and VSD+CD+LRM (implies --video)")
+    ap.add_argument("--num_frames", type=int, default=16, help="--video: frames per clip")
+    ap.add_argument("--frechet_n", type=int, default=None,
+                    help="real videos (and generated samples, one per real caption) of the Fréchet distance; "
+                         "0 = no FD column; default 512 with --suite tdm, else 0")
+    ap.add_argument("--frechet_boot", type=int, default=200, help="bootstrap replicates of the FD intervals")
+    ap.add_argument("--lrm_dir", default=None,
+                    help="where the configs' LRM/<reward> LatentRewards are (fitted there first if missing); "
+                         "default OUT/lrms")
+    ap.add_argument("--lrm_records", type=int, default=2048, help="videos the missing LRMs are fitted on")
+    ap.add_argument("--lrm_steps", type=int, default=1500, help="optimizer steps of each LRM fit (early stopping)")
+    ap.add_argument("--fit_lrms_only", action="store_true", help="fit the rows' missing LRMs, then stop")
     ap.add_argument("--keyframe_stride", type=int, default=4, help="video Vendi: every Nth frame is a keyframe")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="DistillConfig override for every row (YAML value), e.g. --set beta_ft=0.05 "
@@ -253,7 +475,7 @@ def main() -> None:
                     help="with --merge: take the sampling times from an earlier --retime merge of the same set-up")
     ap.add_argument("--retime", action="store_true",
                     help="with --merge: measure the sampling times again in the merge process (see retime())")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.merge:
         from lrm.run import resolve_device
 
@@ -261,7 +483,7 @@ def main() -> None:
                     args.teacher_cfg, args.timings_from))
         return
 
-    from distill.builders import build_teacher, build_vae
+    from distill.builders import build_mixed_reward, build_teacher, build_vae
     from distill.cli import build_data, build_lrm
     from distill.samplers import STUDENT_TIMESTEPS, ddim_sample, student_sample
     from distill.trainer import DistillConfig, DistillData, DistillTrainer
@@ -275,13 +497,20 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
-    rows = ROWS if args.rows == "all" else [r for r in ROWS if r[1] in args.rows.split(",")]
+    suite = SUITES[args.suite]
+    rows = suite if args.rows == "all" else [r for r in suite if r[1] in args.rows.split(",")]
+    if not rows:
+        raise SystemExit(f"--rows {args.rows!r}: none of the {args.suite} suite's rows {[r[1] for r in suite]}")
+    args.video = args.video or args.suite == "tdm"
+    frechet_n = args.frechet_n if args.frechet_n is not None else (512 if args.suite == "tdm" else 0)
+    lrm_dir = Path(args.lrm_dir) if args.lrm_dir else out / "lrms"
+    golds = targeted_rewards([r[1] for r in suite]) if args.suite == "tdm" else []
     t_start = time.perf_counter()
     kind = "video" if args.video else "image"
     # the configs are written for the image student; --video swaps teacher, frames, LRM head and batch size
     world_over = {"teacher": args.teacher or f"shapes-{kind}"}
     if args.video:
-        world_over.update(num_frames=16, lrm_head="video-frame-avg", batch_size=16)
+        world_over.update(num_frames=args.num_frames, lrm_head="video-frame-avg", batch_size=16)
     if args.num_data:
         world_over["num_data"] = args.num_data
     for item in args.set:
@@ -290,9 +519,16 @@ def main() -> None:
             raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
         world_over[key.strip()] = yaml.safe_load(value)
 
-    base = load_config(DistillConfig, ROOT / f"configs/distill_shapes_ablation_{rows[0][1]}.yaml", world_over)
-    teacher = build_teacher(base, device)
+    base = load_config(DistillConfig, config_path(rows[0][1]), world_over)
     vae = build_vae(base, device)
+    lrm_names = [n[len(LRM_PREFIX):] for _, suffix in rows for n in mixed_reward_names(suffix)
+                 if n.startswith(LRM_PREFIX)]
+    lrm_fits = fit_reward_lrms(sorted(set(lrm_names)), lrm_dir, vae, base.num_frames, device, args.lrm_records,
+                               args.lrm_steps, seed=base.data_seed) if lrm_names else {}
+    if args.fit_lrms_only:
+        print(f"LRMs in {lrm_dir}: {sorted(set(lrm_names))} (fitted now: {lrm_fits or 'none'})")
+        return
+    teacher = build_teacher(base, device)
     data = build_data(base, vae, device, video=teacher.is_video)
     text_encoder = TextEncoder(base.text_encoder, device=device)
 
@@ -301,6 +537,30 @@ def main() -> None:
     adherence = create_reward("shapes-adherence", device=str(device))
     gold = create_reward(base.pixel_reward, device=str(device))
     sharp = create_reward("sharpness", device=str(device))
+    # targeted golds as the mixed terms score them: a frame reward on the first / middle / last frame (Eq. 13)
+    gold_rewards = {g: create_reward(g, device=str(device), frames="first-middle-last") for g in golds}
+    if frechet_n:
+        from eval.frechet import real_shapes, shapes_video_features
+
+        real_px, real_caps = real_shapes(frechet_n, 1 if args.split == "test" else 2,
+                                         base.num_frames if args.video else None)
+        real_feats = shapes_video_features(real_px.to(device), vae)
+        f_emb = text_encoder(real_caps)
+        f_tok, f_mask = f_emb.tokens.to(device), f_emb.mask.to(device)
+        f_noise = torch.randn((frechet_n, *data.latents.shape[1:]),
+                              generator=torch.Generator().manual_seed(FRECHET_NOISE_SEED)).to(device)
+
+    def frechet(sample) -> dict:
+        """FD columns of ``sample(noise, tokens, mask) -> latents`` on the Fréchet set (batches of 64)."""
+        if not frechet_n:
+            return {}
+        from eval.frechet import shapes_video_features
+
+        with torch.no_grad():
+            feats = torch.cat([shapes_video_features(vae.decode(sample(f_noise[i:i + 64], f_tok[i:i + 64],
+                                                                       f_mask[i:i + 64]).float()), vae)
+                               for i in range(0, frechet_n, 64)])
+        return frechet_columns(real_feats, feats, args.frechet_boot)
 
     def score(latents: torch.Tensor, name: str) -> dict:
         pixels = vae.decode(latents.float())  # (N, 3, H, W) or (N, T, 3, H, W)
@@ -312,15 +572,19 @@ def main() -> None:
         per_prompt = {"adherence": adherence(pixels, all_prompts).view(args.prompts, -1).mean(1).tolist(),
                       "gold": gold(pixels, all_prompts).view(args.prompts, -1).mean(1).tolist(),
                       "vendi": [float(keyframe_diversity(gp.cpu(), args.keyframe_stride)) for gp in groups],
-                      "sharpness": sharp(pixels, all_prompts).view(args.prompts, -1).mean(1).tolist()}
+                      "sharpness": sharp(pixels, all_prompts).view(args.prompts, -1).mean(1).tolist(),
+                      **{f"gold:{g}": r(pixels, all_prompts).view(args.prompts, -1).mean(1).tolist()
+                         for g, r in gold_rewards.items()}}
         return {**{k: sum(v) / len(v) for k, v in per_prompt.items()}, "per_prompt": per_prompt}
 
     with torch.no_grad():
-        t_lat, t_time = timed(lambda: ddim_sample(teacher, noise, tok, mask, num_steps=50,
+        t_lat, t_time = timed(lambda: ddim_sample(teacher, noise, tok, mask, num_steps=args.teacher_steps,
                                                   guidance_scale=args.teacher_cfg), args.timing_repeats)
-    results = {"teacher": {"name": f"teacher (50 DDIM x CFG {args.teacher_cfg})", "seconds": t_time,
-                           "network_calls": 100, **score(t_lat, "teacher")}}
-    print(f"teacher: {results['teacher']}", flush=True)
+    results = {"teacher": {"name": f"teacher ({args.teacher_steps} DDIM x CFG {args.teacher_cfg})", "seconds": t_time,
+                           "network_calls": 2 * args.teacher_steps, **score(t_lat, "teacher"),
+                           **frechet(lambda n, tk, m: ddim_sample(teacher, n, tk, m, num_steps=args.teacher_steps,
+                                                                  guidance_scale=args.teacher_cfg))}}
+    print(f"teacher: {json.dumps({k: v for k, v in results['teacher'].items() if k != 'frechet_boot'})}", flush=True)
 
     def versus_teacher(r: dict) -> dict:
         """``r`` with its speedup and adherence ratio (+ interval) against the teacher row of this process."""
@@ -333,7 +597,9 @@ def main() -> None:
         b_lat, b_time = timed(lambda: student_sample(teacher, noise, tok, mask, timesteps=STUDENT_TIMESTEPS[4]),
                               args.timing_repeats)
     results[BASELINE] = versus_teacher({"name": "teacher, 4 steps, not distilled", "seconds": b_time,
-                                        "network_calls": 4, "train_seconds": 0.0, **score(b_lat, BASELINE)})
+                                        "network_calls": 4, "train_seconds": 0.0, **score(b_lat, BASELINE),
+                                        **frechet(lambda n, tk, m: student_sample(teacher, n, tk, m,
+                                                                                  timesteps=STUDENT_TIMESTEPS[4]))})
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
 
     overrides = dict(item.split("=", 1) for item in args.set)  # as given (the configs hold the rest)
@@ -344,34 +610,40 @@ def main() -> None:
                 "total_seconds": time.perf_counter() - t_start,
                 "prompts": args.prompts, "split": args.split, "per_prompt": args.per_prompt,
                 "gold_reward": base.pixel_reward,
-                "latent_shape": list(data.latents.shape[1:]), "overrides": overrides}
+                "latent_shape": list(data.latents.shape[1:]), "overrides": overrides,
+                **({"suite": args.suite, "frechet_n": frechet_n, "targeted_rewards": golds}
+                   if args.suite != "dollar" or frechet_n else {}),
+                **({"lrm_dir": str(lrm_dir), "lrm_fits": lrm_fits} if lrm_names else {})}
         return write_tables(out, meta, results)
 
     write_outputs()
 
     for name, suffix in rows:
-        over = {**world_over, "device": str(device), "progress": False, "tensorboard": False,
-                "run_dir": str(out / suffix), "resume": False}
+        over = {**resolve_lrms(suffix, lrm_dir), **world_over, "device": str(device), "progress": False,
+                "tensorboard": False, "run_dir": str(out / suffix), "resume": False}
         if args.steps is not None:
             over["steps"] = args.steps
         if args.batch_size is not None:
             over["batch_size"] = args.batch_size
-        cfg = load_config(DistillConfig, ROOT / f"configs/distill_shapes_ablation_{suffix}.yaml", over)
+        cfg = load_config(DistillConfig, config_path(suffix), over)
         lrm = build_lrm(cfg, data, vae, device)
+        mixed = build_mixed_reward(cfg, vae, device, text_encoder=text_encoder)
         tr = DistillTrainer(cfg, teacher, DistillData(data.latents, data.text_tokens, data.text_mask, data.prompts),
-                            lrm=lrm, vae=vae)
+                            lrm=lrm, vae=vae, mixed_reward=mixed)
         t0 = time.perf_counter()
         hist = tr.train()
         train_s = time.perf_counter() - t0
         s_lat, s_time = timed(lambda: tr.sample(noise, tok, mask), args.timing_repeats)
         r = versus_teacher({"name": name, "config": f"configs/distill_shapes_ablation_{suffix}.yaml",
                             "steps": cfg.steps, "train_seconds": train_s, "seconds": s_time,
-                            "network_calls": len(tr.timesteps), **score(s_lat, suffix),
+                            "network_calls": len(tr.timesteps), **score(s_lat, suffix), **frechet(tr.sample),
+                            **log_costs(out / suffix, device.type == "cuda"),
                             "final_losses": {k: v for k, v in hist[-1].items() if k.startswith("loss")}})
         results[suffix] = r
-        print(f"{name}: {json.dumps({k: v for k, v in r.items() if k != 'final_losses'})}", flush=True)
+        print(f"{name}: {json.dumps({k: v for k, v in r.items() if k not in ('final_losses', 'frechet_boot')})}",
+              flush=True)
         write_outputs()
-        tr = lrm = None  # free the networks before the next row
+        tr = lrm = mixed = None  # free the networks before the next row
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -37,6 +37,13 @@ class TemporalFlickering(Reward):
         return (255.0 - mae) / 255.0
 
 
+@register_reward("temporal-flickering-float",
+                 help="temporal-flickering without the uint8 rounding: differentiable, a pixel R_v for training")
+def temporal_flickering_float(**kw) -> TemporalFlickering:
+    """``TemporalFlickering(quantize=False)`` by name, so a config can name it as a differentiable reward."""
+    return TemporalFlickering(quantize=False, **kw)
+
+
 # cv2.calcOpticalFlowFarneback settings (OpenCV's tutorial values) and the top fraction of magnitudes kept.
 FARNEBACK_PARAMS = {"pyr_scale": 0.5, "levels": 3, "winsize": 15, "iterations": 3, "poly_n": 5, "poly_sigma": 1.2,
                     "flags": 0}
