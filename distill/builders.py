@@ -218,12 +218,15 @@ def build_prompt_pool(spec: Any, vae: Any, text_encoder: Any, video: bool = Fals
         return PromptPool.from_distill_data(_cache_data(spec, vae))
     if spec.prompt_file is not None:
         prompts = load_prompt_file(spec.prompt_file)
-        toks, masks = [], []
+        toks, masks, pooled = [], [], []
         for s in range(0, len(prompts), 256):
             emb = text_encoder(prompts[s:s + 256])
             toks.append(emb.tokens.float().cpu())
             masks.append(emb.mask.cpu())
-        return PromptPool(torch.cat(toks), torch.cat(masks), prompts)
+            if getattr(emb, "pooled", None) is not None:  # PipelineText of FLUX / SD3 / HunyuanVideo
+                pooled.append(emb.pooled.float().cpu())
+        return PromptPool(torch.cat(toks), torch.cat(masks), prompts,
+                          text_pooled=torch.cat(pooled) if pooled else None)
     if teacher_is_diffusers(spec) or spec.vae != "shapes":
         raise ConfigError(f"teacher {spec.teacher!r} / vae {spec.vae!r}: Shapes world prompts fit only the Shapes "
                           "teachers and VAE; set data_cache (a LatentCache from `lrm cache build`) or prompt_file")

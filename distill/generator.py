@@ -151,8 +151,8 @@ class GeneratorTrainer:
                 f"null caption ({self.teacher.null_tokens.shape[1]} tokens) and the data captions "
                 f"({self.data.text_tokens.shape[1]} tokens) must have the same length; encode both with one "
                 "text_max_length (77 for Stable Diffusion's CLIP)")
-        self.latent_shape = tuple(latent_shape) if latent_shape is not None else self._latent_shape()
         self.vae, self.gold_reward = vae, gold_reward
+        self.latent_shape = tuple(latent_shape) if latent_shape is not None else self._latent_shape()
         for t in self.terms:
             t.setup(self)
         self.inputs["terms"] = {t.name: t.fingerprint() for t in self.terms if t.fingerprint() is not None}
@@ -238,10 +238,17 @@ class GeneratorTrainer:
 
     # ---- networks the terms ask for ----------------------------------------------------------------------
     def enable_checkpointing(self, d: Denoiser) -> None:
-        if getattr(d.model, "_supports_gradient_checkpointing", False) or hasattr(d.model, "_lora"):
+        """``distill.checkpointing``: diffusers' switch, else block-wise (UNet3D); LoRA views recompute under their
+        adapter."""
+        if hasattr(d.model, "_lora"):
             d.model.enable_gradient_checkpointing()
-        else:  # e.g. diffusers' UNet3DConditionModel; the direct term still checkpoints calls + decoder
-            self.logger.warning("%s has no block-level gradient checkpointing", type(d.model).__name__)
+            return
+        from distill.checkpointing import enable_gradient_checkpointing
+
+        try:
+            enable_gradient_checkpointing(d.model)
+        except ValueError as e:  # a home-made network without blocks: the direct term still checkpoints calls
+            self.logger.warning("%s", e)
 
     def frozen_init(self) -> Denoiser:
         """The frozen initial student (KL's pi_ref, the teacher when none is given): a copy of ``init``, or with
@@ -321,11 +328,24 @@ class GeneratorTrainer:
         return nullcontext()
 
     def _latent_shape(self) -> tuple[int, ...]:
+        """The data latents' shape; without data latents (a prompt file) the VAE's latents of ``image_size``
+        pixels (default: the model's ``sample_size`` x the VAE's factor), ``num_frames`` frames for video."""
         if self.data.latents is not None:
             return tuple(self.data.latents.shape[1:])
-        m = self.student.model.config
-        C, s = int(m.in_channels), int(m.sample_size)
-        return (self.config.num_frames, C, s, s) if self.student.is_video else (C, s, s)
+        cfg, video = self.config, self.student.is_video
+        ss = getattr(self.student.model.config, "sample_size", None)
+        ss = ss[0] if isinstance(ss, (list, tuple)) else ss
+        if getattr(self.vae, "latent_space", None) is None:  # no VAE to ask: the network's own square sample size
+            C = int(self.student.model.config.in_channels)
+            return (cfg.num_frames, C, int(ss), int(ss)) if video else (C, int(ss), int(ss))
+        size = getattr(cfg, "image_size", None) or (int(ss) * self.vae.downsample if ss else None)
+        if size is None:
+            raise ConfigError(f"{type(self.student.model).__name__} has no sample_size in its config and the prompts "
+                              "come without data latents: set image_size (pixels of the samples)")
+        try:
+            return tuple(self.vae.latent_space.latent_shape(size, size, cfg.num_frames if video else None))
+        except ValueError as e:  # a size / frame count the VAE cannot take: the rule and the nearest valid values
+            raise ConfigError(f"image_size / num_frames: {e}") from None
 
     def _unwrap(self, m: nn.Module) -> nn.Module:
         if isinstance(m, nn.parallel.DistributedDataParallel):

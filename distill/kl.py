@@ -18,6 +18,7 @@ import torch
 
 from distill.cd import consistency_output
 from distill.objective import ObjectiveTerm, StepContext
+from distill.samplers import pooled_kw
 
 
 def gaussian_kl(mu: torch.Tensor, mu_ref: torch.Tensor, sigma: float | torch.Tensor = 1.0,
@@ -56,10 +57,11 @@ class KLTerm(ObjectiveTerm):
 
     @torch.no_grad()
     def ref_x0(self, trainer: Any, x_t: torch.Tensor, t: torch.Tensor, tok: torch.Tensor,
-               mask: torch.Tensor | None) -> torch.Tensor:
-        """pi_ref's x0 map at ``(x_t, t)`` (the same consistency function as ``trainer.student_x0``)."""
+               mask: torch.Tensor | None, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """pi_ref's x0 map at ``(x_t, t)`` (the same consistency function as ``trainer.student_x0``); ``pooled``: the
+        captions' pooled text (FLUX / SD3 / HunyuanVideo)."""
         with trainer.autocast():
-            x0 = self.ref.x0(x_t, t, tok, mask)
+            x0 = self.ref.x0(x_t, t, tok, mask, **pooled_kw(pooled))
         return consistency_output(x_t, x0.float(), t, trainer.config.sigma_data, trainer.config.timestep_scaling)
 
     def generator_loss(self, ctx: StepContext) -> tuple[torch.Tensor | None, dict[str, Any]]:
@@ -67,7 +69,7 @@ class KLTerm(ObjectiveTerm):
         if point is None:
             return None, {}
         x_t, t, x0 = point
-        kl = x0_kl(x0, self.ref_x0(ctx.trainer, x_t.detach(), t, ctx.tok, ctx.mask)).mean()
+        kl = x0_kl(x0, self.ref_x0(ctx.trainer, x_t.detach(), t, ctx.tok, ctx.mask, ctx.batch.text_pooled)).mean()
         return kl, {"kl": float(kl.detach())}
 
 

@@ -39,7 +39,11 @@ class ShellConfig(ModelSpec):
     data_cache: str | None = opt(None, "LatentCache directory with data latents + text; None: encode samples of the "
                                        "Shapes world")
     data_seed: int = opt(0, "ShapesWorld seed of the data / prompt pool")
-    num_frames: int = opt(16, "frames per video for the Shapes video world (teacher 'shapes-video')")
+    num_frames: int = opt(16, "frames per video: of the Shapes video world (teacher 'shapes-video'), and of the "
+                              "samples when the prompts come without data latents (prompt_file)")
+    image_size: int | None = opt(None, "pixel size of the samples when the prompts come without data latents "
+                                       "(prompt_file); None: the model's sample_size x the VAE's factor (required for "
+                                       "models without sample_size, e.g. FLUX)")
     # ---- student ---------------------------------------------------------------------------------------
     student_steps: int = opt(4, "student sampling steps k (1, 2 or 4 use DOLLAR's timesteps)")
     student_timesteps: list[int] | None = opt(None, "custom student timesteps (overrides student_steps), e.g. "

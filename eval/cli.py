@@ -193,8 +193,7 @@ def load_denoiser(cfg: EvalConfig, spec: str, device, vae=None, text_encoder=Non
     if den.is_video != cfg.video:
         raise ConfigError(f"denoiser {spec!r} is a {'video' if den.is_video else 'image'} model but video="
                           f"{cfg.video}; set --video {str(den.is_video).lower()}")
-    mcfg = getattr(den.model, "config", None)
-    want = getattr(mcfg, "in_channels", None)
+    want = den.family.latent_channels()
     if vae is not None and want is not None and int(want) != int(vae.vae.config.latent_channels):
         raise ConfigError(f"denoiser {spec!r} takes {want}-channel latents but vae {cfg.vae!r} makes "
                           f"{vae.vae.config.latent_channels}: set vae / vae_subfolder to the model's own VAE")
@@ -245,7 +244,7 @@ def build_generators(cfg: EvalConfig, vae, device, text_encoder=None):
         return gen, (data(0.0) if cfg.reference == "shapes-data" else None)
     den = load_denoiser(cfg, cfg.denoiser, device, vae, text_encoder)
     kw = dict(sampler=cfg.sampler, steps=cfg.steps, timesteps=cfg.timesteps, guidance_scale=cfg.guidance_scale,
-              eta=cfg.eta)
+              eta=cfg.eta, text_encoder=text_encoder)  # the pooled text of FLUX / SD3 / HunyuanVideo prompts
     if cfg.reference is None:
         return DenoiserGenerator(den, **kw), None
     if cfg.reference == "shapes-data":

@@ -663,8 +663,9 @@ def _gpu_seconds_by_step(log_csv: Path) -> dict[int, float]:
     return {int(s): float(g) for s, g in zip(df["step"], df["gpu_seconds"])}
 
 
-def study_checkpoints(cfg: OveroptConfig, run_dir: Path, device, timesteps: list[int]):
-    """(step, generator, extra) for every saved student, loaded one at a time; plus the step-0 reference."""
+def study_checkpoints(cfg: OveroptConfig, run_dir: Path, device, timesteps: list[int], text_encoder=None):
+    """(step, generator, extra) for every saved student, loaded one at a time; plus the step-0 reference.
+    ``text_encoder`` gives pooled-text families (FLUX / SD3 / HunyuanVideo) the prompts' pooled vectors."""
     from distill.denoiser import Denoiser
     from eval.generators import DenoiserGenerator
 
@@ -673,7 +674,7 @@ def study_checkpoints(cfg: OveroptConfig, run_dir: Path, device, timesteps: list
         raise RuntimeError(f"no step-0 student in {run_dir / 'finetune' / 'students'}; the fine-tuning did not run")
     ref_den = Denoiser.from_pretrained(students[0][1], device=device).eval()
     gpu_s = _gpu_seconds_by_step(run_dir / "finetune" / "log.csv")
-    kw = dict(timesteps=timesteps, eta=float(cfg.finetune.get("eta", 1.0)))
+    kw = dict(timesteps=timesteps, eta=float(cfg.finetune.get("eta", 1.0)), text_encoder=text_encoder)
     stochastic = cfg.eval_sampler == "stochastic"
     reference = None if stochastic else DenoiserGenerator(ref_den, sampler="student", **kw)
 
@@ -692,7 +693,7 @@ def study_checkpoints(cfg: OveroptConfig, run_dir: Path, device, timesteps: list
     return gen(), reference
 
 
-def step0_generator(cfg: OveroptConfig, run_dir: Path, device, timesteps: list[int]):
+def step0_generator(cfg: OveroptConfig, run_dir: Path, device, timesteps: list[int], text_encoder=None):
     """The initial (step-0) student under the study's sampler, without a reference (best-of-n pool)."""
     from distill.denoiser import Denoiser
     from eval.generators import DenoiserGenerator
@@ -702,7 +703,7 @@ def step0_generator(cfg: OveroptConfig, run_dir: Path, device, timesteps: list[i
         raise RuntimeError(f"no step-0 student in {run_dir / 'finetune' / 'students'}; the fine-tuning did not run")
     den = Denoiser.from_pretrained(students[0][1], device=device).eval()
     return DenoiserGenerator(den, sampler=cfg.eval_sampler, timesteps=timesteps,
-                             eta=float(cfg.finetune.get("eta", 1.0)))
+                             eta=float(cfg.finetune.get("eta", 1.0)), text_encoder=text_encoder)
 
 
 def best_of_n_sweep(cfg: OveroptConfig, generator, prompts: list[str], gold: dict, proxy, out_dir: Path, vae, text,
@@ -766,9 +767,9 @@ def evaluate_run(cfg: OveroptConfig, run_dir: Path, lrm, latent_shape, timesteps
     if cfg.bon_n:
         if lrm is None:
             raise ConfigError(f"bon_n={cfg.bon_n} needs a proxy LRM (method=lrm or lrm_path)")
-        _, bon_fits = best_of_n_sweep(cfg, step0_generator(cfg, run_dir, device, timesteps), prompts, gold,
+        _, bon_fits = best_of_n_sweep(cfg, step0_generator(cfg, run_dir, device, timesteps, text), prompts, gold,
                                       proxy["lrm"], run_dir / "study", vae, text, latent_shape, device, log)
-    checkpoints, reference = study_checkpoints(cfg, run_dir, device, timesteps)
+    checkpoints, reference = study_checkpoints(cfg, run_dir, device, timesteps, text)
     title = f"overoptimization: {cfg.method} on {'proxy LRM of ' if lrm is not None else ''}{cfg.gold_reward} " \
             f"({run_dir.name})"
     # gold-free rule: the optimised reward (the LRM; for ddpo / direct the gold reward is the training signal)

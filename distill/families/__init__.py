@@ -37,6 +37,11 @@ class Family(ABC):
         """Width of the caption tokens the network takes."""
         return self.cfg("cross_attention_dim") or self.cfg("joint_attention_dim")
 
+    def latent_channels(self) -> int | None:
+        """Channels of the VAE latents the network takes (before any packing the family does)."""
+        c = self.cfg("in_channels")
+        return None if c is None else int(c)
+
     def pooled_dim(self) -> int | None:
         return self.cfg("pooled_projection_dim") if self.needs_pooled else None
 

@@ -47,6 +47,9 @@ class Flux(Family):
     def text_dim(self):
         return self.cfg("joint_attention_dim")
 
+    def latent_channels(self):
+        return int(self.cfg("in_channels")) // 4  # 2x2 patches packed into channels
+
     def call(self, model, x, t, tokens, mask, pooled, guidance, **kw):
         B, C, h, w = x.shape
         if mask is not None:  # an explicit mask: zero the padding (the model has no text mask)

@@ -119,7 +119,7 @@ def test_config_errors_and_shipped_configs(tmp_path):
     assert len(files) >= 8
     for f in files:
         c = load_config(DistillConfig, f)
-        assert c.use_vsd or c.use_cd
+        assert c.use_vsd or c.use_cd or c.use_tdm  # a distribution-matching or consistency term
 
 
 def test_image_only_latent_reward_drives_the_ft_term(tmp_path):
@@ -144,8 +144,11 @@ def test_image_only_latent_reward_drives_the_ft_term(tmp_path):
     assert any(not torch.equal(s0[k], s1[k]) for k in s0)
 
 
-def test_video_unet3d_student_learns_teacher_frozen(tmp_path):
-    """A tiny UNet3DConditionModel video teacher, (B, T, C, h, w) latents, 2 steps of VSD + CD + FT."""
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointed"])
+def test_video_unet3d_student_learns_teacher_frozen(tmp_path, ckpt):
+    """A tiny UNet3DConditionModel video teacher, (B, T, C, h, w) latents, 2 steps of VSD + CD + FT; with
+    gradient_checkpointing the student's and fake score's blocks are checkpointed (distill.checkpointing: UNet3D has
+    no diffusers switch) and the run is the same."""
     from diffusers import UNet3DConditionModel
 
     torch.manual_seed(0)
@@ -159,9 +162,10 @@ def test_video_unet3d_student_learns_teacher_frozen(tmp_path):
                        torch.ones(6, 5, dtype=torch.bool), [f"video {i}" for i in range(6)])
     video_lrm = lambda x, tok, mask: x.mean(dim=(1, 2, 3, 4))  # noqa: E731
     before = params(teacher.model)
-    tr = DistillTrainer(cfg(tmp_path, use_lrm_ft=True, batch_size=2, fake_updates=1, cd_teacher_steps=1), teacher,
-                        data, lrm=video_lrm)
+    tr = DistillTrainer(cfg(tmp_path, use_lrm_ft=True, batch_size=2, fake_updates=1, cd_teacher_steps=1,
+                            gradient_checkpointing=ckpt), teacher, data, lrm=video_lrm)
     assert tr.student.is_video and tr.latent_shape == (3, 4, 8, 8)
+    assert all(getattr(b, "_lrm_checkpointed", False) == ckpt for b in tr.student.model.down_blocks)
     s0 = params(tr.student.model)
     hist = tr.train()
     assert [h["step"] for h in hist] == [1, 2]

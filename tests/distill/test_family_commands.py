@@ -9,6 +9,7 @@ its pooled vectors cached and passed to every network call)."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -324,6 +325,24 @@ def test_every_command_on_a_tiny_pooled_text_pipeline(family, tmp_path):
         rows = _losses(run / "log.csv")
         assert len(rows) == 2 and all(math.isfinite(v) for r in rows for v in r.values()), (method, rows)
         assert _trained(_lora(run / "student")), method
+
+    # prompts from a file (their pooled vectors encoded by the run) with the KL penalty toward the initial student
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    run = R / "ft-kl"
+    _run(["finetune", "--method", "lrm", "--teacher", str(student), "--run_dir", str(run), "--steps", "2",
+          "--batch_size", "2", "--num_eval", "2", "--eval_every", "0", "--eval_batch_size", "2", "--lrm_path",
+          str(R / "lrm"), "--gold_reward", "colorfulness", "--lr", "1e-3", "--beta_kl", "0.5", "--prompt_file",
+          str(tmp_path / "prompts.txt"), "--image_size", "32", *[a for a in common if a not in ("--data_cache", str(R / "cache"))]])
+    with open(run / "log.csv") as f:
+        kl = [float(r["kl"]) for r in csv.DictReader(f) if r.get("loss")]
+    assert len(kl) == 2 and all(math.isfinite(v) and v >= 0 for v in kl), kl
+    # lrm eval of the LoRA student (the one model-name resolver fuses it; pooled text from the prompts)
+    _run(["eval", "--generator", "denoiser", "--denoiser", str(student), "--sampler", "student", "--prompts_file",
+          str(tmp_path / "prompts.txt"), "--gold_rewards", "[colorfulness]", "--n_per_prompt", "1", "--batch_size",
+          "2", "--image_size", "32", "--n_bootstrap", "10", "--report", "false", "--device", "cpu",
+          "--out_dir", str(R / "eval"), *models])
+    summary = json.loads((R / "eval" / "eval.json").read_text())["summary"]
+    assert summary and all(math.isfinite(r["mean"]) for r in summary if isinstance(r.get("mean"), float)), summary
 
     # 5. the students in the diffusers pipeline: same transformer output as ours (with the pooled vector)
     pipe_cls = diffusers.FluxPipeline if family == "flux" else diffusers.StableDiffusion3Pipeline
