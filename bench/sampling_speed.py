@@ -12,7 +12,8 @@ sampling call ``distill.inference.sample`` (``Denoiser.sample``, what ``lrm eval
             call; its weights do not matter for speed)
   eager     the network in ``--dtype`` (bf16 on CUDA) as loaded (diffusers' SDPA attention), fp32 VAE decode
   optimized the library's fast path on copies: ``Denoiser.prepare_for_sampling`` (channels_last for 2-D UNets,
-            ``torch.compile(mode=--compile)``, ``--fuse_qkv``) and ``lrm.latent_space.VAE``'s bf16 decode in channels_last
+            ``torch.compile(mode=--compile)``, ``--fuse_qkv``) and ``lrm.latent_space.VAE``'s bf16 decode in
+            channels_last
             (``distill.inference.prepare_vae_for_sampling``, decoder compiled with ``--compile_vae``)
 
 Each (batch, sampler, variant) is run ``--warmup`` times (compilation happens there), then ``--repeats`` times; a run
@@ -253,7 +254,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "| batch | sampler | latents: max abs diff (opt - eager) | rel. L2 error | pixels: max abs diff | "
                   "rel. L2 error | tol | ok |", "|---:|---|---:|---:|---:|---:|---:|---|"]
     for c in result["checks"]:
-        lines.append(f"| {c['batch']} | {c['sampler']} | {c['max_abs_diff_latents']:.3g} | {c['rel_err_latents']:.2g} | "
+        lines.append(f"| {c['batch']} | {c['sampler']} | {c['max_abs_diff_latents']:.3g} | "
+                     f"{c['rel_err_latents']:.2g} | "
                      f"{c['max_abs_diff_pixels']:.3g} | {c['rel_err_pixels']:.2g} | {c['tol']:g} | {c['ok']} |")
     return "\n".join(lines) + "\n"
 

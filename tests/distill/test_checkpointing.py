@@ -21,7 +21,8 @@ def _count_calls(model):
     """Calls of each block's first leaf module (the recomputation calls the block's inner forward, not its hooks)."""
     calls = {"n": 0}
     for b in checkpointed_blocks(model):
-        next(m for m in b.modules() if not list(m.children())).register_forward_pre_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+        leaf = next(m for m in b.modules() if not list(m.children()))
+        leaf.register_forward_pre_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
     return calls
 
 

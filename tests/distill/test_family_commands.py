@@ -21,6 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lrm.io import read_json
+
 diffusers = pytest.importorskip("diffusers")
 
 LORA = "pytorch_lora_weights.safetensors"
@@ -97,6 +99,36 @@ def _trained(sd: dict[str, torch.Tensor]) -> bool:
     return bool(bs) and all(torch.isfinite(v).all() for v in sd.values()) and any(v.abs().max() > 0 for v in bs)
 
 
+def _distill_and_finetune(P: str, R: Path, models: list[str]):
+    """3. ``lrm distill`` 2 steps (VSD + CD + the LRM in R/lrm, LoRA rank 4; CFG with the null caption) and
+    4. ``lrm finetune`` lrm / ddpo / direct 2 steps each from its LoRA student (ddpo: the default final_timestep, 1 on
+    a flow schedule, 0 on DDPM): finite losses, trained adapters in diffusers' LoRA format. Returns the distilled
+    student, the shared CLI arguments and the fine-tuned adapters by method."""
+    common = ["--device", "cpu", "--ckpt_every", "0", "--sample_every", "0", "--progress", "false", "--lora_rank", "4",
+              "--num_sample_prompts", "1", "--samples_per_prompt", "1", "--data_cache", str(R / "cache"), *models]
+    _run(["distill", "--teacher", P, "--run_dir", str(R / "distill"), "--steps", "2", "--batch_size", "2",
+          "--fake_updates", "1", "--cd_teacher_steps", "1", "--use_lrm_ft", "true", "--lrm_path", str(R / "lrm"),
+          "--lr_student", "1e-3", "--lr_fake", "1e-3", "--tensorboard", "false", *common])
+    rows = _losses(R / "distill" / "log.csv")
+    assert len(rows) == 2 and all({"loss_vsd", "loss_cd", "loss_ft", "loss_fake"} <= r.keys() for r in rows), rows
+    assert all(math.isfinite(v) for r in rows for v in r.values())
+    student = R / "distill" / "student"
+    assert _trained(_lora(student)) and not (student / "config.json").exists()
+    assert read_json(student / "student.json")["lora"]["rank"] == 4
+    tuned = {}
+    for method in ("lrm", "ddpo", "direct"):
+        run = R / f"ft-{method}"
+        _run(["finetune", "--method", method, "--teacher", str(student), "--run_dir", str(run), "--steps", "2",
+              "--batch_size", "2", "--sample_batch_size", "2", "--num_sample_batches", "1", "--train_batch_size", "2",
+              "--num_eval", "2", "--eval_every", "0", "--eval_batch_size", "2", "--lrm_path", str(R / "lrm"),
+              "--gold_reward", "colorfulness", "--lr", "1e-3", *common])
+        rows = _losses(run / "log.csv")
+        assert len(rows) == 2 and all(math.isfinite(v) for r in rows for v in r.values()), (method, rows)
+        tuned[method] = _lora(run / "student")
+        assert _trained(tuned[method]), method
+    return student, common, tuned
+
+
 @pytest.mark.parametrize("family", ["wan", "cogvideox"])
 def test_every_command_on_a_tiny_video_pipeline(family, tmp_path):
     from data_cache import LatentCache
@@ -105,7 +137,6 @@ def test_every_command_on_a_tiny_video_pipeline(family, tmp_path):
     from distill.denoiser import Denoiser
     from distill.lora import load_lora_student
     from latent_rewards import LatentReward
-    from lrm.io import read_json
     from lrm.latent_space import VAE
     from reward_adapters import create_reward
 
@@ -148,33 +179,11 @@ def test_every_command_on_a_tiny_video_pipeline(family, tmp_path):
         out = lrm(batch.float())
     assert out.shape == (4,) and torch.isfinite(out).all() and out.std() > 0
 
-    # 3. lrm distill: 2 steps, VSD + CD + the LRM, LoRA rank 4 on the transformer
-    common = ["--device", "cpu", "--ckpt_every", "0", "--sample_every", "0", "--progress", "false", "--lora_rank", "4",
-              "--num_sample_prompts", "1", "--samples_per_prompt", "1", "--data_cache", str(R / "cache"), *models]
-    _run(["distill", "--teacher", P, "--run_dir", str(R / "distill"), "--steps", "2", "--batch_size", "2",
-          "--fake_updates", "1", "--cd_teacher_steps", "1", "--use_lrm_ft", "true", "--lrm_path", str(R / "lrm"),
-          "--lr_student", "1e-3", "--lr_fake", "1e-3", "--tensorboard", "false", *common])
-    rows = _losses(R / "distill" / "log.csv")
-    assert len(rows) == 2 and all({"loss_vsd", "loss_cd", "loss_ft", "loss_fake"} <= r.keys() for r in rows), rows
-    assert all(math.isfinite(v) for r in rows for v in r.values())
-    student = R / "distill" / "student"
+    # 3. lrm distill 2 steps and 4. lrm finetune lrm / ddpo / direct from the LoRA student (fused into the base)
+    student, common, tuned = _distill_and_finetune(P, R, models)
     distilled = _lora(student)
-    assert _trained(distilled) and not (student / "config.json").exists()
-    assert read_json(student / "student.json")["lora"]["rank"] == 4
-
-    # 4. lrm finetune: 2 steps of each method from the LoRA student (its adapter fused into the pipeline's transformer)
-    tuned = {}
-    for method in ("lrm", "ddpo", "direct"):
-        run = R / f"ft-{method}"  # ddpo: the default final_timestep (Wan's flow schedule: 1, CogVideoX's DDPM: 0)
-        _run(["finetune", "--method", method, "--teacher", str(student), "--run_dir", str(run), "--steps", "2",
-              "--batch_size", "2", "--sample_batch_size", "2", "--num_sample_batches", "1", "--train_batch_size", "2",
-              "--num_eval", "2", "--eval_every", "0", "--eval_batch_size", "2", "--lrm_path", str(R / "lrm"),
-              "--gold_reward", "colorfulness", "--lr", "1e-3", *common])
-        rows = _losses(run / "log.csv")
-        assert len(rows) == 2 and all(math.isfinite(v) for r in rows for v in r.values()), (method, rows)
-        tuned[method] = _lora(run / "student")
-        assert _trained(tuned[method]), method
-        assert read_json(run / "student" / "student.json")["lora"]["base_path"] == str(student)
+    for method in tuned:
+        assert read_json(R / f"ft-{method}" / "student" / "student.json")["lora"]["base_path"] == str(student)
     assert tuned["lrm"].keys() == distilled.keys()
     assert not all(torch.equal(tuned["lrm"][k], distilled[k]) for k in distilled)
 
@@ -309,24 +318,7 @@ def test_every_command_on_a_tiny_pooled_text_pipeline(family, tmp_path):
           "--progress", "false"])
 
     # 3. lrm distill (VSD + CD with CFG: the null caption's pooled vector) and 4. finetune lrm / ddpo / direct
-    common = ["--device", "cpu", "--ckpt_every", "0", "--sample_every", "0", "--progress", "false", "--lora_rank", "4",
-              "--num_sample_prompts", "1", "--samples_per_prompt", "1", "--data_cache", str(R / "cache"), *models]
-    _run(["distill", "--teacher", P, "--run_dir", str(R / "distill"), "--steps", "2", "--batch_size", "2",
-          "--fake_updates", "1", "--cd_teacher_steps", "1", "--use_lrm_ft", "true", "--lrm_path", str(R / "lrm"),
-          "--lr_student", "1e-3", "--lr_fake", "1e-3", "--tensorboard", "false", *common])
-    rows = _losses(R / "distill" / "log.csv")
-    assert len(rows) == 2 and all(math.isfinite(v) for r in rows for v in r.values()), rows
-    student = R / "distill" / "student"
-    assert _trained(_lora(student))
-    for method in ("lrm", "ddpo", "direct"):  # ddpo: the default final_timestep (1 on a flow schedule)
-        run = R / f"ft-{method}"
-        _run(["finetune", "--method", method, "--teacher", str(student), "--run_dir", str(run), "--steps", "2",
-              "--batch_size", "2", "--sample_batch_size", "2", "--num_sample_batches", "1", "--train_batch_size", "2",
-              "--num_eval", "2", "--eval_every", "0", "--eval_batch_size", "2", "--lrm_path", str(R / "lrm"),
-              "--gold_reward", "colorfulness", "--lr", "1e-3", *common])
-        rows = _losses(run / "log.csv")
-        assert len(rows) == 2 and all(math.isfinite(v) for r in rows for v in r.values()), (method, rows)
-        assert _trained(_lora(run / "student")), method
+    student, common, tuned = _distill_and_finetune(P, R, models)
 
     # prompts from a file (their pooled vectors encoded by the run) with the KL penalty toward the initial student
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
@@ -334,7 +326,8 @@ def test_every_command_on_a_tiny_pooled_text_pipeline(family, tmp_path):
     _run(["finetune", "--method", "lrm", "--teacher", str(student), "--run_dir", str(run), "--steps", "2",
           "--batch_size", "2", "--num_eval", "2", "--eval_every", "0", "--eval_batch_size", "2", "--lrm_path",
           str(R / "lrm"), "--gold_reward", "colorfulness", "--lr", "1e-3", "--beta_kl", "0.5", "--prompt_file",
-          str(tmp_path / "prompts.txt"), "--image_size", "32", *[a for a in common if a not in ("--data_cache", str(R / "cache"))]])
+          str(tmp_path / "prompts.txt"), "--image_size", "32",
+          *[a for a in common if a not in ("--data_cache", str(R / "cache"))]])
     with open(run / "log.csv") as f:
         kl = [float(r["kl"]) for r in csv.DictReader(f) if r.get("loss")]
     assert len(kl) == 2 and all(math.isfinite(v) and v >= 0 for v in kl), kl
@@ -533,25 +526,7 @@ def test_every_command_on_a_tiny_hunyuan_video_pipeline(tmp_path):
           "--head_kwargs", "{patch: 1, width: 16}", "--out_dir", str(R / "lrm"), "--steps", "2", "--batch_size", "4",
           "--eval_every", "2", "--warmup_steps", "0", "--val_fraction", "0.34", "--device", "cpu",
           "--progress", "false"])
-    common = ["--device", "cpu", "--ckpt_every", "0", "--sample_every", "0", "--progress", "false", "--lora_rank", "4",
-              "--num_sample_prompts", "1", "--samples_per_prompt", "1", "--data_cache", str(R / "cache"), *models]
-    _run(["distill", "--teacher", P, "--run_dir", str(R / "distill"), "--steps", "2", "--batch_size", "2",
-          "--fake_updates", "1", "--cd_teacher_steps", "1", "--use_lrm_ft", "true", "--lrm_path", str(R / "lrm"),
-          "--lr_student", "1e-3", "--lr_fake", "1e-3", "--tensorboard", "false", *common])
-    rows = _losses(R / "distill" / "log.csv")
-    assert len(rows) == 2 and all({"loss_vsd", "loss_cd", "loss_ft", "loss_fake"} <= r.keys() for r in rows), rows
-    assert all(math.isfinite(v) for r in rows for v in r.values())
-    student = R / "distill" / "student"
-    assert _trained(_lora(student))
-    for method in ("lrm", "ddpo", "direct"):  # ddpo: the default final_timestep (1 on a flow schedule)
-        run = R / f"ft-{method}"
-        _run(["finetune", "--method", method, "--teacher", str(student), "--run_dir", str(run), "--steps", "2",
-              "--batch_size", "2", "--sample_batch_size", "2", "--num_sample_batches", "1", "--train_batch_size", "2",
-              "--num_eval", "2", "--eval_every", "0", "--eval_batch_size", "2", "--lrm_path", str(R / "lrm"),
-              "--gold_reward", "colorfulness", "--lr", "1e-3", *common])
-        rows = _losses(run / "log.csv")
-        assert len(rows) == 2 and all(math.isfinite(v) for r in rows for v in r.values()), (method, rows)
-        assert _trained(_lora(run / "student")), method
+    student, common, tuned = _distill_and_finetune(P, R, models)
 
     # lrm eval of the LoRA student on a prompt file (pooled text encoded from the prompts), videos of 5 frames
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")

@@ -35,7 +35,8 @@ def test_sample_is_the_toolkit_samplers():
     x, tok, mask = _inputs()
     with torch.no_grad():
         ref_ddim = ddim_sample(den, x, tok, mask, num_steps=5, guidance_scale=3.0)
-        ref_student = student_sample(den, x, tok, mask, timesteps=[999, 499], generator=torch.Generator().manual_seed(1))
+        ref_student = student_sample(den, x, tok, mask, timesteps=[999, 499],
+                                     generator=torch.Generator().manual_seed(1))
         ref_sto = stochastic_sample(den, x, tok, mask, sampler_timesteps(den, "stochastic", 5), eta=1.0,
                                     generator=torch.Generator().manual_seed(2), grad_steps=0).x0
     torch.testing.assert_close(den.sample(x, tok, mask, sampler="ddim", steps=5, guidance_scale=3.0), ref_ddim,
