@@ -27,7 +27,8 @@ SCRIPT = textwrap.dedent("""
     keys = ("loss", "loss_vsd", "loss_cd", "loss_ft", "loss_fake", "loss_lrm")
     print("RESULT", json.dumps({"rank": os.environ["RANK"], "head": head_w, "student": student_w,
                                 "full": [[r[k] for k in keys] for r in full],
-                                "resumed": [[r["step"]] + [r[k] for k in keys] for r in resumed]}))
+                                "resumed": [[r["step"]] + [r[k] for k in keys] for r in resumed]}),
+          flush=True)  # written now: a block-buffered pipe loses what an abrupt interpreter exit has not flushed
 """)
 
 
@@ -38,7 +39,7 @@ def test_distill_under_torchrun_two_processes(tmp_path):
     run = torchrun([str(script), str(tmp_path)], timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     res = {r["rank"]: r for r in results(run.stdout)}
-    assert sorted(res) == ["0", "1"]
+    assert sorted(res) == ["0", "1"], f"stdout: {run.stdout[-2000:]}\nstderr: {run.stderr[-3000:]}"
     # replicas agree: the LRM head and the student are all-reduced (the head saw different samples on each rank)
     assert res["0"]["head"] == pytest.approx(res["1"]["head"], abs=1e-9)
     assert res["0"]["student"] == pytest.approx(res["1"]["student"], abs=1e-9)

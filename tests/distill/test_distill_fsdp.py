@@ -44,7 +44,7 @@ SCRIPT = textwrap.dedent("""
     resumed = trainer("f4cut", 3, 2, fsdp=True).train()
     out["f4_full"] = [[r[k] for k in keys] for r in full]
     out["f4_resumed"] = [[r["step"]] + [r[k] for k in keys] for r in resumed]
-    print("RESULT", json.dumps(out))
+    print("RESULT", json.dumps(out), flush=True)
 """)
 
 

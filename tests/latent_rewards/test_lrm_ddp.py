@@ -16,7 +16,8 @@ SCRIPT = textwrap.dedent("""
             head_kwargs={"width": 16, "patch": 2}, steps=15, batch_size=32, eval_every=5, progress=False,
             device="cpu")
     w = float(sum(p.double().sum() for p in r.lrm.model.parameters()))
-    print("RESULT", json.dumps({"rank": os.environ.get("RANK", "0"), "w": w, "steps": [h["step"] for h in r.history]}))
+    print("RESULT", json.dumps({"rank": os.environ.get("RANK", "0"), "w": w, "steps": [h["step"] for h in r.history]}),
+          flush=True)
 """)
 
 
