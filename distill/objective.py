@@ -82,8 +82,11 @@ class ObjectiveTerm:
     def update(self, trainer: Any) -> dict[str, Any]:
         return {}
 
-    def run(self, trainer: Any) -> dict[str, Any]:  # driver terms only
-        raise NotImplementedError(f"{type(self).__name__} is not a driver term")
+    def run(self, trainer: Any) -> dict[str, Any]:
+        """The whole student update of a driver term (``driver = True``: DDPO's sampling + PPO steps); the trainer
+        calls it only on its driver, so reaching this base version is a wiring error."""
+        raise TypeError(f"{type(self).__name__}.run was called but the term is not a driver (driver = False); the "
+                        "trainer runs generator_step() for non-driver terms")
 
     def set_lr(self, scale: float) -> None:
         """Warm-up: scale the term's optimizers' learning rates."""

@@ -92,7 +92,7 @@ class EvalConfig(ModelSpec):
                               "chunks, then scored)")
     device: str = opt("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
     compile: Literal["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = opt(
-        "none", "torch.compile mode of the sampled networks (distill.inference.prepare_for_sampling): "
+        "none", "torch.compile mode of the sampled networks and the VAE decoder (distill.inference): "
                 "reduce-overhead adds CUDA graphs (best at small batch); the first batches pay the compilation")
     channels_last: bool = opt(False, "2-D convolution networks (UNet2D, the image VAE) in channels_last memory "
                                      "format (faster bf16 convolutions on GPU)")
@@ -272,10 +272,10 @@ def run_eval(cfg: EvalConfig):
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     vae = build_vae(cfg, device)
-    if cfg.channels_last:
+    if cfg.compile != "none" or cfg.channels_last:  # the decode side of the fast path (BENCHMARKS: its main gain)
         from distill.inference import prepare_vae_for_sampling
 
-        log.info("vae prepared for sampling: %s", prepare_vae_for_sampling(vae, channels_last=True))
+        log.info("vae prepared for sampling: %s", prepare_vae_for_sampling(vae, cfg.compile, cfg.channels_last))
     text = build_text_encoder(cfg, device)
     gold = {n: create_reward(n) for n in gold_names}
     proxy = {}

@@ -99,6 +99,20 @@ def _trained(sd: dict[str, torch.Tensor]) -> bool:
     return bool(bs) and all(torch.isfinite(v).all() for v in sd.values()) and any(v.abs().max() > 0 for v in bs)
 
 
+def _train_lrm(R: Path, head: str, head_kwargs: str, steps: int = 2) -> None:
+    """``lrm train``: a ``head`` LRM of colorfulness on the cache in R/cache, written to R/lrm."""
+    _run(["train", "--cache_dir", str(R / "cache"), "--reward", "colorfulness", "--head", head,
+          "--head_kwargs", head_kwargs, "--out_dir", str(R / "lrm"), "--steps", str(steps), "--batch_size", "4",
+          "--eval_every", "2", "--warmup_steps", "0", "--val_fraction", "0.34", "--device", "cpu",
+          "--progress", "false"])
+
+
+def _assert_text(rec: dict, ref) -> None:
+    """A cached record's caption tokens and pooled vector are the encoder's (``ref``: its output for the caption)."""
+    torch.testing.assert_close(rec["text_tokens"], ref.tokens[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rec["text_pooled"], ref.pooled[0], atol=1e-5, rtol=1e-5)
+
+
 def _distill_and_finetune(P: str, R: Path, models: list[str]):
     """3. ``lrm distill`` 2 steps (VSD + CD + the LRM in R/lrm, LoRA rank 4; CFG with the null caption) and
     4. ``lrm finetune`` lrm / ddpo / direct 2 steps each from its LoRA student (ddpo: the default final_timestep, 1 on
@@ -168,10 +182,7 @@ def test_every_command_on_a_tiny_video_pipeline(family, tmp_path):
     assert math.isclose(float(scores[0]), float(ref[0]), rel_tol=1e-4, abs_tol=1e-3)
 
     # 2. lrm train: a video head on the (T', 16, 4, 4) latents
-    _run(["train", "--cache_dir", str(R / "cache"), "--reward", "colorfulness", "--head", "video-3d-cnn",
-          "--head_kwargs", "{patch: 1, width: 16}", "--out_dir", str(R / "lrm"), "--steps", "4", "--batch_size", "4",
-          "--eval_every", "2", "--warmup_steps", "0", "--val_fraction", "0.34", "--device", "cpu",
-          "--progress", "false"])
+    _train_lrm(R, "video-3d-cnn", "{patch: 1, width: 16}", steps=4)
     lrm = LatentReward.from_pretrained(R / "lrm")
     lrm.latent_space.check_compatible(space, "the cache")
     batch = torch.stack([cache[i]["latents"] for i in range(4)])  # (4, T', 16, 4, 4)
@@ -308,14 +319,10 @@ def test_every_command_on_a_tiny_pooled_text_pipeline(family, tmp_path):
     rec = cache[0]
     ref = te([cache.prompts[0]])
     assert rec["text_pooled"].shape == (pdim,) and rec["text_tokens"].shape == (te.num_tokens, width)
-    torch.testing.assert_close(rec["text_pooled"], ref.pooled[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(rec["text_tokens"], ref.tokens[0], atol=1e-5, rtol=1e-5)
+    _assert_text(rec, ref)
 
     # 2. lrm train: an image head on the latents
-    _run(["train", "--cache_dir", str(R / "cache"), "--reward", "colorfulness", "--head", "image-cnn",
-          "--head_kwargs", "{width: 16}", "--out_dir", str(R / "lrm"), "--steps", "2", "--batch_size", "4",
-          "--eval_every", "2", "--warmup_steps", "0", "--val_fraction", "0.34", "--device", "cpu",
-          "--progress", "false"])
+    _train_lrm(R, "image-cnn", "{width: 16}")
 
     # 3. lrm distill (VSD + CD with CFG: the null caption's pooled vector) and 4. finetune lrm / ddpo / direct
     student, common, tuned = _distill_and_finetune(P, R, models)
@@ -518,14 +525,10 @@ def test_every_command_on_a_tiny_hunyuan_video_pipeline(tmp_path):
     torch.testing.assert_close(rec["latents"], z[0], atol=1e-4, rtol=1e-4)
     ref = te([cache.prompts[0]])
     assert rec["text_tokens"].shape == (16, 32) and rec["text_pooled"].shape == (32,)
-    torch.testing.assert_close(rec["text_tokens"], ref.tokens[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(rec["text_pooled"], ref.pooled[0], atol=1e-5, rtol=1e-5)
+    _assert_text(rec, ref)
 
     # 2. lrm train (a video head) -> 3. distill 2 steps -> 4. finetune lrm / ddpo / direct 2 steps each
-    _run(["train", "--cache_dir", str(R / "cache"), "--reward", "colorfulness", "--head", "video-3d-cnn",
-          "--head_kwargs", "{patch: 1, width: 16}", "--out_dir", str(R / "lrm"), "--steps", "2", "--batch_size", "4",
-          "--eval_every", "2", "--warmup_steps", "0", "--val_fraction", "0.34", "--device", "cpu",
-          "--progress", "false"])
+    _train_lrm(R, "video-3d-cnn", "{patch: 1, width: 16}")
     student, common, tuned = _distill_and_finetune(P, R, models)
 
     # lrm eval of the LoRA student on a prompt file (pooled text encoded from the prompts), videos of 5 frames

@@ -195,13 +195,18 @@ def test_student_sample_equals_todays_loop_with_its_graph(den, gen_seed, guidanc
         x0 = fn(den, noise, tok, mask, timesteps, generator=g, guidance_scale=guidance)
         (x0 ** 2).mean().backward()  # keeps autograd through every step
         outs.append((x0.detach(), grads(den.model), torch.randn(1)))
-    assert_same(outs[0][0], outs[1][0])
-    assert_same(outs[0][2], outs[1][2])
-    for a, b in zip(outs[0][1], outs[1][1]):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert_same(a, b)
+    assert_same_runs(*outs)
 
+
+
+def assert_same_runs(a, b) -> None:
+    """Two runs' ``(x0, gradients, the next random number)`` are identical (the RNG is left in the same state)."""
+    assert_same(a[0], b[0])
+    assert_same(a[2], b[2])
+    for ga, gb in zip(a[1], b[1]):
+        assert (ga is None) == (gb is None)
+        if ga is not None:
+            assert_same(ga, gb)
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("grad_steps", [1, 2, 4])
@@ -217,12 +222,7 @@ def test_sample_with_grad_equals_todays_loop_and_its_gradients(den, checkpointin
         x0 = fn(f, noise, TS, den.schedule, grad_steps, checkpointing, g)
         (x0 ** 2).mean().backward()
         outs.append((x0.detach(), grads(den.model), torch.randn(1)))  # the RNG is left in the same state too
-    assert_same(outs[0][0], outs[1][0])
-    assert_same(outs[0][2], outs[1][2])
-    for a, b in zip(outs[0][1], outs[1][1]):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert_same(a, b)
+    assert_same_runs(*outs)
     with pytest.raises(ValueError, match="grad_steps must be in"):
         sample_with_grad(f, noise, TS, den.schedule, grad_steps=0)
 
