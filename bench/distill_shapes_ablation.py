@@ -435,11 +435,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="runs/distill_ablation")
     ap.add_argument("--steps", type=int, default=None, help="override the configs' generator steps")
     ap.add_argument("--batch_size", type=int, default=None, help="override the configs' batch size")
-    ap.add_argument("--rows", default="all", help="comma list of config suffixes (cd_only,vsd_only,...) or 'all'")
+    ap.add_argument("--rows", default="all",
+                    help="comma list of config suffixes (cd_only,vsd_only,...), 'all', or 'none' (only the teacher and "
+                         "the untrained 4-step baseline: the --reference of row processes)")
+    ap.add_argument("--reference", default=None, metavar="DIR",
+                    help="take the teacher and baseline rows from DIR (a --rows none run of the same set-up, waited "
+                         "for up to --reference_wait s) instead of sampling them in this process")
+    ap.add_argument("--reference_wait", type=float, default=900.0)
     ap.add_argument("--prompts", type=int, default=16, help="held-out prompts")
-    ap.add_argument("--split", choices=("test", "val"), default="test",
-                    help="held-out prompts: test (world seed 1, every table) or val (seed 2 minus the test captions: "
-                         "choose settings on val, report test)")
+    ap.add_argument("--split", default="test",
+                    help="held-out prompts: test (world seed 1, every table), val (seed 2 minus the test captions: "
+                         "choose settings on val, report test) or val,test (each row trained once and scored on "
+                         "both: OUT/val/ and OUT/test/ tables)")
     ap.add_argument("--per_prompt", type=int, default=8, help="samples per prompt (Vendi is over these)")
     ap.add_argument("--teacher_cfg", type=float, default=7.5, help="CFG scale of the 50-step teacher (Imagen form)")
     ap.add_argument("--teacher_steps", type=int, default=50,
@@ -499,8 +506,11 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     suite = SUITES[args.suite]
     rows = suite if args.rows == "all" else [r for r in suite if r[1] in args.rows.split(",")]
-    if not rows:
+    if not rows and args.rows != "none":
         raise SystemExit(f"--rows {args.rows!r}: none of the {args.suite} suite's rows {[r[1] for r in suite]}")
+    splits = list(dict.fromkeys(args.split.split(",")))
+    if not splits or any(sp not in ("test", "val") for sp in splits):
+        raise SystemExit(f"--split {args.split!r}: expected test, val or val,test")
     args.video = args.video or args.suite == "tdm"
     frechet_n = args.frechet_n if args.frechet_n is not None else (512 if args.suite == "tdm" else 0)
     lrm_dir = Path(args.lrm_dir) if args.lrm_dir else out / "lrms"
@@ -519,7 +529,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
         world_over[key.strip()] = yaml.safe_load(value)
 
-    base = load_config(DistillConfig, config_path(rows[0][1]), world_over)
+    base = load_config(DistillConfig, config_path((rows or suite)[0][1]), world_over)
     vae = build_vae(base, device)
     lrm_names = [n[len(LRM_PREFIX):] for _, suffix in rows for n in mixed_reward_names(suffix)
                  if n.startswith(LRM_PREFIX)]
@@ -532,91 +542,123 @@ def main(argv: list[str] | None = None) -> None:
     data = build_data(base, vae, device, video=teacher.is_video)
     text_encoder = TextEncoder(base.text_encoder, device=device)
 
-    all_prompts, tok, mask, noise = eval_batch(args.prompts, args.per_prompt, args.video, args.split,
-                                               data.latents.shape[1:], text_encoder, device)
     adherence = create_reward("shapes-adherence", device=str(device))
     gold = create_reward(base.pixel_reward, device=str(device))
     sharp = create_reward("sharpness", device=str(device))
     # targeted golds as the mixed terms score them: a frame reward on the first / middle / last frame (Eq. 13)
     gold_rewards = {g: create_reward(g, device=str(device), frames="first-middle-last") for g in golds}
-    if frechet_n:
-        from eval.frechet import real_shapes, shapes_video_features
-
-        real_px, real_caps = real_shapes(frechet_n, 1 if args.split == "test" else 2,
-                                         base.num_frames if args.video else None)
-        real_feats = shapes_video_features(real_px.to(device), vae)
-        f_emb = text_encoder(real_caps)
-        f_tok, f_mask = f_emb.tokens.to(device), f_emb.mask.to(device)
-        f_noise = torch.randn((frechet_n, *data.latents.shape[1:]),
-                              generator=torch.Generator().manual_seed(FRECHET_NOISE_SEED)).to(device)
-
-    def frechet(sample) -> dict:
-        """FD columns of ``sample(noise, tokens, mask) -> latents`` on the Fréchet set (batches of 64)."""
-        if not frechet_n:
-            return {}
-        from eval.frechet import shapes_video_features
-
-        with torch.no_grad():
-            feats = torch.cat([shapes_video_features(vae.decode(sample(f_noise[i:i + 64], f_tok[i:i + 64],
-                                                                       f_mask[i:i + 64]).float()), vae)
-                               for i in range(0, frechet_n, 64)])
-        return frechet_columns(real_feats, feats, args.frechet_boot)
-
-    def score(latents: torch.Tensor, name: str) -> dict:
-        pixels = vae.decode(latents.float())  # (N, 3, H, W) or (N, T, 3, H, W)
-        if args.video:
-            save_video_strip(pixels[:8].cpu(), out / f"{name}.png", frames=8, scale=2)
-        else:
-            save_grid(pixels[: 8 * args.per_prompt].cpu(), out / f"{name}.png", nrow=args.per_prompt, scale=2)
-        groups = pixels.view(args.prompts, args.per_prompt, *pixels.shape[1:])
-        per_prompt = {"adherence": adherence(pixels, all_prompts).view(args.prompts, -1).mean(1).tolist(),
-                      "gold": gold(pixels, all_prompts).view(args.prompts, -1).mean(1).tolist(),
-                      "vendi": [float(keyframe_diversity(gp.cpu(), args.keyframe_stride)) for gp in groups],
-                      "sharpness": sharp(pixels, all_prompts).view(args.prompts, -1).mean(1).tolist(),
-                      **{f"gold:{g}": r(pixels, all_prompts).view(args.prompts, -1).mean(1).tolist()
-                         for g, r in gold_rewards.items()}}
-        return {**{k: sum(v) / len(v) for k, v in per_prompt.items()}, "per_prompt": per_prompt}
-
-    with torch.no_grad():
-        t_lat, t_time = timed(lambda: ddim_sample(teacher, noise, tok, mask, num_steps=args.teacher_steps,
-                                                  guidance_scale=args.teacher_cfg), args.timing_repeats)
-    results = {"teacher": {"name": f"teacher ({args.teacher_steps} DDIM x CFG {args.teacher_cfg})", "seconds": t_time,
-                           "network_calls": 2 * args.teacher_steps, **score(t_lat, "teacher"),
-                           **frechet(lambda n, tk, m: ddim_sample(teacher, n, tk, m, num_steps=args.teacher_steps,
-                                                                  guidance_scale=args.teacher_cfg))}}
-    print(f"teacher: {json.dumps({k: v for k, v in results['teacher'].items() if k != 'frechet_boot'})}", flush=True)
-
-    def versus_teacher(r: dict) -> dict:
-        """``r`` with its speedup and adherence ratio (+ interval) against the teacher row of this process."""
-        t = results["teacher"]
-        return {**r, "speedup": t["seconds"] / r["seconds"],
-                "adherence_vs_teacher": r["adherence"] / max(t["adherence"], 1e-12),
-                "adherence_vs_teacher_ci90": ratio_ci(r["per_prompt"]["adherence"], t["per_prompt"]["adherence"])}
-
-    with torch.no_grad():  # no CFG, like the students (which distil it in)
-        b_lat, b_time = timed(lambda: student_sample(teacher, noise, tok, mask, timesteps=STUDENT_TIMESTEPS[4]),
-                              args.timing_repeats)
-    results[BASELINE] = versus_teacher({"name": "teacher, 4 steps, not distilled", "seconds": b_time,
-                                        "network_calls": 4, "train_seconds": 0.0, **score(b_lat, BASELINE),
-                                        **frechet(lambda n, tk, m: student_sample(teacher, n, tk, m,
-                                                                                  timesteps=STUDENT_TIMESTEPS[4]))})
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-
     overrides = dict(item.split("=", 1) for item in args.set)  # as given (the configs hold the rest)
 
-    def write_outputs() -> str:
-        """ablation.json + ablation.md with the rows done so far (a run cut off by a time limit keeps them)."""
-        meta = {"kind": kind, "teacher": world_over["teacher"], "device": device_name,
-                "total_seconds": time.perf_counter() - t_start,
-                "prompts": args.prompts, "split": args.split, "per_prompt": args.per_prompt,
-                "gold_reward": base.pixel_reward,
-                "latent_shape": list(data.latents.shape[1:]), "overrides": overrides,
-                **({"suite": args.suite, "frechet_n": frechet_n, "targeted_rewards": golds}
-                   if args.suite != "dollar" or frechet_n else {}),
-                **({"lrm_dir": str(lrm_dir), "lrm_fits": lrm_fits} if lrm_names else {})}
-        return write_tables(out, meta, results)
+    class Split:
+        """One held-out split's evaluation: its prompts, noise and Fréchet reference, its table (``dir``) and rows."""
 
-    write_outputs()
+        def __init__(self, name: str) -> None:
+            self.name, self.results = name, {}
+            self.dir = out if len(splits) == 1 else out / name
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.prompts, self.tok, self.mask, self.noise = eval_batch(
+                args.prompts, args.per_prompt, args.video, name, data.latents.shape[1:], text_encoder, device)
+            if frechet_n:
+                from eval.frechet import real_shapes, shapes_video_features
+
+                real_px, real_caps = real_shapes(frechet_n, 1 if name == "test" else 2,
+                                                 base.num_frames if args.video else None)
+                self.real_feats = shapes_video_features(real_px.to(device), vae)
+                f_emb = text_encoder(real_caps)
+                self.f_tok, self.f_mask = f_emb.tokens.to(device), f_emb.mask.to(device)
+                self.f_noise = torch.randn((frechet_n, *data.latents.shape[1:]),
+                                           generator=torch.Generator().manual_seed(FRECHET_NOISE_SEED)).to(device)
+
+        def frechet(self, sample) -> dict:
+            """FD columns of ``sample(noise, tokens, mask) -> latents`` on the Fréchet set (batches of 64)."""
+            if not frechet_n:
+                return {}
+            from eval.frechet import shapes_video_features
+
+            with torch.no_grad():
+                feats = torch.cat([shapes_video_features(vae.decode(sample(
+                    self.f_noise[i:i + 64], self.f_tok[i:i + 64], self.f_mask[i:i + 64]).float()), vae)
+                    for i in range(0, frechet_n, 64)])
+            return frechet_columns(self.real_feats, feats, args.frechet_boot)
+
+        def score(self, latents: torch.Tensor, name: str) -> dict:
+            pixels = vae.decode(latents.float())  # (N, 3, H, W) or (N, T, 3, H, W)
+            if args.video:
+                save_video_strip(pixels[:8].cpu(), self.dir / f"{name}.png", frames=8, scale=2)
+            else:
+                save_grid(pixels[: 8 * args.per_prompt].cpu(), self.dir / f"{name}.png", nrow=args.per_prompt,
+                          scale=2)
+            groups = pixels.view(args.prompts, args.per_prompt, *pixels.shape[1:])
+            rewards = {"adherence": adherence, "gold": gold, "sharpness": sharp,
+                       **{f"gold:{g}": r for g, r in gold_rewards.items()}}
+            per_prompt = {k: r(pixels, self.prompts).view(args.prompts, -1).mean(1).tolist()
+                          for k, r in rewards.items()}
+            per_prompt["vendi"] = [float(keyframe_diversity(gp.cpu(), args.keyframe_stride)) for gp in groups]
+            return {**{k: sum(v) / len(v) for k, v in per_prompt.items()}, "per_prompt": per_prompt}
+
+        def versus_teacher(self, r: dict) -> dict:
+            """``r`` with its speedup and adherence ratio (+ interval) against this split's teacher row."""
+            t = self.results["teacher"]
+            return {**r, "speedup": t["seconds"] / r["seconds"],
+                    "adherence_vs_teacher": r["adherence"] / max(t["adherence"], 1e-12),
+                    "adherence_vs_teacher_ci90": ratio_ci(r["per_prompt"]["adherence"],
+                                                          t["per_prompt"]["adherence"])}
+
+        def add(self, key: str, sample, row: dict) -> None:
+            """Sample this split's batch with ``sample`` (timed), score it and its Fréchet set, keep it as ``key``."""
+            with torch.no_grad():
+                lat, seconds = timed(lambda: sample(self.noise, self.tok, self.mask), args.timing_repeats)
+                r = {**row, "seconds": seconds, **self.score(lat, key), **self.frechet(sample)}
+            self.results[key] = r if key == "teacher" else self.versus_teacher(r)
+            shown = {k: v for k, v in self.results[key].items() if k not in ("final_losses", "frechet_boot")}
+            print(f"[{self.name}] {row['name']}: {json.dumps(shown)}", flush=True)
+
+        def write(self) -> str:
+            """ablation.json + ablation.md with the rows done so far (a run cut off by a time limit keeps them)."""
+            meta = {"kind": kind, "teacher": world_over["teacher"], "device": device_name,
+                    "total_seconds": time.perf_counter() - t_start,
+                    "prompts": args.prompts, "split": self.name, "per_prompt": args.per_prompt,
+                    "gold_reward": base.pixel_reward,
+                    "latent_shape": list(data.latents.shape[1:]), "overrides": overrides,
+                    **({"suite": args.suite, "frechet_n": frechet_n, "targeted_rewards": golds}
+                       if args.suite != "dollar" or frechet_n else {}),
+                    **({"lrm_dir": str(lrm_dir), "lrm_fits": lrm_fits} if lrm_names else {})}
+            return write_tables(self.dir, meta, self.results)
+
+    evals = [Split(name) for name in splits]
+
+    def teacher_sample(n, tk, m):
+        return ddim_sample(teacher, n, tk, m, num_steps=args.teacher_steps, guidance_scale=args.teacher_cfg)
+
+    def baseline_sample(n, tk, m):  # no CFG, like the students (which distil it in)
+        return student_sample(teacher, n, tk, m, timesteps=STUDENT_TIMESTEPS[4])
+
+    def load_reference(ev: Split) -> None:
+        """The teacher and baseline rows of ``--reference`` (the same evaluation set-up), waited for (a reference
+        process runs beside the rows): measured once instead of once per row process."""
+        path = Path(args.reference) / (ev.name if len(splits) > 1 else "") / "ablation.json"
+        deadline = time.monotonic() + args.reference_wait
+        while True:
+            run = json.loads(path.read_text()) if path.is_file() else {"results": {}}
+            if BASELINE in run["results"]:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"--reference: no teacher and baseline rows in {path} after {args.reference_wait} s")
+            time.sleep(5)
+        mine = {"kind": kind, "teacher": world_over["teacher"], "prompts": args.prompts, "split": ev.name,
+                "per_prompt": args.per_prompt, "latent_shape": list(data.latents.shape[1:])}
+        differ = [k for k in EVAL_SETUP if run.get(k) != mine[k]]
+        if differ or run.get("frechet_n", 0) != frechet_n:
+            raise SystemExit(f"--reference {path}: another evaluation set-up (differs in {differ or ['frechet_n']})")
+        ev.results.update({k: run["results"][k] for k in ("teacher", BASELINE)})
+
+    for ev in evals if not args.reference else []:
+        ev.add("teacher", teacher_sample, {"name": f"teacher ({args.teacher_steps} DDIM x CFG {args.teacher_cfg})",
+                                           "network_calls": 2 * args.teacher_steps})
+        ev.add(BASELINE, baseline_sample, {"name": "teacher, 4 steps, not distilled", "network_calls": 4,
+                                           "train_seconds": 0.0})
+        ev.write()
 
     for name, suffix in rows:
         over = {**resolve_lrms(suffix, lrm_dir), **world_over, "device": str(device), "progress": False,
@@ -633,22 +675,21 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         hist = tr.train()
         train_s = time.perf_counter() - t0
-        s_lat, s_time = timed(lambda: tr.sample(noise, tok, mask), args.timing_repeats)
-        r = versus_teacher({"name": name, "config": f"configs/distill_shapes_ablation_{suffix}.yaml",
-                            "steps": cfg.steps, "train_seconds": train_s, "seconds": s_time,
-                            "network_calls": len(tr.timesteps), **score(s_lat, suffix), **frechet(tr.sample),
-                            **log_costs(out / suffix, device.type == "cuda"),
-                            "final_losses": {k: v for k, v in hist[-1].items() if k.startswith("loss")}})
-        results[suffix] = r
-        print(f"{name}: {json.dumps({k: v for k, v in r.items() if k not in ('final_losses', 'frechet_boot')})}",
-              flush=True)
-        write_outputs()
+        row = {"name": name, "config": f"configs/distill_shapes_ablation_{suffix}.yaml", "steps": tr.step,
+               "train_seconds": train_s, "network_calls": len(tr.timesteps),
+               **log_costs(out / suffix, device.type == "cuda"),
+               "final_losses": {k: v for k, v in hist[-1].items() if k.startswith("loss")}}
+        for ev in evals:
+            if "teacher" not in ev.results:
+                load_reference(ev)
+            ev.add(suffix, tr.sample, row)
+            ev.write()
         tr = lrm = mixed = None  # free the networks before the next row
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    print(write_outputs())
-
+    for ev in evals:
+        print(ev.write())
 
 if __name__ == "__main__":
     main()

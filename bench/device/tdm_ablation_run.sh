@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
-# Issue 18's bench on one GPU, in three device calls of <= 9 min (bench/distill_shapes_ablation.py --suite tdm).
+# Issue 18's bench on one GPU, in two device calls of <= 9 min (bench/distill_shapes_ablation.py --suite tdm).
 #
 #   bash bench/device/tdm_ablation_run.sh teacher R   # call 1 (~8 min): the rectified-flow Shapes video teacher
-#                                                     # (7 min) beside the mixed-latent-reward LRMs -> R/teacher_flow,
-#                                                     # R/lrms
-#   bash bench/device/tdm_ablation_run.sh val R       # call 2 (~8 min): the rows on validation prompts -> R/tdm_val
-#   bash bench/device/tdm_ablation_run.sh test R      # call 3 (~8 min): the same on test prompts -> R/tdm_test
+#       (6.5 min, from the shipped DDPM video teacher's weights) beside the mixed-latent-reward LRMs -> R/teacher_flow,
+#       R/lrms, then a few-step smoke of every row on shapes-video -> R/smoke (catches a GPU-only failure early)
+#   bash bench/device/tdm_ablation_run.sh rows R      # call 2 (~8 min): every row trained once, scored on the
+#       validation and the test prompts -> R/tdm_val, R/tdm_test (one table each, sampling retimed alone)
+#   bash bench/device/tdm_ablation_run.sh all R       # both in one call: TEACHER_MIN=4.5 TEACHER_LIMIT=330 SMOKE=0
+#       STEPS=80 ROW_LIMIT=230 (~9.5 min)
+# Keep R inside the checkout (e.g. runs/tdm, git-ignored): a warm machine keeps it between calls; tar it into $OUT.
 #
-# R: the results folder; call 1 writes it ($OUT/tdm to get it back), calls 2-3 read R/teacher_flow/teacher and
+# R: the results folder; call 1 writes it ($OUT/tdm to get it back), call 2 reads R/teacher_flow/teacher and
 # R/lrms (carry it: copy the returned folder into the checkout, e.g. runs/tdm, and pass carry ["runs/tdm", ...]).
 # Device set-up as every device script: bench/device/env.sh (carry .whlsd, .dev/diffusers_trim.zip), plus a packed
-# MiniLM (bench/device/pack_minilm.py) in MINILM_SITE (default .dev/minilm_site, carried) for the text encoder.
-# Each row is its own process (tiny launch-bound networks leave the GPU idle); ROWS, STEPS and EXTRA (e.g.
-# "--set beta_gan=1.0") change them. Settings are chosen on val (call 2); report the test table (call 3).
+# MiniLM (`python bench/device/pack_minilm.py --out .dev`) in MINILM_SITE (default .dev/site, carried).
+# Each row is its own process (tiny launch-bound networks leave the GPU idle); ROWS, STEPS, ROW_LIMIT and EXTRA (e.g.
+# "--set beta_gan=1.0") change them. Settings are chosen on the val table; the test table is the reported one.
 set -u
-STAGE=${1:?usage: tdm_ablation_run.sh teacher|val|test RESULTS_DIR}
-R=${2:?usage: tdm_ablation_run.sh teacher|val|test RESULTS_DIR}
+STAGE=${1:?usage: tdm_ablation_run.sh teacher|rows RESULTS_DIR}
+R=${2:?usage: tdm_ablation_run.sh teacher|rows RESULTS_DIR}
 mkdir -p "$R/logs"
 source bench/device/env.sh
-MINILM_SITE=${MINILM_SITE:-.dev/minilm_site}
+MINILM_SITE=${MINILM_SITE:-.dev/site}
 [ -d "$MINILM_SITE" ] && cp -r "$MINILM_SITE"/* /tmp/site/
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 TEACHER=${TEACHER:-$R/teacher_flow/teacher}
@@ -33,29 +36,48 @@ job() {  # job NAME SECONDS CMD...
     echo "$(date -u +%H:%M:%S) $name rc=$? $(($(date +%s) - t0))s" | tee -a "$R/status"
 }
 
-case $STAGE in
-teacher)
-    job teacher_flow 470 python3 -m lrm.cli shapes train-teacher --kind video --parameterization flow \
-        --out_dir "$R/teacher_flow" --max_minutes 7 --steps 20000 --batch_size 96 --num_samples 24000 --workers 12 &
-    job lrms 470 python3 bench/distill_shapes_ablation.py --suite tdm --fit_lrms_only --lrm_dir "$R/lrms" \
-        --out "$R/lrm_fit" --lrm_records 4096 --lrm_steps 1500 &
+teacher_stage() {
+    job teacher_flow "${TEACHER_LIMIT:-480}" python3 -m lrm.cli shapes train-teacher --kind video \
+        --parameterization flow --init_from distill/weights/teacher-video --out_dir "$R/teacher_flow" \
+        --max_minutes "${TEACHER_MIN:-6.5}" --steps 20000 --batch_size 96 --num_samples 24000 --workers 12 &
+    (
+        job lrms 300 python3 bench/distill_shapes_ablation.py --suite tdm --fit_lrms_only --lrm_dir "$R/lrms" \
+            --out "$R/lrm_fit" --lrm_records 4096 --lrm_steps 1500
+        [ "${SMOKE:-1}" = 1 ] && job smoke 300 python3 bench/distill_shapes_ablation.py --suite tdm --split val,test \
+            --teacher shapes-video --lrm_dir "$R/lrms" --out "$R/smoke" --steps 6 --prompts 2 --per_prompt 2 \
+            --teacher_steps 5 --frechet_n 64 --frechet_boot 10 --timing_repeats 0
+    ) &
     wait
-    rm -rf "$R/teacher_flow/checkpoint"  # optimizer state: not needed by the bench, keeps the returned folder small
-    tail -3 "$R/logs/teacher_flow.log" "$R/logs/lrms.log"
-    ;;
-val | test)
+    rm -rf "$R/teacher_flow/checkpoint"  # optimizer state: not needed by the bench
+}
+
+rows_stage() {
     [ -f "$TEACHER/denoiser.json" ] || { echo "no teacher at $TEACHER: run the teacher stage first" >&2; exit 1; }
-    parts=()
+    [ -d "$R/lrms" ] || job lrms 300 python3 bench/distill_shapes_ablation.py --suite tdm --fit_lrms_only \
+        --lrm_dir "$R/lrms" --out "$R/lrm_fit" --lrm_records 4096 --lrm_steps 1500
+    # the teacher and the untrained baseline once (rows none), read by every row process (--reference)
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # 8+ processes on 16 cores: no oversubscribed CPU scoring
+    job reference 300 python3 bench/distill_shapes_ablation.py --suite tdm --split val,test --teacher "$TEACHER" \
+        --lrm_dir "$R/lrms" --rows none --out "$R/reference" --timing_repeats 0 ${EXTRA:-} &
     for row in $ROWS; do
-        job "${STAGE}_$row" 430 python3 bench/distill_shapes_ablation.py --suite tdm --split "$STAGE" \
-            --teacher "$TEACHER" --lrm_dir "$R/lrms" --rows "$row" --out "$R/tdm_$STAGE/$row" --steps "$STEPS" \
-            --timing_repeats 0 ${EXTRA:-} &
-        parts+=("$R/tdm_$STAGE/$row")
+        job "row_$row" "${ROW_LIMIT:-400}" python3 bench/distill_shapes_ablation.py --suite tdm --split val,test \
+            --teacher "$TEACHER" --lrm_dir "$R/lrms" --rows "$row" --out "$R/rows/$row" --steps "$STEPS" \
+            --timing_repeats 0 --reference "$R/reference" ${EXTRA:-} &
     done
     wait
-    job "${STAGE}_merge" 60 python3 bench/distill_shapes_ablation.py --out "$R/tdm_$STAGE" --merge "${parts[@]}" \
-        --retime
-    cat "$R/tdm_$STAGE/ablation.md"
-    ;;
-*) echo "stage must be teacher, val or test, got $STAGE" >&2; exit 2 ;;
+    for split in val test; do
+        job "merge_$split" 90 python3 bench/distill_shapes_ablation.py --out "$R/tdm_$split" --retime \
+            --merge $(for row in $ROWS; do [ -f "$R/rows/$row/$split/ablation.json" ] && echo "$R/rows/$row/$split"; done)
+        cat "$R/tdm_$split/ablation.md"
+    done
+}
+
+case $STAGE in
+teacher) teacher_stage ;;
+rows) rows_stage ;;
+all) teacher_stage; rows_stage ;;  # both in one call (TEACHER_MIN, STEPS and ROW_LIMIT sized to fit)
+*) echo "stage must be teacher, rows or all, got $STAGE" >&2; exit 2 ;;
 esac
+# what comes back small: the students' and fake scores' weights stay behind (the teacher and the LRMs are kept)
+find "$R" -name '*.safetensors' -not -path "$R/teacher_flow/teacher/*" -not -path "$R/lrms/*" -delete
+du -sh "$R"

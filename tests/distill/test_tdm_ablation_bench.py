@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,8 +40,13 @@ def test_tdm_suite_rows_and_columns_end_to_end(tmp_path):
                    "--num_frames", "4", "--steps", "1", "--batch_size", "2", "--num_data", "8", "--prompts", "2",
                    "--per_prompt", "2", "--teacher_steps", "2", "--frechet_n", str(n), "--frechet_boot", "20",
                    "--lrm_records", "40", "--lrm_steps", "2", "--timing_repeats", "0",
-                   "--set", "cd_teacher_steps=2", "--set", "fake_updates=1"])
-    res = json.loads((out / "ablation.json").read_text())
+                   "--set", "cd_teacher_steps=2", "--set", "fake_updates=1", "--split", "val,test"])
+    # each row trained once (OUT/<row>/log.csv) and scored on both splits' prompts: OUT/val/ and OUT/test/ tables
+    val = json.loads((out / "val" / "ablation.json").read_text())
+    res = json.loads((out / "test" / "ablation.json").read_text())
+    assert (val["split"], res["split"]) == ("val", "test")
+    assert val["results"]["tdm"]["train_seconds"] == res["results"]["tdm"]["train_seconds"]
+    assert val["results"]["tdm"]["adherence"] != res["results"]["tdm"]["adherence"]
     assert res["suite"] == "tdm" and res["frechet_n"] == n
     assert res["targeted_rewards"] == ["colorfulness", "temporal-flickering-float"]
     rows = res["results"]
@@ -57,7 +63,7 @@ def test_tdm_suite_rows_and_columns_end_to_end(tmp_path):
     # the latent rows ran on LRMs the bench fitted first, one per targeted pixel reward
     assert set(res["lrm_fits"]) == {"colorfulness", "temporal-flickering-float"}
     assert (out / "lrms" / "colorfulness" / "model.safetensors").is_file()
-    md = (out / "ablation.md").read_text()
+    md = (out / "test" / "ablation.md").read_text()
     assert "| FD to real [90% CI] | FD - FD(TDM) [90% CI] | colorfulness | temporal-flickering-float | s/step |" in md
     assert "- GAN vs TDM:" in md and "latent / pixel reward gain" in md
     # another seed's real renders are far closer to the real reference than any (random, 1-step) generator
@@ -65,3 +71,25 @@ def test_tdm_suite_rows_and_columns_end_to_end(tmp_path):
     other, _ = real_shapes(n, 3, 4)
     fd_real = frechet_from_features(shapes_video_features(real), shapes_video_features(other))
     assert fd_real < 0.25 * min(r["frechet"] for r in rows.values()), fd_real
+
+
+def test_rows_take_the_teacher_and_baseline_from_a_reference_run(tmp_path):
+    """--rows none measures the teacher and the untrained baseline once; row processes read them (--reference)
+    instead of sampling them again, and refuse a reference of another evaluation set-up."""
+    teacher = _tiny_flow_teacher(tmp_path / "teacher")
+    common = ["--suite", "tdm", "--teacher", str(teacher), "--device", "cpu", "--num_frames", "4", "--steps", "1",
+              "--batch_size", "2", "--num_data", "8", "--prompts", "2", "--per_prompt", "2", "--teacher_steps", "2",
+              "--frechet_n", "16", "--frechet_boot", "5", "--timing_repeats", "0", "--split", "val,test",
+              "--set", "fake_updates=1"]
+    ref = tmp_path / "ref"
+    ablation.main([*common, "--rows", "none", "--out", str(ref)])
+    ablation.main([*common, "--rows", "tdm", "--out", str(tmp_path / "row"), "--reference", str(ref)])
+    for split in ("val", "test"):
+        r = json.loads((ref / split / "ablation.json").read_text())["results"]
+        assert set(r) == {"teacher", "teacher_4step"}
+        row = json.loads((tmp_path / "row" / split / "ablation.json").read_text())["results"]
+        assert row["teacher"] == r["teacher"] and row["teacher_4step"] == r["teacher_4step"]
+        assert row["tdm"]["adherence_vs_teacher"] == row["tdm"]["adherence"] / r["teacher"]["adherence"]
+    with pytest.raises(SystemExit, match="prompts"):  # the last --prompts wins
+        ablation.main([*common, "--prompts", "3", "--rows", "tdm", "--out", str(tmp_path / "x"),
+                       "--reference", str(ref), "--reference_wait", "0"])
