@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
     kind = "video" if args.video else "image"
     # the configs are written for the image student; --video swaps teacher, frames, LRM head and batch size
-    world_over = {"teacher": args.teacher or f"shapes-{kind}"}
+    world_over = {"teacher": args.teacher or ("shapes-video-flow" if args.suite == "tdm" else f"shapes-{kind}")}
     if args.video:
         world_over.update(num_frames=args.num_frames, lrm_head="video-frame-avg", batch_size=16)
     if args.num_data:

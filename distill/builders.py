@@ -2,9 +2,9 @@
 ``TextEncoder`` and a prompt source. ``lrm distill``, ``lrm finetune``, ``lrm eval`` and ``lrm overopt`` all call
 these, so the same keys mean the same thing in every config:
 
-  teacher            'shapes-image' / 'shapes-video' (the built-in world), a ``Denoiser.save_pretrained`` directory
-                     (a distilled / fine-tuned student), a LoRA student/ folder, or a diffusers pipeline directory /
-                     hub id
+  teacher            'shapes-image' / 'shapes-video' / 'shapes-video-flow' (the built-in world), a
+                     ``Denoiser.save_pretrained`` directory (a distilled / fine-tuned student), a LoRA student/ folder,
+                     or a diffusers pipeline directory / hub id
   teacher_subfolder  model subfolder of a diffusers teacher (None: 'transformer' if present, else 'unet')
   vae, vae_subfolder 'shapes' or a diffusers AutoencoderKL path / hub id (+ 'vae' inside a pipeline)
   vae_bf16           run the VAE under bf16 autocast (CUDA)
@@ -34,7 +34,7 @@ import torch
 from lrm.config import ConfigError, opt
 from lrm.io import read_records
 
-SHAPES_TEACHERS = ("shapes-image", "shapes-video")
+SHAPES_TEACHERS = ("shapes-image", "shapes-video", "shapes-video-flow")
 PROMPT_COLUMNS = ("prompt", "caption", "text")
 
 
@@ -94,7 +94,7 @@ def build_teacher(spec: Any, device: torch.device | str, text_encoder: Any = Non
     if spec.teacher in SHAPES_TEACHERS:
         from distill.models import load_shapes_teacher
 
-        return load_shapes_teacher(spec.teacher.split("-")[1], device=device)
+        return load_shapes_teacher(spec.teacher[len("shapes-"):], device=device)
     from distill.lora import is_lora_student, load_lora_student
 
     if is_lora_student(spec.teacher):  # a LoRA student/ folder: its base network (resolved here) + the adapter, fused

@@ -88,18 +88,21 @@ def temporal_pos_embed(model: torch.nn.Module) -> int:
 
 
 def load_shapes_teacher(kind: str = "image", device: str | torch.device = "cpu"):
-    """The shipped Shapes teacher (``Denoiser``, conjugate-v, scaled-linear DDPM, T = 1000)."""
+    """The shipped Shapes teacher (``Denoiser``): ``image`` / ``video`` conjugate-v, scaled-linear DDPM, T = 1000;
+    ``video-flow`` rectified flow (velocity target, as SD3 / Wan; paper 004's teachers)."""
     from distill.denoiser import Denoiser
 
-    if kind not in ("image", "video"):
-        raise ValueError(f"kind must be 'image' or 'video', got {kind!r}")
+    if kind not in ("image", "video", "video-flow"):
+        raise ValueError(f"kind must be 'image', 'video' or 'video-flow', got {kind!r}")
     path = WEIGHTS_DIR / f"teacher-{kind}"
     needed = ("config.json", "diffusion_pytorch_model.safetensors", "denoiser.json")
     missing = [n for n in needed if not (path / n).exists()]
     if missing:
         raise FileNotFoundError(
             f"The Shapes {kind} teacher is missing {missing} in {path}. Train it with "
-            f"`lrm shapes train-teacher --kind {kind} --out_dir runs/teacher-{kind}` (GPU, a few minutes) and copy "
+            f"`lrm shapes train-teacher --kind {kind.split('-')[0]}"
+            f"{' --parameterization flow' if kind.endswith('flow') else ''} --out_dir runs/teacher-{kind}` (GPU, a few "
+            "minutes) and copy "
             f"runs/teacher-{kind}/teacher to {path}."
         )
     return Denoiser.from_pretrained(path, device=device)

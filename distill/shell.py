@@ -33,9 +33,9 @@ class ShellConfig(ModelSpec):
     seed: int = opt(0, "random seed (per process: seed + process index)")
     device: str = opt("auto", "'auto' (cuda if available), 'cuda', 'cuda:N' (single process) or 'cpu'")
     # ---- models and data (used by the CLI builders; the Python API takes objects) ------------------------
-    teacher: str = opt("shapes-image", "'shapes-image' / 'shapes-video' (the built-in world's teachers), a "
-                                       "Denoiser directory (Denoiser.save_pretrained, or RUN/student of `lrm "
-                                       "distill`), or a diffusers pipeline directory / hub id")
+    teacher: str = opt("shapes-image", "'shapes-image' / 'shapes-video' / 'shapes-video-flow' (the built-in world's "
+                                       "teachers), a Denoiser directory (Denoiser.save_pretrained, or RUN/student of "
+                                       "`lrm distill`), or a diffusers pipeline directory / hub id")
     data_cache: str | None = opt(None, "LatentCache directory with data latents + text; None: encode samples of the "
                                        "Shapes world")
     data_seed: int = opt(0, "ShapesWorld seed of the data / prompt pool")

@@ -387,7 +387,7 @@ def teacher_is_video(spec: Any) -> bool:
     from lrm.io import read_json
 
     if spec.teacher in SHAPES_TEACHERS:
-        return spec.teacher == "shapes-video"
+        return spec.teacher.startswith("shapes-video")
     path = Path(spec.teacher)
     if not teacher_is_diffusers(spec):
         meta = path / "denoiser.json"

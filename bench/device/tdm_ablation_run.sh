@@ -24,7 +24,7 @@ source bench/device/env.sh
 MINILM_SITE=${MINILM_SITE:-.dev/site}
 [ -d "$MINILM_SITE" ] && cp -r "$MINILM_SITE"/* /tmp/site/
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-TEACHER=${TEACHER:-$R/teacher_flow/teacher}
+TEACHER=${TEACHER:-$R/teacher_flow/teacher}  # or shapes-video-flow: the shipped one
 ROWS=${ROWS:-"vsd_cd vsd_cd_lrm tdm tdm_gan tdm_mixed_pixel tdm_mixed_latent tdm_gan_mixed_pixel tdm_gan_mixed_latent"}
 STEPS=${STEPS:-150}
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$R/gpu.txt"
@@ -52,7 +52,8 @@ teacher_stage() {
 }
 
 rows_stage() {
-    [ -f "$TEACHER/denoiser.json" ] || { echo "no teacher at $TEACHER: run the teacher stage first" >&2; exit 1; }
+    case $TEACHER in shapes-*) ;; *) [ -f "$TEACHER/denoiser.json" ] ||
+        { echo "no teacher at $TEACHER: run the teacher stage first" >&2; exit 1; } ;; esac
     [ -d "$R/lrms" ] || job lrms 300 python3 bench/distill_shapes_ablation.py --suite tdm --fit_lrms_only \
         --lrm_dir "$R/lrms" --out "$R/lrm_fit" --lrm_records 4096 --lrm_steps 1500
     # the teacher and the untrained baseline once (rows none), read by every row process (--reference)

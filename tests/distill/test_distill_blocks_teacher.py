@@ -174,3 +174,25 @@ def test_train_a_flow_teacher_tiny_cpu(tmp_path):
     assert 0 <= m["cfg_3.5"]["shapes-adherence"] <= 1
     with pytest.raises(ValueError, match="not one of"):
         TrainTeacherConfig(parameterization="velocity")
+
+
+def test_shipped_flow_video_teacher_is_a_rectified_flow_denoiser():
+    """``teacher: shapes-video-flow`` (issue 18): the shipped rectified-flow Shapes video teacher, same network as the
+    DDPM one, velocity target on the flow schedule; its null caption is MiniLM's "" (re-encoded off the device)."""
+    from types import SimpleNamespace
+
+    from distill.builders import build_teacher
+    from lrm.schedules import FlowSchedule
+    from lrm.text import TextEncoder
+
+    d = build_teacher(SimpleNamespace(teacher="shapes-video-flow"), "cpu")
+    ddpm = load_shapes_teacher("video")
+    assert d.parameterization == "flow" and isinstance(d.schedule, FlowSchedule) and d.is_video
+    arch = [{k: v for k, v in t.model.config.items() if not k.startswith("_")} for t in (d, ddpm)]
+    assert type(d.model) is type(ddpm.model) and arch[0] == arch[1]
+    assert torch.equal(d.null_tokens, TextEncoder("all-MiniLM-L6-v2")([""]).tokens)
+    x = torch.randn(1, 16, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.isfinite(d.x0(x, 500, torch.randn(1, 32, 384), guidance_scale=3.5)).all()
+    with pytest.raises(ValueError, match="video-flow"):
+        load_shapes_teacher("flow")
