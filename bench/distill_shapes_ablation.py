@@ -508,6 +508,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = suite if args.rows == "all" else [r for r in suite if r[1] in args.rows.split(",")]
     if not rows and args.rows != "none":
         raise SystemExit(f"--rows {args.rows!r}: none of the {args.suite} suite's rows {[r[1] for r in suite]}")
+    if args.reference and not rows:
+        raise SystemExit("--reference is for row processes: give --rows (the reference run itself is --rows none)")
     splits = list(dict.fromkeys(args.split.split(",")))
     if not splits or any(sp not in ("test", "val") for sp in splits):
         raise SystemExit(f"--split {args.split!r}: expected test, val or val,test")
@@ -690,6 +692,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for ev in evals:
         print(ev.write())
+
 
 if __name__ == "__main__":
     main()

