@@ -11,9 +11,10 @@
 # Keep R inside the checkout (e.g. runs/tdm, git-ignored): a warm machine keeps it between calls; tar it into $OUT.
 # The table in one call (~9 min, the teacher shipped): TEACHER=shapes-video-flow STEPS=300 ROW_LIMIT=480
 #   EXTRA="--set max_gpu_seconds=360" bash bench/device/tdm_ablation_run.sh rows runs/tdm (rows stop at 300 steps or
-#   360 s of training, whichever first: each row records the steps it ran). The carry is tight (64 MiB): the tracked
-#   tree (~28 MB) + the MiniLM pack (~34 MB) leave ~2 MB, so carry runs/tdm/lrms only if it fits, else the stage
-#   fits the LRMs first (~60 s).
+#   360 s of training, whichever first: each row records the steps it ran). The tracked tree (~35 MB) + the MiniLM
+#   pack (~34 MB) exceed the 64 MiB a call sends: `bash bench/device/slim_tree.sh on docs` before the call (and
+#   `... off` right after) leaves room for the pack, diffusers, the wheels and runs/tdm/lrms (else the stage fits
+#   the LRMs first, ~60 s).
 #
 # R: the results folder; call 1 writes it ($OUT/tdm to get it back), call 2 reads R/teacher_flow/teacher and
 # R/lrms (carry it: copy the returned folder into the checkout, e.g. runs/tdm, and pass carry ["runs/tdm", ...]).
