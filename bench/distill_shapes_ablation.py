@@ -27,7 +27,8 @@ Extra columns (any suite, with ``--frechet_n`` > 0; the tdm suite's default is 5
   FD        Fréchet distance to real Shapes videos (``eval.frechet``: the Shapes VAE encoder's latents, 2x2-pooled,
             + net motion and path length; 40 dims, no download). Conditional protocol as COCO FID: the real set is
             samples 0..N-1 of the split's world (seed 1 test / 2 val), the generated set one sample per real caption
-            (noise seed 4321); 90 % bootstrap interval, and the paired interval of FD(row) - FD(TDM) (shared resamples)
+            (noise seed 4321); 90 % bootstrap interval, and the paired interval of FD(row) - FD(TDM) (shared
+            resamples), both bias-corrected (``eval.frechet.paired_interval``)
   golds     each pixel reward the mixed terms target (colorfulness on the first / middle / last frame, flickering)
   s/step    median ``step_time_s`` of the row's log.csv;  peak MB: max ``peak_mem_mb`` there (CUDA; null on CPU)
 Mixed latent rewards: the configs name ``LRM/<reward>``; the bench maps that to ``--lrm_dir`` (default OUT/lrms) and
@@ -303,8 +304,9 @@ def frechet_columns(real_feats: torch.Tensor, gen_feats: torch.Tensor, boot: int
     from eval.frechet import bootstrap_frechet, frechet_from_features, paired_interval
 
     reps = bootstrap_frechet(real_feats, gen_feats, boot) if boot else []
-    return {"frechet": frechet_from_features(real_feats, gen_feats),
-            "frechet_ci90": paired_interval(reps) if reps else None, "frechet_boot": reps}
+    fd = frechet_from_features(real_feats, gen_feats)
+    return {"frechet": fd, "frechet_ci90": paired_interval(reps, estimate=fd) if reps else None,
+            "frechet_boot": reps}
 
 
 def tdm_checks(results: dict, golds: list[str]) -> list[str]:
@@ -320,7 +322,7 @@ def tdm_checks(results: dict, golds: list[str]) -> list[str]:
                  f"{pct(tdm['sharpness'], t['sharpness'])} (>= 90 %)")
     gan = results.get("tdm_gan")
     if gan is not None and gan.get("frechet_boot") and tdm.get("frechet_boot"):
-        lo, hi = paired_interval(gan["frechet_boot"], tdm["frechet_boot"])
+        lo, hi = paired_interval(gan["frechet_boot"], tdm["frechet_boot"], estimate=gan["frechet"] - tdm["frechet"])
         lines.append(f"- GAN vs TDM: FD {gan['frechet']:.3f} vs {tdm['frechet']:.3f}, difference 90% CI "
                      f"[{lo:.3f}, {hi:.3f}] (lower is better)")
     full = results.get("tdm_gan_mixed_pixel")
@@ -366,8 +368,8 @@ def write_tables(out: Path, meta: dict, results: dict) -> str:
             ci = r.get("frechet_ci90")
             cells.append(f"{r['frechet']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
             if tdm:
-                d = (paired_interval(r["frechet_boot"], tdm["frechet_boot"]) if r.get("frechet_boot") and r is not tdm
-                     else None)
+                d = (paired_interval(r["frechet_boot"], tdm["frechet_boot"], estimate=r["frechet"] - tdm["frechet"])
+                     if r.get("frechet_boot") and r is not tdm else None)
                 cells.append(f"{r['frechet'] - tdm['frechet']:+.3f} [{d[0]:+.3f}, {d[1]:+.3f}]" if d else "-")
         cells += [f"{r[f'gold:{g}']:.4g}" if f"gold:{g}" in r else "-" for g in golds]
         if has_cost:
