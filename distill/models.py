@@ -98,11 +98,9 @@ def load_shapes_teacher(kind: str = "image", device: str | torch.device = "cpu")
     needed = ("config.json", "diffusion_pytorch_model.safetensors", "denoiser.json")
     missing = [n for n in needed if not (path / n).exists()]
     if missing:
-        raise FileNotFoundError(
-            f"The Shapes {kind} teacher is missing {missing} in {path}. Train it with "
-            f"`lrm shapes train-teacher --kind {kind.split('-')[0]}"
-            f"{' --parameterization flow' if kind.endswith('flow') else ''} --out_dir runs/teacher-{kind}` (GPU, a few "
-            "minutes) and copy "
-            f"runs/teacher-{kind}/teacher to {path}."
-        )
+        train = f"lrm shapes train-teacher --kind {kind.removesuffix('-flow')}" + (
+            " --parameterization flow" if kind == "video-flow" else "")
+        raise FileNotFoundError(f"The Shapes {kind} teacher is missing {missing} in {path}. Train it with `{train} "
+                                f"--out_dir runs/teacher-{kind}` (GPU, a few minutes) and copy runs/teacher-{kind}/"
+                                f"teacher to {path}.")
     return Denoiser.from_pretrained(path, device=device)
