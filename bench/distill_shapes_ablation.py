@@ -180,10 +180,15 @@ def retime(meta: dict, results: dict, device: torch.device, teacher_cfg: float, 
     return with_timings(results, t_time, student_time)
 
 
+def setup_differs(a: dict, b: dict, keys=EVAL_SETUP) -> list[str]:
+    """The ``keys`` in which two ablation runs' evaluation set-ups differ (same prompts, noise, teacher: [])."""
+    return [k for k in keys if a.get(k) != b.get(k)]
+
+
 def timings_of(run: dict, meta: dict) -> tuple[float, dict[int, float]]:
     """The retimed teacher seconds and k-step student seconds of a merged ``run`` (an ablation.json written with
     ``--retime``) measured on the same teacher, batch and noise as ``meta``: they do not depend on training."""
-    differ = [k for k in EVAL_SETUP if run.get(k) != meta.get(k)]
+    differ = setup_differs(run, meta)
     if differ or not run.get("timing"):
         raise SystemExit(f"--timings_from: not a --retime merge of the same set-up (differs in {differ or ['timing']})")
     res = run["results"]
@@ -412,7 +417,7 @@ def merge(out: Path, parts: list[str], retime_device: torch.device | None = None
     runs = [json.loads((Path(p) / "ablation.json").read_text()) for p in parts]
     keys = (*EVAL_SETUP, "gold_reward", "overrides", "suite", "frechet_n", "targeted_rewards")
     for p, r in zip(parts[1:], runs[1:]):
-        differ = [k for k in keys if r.get(k) != runs[0].get(k)]
+        differ = setup_differs(r, runs[0], keys)
         if differ:
             raise SystemExit(f"--merge: {p} differs from {parts[0]} in {differ}")
     results = {k: v for k, v in runs[0]["results"].items() if k in ("teacher", BASELINE)}
@@ -652,9 +657,10 @@ def main(argv: list[str] | None = None) -> None:
             time.sleep(5)
         mine = {"kind": kind, "teacher": world_over["teacher"], "prompts": args.prompts, "split": ev.name,
                 "per_prompt": args.per_prompt, "latent_shape": list(data.latents.shape[1:])}
-        differ = [k for k in EVAL_SETUP if run.get(k) != mine[k]]
-        if differ or run.get("frechet_n", 0) != frechet_n:
-            raise SystemExit(f"--reference {path}: another evaluation set-up (differs in {differ or ['frechet_n']})")
+        differ = setup_differs({**run, "frechet_n": run.get("frechet_n", 0)}, {**mine, "frechet_n": frechet_n},
+                               (*EVAL_SETUP, "frechet_n"))
+        if differ:
+            raise SystemExit(f"--reference {path}: another evaluation set-up (differs in {differ})")
         ev.results.update({k: run["results"][k] for k in ("teacher", BASELINE)})
 
     for ev in evals if not args.reference else []:

@@ -47,6 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from distill.builders import SHAPES_TEACHERS  # noqa: E402
 from distill.inference import COMPILE_MODES  # noqa: E402
 
 STUDENT_STEPS = (4, 2, 1)
@@ -58,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="the tiny random SD pipeline of tests/tiny_sd.py (CPU test)")
     p.add_argument("--pipeline", default=None, help="a StableDiffusionPipeline directory (default: random SD-1.5)")
-    p.add_argument("--teacher", choices=("shapes-image", "shapes-video"), default=None,
+    p.add_argument("--teacher", choices=SHAPES_TEACHERS, default=None,
                    help="a shipped Shapes teacher with the Shapes VAE instead of an SD pipeline")
     p.add_argument("--num_frames", type=int, default=16, help="frames of --teacher shapes-video samples")
     p.add_argument("--text_length", type=int, default=77, help="caption tokens (random embeddings)")
@@ -95,7 +96,7 @@ def load_models(ns: argparse.Namespace, device: torch.device, dtype: torch.dtype
         from distill.models import load_shapes_teacher
         from lrm.latent_space import VAE
 
-        den = load_shapes_teacher(ns.teacher.split("-")[1], device=device)
+        den = load_shapes_teacher(ns.teacher[len("shapes-"):], device=device)
         den.model.to(dtype)
         vae = VAE.from_pretrained("shapes").vae
         C, s = int(vae.config.latent_channels), 32 // (2 ** (len(vae.config.block_out_channels) - 1))

@@ -31,10 +31,11 @@ from typing import Any
 
 import torch
 
+from distill.models import SHAPES_TEACHER_KINDS
 from lrm.config import ConfigError, opt
 from lrm.io import read_records
 
-SHAPES_TEACHERS = ("shapes-image", "shapes-video", "shapes-video-flow")
+SHAPES_TEACHERS = tuple(f"shapes-{kind}" for kind in SHAPES_TEACHER_KINDS)
 PROMPT_COLUMNS = ("prompt", "caption", "text")
 
 

@@ -87,13 +87,16 @@ def temporal_pos_embed(model: torch.nn.Module) -> int:
     return 0
 
 
+SHAPES_TEACHER_KINDS = ("image", "video", "video-flow")  # distill/weights/teacher-<kind>; teacher: shapes-<kind>
+
+
 def load_shapes_teacher(kind: str = "image", device: str | torch.device = "cpu"):
     """The shipped Shapes teacher (``Denoiser``): ``image`` / ``video`` conjugate-v, scaled-linear DDPM, T = 1000;
     ``video-flow`` rectified flow (velocity target, as SD3 / Wan; paper 004's teachers)."""
     from distill.denoiser import Denoiser
 
-    if kind not in ("image", "video", "video-flow"):
-        raise ValueError(f"kind must be 'image', 'video' or 'video-flow', got {kind!r}")
+    if kind not in SHAPES_TEACHER_KINDS:
+        raise ValueError(f"kind must be one of {SHAPES_TEACHER_KINDS}, got {kind!r}")
     path = WEIGHTS_DIR / f"teacher-{kind}"
     needed = ("config.json", "diffusion_pytorch_model.safetensors", "denoiser.json")
     missing = [n for n in needed if not (path / n).exists()]
