@@ -33,13 +33,15 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 TEACHER=${TEACHER:-$R/teacher_flow/teacher}  # or shapes-video-flow: the shipped one
 ROWS=${ROWS:-"vsd_cd vsd_cd_lrm tdm tdm_gan tdm_mixed_pixel tdm_mixed_latent tdm_gan_mixed_pixel tdm_gan_mixed_latent"}
 STEPS=${STEPS:-150}
+SPLITS=${SPLITS:-val,test}  # or one of them (e.g. the test table of settings chosen on an earlier val run)
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$R/gpu.txt"
 
 job() {  # job NAME SECONDS CMD...
     local name=$1 limit=$2 t0=$(date +%s)
     shift 2
     timeout --signal=INT --kill-after=20 "$limit" "$@" >"$R/logs/$name.log" 2>&1
-    echo "$(date -u +%H:%M:%S) $name rc=$? $(($(date +%s) - t0))s" | tee -a "$R/status"
+    local rc=$?  # before any command substitution resets $?
+    echo "$(date -u +%H:%M:%S) $name rc=$rc $(($(date +%s) - t0))s" | tee -a "$R/status"
 }
 
 teacher_stage() {
@@ -64,20 +66,29 @@ rows_stage() {
         --lrm_dir "$R/lrms" --out "$R/lrm_fit" --lrm_records 4096 --lrm_steps 1500
     # the teacher and the untrained baseline once (rows none), read by every row process (--reference)
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # 8+ processes on 16 cores: no oversubscribed CPU scoring
-    job reference 300 python3 bench/distill_shapes_ablation.py --suite tdm --split val,test --teacher "$TEACHER" \
+    # the reference samples the 50-step CFG teacher for every split's FD set: ~220 s per split beside 10 row processes
+    job reference "${REF_LIMIT:-480}" python3 bench/distill_shapes_ablation.py --suite tdm --split "$SPLITS" --teacher "$TEACHER" \
         --lrm_dir "$R/lrms" --rows none --out "$R/reference" --timing_repeats 0 ${EXTRA:-} &
     for row in $ROWS; do
-        job "row_$row" "${ROW_LIMIT:-400}" python3 bench/distill_shapes_ablation.py --suite tdm --split val,test \
+        job "row_$row" "${ROW_LIMIT:-400}" python3 bench/distill_shapes_ablation.py --suite tdm --split "$SPLITS" \
             --teacher "$TEACHER" --lrm_dir "$R/lrms" --rows "$row" --out "$R/rows/$row" --steps "$STEPS" \
             --timing_repeats 0 --reference "$R/reference" ${EXTRA:-} &
     done
-    wait
-    for split in val test; do  # both tables at once, sampling retimed in each merge process
-        job "merge_$split" 90 python3 bench/distill_shapes_ablation.py --out "$R/tdm_$split" --retime \
-            --merge $(for row in $ROWS; do [ -f "$R/rows/$row/$split/ablation.json" ] && echo "$R/rows/$row/$split"; done) &
+    # VARIANT_ROWS with VARIANT_EXTRA (e.g. "--set beta_temporal=50"): the same rows with another setting, beside the
+    # others (their own tables in R/variants/<row>/{val,test}: a changed setting is another set-up, not merged)
+    for row in ${VARIANT_ROWS:-}; do
+        job "variant_$row" "${ROW_LIMIT:-400}" python3 bench/distill_shapes_ablation.py --suite tdm --split "$SPLITS" \
+            --teacher "$TEACHER" --lrm_dir "$R/lrms" --rows "$row" --out "$R/variants/$row" --steps "$STEPS" \
+            --timing_repeats 0 --reference "$R/reference" ${EXTRA:-} ${VARIANT_EXTRA:?give VARIANT_EXTRA} &
     done
     wait
-    cat "$R/tdm_val/ablation.md" "$R/tdm_test/ablation.md"
+    for split in ${SPLITS//,/ }; do  # every table at once, sampling retimed in each merge process
+        sub=/$split; [ "$SPLITS" = "$split" ] && sub=  # one split: the bench writes it at the top of --out
+        job "merge_$split" 90 python3 bench/distill_shapes_ablation.py --out "$R/tdm_$split" --retime \
+            --merge $(for row in $ROWS; do [ -f "$R/rows/$row$sub/ablation.json" ] && echo "$R/rows/$row$sub"; done) &
+    done
+    wait
+    for split in ${SPLITS//,/ }; do cat "$R/tdm_$split/ablation.md"; done
 }
 
 case $STAGE in
