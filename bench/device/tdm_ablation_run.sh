@@ -82,9 +82,10 @@ rows_stage() {
             --timing_repeats 0 --reference "$R/reference" ${EXTRA:-} ${VARIANT_EXTRA:?give VARIANT_EXTRA} &
     done
     wait
-    for split in ${SPLITS//,/ }; do  # every table at once, sampling retimed in each merge process
+    # every table at once, sampling retimed in each merge process (MERGE_FLAGS= : each row keeps its own timing)
+    for split in ${SPLITS//,/ }; do
         sub=/$split; [ "$SPLITS" = "$split" ] && sub=  # one split: the bench writes it at the top of --out
-        job "merge_$split" 90 python3 bench/distill_shapes_ablation.py --out "$R/tdm_$split" --retime \
+        job "merge_$split" 90 python3 bench/distill_shapes_ablation.py --out "$R/tdm_$split" ${MERGE_FLAGS---retime} \
             --merge $(for row in $ROWS; do [ -f "$R/rows/$row$sub/ablation.json" ] && echo "$R/rows/$row$sub"; done) &
     done
     wait
