@@ -9,12 +9,14 @@
 #   bash bench/device/tdm_ablation_run.sh all R       # both in one call: TEACHER_MIN=4.5 TEACHER_LIMIT=330 SMOKE=0
 #       STEPS=80 ROW_LIMIT=230 (~9.5 min)
 # Keep R inside the checkout (e.g. runs/tdm, git-ignored): a warm machine keeps it between calls; tar it into $OUT.
-# The table in one call (~9 min, the teacher shipped): TEACHER=shapes-video-flow STEPS=300 ROW_LIMIT=480
-#   EXTRA="--set max_gpu_seconds=360" bash bench/device/tdm_ablation_run.sh rows runs/tdm (rows stop at 300 steps or
-#   360 s of training, whichever first: each row records the steps it ran). The tracked tree (~35 MB) + the MiniLM
-#   pack (~34 MB) exceed the 64 MiB a call sends: `bash bench/device/slim_tree.sh on docs` before the call (and
-#   `... off` right after) leaves room for the pack, diffusers, the wheels and runs/tdm/lrms (else the stage fits
-#   the LRMs first, ~60 s).
+# Both tables in one call (~8.5 min on an H100, the teacher shipped; BENCHMARKS.md "The TDM ablation on one H100"):
+#   TEACHER=shapes-video-flow STEPS=300 ROW_LIMIT=440 EXTRA="--set max_gpu_seconds=300 --teacher_cfg 3.5"
+#   timeout 560 bash bench/device/tdm_ablation_run.sh rows runs/tdm (rows stop at 300 steps or 300 s of training,
+#   whichever first: each row records the steps it ran; rows start ~55 s in, score val then test ~40 s after training,
+#   the two reference processes take ~220 s each). SPLITS=test gives the test table alone (settings chosen on an
+#   earlier val run). The tracked tree (~35 MB) + the MiniLM pack (~34 MB) exceed the 64 MiB a call sends:
+#   `bash bench/device/slim_tree.sh on docs` before the call (and `... off` right after) leaves room for the pack,
+#   diffusers, the wheels and runs/tdm/lrms (else the stage fits the LRMs first, ~60 s).
 #
 # R: the results folder; call 1 writes it ($OUT/tdm to get it back), call 2 reads R/teacher_flow/teacher and
 # R/lrms (carry it: copy the returned folder into the checkout, e.g. runs/tdm, and pass carry ["runs/tdm", ...]).
@@ -66,9 +68,13 @@ rows_stage() {
         --lrm_dir "$R/lrms" --out "$R/lrm_fit" --lrm_records 4096 --lrm_steps 1500
     # the teacher and the untrained baseline once (rows none), read by every row process (--reference)
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # 8+ processes on 16 cores: no oversubscribed CPU scoring
-    # the reference samples the 50-step CFG teacher for every split's FD set: ~220 s per split beside 10 row processes
-    job reference "${REF_LIMIT:-480}" python3 bench/distill_shapes_ablation.py --suite tdm --split "$SPLITS" --teacher "$TEACHER" \
-        --lrm_dir "$R/lrms" --rows none --out "$R/reference" --timing_repeats 0 ${EXTRA:-} &
+    # one reference process per split (its 50-step CFG teacher on the FD set takes ~220 s beside 10 row processes);
+    # a split's prompts and noise depend on its name only, so R/reference/<split> is what the rows' --reference reads
+    for split in ${SPLITS//,/ }; do
+        ref=$R/reference/$split; [ "$SPLITS" = "$split" ] && ref=$R/reference
+        job "reference_$split" "${REF_LIMIT:-300}" python3 bench/distill_shapes_ablation.py --suite tdm --split "$split" \
+            --teacher "$TEACHER" --lrm_dir "$R/lrms" --rows none --out "$ref" --timing_repeats 0 ${EXTRA:-} &
+    done
     for row in $ROWS; do
         job "row_$row" "${ROW_LIMIT:-400}" python3 bench/distill_shapes_ablation.py --suite tdm --split "$SPLITS" \
             --teacher "$TEACHER" --lrm_dir "$R/lrms" --rows "$row" --out "$R/rows/$row" --steps "$STEPS" \
