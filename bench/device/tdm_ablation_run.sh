@@ -75,17 +75,18 @@ rows_stage() {
         job "reference_$split" "${REF_LIMIT:-300}" python3 bench/distill_shapes_ablation.py --suite tdm --split "$split" \
             --teacher "$TEACHER" --lrm_dir "$R/lrms" --rows none --out "$ref" --timing_repeats 0 ${EXTRA:-} &
     done
-    for row in $ROWS; do
-        job "row_$row" "${ROW_LIMIT:-400}" python3 bench/distill_shapes_ablation.py --suite tdm --split "$SPLITS" \
-            --teacher "$TEACHER" --lrm_dir "$R/lrms" --rows "$row" --out "$R/rows/$row" --steps "$STEPS" \
-            --timing_repeats 0 --reference "$R/reference" ${EXTRA:-} &
-    done
+    row_job() {  # row_job JOB_NAME OUT_DIR ROW [BENCH ARGS...]: one row, trained once, scored on every split
+        local name=$1 dir=$2 row=$3
+        shift 3
+        job "$name" "${ROW_LIMIT:-400}" python3 bench/distill_shapes_ablation.py --suite tdm --split "$SPLITS" \
+            --teacher "$TEACHER" --lrm_dir "$R/lrms" --rows "$row" --out "$dir" --steps "$STEPS" \
+            --timing_repeats 0 --reference "$R/reference" ${EXTRA:-} "$@"
+    }
+    for row in $ROWS; do row_job "row_$row" "$R/rows/$row" "$row" & done
     # VARIANT_ROWS with VARIANT_EXTRA (e.g. "--set beta_temporal=50"): the same rows with another setting, beside the
     # others (their own tables in R/variants/<row>/{val,test}: a changed setting is another set-up, not merged)
     for row in ${VARIANT_ROWS:-}; do
-        job "variant_$row" "${ROW_LIMIT:-400}" python3 bench/distill_shapes_ablation.py --suite tdm --split "$SPLITS" \
-            --teacher "$TEACHER" --lrm_dir "$R/lrms" --rows "$row" --out "$R/variants/$row" --steps "$STEPS" \
-            --timing_repeats 0 --reference "$R/reference" ${EXTRA:-} ${VARIANT_EXTRA:?give VARIANT_EXTRA} &
+        row_job "variant_$row" "$R/variants/$row" "$row" ${VARIANT_EXTRA:?give VARIANT_EXTRA} &
     done
     wait
     # every table at once, sampling retimed in each merge process (MERGE_FLAGS= : each row keeps its own timing)
