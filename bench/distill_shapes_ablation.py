@@ -624,16 +624,16 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{self.name}] {row['name']}: {json.dumps(shown)}", flush=True)
 
         def setup(self) -> dict:
-            """This split's evaluation set-up (``EVAL_SETUP``): what fixes its prompts, noise and teacher."""
+            """This split's evaluation set-up (``EVAL_SETUP`` + ``frechet_n``): what fixes its prompts, noise, teacher
+            and real videos."""
             return {"kind": kind, "teacher": world_over["teacher"], "prompts": args.prompts, "split": self.name,
-                    "per_prompt": args.per_prompt, "latent_shape": list(data.latents.shape[1:])}
+                    "per_prompt": args.per_prompt, "latent_shape": list(data.latents.shape[1:]), "frechet_n": frechet_n}
 
         def write(self) -> str:
             """ablation.json + ablation.md with the rows done so far (a run cut off by a time limit keeps them)."""
             meta = {**self.setup(), "device": device_name, "total_seconds": time.perf_counter() - t_start,
                     "gold_reward": base.pixel_reward, "overrides": overrides,
-                    **({"suite": args.suite, "frechet_n": frechet_n, "targeted_rewards": golds}
-                       if args.suite != "dollar" or frechet_n else {}),
+                    **({"suite": args.suite, "targeted_rewards": golds} if args.suite != "dollar" or frechet_n else {}),
                     **({"lrm_dir": str(lrm_dir), "lrm_fits": lrm_fits} if lrm_names else {})}
             return write_tables(self.dir, meta, self.results)
 
@@ -657,8 +657,7 @@ def main(argv: list[str] | None = None) -> None:
             if time.monotonic() > deadline:
                 raise SystemExit(f"--reference: no teacher and baseline rows in {path} after {args.reference_wait} s")
             time.sleep(5)
-        differ = setup_differs({**run, "frechet_n": run.get("frechet_n", 0)}, {**ev.setup(), "frechet_n": frechet_n},
-                               (*EVAL_SETUP, "frechet_n"))
+        differ = setup_differs(run, ev.setup(), (*EVAL_SETUP, "frechet_n"))
         if differ:
             raise SystemExit(f"--reference {path}: another evaluation set-up (differs in {differ})")
         ev.results.update({k: run["results"][k] for k in ("teacher", BASELINE)})

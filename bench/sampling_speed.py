@@ -47,7 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill.builders import SHAPES_TEACHERS  # noqa: E402
+from distill.builders import SHAPES_TEACHERS, build_teacher  # noqa: E402
 from distill.inference import COMPILE_MODES  # noqa: E402
 
 STUDENT_STEPS = (4, 2, 1)
@@ -93,10 +93,9 @@ def load_models(ns: argparse.Namespace, device: torch.device, dtype: torch.dtype
     from lrm.schedules import DDPMSchedule
 
     if ns.teacher is not None:  # the shipped Shapes teachers and VAE, at the world's 32 px
-        from distill.models import load_shapes_teacher
         from lrm.latent_space import VAE
 
-        den = load_shapes_teacher(ns.teacher[len("shapes-"):], device=device)
+        den = build_teacher(argparse.Namespace(teacher=ns.teacher), device)
         den.model.to(dtype)
         vae = VAE.from_pretrained("shapes").vae
         C, s = int(vae.config.latent_channels), 32 // (2 ** (len(vae.config.block_out_channels) - 1))

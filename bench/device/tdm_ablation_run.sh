@@ -70,10 +70,13 @@ rows_stage() {
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # 8+ processes on 16 cores: no oversubscribed CPU scoring
     # one reference process per split (its 50-step CFG teacher on the FD set takes ~220 s beside 10 row processes);
     # a split's prompts and noise depend on its name only, so R/reference/<split> is what the rows' --reference reads
+    split_dir() {  # split_dir DIR SPLIT: where a --split "$SPLITS" run under DIR keeps SPLIT's table (one split: DIR)
+        if [ "$SPLITS" = "$2" ]; then echo "$1"; else echo "$1/$2"; fi
+    }
     for split in ${SPLITS//,/ }; do
-        ref=$R/reference/$split; [ "$SPLITS" = "$split" ] && ref=$R/reference
         job "reference_$split" "${REF_LIMIT:-300}" python3 bench/distill_shapes_ablation.py --suite tdm --split "$split" \
-            --teacher "$TEACHER" --lrm_dir "$R/lrms" --rows none --out "$ref" --timing_repeats 0 ${EXTRA:-} &
+            --teacher "$TEACHER" --lrm_dir "$R/lrms" --rows none --out "$(split_dir "$R/reference" "$split")" \
+            --timing_repeats 0 ${EXTRA:-} &
     done
     row_job() {  # row_job JOB_NAME OUT_DIR ROW [BENCH ARGS...]: one row, trained once, scored on every split
         local name=$1 dir=$2 row=$3
@@ -91,9 +94,9 @@ rows_stage() {
     wait
     # every table at once, sampling retimed in each merge process (MERGE_FLAGS= : each row keeps its own timing)
     for split in ${SPLITS//,/ }; do
-        sub=/$split; [ "$SPLITS" = "$split" ] && sub=  # one split: the bench writes it at the top of --out
         job "merge_$split" 90 python3 bench/distill_shapes_ablation.py --out "$R/tdm_$split" ${MERGE_FLAGS---retime} \
-            --merge $(for row in $ROWS; do [ -f "$R/rows/$row$sub/ablation.json" ] && echo "$R/rows/$row$sub"; done) &
+            --merge $(for row in $ROWS; do d=$(split_dir "$R/rows/$row" "$split"); [ -f "$d/ablation.json" ] && echo "$d"
+                      done) &
     done
     wait
     for split in ${SPLITS//,/ }; do cat "$R/tdm_$split/ablation.md"; done
